@@ -1,0 +1,74 @@
+"""Build and runtime configuration report (``normcy.show_config()``)."""
+import sys
+
+import numpy as np
+
+
+def get_config():
+    """Return the build and runtime configuration as a dict.
+
+    Keys: version, openmp, openmp_runtime, default_threads, available_cpus, kernel_isa,
+    runtime_dispatch, native_build, compile_args, link_args, compiler, numpy, blas,
+    python, fork_serial.
+    """
+    from normcy import _build_info as bi
+    from normcy._version import __version__
+    from normcy import _norms, _parallel
+
+    blas = None
+    try:
+        cfg = np.show_config(mode="dicts")
+        b = cfg.get("Build Dependencies", {}).get("blas", {})
+        blas = ("%s %s" % (b.get("name", "?"), b.get("version", ""))).strip()
+    except Exception:  # pragma: no cover - very old NumPy
+        pass
+    return {
+        "version": __version__,
+        "openmp": bi.openmp,
+        "openmp_runtime": bi.openmp_runtime,
+        "default_threads": _parallel.get_num_threads(),
+        "available_cpus": _parallel.available_cpus(),
+        "kernel_isa": _norms._kernel_isa(),
+        "runtime_dispatch": _norms._have_runtime_dispatch(),
+        "native_build": bi.native,
+        "compile_args": list(bi.compile_args),
+        "link_args": list(bi.link_args),
+        "compiler": bi.compiler,
+        "numpy": np.__version__,
+        "blas": blas,
+        "python": sys.version.split()[0],
+        "fork_serial": _parallel.fork_serial(),
+    }
+
+
+def show_config(file=None):
+    """Print how normcy was built and how it runs here.
+
+    Shows the version, whether OpenMP is enabled and which runtime, the default thread
+    count, the SIMD kernel variant selected at run time, the compiler flags used, and the
+    NumPy version with its BLAS.
+
+    Parameters
+    ----------
+    file : file-like, optional
+        Where to print (default ``sys.stdout``).
+    """
+    c = get_config()
+    out = file if file is not None else sys.stdout
+    omp = ("yes (%s)" % c["openmp_runtime"]) if c["openmp"] else "NO (serial kernels)"
+    lines = [
+        "normcy %s" % c["version"],
+        "  OpenMP:           %s" % omp,
+        "  default threads:  %d (CPUs available: %d)%s" % (
+            c["default_threads"], c["available_cpus"],
+            "  [serial: forked after OpenMP use]" if c["fork_serial"] else ""),
+        "  kernel variant:   %s%s" % (c["kernel_isa"],
+                                      " (runtime dispatch)" if c["runtime_dispatch"] else ""),
+        "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else "no (portable)"),
+        "  compiler:         %s" % c["compiler"],
+        "  compile args:     %s" % " ".join(c["compile_args"]),
+        "  link args:        %s" % " ".join(c["link_args"]),
+        "  NumPy:            %s (BLAS: %s)" % (c["numpy"], c["blas"]),
+        "  Python:           %s" % c["python"],
+    ]
+    print("\n".join(lines), file=out)

@@ -1,0 +1,730 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Normalization kernels: LayerNorm, fused add + LayerNorm, RMSNorm, BatchNorm (inference).
+
+Argument checking happens here, in typed Cython, at the boundary (a 1x384 call costs about
+a microsecond all in); the row kernels live in ``src/nc_kernels.h`` (explicit SIMD with
+run-time ISA dispatch).  Rows are spread over OpenMP threads with a static schedule; each
+row is computed by one thread in a fixed order, so results do not depend on the thread
+count.
+"""
+from libc.stdlib cimport malloc, free
+from libc.string cimport memcpy
+from libc.math cimport sqrt, isfinite
+from cython.parallel cimport prange, parallel
+
+cimport numpy as cnp
+import numpy as np
+
+from normcy._parallel cimport resolve_threads
+
+cnp.import_array()
+
+cdef extern from "nc_kernels.h" nogil:
+    void nc_moments(const float *x, const float *xb, const float *r, float *d,
+                    Py_ssize_t n, double *mean_out, double *m2_out)
+    void nc_ln_apply(const float *s, float *y, const float *w, const float *b,
+                     Py_ssize_t n, float mhi, float mlo, float scale)
+    double nc_sumsq(const float *x, const float *xb, const float *r, float *d, Py_ssize_t n)
+    void nc_scale_apply(const float *s, float *y, const float *w, Py_ssize_t n, float scale)
+    void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float a, float b)
+    void nc_affine_vec(const float *x, float *y, const float *a, const float *b, Py_ssize_t n)
+    const char *nc_isa()
+    int NC_HAVE_CLONES
+    int NC_CHUNK
+
+DEF MAXD = 64
+
+cdef enum:
+    KIND_LN = 0
+    KIND_LN_ANNOTATED = 1
+    KIND_RMS = 2
+
+# ----------------------------------------------------------------------------------
+# Array descriptors
+# ----------------------------------------------------------------------------------
+
+cdef struct Operand:
+    char *data
+    int nlead                    # collapsed leading dims
+    Py_ssize_t shape[MAXD]
+    Py_ssize_t strides[MAXD]     # bytes
+    Py_ssize_t cstride           # stride of the last axis, bytes
+
+
+cdef inline char *row_ptr(const Operand *op, Py_ssize_t i) noexcept nogil:
+    cdef int k
+    cdef char *p = op.data
+    cdef Py_ssize_t q
+    if op.nlead == 1:
+        return p + i * op.strides[0]
+    k = op.nlead - 1
+    while k >= 0:
+        q = i % op.shape[k]
+        i = i // op.shape[k]
+        p += q * op.strides[k]
+        k -= 1
+    return p
+
+
+cdef void fill_operand(Operand *op, cnp.ndarray a) noexcept:
+    """Describe `a` as rows over its last axis, collapsing leading dims where possible."""
+    cdef int nd = cnp.PyArray_NDIM(a)
+    cdef cnp.npy_intp *sh = cnp.PyArray_DIMS(a)
+    cdef cnp.npy_intp *st = cnp.PyArray_STRIDES(a)
+    cdef int k, m
+    op.data = <char *>cnp.PyArray_DATA(a)
+    op.cstride = st[nd - 1]
+    m = 0
+    if nd == 1:
+        op.nlead = 1
+        op.shape[0] = 1
+        op.strides[0] = 0
+        return
+    for k in range(nd - 1):
+        if sh[k] == 1:
+            continue
+        if m > 0 and op.strides[m - 1] == st[k] * sh[k]:
+            op.shape[m - 1] *= sh[k]
+            op.strides[m - 1] = st[k]
+        else:
+            op.shape[m] = sh[k]
+            op.strides[m] = st[k]
+            m += 1
+    if m == 0:
+        op.shape[0] = 1
+        op.strides[0] = 0
+        m = 1
+    op.nlead = m
+
+
+cdef struct NormJob:
+    Operand x
+    Operand r
+    Operand so
+    Operand y
+    const float *xb
+    const float *w
+    const float *b
+    Py_ssize_t n
+    Py_ssize_t nrows
+    int kind
+    int has_r
+    int has_so
+    int gather
+    double eps
+
+
+cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogil:
+    cdef Py_ssize_t n = j.n, k
+    cdef const float *xp = <const float *>row_ptr(&j.x, i)
+    cdef const float *rp = NULL
+    cdef float *sp = NULL
+    cdef float *yp = <float *>row_ptr(&j.y, i)
+    cdef float *d = NULL
+    cdef const float *src
+    cdef double mean = 0.0, m2 = 0.0, var, scale, ss
+    cdef float mhi, mlo
+    cdef float *gx
+    cdef float *gr
+    cdef float *gd
+    cdef Py_ssize_t cs
+    if j.has_r:
+        rp = <const float *>row_ptr(&j.r, i)
+    if j.has_so:
+        sp = <float *>row_ptr(&j.so, i)
+    if j.gather:
+        # Some operand has a non-unit last-axis stride: work on contiguous copies.
+        gx = scratch
+        gr = scratch + n
+        gd = scratch + 2 * n
+        cs = j.x.cstride
+        for k in range(n):
+            gx[k] = (<const float *>(<const char *>xp + k * cs))[0]
+        if j.has_r:
+            cs = j.r.cstride
+            for k in range(n):
+                gr[k] = (<const float *>(<const char *>rp + k * cs))[0]
+            d = gd
+        xp = gx
+        rp = gr if j.has_r else NULL
+    else:
+        if j.has_r:
+            d = sp if j.has_so else yp
+    if j.kind == KIND_RMS:
+        ss = nc_sumsq(xp, j.xb, rp, d, n)
+        scale = 1.0 / sqrt(ss / <double>n + j.eps)
+        src = d if j.has_r else xp
+        if j.gather:
+            nc_scale_apply(src, gx, j.w, n, <float>scale)
+        else:
+            nc_scale_apply(src, yp, j.w, n, <float>scale)
+    else:
+        nc_moments(xp, j.xb, rp, d, n, &mean, &m2)
+        if j.kind == KIND_LN:
+            var = m2 / <double>n
+            scale = 1.0 / sqrt(var + j.eps)
+        else:
+            scale = 1.0 / (sqrt(m2 / <double>(n - 1)) + j.eps)
+        mhi = <float>mean
+        mlo = <float>(mean - <double>mhi)
+        src = d if j.has_r else xp
+        if j.gather:
+            nc_ln_apply(src, gx, j.w, j.b, n, mhi, mlo, <float>scale)
+        else:
+            nc_ln_apply(src, yp, j.w, j.b, n, mhi, mlo, <float>scale)
+    if j.gather:
+        cs = j.y.cstride
+        for k in range(n):
+            (<float *>(<char *>yp + k * cs))[0] = gx[k]
+        if j.has_so:
+            cs = j.so.cstride
+            for k in range(n):
+                (<float *>(<char *>sp + k * cs))[0] = gd[k]
+
+
+cdef int run_norm_job(NormJob *j, int nt) except -1:
+    cdef Py_ssize_t i
+    cdef float *scratch = NULL
+    cdef int failed = 0
+    cdef size_t scratch_bytes = <size_t>(3 * j.n) * sizeof(float)
+    if j.nrows == 0:
+        return 0
+    if nt <= 1:
+        with nogil:
+            if j.gather:
+                scratch = <float *>malloc(scratch_bytes)
+            if j.gather and scratch == NULL:
+                failed = 1
+            else:
+                for i in range(j.nrows):
+                    norm_row(j, i, scratch)
+                free(scratch)
+    else:
+        with nogil, parallel(num_threads=nt):
+            scratch = NULL
+            if j.gather:
+                scratch = <float *>malloc(scratch_bytes)
+                if scratch == NULL:
+                    failed = 1
+            for i in prange(j.nrows, schedule='static'):
+                if not j.gather or scratch != NULL:
+                    norm_row(j, i, scratch)
+            free(scratch)
+    if failed:
+        raise MemoryError("normcy: could not allocate %d bytes of scratch" % scratch_bytes)
+    return 0
+
+
+# ----------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------
+
+cdef inline tuple _shp(object a):
+    return tuple((<object>a).shape)
+
+
+cdef inline str _desc(object a):
+    if isinstance(a, np.ndarray):
+        return "array of shape %s and dtype %s" % (_shp(a), a.dtype)
+    return "object of type %s" % type(a).__name__
+
+
+cdef int check_f32_array(object a, str name) except -1:
+    if not cnp.PyArray_Check(a):
+        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, _desc(a)))
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32:
+        raise TypeError("%s must have dtype float32, got %s (normcy never casts activations "
+                        "silently; convert with .astype(np.float32))" % (name, _desc(a)))
+    if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        raise TypeError("%s must be native-endian float32, got %s" % (name, _desc(a)))
+    if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
+        raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
+                         % (name, _desc(a)))
+    return 0
+
+
+cdef int check_same_shape(cnp.ndarray a, cnp.ndarray ref, str name, str refname) except -1:
+    cdef int nd = cnp.PyArray_NDIM(ref)
+    cdef int k
+    if cnp.PyArray_NDIM(a) != nd:
+        raise ValueError("%s must have the shape of %s %s, got shape %s"
+                         % (name, refname, _shp(ref), _shp(a)))
+    for k in range(nd):
+        if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(ref)[k]:
+            raise ValueError("%s must have the shape of %s %s, got shape %s"
+                             % (name, refname, _shp(ref), _shp(a)))
+    return 0
+
+
+cdef int check_writeable(cnp.ndarray a, str name) except -1:
+    if not cnp.PyArray_ISWRITEABLE(a):
+        raise ValueError("%s is read-only (%s); pass a writeable array" % (name, _desc(a)))
+    return 0
+
+
+cdef void extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi) noexcept:
+    cdef int k
+    cdef Py_ssize_t s, l = <Py_ssize_t>cnp.PyArray_DATA(a), h
+    h = l
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[k] == 0:
+            lo[0] = l
+            hi[0] = l
+            return
+        s = cnp.PyArray_STRIDES(a)[k] * (cnp.PyArray_DIMS(a)[k] - 1)
+        if s >= 0:
+            h += s
+        else:
+            l += s
+    lo[0] = l
+    hi[0] = h + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef bint identical_view(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int k
+    if cnp.PyArray_DATA(a) != cnp.PyArray_DATA(b) or cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
+        return False
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(b)[k]:
+            return False
+        if cnp.PyArray_DIMS(a)[k] > 1 and cnp.PyArray_STRIDES(a)[k] != cnp.PyArray_STRIDES(b)[k]:
+            return False
+    return True
+
+
+cdef int check_overlap(cnp.ndarray outa, str oname, object ina, str iname, bint allow_identical) except -1:
+    """Reject an output that partially overlaps an input (identical views may be allowed)."""
+    cdef Py_ssize_t lo1, hi1, lo2, hi2
+    if ina is None:
+        return 0
+    extent(outa, &lo1, &hi1)
+    extent(<cnp.ndarray>ina, &lo2, &hi2)
+    if lo1 >= hi2 or lo2 >= hi1 or lo1 == hi1 or lo2 == hi2:
+        return 0
+    if allow_identical and identical_view(outa, <cnp.ndarray>ina):
+        return 0
+    if identical_view(outa, <cnp.ndarray>ina):
+        raise ValueError("%s must not be the same array as %s" % (oname, iname))
+    if not np.shares_memory(outa, ina):
+        return 0   # interleaved but disjoint (e.g. even/odd columns)
+    raise ValueError("%s partially overlaps %s; an output may be the very same array as an "
+                     "input (in place) but must not overlap it otherwise" % (oname, iname))
+
+
+cdef object as_param(object p, Py_ssize_t n, str name):
+    """A small per-feature parameter as a contiguous float32 (n,) array, or None."""
+    cdef cnp.ndarray a
+    if p is None:
+        return None
+    if (cnp.PyArray_Check(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
+            and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>p)
+            and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p)):
+        a = <cnp.ndarray>p
+    else:
+        try:
+            arr = np.asarray(p)
+        except Exception as exc:
+            raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(p))) from exc
+        if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
+            raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(arr)))
+        a = np.ascontiguousarray(arr, dtype=np.float32)
+    if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != n:
+        raise ValueError("%s must have shape (%d,), got shape %s" % (name, n, _shp(a)))
+    return a
+
+
+cdef double check_eps(object eps) except? -1.0:
+    cdef double e
+    try:
+        e = eps
+    except TypeError:
+        raise TypeError("eps must be a real number, got %s" % type(eps).__name__) from None
+    if not isfinite(e) or e < 0.0:
+        raise ValueError("eps must be finite and >= 0, got %r" % (eps,))
+    return e
+
+
+cdef cnp.ndarray check_x(object x, str name):
+    check_f32_array(x, name)
+    cdef cnp.ndarray a = <cnp.ndarray>x
+    if cnp.PyArray_NDIM(a) == 0:
+        raise ValueError("%s must have at least 1 dimension (normalization is over the last "
+                         "axis), got a 0-d array" % name)
+    if cnp.PyArray_DIMS(a)[cnp.PyArray_NDIM(a) - 1] == 0:
+        raise ValueError("%s has a zero-length last axis (shape %s); cannot normalize over it"
+                         % (name, _shp(a)))
+    return a
+
+
+cdef cnp.ndarray prepare_out(object out, cnp.ndarray x, str name):
+    cdef cnp.ndarray o
+    if out is None:
+        return <cnp.ndarray>cnp.PyArray_EMPTY(cnp.PyArray_NDIM(x), cnp.PyArray_DIMS(x),
+                                                cnp.NPY_FLOAT32, 0)
+    check_f32_array(out, name)
+    o = <cnp.ndarray>out
+    check_same_shape(o, x, name, "x")
+    check_writeable(o, name)
+    return o
+
+
+# ----------------------------------------------------------------------------------
+# Shared driver for the four row-norm functions
+# ----------------------------------------------------------------------------------
+
+cdef object _norm(int kind, object x, object residual, object weight, object bias, object eps,
+                  object x_bias, object out, object sum_out, object num_threads, bint is_add):
+    cdef NormJob j
+    cdef cnp.ndarray xa, ra = None, oa, sa = None
+    cdef object w, b, xb
+    cdef Py_ssize_t n, nrows
+    cdef int nd, k, nt
+    xa = check_x(x, "x")
+    nd = cnp.PyArray_NDIM(xa)
+    n = cnp.PyArray_DIMS(xa)[nd - 1]
+    if is_add:
+        check_f32_array(residual, "residual")
+        ra = <cnp.ndarray>residual
+        check_same_shape(ra, xa, "residual", "x")
+    j.eps = check_eps(eps)
+    if kind == KIND_LN_ANNOTATED and n < 2:
+        raise ValueError("convention='annotated' uses the unbiased std, which needs at least "
+                         "2 features; x has shape %s" % (_shp(xa),))
+    w = as_param(weight, n, "weight")
+    b = as_param(bias, n, "bias")
+    xb = as_param(x_bias, n, "x_bias")
+    oa = prepare_out(out, xa, "out")
+    if sum_out is not None:
+        check_f32_array(sum_out, "sum_out")
+        sa = <cnp.ndarray>sum_out
+        check_same_shape(sa, xa, "sum_out", "x")
+        check_writeable(sa, "sum_out")
+    if out is not None:
+        check_overlap(oa, "out", xa, "x", True)
+        check_overlap(oa, "out", ra, "residual", True)
+        check_overlap(oa, "out", w, "weight", False)
+        check_overlap(oa, "out", b, "bias", False)
+        check_overlap(oa, "out", xb, "x_bias", False)
+    if sa is not None:
+        check_overlap(sa, "sum_out", xa, "x", True)
+        check_overlap(sa, "sum_out", ra, "residual", True)
+        check_overlap(sa, "sum_out", oa, "out", False)
+        check_overlap(sa, "sum_out", w, "weight", False)
+        check_overlap(sa, "sum_out", b, "bias", False)
+        check_overlap(sa, "sum_out", xb, "x_bias", False)
+    nrows = 1
+    for k in range(nd - 1):
+        nrows *= cnp.PyArray_DIMS(xa)[k]
+    j.n = n
+    j.nrows = nrows
+    j.kind = kind
+    j.has_r = is_add
+    j.has_so = sa is not None
+    j.xb = <const float *>cnp.PyArray_DATA(<cnp.ndarray>xb) if xb is not None else NULL
+    j.w = <const float *>cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
+    j.b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>b) if b is not None else NULL
+    fill_operand(&j.x, xa)
+    fill_operand(&j.y, oa)
+    j.gather = j.x.cstride != 4 or j.y.cstride != 4
+    if is_add:
+        fill_operand(&j.r, ra)
+        j.gather = j.gather or j.r.cstride != 4
+    if sa is not None:
+        fill_operand(&j.so, sa)
+        j.gather = j.gather or j.so.cstride != 4
+    if n == 1:
+        j.gather = 0   # a single element per row is always "contiguous"
+    nt = resolve_threads(num_threads, nrows * n, nrows)
+    run_norm_job(&j, nt)
+    return oa
+
+
+def layer_norm(x, weight=None, bias=None, eps=1e-5, *, out=None, convention="standard",
+               num_threads=None):
+    """Layer normalization over the last axis.
+
+    ``y = (x - mean) / sqrt(var + eps) * weight + bias`` with the biased variance
+    (``convention="standard"``, PyTorch's ``layer_norm``), or
+    ``y = weight * (x - mean) / (std_unbiased + eps) + bias``
+    (``convention="annotated"``, the "Annotated Transformer" variant).
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (..., D)
+        Input; any number of leading axes, any strides.
+    weight, bias : array_like of shape (D,), optional
+        Elementwise affine parameters (``None``: 1 and 0).
+    eps : float, default 1e-5
+        Added to the variance (standard) or the std (annotated); finite and >= 0.
+    out : ndarray of float32, shape (..., D), optional
+        Output buffer; may be ``x`` itself (in place).
+    convention : {"standard", "annotated"}
+    num_threads : int, optional
+        Threads for this call only (default: :func:`normcy.get_num_threads`).
+
+    Returns
+    -------
+    ndarray of float32
+        ``out`` if given, else a new C-contiguous array.
+    """
+    cdef int kind
+    if convention == "standard":
+        kind = KIND_LN
+    elif convention == "annotated":
+        kind = KIND_LN_ANNOTATED
+    else:
+        raise ValueError("convention must be 'standard' or 'annotated', got %r" % (convention,))
+    return _norm(kind, x, None, weight, bias, eps, None, out, None, num_threads, False)
+
+
+def add_layer_norm(x, residual, weight=None, bias=None, eps=1e-5, *, x_bias=None, out=None,
+                   sum_out=None, num_threads=None):
+    """Fused residual add + LayerNorm: ``s = (x + x_bias) + residual``, ``y = LN(s)``.
+
+    One pass over memory: ``s`` is formed row by row in cache and normalized there.
+
+    Parameters
+    ----------
+    x, residual : ndarray of float32, shape (..., D)
+        ``x`` is typically a sub-layer's output, ``residual`` the residual stream.
+    weight, bias : array_like of shape (D,), optional
+        LayerNorm affine parameters.
+    eps : float, default 1e-5
+    x_bias : array_like of shape (D,), optional
+        Bias of the linear layer that produced ``x``, fused here so the matmul can run
+        without it.
+    out : ndarray of float32, optional
+        Receives ``LN(s)``; may be ``x`` or ``residual`` itself.
+    sum_out : ndarray of float32, optional
+        Receives ``s`` (the updated residual stream pre-LN models need); may be ``x`` or
+        ``residual`` itself.  Without ``x_bias`` it equals NumPy's ``x + residual`` bit
+        for bit.
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of float32
+        ``out`` if given, else a new array.
+    """
+    return _norm(KIND_LN, x, residual, weight, bias, eps, x_bias, out, sum_out, num_threads, True)
+
+
+def rms_norm(x, weight=None, eps=1e-6, *, out=None, num_threads=None):
+    """RMS normalization over the last axis: ``y = x / sqrt(mean(x**2) + eps) * weight``.
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (..., D)
+    weight : array_like of shape (D,), optional
+    eps : float, default 1e-6
+    out : ndarray of float32, optional
+        May be ``x`` itself.
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    return _norm(KIND_RMS, x, None, weight, None, eps, None, out, None, num_threads, False)
+
+
+def add_rms_norm(x, residual, weight=None, eps=1e-6, *, x_bias=None, out=None, sum_out=None,
+                 num_threads=None):
+    """Fused residual add + RMSNorm: ``s = (x + x_bias) + residual``, ``y = RMSNorm(s)``.
+
+    Parameters
+    ----------
+    x, residual : ndarray of float32, shape (..., D)
+    weight : array_like of shape (D,), optional
+    eps : float, default 1e-6
+    x_bias : array_like of shape (D,), optional
+    out, sum_out : ndarray of float32, optional
+        As in :func:`add_layer_norm`.
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    return _norm(KIND_RMS, x, residual, weight, None, eps, x_bias, out, sum_out, num_threads, True)
+
+
+# ----------------------------------------------------------------------------------
+# BatchNorm (inference)
+# ----------------------------------------------------------------------------------
+
+def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
+    """Fold inference-mode BatchNorm into a per-channel affine map.
+
+    ``batch_norm(x) == x * scale + shift`` (per channel) with
+    ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
+    computed in float64.
+
+    Parameters
+    ----------
+    running_mean, running_var : array_like of shape (C,)
+    weight, bias : array_like of shape (C,), optional
+    eps : float, default 1e-5
+
+    Returns
+    -------
+    scale, shift : ndarray of float32, shape (C,)
+    """
+    cdef double e = check_eps(eps)
+    mean = _param64(running_mean, "running_mean", -1)
+    c = mean.shape[0]
+    var = _param64(running_var, "running_var", c)
+    if np.any(var < 0):
+        raise ValueError("running_var must be >= 0")
+    w = _param64(weight, "weight", c) if weight is not None else 1.0
+    b = _param64(bias, "bias", c) if bias is not None else 0.0
+    scale = w / np.sqrt(var + e)
+    shift = b - mean * scale
+    return (np.ascontiguousarray(scale, dtype=np.float32),
+            np.ascontiguousarray(np.broadcast_to(shift, (c,)), dtype=np.float32))
+
+
+def _param64(p, name, Py_ssize_t c):
+    try:
+        a = np.asarray(p)
+    except Exception as exc:
+        raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(p))) from exc
+    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
+        raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(a)))
+    if a.ndim != 1 or (c >= 0 and a.shape[0] != c):
+        raise ValueError("%s must have shape (%s,), got shape %s"
+                         % (name, "C" if c < 0 else c, _shp(a)))
+    return a.astype(np.float64)
+
+
+cdef struct BNJob:
+    const char *x
+    char *y
+    const float *a
+    const float *b
+    Py_ssize_t outer, c, inner
+    int rows     # 1: rows of C (channels last); 0: planes of `inner`
+
+
+cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
+    cdef Py_ssize_t ch
+    if j.rows:
+        nc_affine_vec(<const float *>j.x + p * j.c, <float *>j.y + p * j.c, j.a, j.b, j.c)
+    else:
+        ch = p % j.c
+        nc_affine_scalar(<const float *>j.x + p * j.inner, <float *>j.y + p * j.inner,
+                         j.inner, j.a[ch], j.b[ch])
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, axis=1,
+               out=None, num_threads=None):
+    """Inference-mode BatchNorm with running statistics.
+
+    ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel,
+    evaluated as ``x * scale[c] + shift[c]`` (see :func:`fold_batch_norm`).
+
+    Parameters
+    ----------
+    x : ndarray of float32
+        (N, C), (N, C, L), NCHW, NCDHW with ``axis=1``; channels-last (NHWC, ...) with
+        ``axis=-1``.  Any strides (non-contiguous layouts take a slower path).
+    running_mean, running_var : array_like of shape (C,)
+    weight, bias : array_like of shape (C,), optional
+    eps : float, default 1e-5
+    axis : int, default 1
+        The channel axis.
+    out : ndarray of float32, optional
+        May be ``x`` itself.
+    num_threads : int, optional
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    cdef cnp.ndarray xa, oa, xv, ov
+    cdef BNJob j
+    cdef int nd, ax, nt
+    cdef Py_ssize_t c, k, outer, inner, items, work
+    check_f32_array(x, "x")
+    xa = <cnp.ndarray>x
+    nd = cnp.PyArray_NDIM(xa)
+    if nd == 0:
+        raise ValueError("x must have at least 1 dimension, got a 0-d array")
+    try:
+        ax = axis
+    except TypeError:
+        raise TypeError("axis must be an int, got %s" % type(axis).__name__) from None
+    if ax < -nd or ax >= nd:
+        raise ValueError("axis %d is out of range for x of shape %s" % (ax, _shp(xa)))
+    if ax < 0:
+        ax += nd
+    c = cnp.PyArray_DIMS(xa)[ax]
+    if c == 0:
+        raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
+    mean = _param64(running_mean, "running_mean", c)
+    var = _param64(running_var, "running_var", c)
+    if weight is not None:
+        _param64(weight, "weight", c)
+    if bias is not None:
+        _param64(bias, "bias", c)
+    scale, shift = fold_batch_norm(mean, var, weight, bias, eps)
+    oa = prepare_out(out, xa, "out") if out is not None else np.empty_like(xa)
+    if out is not None:
+        check_overlap(oa, "out", xa, "x", True)
+    outer = 1
+    for k in range(ax):
+        outer *= cnp.PyArray_DIMS(xa)[k]
+    inner = 1
+    for k in range(ax + 1, nd):
+        inner *= cnp.PyArray_DIMS(xa)[k]
+    if outer * inner == 0:
+        return oa
+    if cnp.PyArray_IS_C_CONTIGUOUS(xa) and cnp.PyArray_IS_C_CONTIGUOUS(oa):
+        xv, ov = xa, oa
+        j.rows = inner == 1
+    else:
+        xv = np.moveaxis(xa, ax, -1)
+        ov = np.moveaxis(oa, ax, -1)
+        if cnp.PyArray_IS_C_CONTIGUOUS(xv) and cnp.PyArray_IS_C_CONTIGUOUS(ov):
+            j.rows = 1
+            outer = outer * inner
+            inner = 1
+        else:
+            # General strides: compute on a contiguous copy, then write back.
+            tmp = batch_norm(np.ascontiguousarray(xa), mean, var, weight, bias, eps,
+                             axis=ax, num_threads=num_threads)
+            np.copyto(oa, tmp)
+            return oa
+    j.x = <const char *>cnp.PyArray_DATA(xv)
+    j.y = <char *>cnp.PyArray_DATA(ov)
+    j.a = <const float *>cnp.PyArray_DATA(<cnp.ndarray>scale)
+    j.b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>shift)
+    j.outer = outer
+    j.c = c
+    j.inner = inner
+    items = outer if j.rows else outer * c
+    work = outer * c * inner
+    nt = resolve_threads(num_threads, work, items)
+    _run_bn(&j, items, nt)
+    return oa
+
+
+cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:
+    cdef Py_ssize_t p
+    if nt <= 1:
+        with nogil:
+            for p in range(items):
+                bn_item(j, p)
+    else:
+        with nogil:
+            for p in prange(items, schedule='static', num_threads=nt):
+                bn_item(j, p)
+
+
+def _kernel_isa():
+    """Name of the SIMD kernel variant selected for this CPU."""
+    return (<bytes>nc_isa()).decode()
+
+
+def _have_runtime_dispatch():
+    return bool(NC_HAVE_CLONES)

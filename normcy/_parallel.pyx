@@ -1,0 +1,188 @@
+# cython: language_level=3
+"""Thread-count policy and fork safety shared by every normcy kernel module."""
+import os
+
+from normcy._openmp_helpers cimport NC_HAVE_OPENMP, omp_get_max_threads
+
+# Below this many float32 elements of work, a call runs serially: starting an OpenMP
+# region (waking the pool, the barrier at its end) costs a few microseconds, more than
+# the whole kernel on such inputs.
+DEF_MIN_PARALLEL_WORK = 32768
+# Each extra thread must get at least this much work.
+DEF_MIN_WORK_PER_THREAD = 16384
+
+cdef Py_ssize_t _min_parallel_work = DEF_MIN_PARALLEL_WORK
+cdef Py_ssize_t _min_work_per_thread = DEF_MIN_WORK_PER_THREAD
+cdef int _default_threads = 1
+cdef int _omp_used = 0        # this process has started an OpenMP region
+cdef int _fork_serial = 0     # forked after the parent used OpenMP: stay serial
+
+
+def _cgroup_cpu_limit():
+    """CPU quota of this process's cgroup (v2 ``cpu.max`` or v1 cfs files), or None."""
+    try:
+        with open("/sys/fs/cgroup/cpu.max") as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            q, p = int(quota), int(period)
+            if q > 0 and p > 0:
+                return max(1, -(-q // p))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            q = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            p = int(f.read())
+        if q > 0 and p > 0:
+            return max(1, -(-q // p))
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _parse_env_threads(name):
+    v = os.environ.get(name)
+    if v is None or not v.strip():
+        return None
+    # OMP_NUM_THREADS may be a list ("4,2" for nested levels): take the first.
+    first = v.split(",")[0].strip()
+    try:
+        n = int(first)
+    except ValueError:
+        return None
+    return n if n >= 1 else None
+
+
+def available_cpus():
+    """CPUs this process may run on: affinity mask, capped by the cgroup CPU quota."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        n = os.cpu_count() or 1
+    lim = _cgroup_cpu_limit()
+    if lim is not None:
+        n = min(n, lim)
+    return max(1, n)
+
+
+def _initial_threads():
+    if not NC_HAVE_OPENMP:
+        return 1
+    for name in ("NORMCY_NUM_THREADS", "OMP_NUM_THREADS"):
+        n = _parse_env_threads(name)
+        if n is not None:
+            return n
+    return available_cpus()
+
+
+def get_num_threads():
+    """Return the default number of threads normcy kernels use.
+
+    The initial value comes from ``NORMCY_NUM_THREADS``, then ``OMP_NUM_THREADS``,
+    then the number of CPUs this process may run on (affinity mask and cgroup CPU
+    quota aware).  It is 1 when normcy was built without OpenMP, and in a process
+    forked after its parent ran a parallel region (see ``fork_serial``).
+
+    Returns
+    -------
+    int
+    """
+    if _fork_serial:
+        return 1
+    return _default_threads
+
+
+def set_num_threads(n):
+    """Set the default number of threads for all later calls (process wide).
+
+    A per-call ``num_threads=`` argument overrides this without touching it.
+
+    Parameters
+    ----------
+    n : int
+        Number of threads, at least 1.  Without OpenMP, values above 1 are
+        accepted and ignored (kernels run serially).
+    """
+    global _default_threads
+    if isinstance(n, bool) or not isinstance(n, int):
+        try:
+            import operator
+            if isinstance(n, bool):
+                raise TypeError
+            n = operator.index(n)
+        except TypeError:
+            raise TypeError("num_threads must be an int, got %s" % type(n).__name__) from None
+    if n < 1:
+        raise ValueError("num_threads must be >= 1, got %d" % n)
+    _default_threads = <int>min(n, 4096)
+
+
+def fork_serial():
+    """True if this process was forked after its parent ran an OpenMP region.
+
+    GNU libgomp's thread pool does not survive ``fork()``: a child that starts a
+    parallel region can hang forever.  normcy therefore runs every kernel serially
+    in such a child (correct results, one core).  Start workers with the
+    ``spawn``/``forkserver`` methods, or fork before the first large call, to keep
+    all cores in worker processes.
+    """
+    return bool(_fork_serial)
+
+
+def _after_fork_in_child():
+    global _fork_serial
+    if _omp_used:
+        _fork_serial = 1
+
+
+def _set_parallel_thresholds(min_parallel_work=None, min_work_per_thread=None):
+    """Tune the serial/parallel switch-over (for benchmarks and tests)."""
+    global _min_parallel_work, _min_work_per_thread
+    old = (_min_parallel_work, _min_work_per_thread)
+    if min_parallel_work is not None:
+        _min_parallel_work = max(0, int(min_parallel_work))
+    if min_work_per_thread is not None:
+        _min_work_per_thread = max(1, int(min_work_per_thread))
+    return old
+
+
+cdef int default_threads() noexcept nogil:
+    if _fork_serial:
+        return 1
+    return _default_threads
+
+
+cdef int resolve_threads(object num_threads, Py_ssize_t work, Py_ssize_t max_parallel) except -1:
+    global _omp_used
+    cdef Py_ssize_t nt, cap
+    if num_threads is None:
+        nt = _default_threads
+    else:
+        if type(num_threads) is not int:
+            if isinstance(num_threads, bool) or not isinstance(num_threads, int):
+                raise TypeError("num_threads must be an int or None, got %s"
+                                % type(num_threads).__name__)
+        nt = num_threads
+        if nt < 1:
+            raise ValueError("num_threads must be >= 1 or None, got %d" % nt)
+    if nt <= 1 or _fork_serial or not NC_HAVE_OPENMP:
+        return 1
+    if work < _min_parallel_work:
+        return 1
+    cap = work // _min_work_per_thread
+    if cap < nt:
+        nt = cap
+    if max_parallel < nt:
+        nt = max_parallel
+    if nt <= 1:
+        return 1
+    if nt > 4096:
+        nt = 4096
+    _omp_used = 1
+    return <int>nt
+
+
+_default_threads = <int>min(_initial_threads(), 4096)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -650,10 +650,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     nd = cnp.PyArray_NDIM(xa)
     if nd == 0:
         raise ValueError("x must have at least 1 dimension, got a 0-d array")
-    try:
-        ax = axis
-    except TypeError:
-        raise TypeError("axis must be an int, got %s" % type(axis).__name__) from None
+    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
+        raise TypeError("axis must be an int, got %s" % type(axis).__name__)
+    ax = axis
     if ax < -nd or ax >= nd:
         raise ValueError("axis %d is out of range for x of shape %s" % (ax, _shp(xa)))
     if ax < 0:

@@ -42,7 +42,7 @@ typedef double nc_v8d __attribute__((vector_size(64)));
 #define NC_HAVE_CLONES 0
 #endif
 
-#define NC_CHUNK 2048
+#define NC_CHUNK 1024
 
 /* unaligned vector loads/stores (compile to vmovups) */
 #define NC_LD16(p) ({ nc_v16f _v; memcpy(&_v, (p), sizeof(_v)); _v; })
@@ -64,23 +64,87 @@ static const char *nc_isa(void)
 #endif
 }
 
+/* Horizontal sums with a fixed tree order (deterministic, short dependency chains). */
+typedef float nc_v4f __attribute__((vector_size(16)));
 static inline double nc_hsum16(nc_v16f a)
 {
-    double s = 0.0;
-    for (int k = 0; k < 16; k++) s += (double)a[k];
-    return s;
+#if defined(__clang__) || (defined(__GNUC__) && __GNUC__ >= 12)
+    nc_v8f b = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7)
+             + __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
+    nc_v4f c = __builtin_shufflevector(b, b, 0, 1, 2, 3) + __builtin_shufflevector(b, b, 4, 5, 6, 7);
+    return (double)((c[0] + c[2]) + (c[1] + c[3]));
+#else
+    float t[16];
+    memcpy(t, &a, sizeof(t));
+    for (int w = 8; w >= 1; w >>= 1)
+        for (int k = 0; k < w; k++) t[k] += t[k + w];
+    return (double)t[0];
+#endif
 }
 
 static inline double nc_hsum8d(nc_v8d a)
 {
-    double s = 0.0;
-    for (int k = 0; k < 8; k++) s += a[k];
-    return s;
+    double t[8];
+    for (int k = 0; k < 8; k++) t[k] = a[k];
+    for (int w = 4; w >= 1; w >>= 1)
+        for (int k = 0; k < w; k++) t[k] += t[k + w];
+    return t[0];
 }
 
 /*
- * s = x (+ xb) (+ r), stored into d when r != NULL (d may be x or r itself: every
- * element is read before it is written).  Returns mean and M2 = sum (s-mean)^2.
+ * s = x (+ xb) + r for one chunk, stored into d; returns the float32 lane sums of
+ * (s - K) (pass A fused with the add).  d may be x or r itself: every element is read
+ * before it is written.
+ */
+#define NC_ADD_STORE_SUM(EXPR_S)                                                     \
+    do {                                                                             \
+        for (i = 0; i + 64 <= len; i += 64) {                                        \
+            nc_v16f v0, v1, v2, v3;                                                  \
+            { nc_int o = i;      v0 = EXPR_S; NC_ST16(dc + o, v0); }                 \
+            { nc_int o = i + 16; v1 = EXPR_S; NC_ST16(dc + o, v1); }                 \
+            { nc_int o = i + 32; v2 = EXPR_S; NC_ST16(dc + o, v2); }                 \
+            { nc_int o = i + 48; v3 = EXPR_S; NC_ST16(dc + o, v3); }                 \
+            a0 += v0 - kv; a1 += v1 - kv; a2 += v2 - kv; a3 += v3 - kv;              \
+        }                                                                            \
+        for (; i + 16 <= len; i += 16) {                                             \
+            nc_v16f v0; nc_int o = i; v0 = EXPR_S; NC_ST16(dc + o, v0);              \
+            a0 += v0 - kv;                                                           \
+        }                                                                            \
+    } while (0)
+
+/* Pass B in double lanes: exact enough for any finite float32 input. */
+static inline void nc_passb_double(const float *src, nc_int len, double mc,
+                                   double *s1_out, double *s2_out)
+{
+    nc_v8d s1a = {0}, s1b = {0}, s2a = {0}, s2b = {0};
+    nc_v8d mv = mc - (nc_v8d){0};
+    nc_int i;
+    for (i = 0; i + 16 <= len; i += 16) {
+        nc_v8d da = __builtin_convertvector(NC_LD8(src + i), nc_v8d) - mv;
+        nc_v8d db = __builtin_convertvector(NC_LD8(src + i + 8), nc_v8d) - mv;
+        s1a += da; s2a += da * da;
+        s1b += db; s2b += db * db;
+    }
+    double s1 = nc_hsum8d(s1a + s1b);
+    double s2 = nc_hsum8d(s2a + s2b);
+    for (; i < len; i++) {
+        double dd = (double)src[i] - mc;
+        s1 += dd; s2 += dd * dd;
+    }
+    *s1_out = s1;
+    *s2_out = s2;
+}
+
+/*
+ * s = x (+ xb) (+ r), stored into d when r != NULL (d may be x or r itself).
+ * Returns mean and M2 = sum (s-mean)^2 of the row.
+ *
+ * Per chunk of NC_CHUNK floats (L1 resident):
+ *   pass A (fused with the add): float lane sums of s - K, K = the row's first value;
+ *   pass B: corrected two-pass sums of d = s - mean_c and d*d in float lanes (at most
+ *           NC_CHUNK/64 terms per lane); if that sum could have overflowed or lost
+ *           precision to underflow (non-finite or tiny), the chunk is redone in double.
+ * Chunks merge with Chan et al.'s formula in double.
  */
 NC_TC static void nc_moments(const float *x, const float *xb, const float *r, float *d,
                              nc_int n, double *mean_out, double *m2_out)
@@ -93,56 +157,79 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
     } else {
         K = x[0];
     }
+    const nc_v16f kv = K - (nc_v16f){0};
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
         const float *src;
         nc_int i;
+        nc_v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        double sa;
         if (r != NULL) {
             const float *xc = x + c0, *rc = r + c0;
             float *dc = d + c0;
             if (xb != NULL) {
                 const float *bc = xb + c0;
-                for (i = 0; i + 16 <= len; i += 16)
-                    NC_ST16(dc + i, (NC_LD16(xc + i) + NC_LD16(bc + i)) + NC_LD16(rc + i));
-                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+                NC_ADD_STORE_SUM((NC_LD16(xc + o) + NC_LD16(bc + o)) + NC_LD16(rc + o));
+                sa = nc_hsum16((a0 + a1) + (a2 + a3));
+                for (; i < len; i++) { dc[i] = (xc[i] + bc[i]) + rc[i]; sa += (double)(dc[i] - K); }
             } else {
-                for (i = 0; i + 16 <= len; i += 16)
-                    NC_ST16(dc + i, NC_LD16(xc + i) + NC_LD16(rc + i));
-                for (; i < len; i++) dc[i] = xc[i] + rc[i];
+                NC_ADD_STORE_SUM(NC_LD16(xc + o) + NC_LD16(rc + o));
+                sa = nc_hsum16((a0 + a1) + (a2 + a3));
+                for (; i < len; i++) { dc[i] = xc[i] + rc[i]; sa += (double)(dc[i] - K); }
             }
             src = dc;
         } else {
             src = x + c0;
+            for (i = 0; i + 64 <= len; i += 64) {
+                a0 += NC_LD16(src + i) - kv;
+                a1 += NC_LD16(src + i + 16) - kv;
+                a2 += NC_LD16(src + i + 32) - kv;
+                a3 += NC_LD16(src + i + 48) - kv;
+            }
+            for (; i + 16 <= len; i += 16) a0 += NC_LD16(src + i) - kv;
+            sa = nc_hsum16((a0 + a1) + (a2 + a3));
+            for (; i < len; i++) sa += (double)(src[i] - K);
         }
-        /* pass A: shifted sum in float lanes */
-        nc_v16f a0 = {0}, a1 = {0};
-        nc_v16f kv = K - (nc_v16f){0};
-        for (i = 0; i + 32 <= len; i += 32) {
-            a0 += NC_LD16(src + i) - kv;
-            a1 += NC_LD16(src + i + 16) - kv;
+        const double inv_len = 1.0 / (double)len;
+        double mc = (double)K + sa * inv_len;
+        /* pass B in float lanes */
+        const float mcf = (float)mc;
+        const nc_v16f mv = mcf - (nc_v16f){0};
+        nc_v16f e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
+        nc_v16f q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        for (i = 0; i + 64 <= len; i += 64) {
+            nc_v16f d0 = NC_LD16(src + i) - mv, d1 = NC_LD16(src + i + 16) - mv;
+            nc_v16f d2 = NC_LD16(src + i + 32) - mv, d3 = NC_LD16(src + i + 48) - mv;
+            e0 += d0; q0 += d0 * d0;
+            e1 += d1; q1 += d1 * d1;
+            e2 += d2; q2 += d2 * d2;
+            e3 += d3; q3 += d3 * d3;
         }
-        for (; i + 16 <= len; i += 16) a0 += NC_LD16(src + i) - kv;
-        double sa = nc_hsum16(a0) + nc_hsum16(a1);
-        for (; i < len; i++) sa += (double)(src[i] - K);
-        double mc = (double)K + sa / (double)len;
-        /* pass B: corrected two-pass in double lanes */
-        nc_v8d s1a = {0}, s1b = {0}, s2a = {0}, s2b = {0};
-        nc_v8d mv = mc - (nc_v8d){0};
-        for (i = 0; i + 16 <= len; i += 16) {
-            nc_v8d da = __builtin_convertvector(NC_LD8(src + i), nc_v8d) - mv;
-            nc_v8d db = __builtin_convertvector(NC_LD8(src + i + 8), nc_v8d) - mv;
-            s1a += da; s2a += da * da;
-            s1b += db; s2b += db * db;
+        for (; i + 16 <= len; i += 16) {
+            nc_v16f d0 = NC_LD16(src + i) - mv;
+            e0 += d0; q0 += d0 * d0;
         }
-        double s1 = nc_hsum8d(s1a) + nc_hsum8d(s1b);
-        double s2 = nc_hsum8d(s2a) + nc_hsum8d(s2b);
+        double s1 = nc_hsum16((e0 + e1) + (e2 + e3));
+        double s2 = nc_hsum16((q0 + q1) + (q2 + q3));
         for (; i < len; i++) {
-            double dd = (double)src[i] - mc;
+            double dd = (double)(src[i] - mcf);
             s1 += dd; s2 += dd * dd;
         }
-        double m2c = s2 - s1 * s1 / (double)len;
+        double mref = (double)mcf;
+        if (!(s2 < 1e36) || s2 < 1e-28) {
+            /* possible float overflow/underflow (or NaN/Inf, or a constant chunk):
+               redo exactly in double lanes */
+            mref = mc;
+            nc_passb_double(src, len, mc, &s1, &s2);
+        }
+        double m2c = s2 - s1 * s1 * inv_len;
         if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
-        double mean_c = mc + s1 / (double)len;
+        double mean_c = mref + s1 * inv_len;
+        if (len == n) {        /* the whole row was one chunk */
+            *mean_out = mean_c;
+            *m2_out = m2c;
+            return;
+        }
         /* merge (Chan et al.) */
         double ntot = cnt + (double)len;
         double delta = mean_c - mean;
@@ -154,38 +241,59 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
     *m2_out = m2;
 }
 
-/* y = ((s - mhi) - mlo) * scale * w + b ; y may be s itself. */
+/* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = (s - mhi)*scale - mlo*scale
+   (one rounding with FMA) and y = t*w + b; y may be s itself.  mhi + mlo is the row
+   mean as an unevaluated float pair, so |mean| >> std loses nothing. */
 NC_TC static void nc_ln_apply(const float *s, float *y, const float *w, const float *b,
                               nc_int n, float mhi, float mlo, float scale)
 {
     nc_int i = 0;
-    nc_v16f hv = mhi - (nc_v16f){0}, lv = mlo - (nc_v16f){0}, sv = scale - (nc_v16f){0};
+    const float c = -(mlo * scale);
+    const nc_v16f hv = mhi - (nc_v16f){0}, cv = c - (nc_v16f){0}, sv = scale - (nc_v16f){0};
     if (w != NULL && b != NULL) {
         for (; i + 16 <= n; i += 16) {
-            nc_v16f t = ((NC_LD16(s + i) - hv) - lv) * sv;
+            nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t * NC_LD16(w + i) + NC_LD16(b + i));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) - mlo) * scale * w[i] + b[i];
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
     } else if (w != NULL) {
         for (; i + 16 <= n; i += 16) {
-            nc_v16f t = ((NC_LD16(s + i) - hv) - lv) * sv;
+            nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t * NC_LD16(w + i));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) - mlo) * scale * w[i];
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
     } else if (b != NULL) {
         for (; i + 16 <= n; i += 16) {
-            nc_v16f t = ((NC_LD16(s + i) - hv) - lv) * sv;
+            nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t + NC_LD16(b + i));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) - mlo) * scale + b[i];
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
     } else {
         for (; i + 16 <= n; i += 16)
-            NC_ST16(y + i, ((NC_LD16(s + i) - hv) - lv) * sv);
-        for (; i < n; i++) y[i] = ((s[i] - mhi) - mlo) * scale;
+            NC_ST16(y + i, (NC_LD16(s + i) - hv) * sv + cv);
+        for (; i < n; i++) y[i] = (s[i] - mhi) * scale + c;
     }
 }
 
-/* sum of s^2 (in double), s = x (+ xb) (+ r) stored into d when r != NULL. */
+/* sum of s^2 over a row, s = x (+ xb) (+ r) stored into d when r != NULL.
+   float lanes per chunk (<= NC_CHUNK/64 terms per lane), redone in double lanes when
+   that could have overflowed or underflowed. */
+#define NC_ADD_STORE_SQ(EXPR_S)                                                      \
+    do {                                                                             \
+        for (i = 0; i + 64 <= len; i += 64) {                                        \
+            nc_v16f v0, v1, v2, v3;                                                  \
+            { nc_int o = i;      v0 = EXPR_S; NC_ST16(dc + o, v0); }                 \
+            { nc_int o = i + 16; v1 = EXPR_S; NC_ST16(dc + o, v1); }                 \
+            { nc_int o = i + 32; v2 = EXPR_S; NC_ST16(dc + o, v2); }                 \
+            { nc_int o = i + 48; v3 = EXPR_S; NC_ST16(dc + o, v3); }                 \
+            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+        }                                                                            \
+        for (; i + 16 <= len; i += 16) {                                             \
+            nc_v16f v0; nc_int o = i; v0 = EXPR_S; NC_ST16(dc + o, v0);              \
+            q0 += v0 * v0;                                                           \
+        }                                                                            \
+    } while (0)
+
 NC_TC static double nc_sumsq(const float *x, const float *xb, const float *r, float *d, nc_int n)
 {
     double total = 0.0;
@@ -193,32 +301,46 @@ NC_TC static double nc_sumsq(const float *x, const float *xb, const float *r, fl
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
         const float *src;
         nc_int i;
+        nc_v16f q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        double q;
+        nc_int tail;
         if (r != NULL) {
             const float *xc = x + c0, *rc = r + c0;
             float *dc = d + c0;
             if (xb != NULL) {
                 const float *bc = xb + c0;
-                for (i = 0; i + 16 <= len; i += 16)
-                    NC_ST16(dc + i, (NC_LD16(xc + i) + NC_LD16(bc + i)) + NC_LD16(rc + i));
+                NC_ADD_STORE_SQ((NC_LD16(xc + o) + NC_LD16(bc + o)) + NC_LD16(rc + o));
+                tail = i;
                 for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
             } else {
-                for (i = 0; i + 16 <= len; i += 16)
-                    NC_ST16(dc + i, NC_LD16(xc + i) + NC_LD16(rc + i));
+                NC_ADD_STORE_SQ(NC_LD16(xc + o) + NC_LD16(rc + o));
+                tail = i;
                 for (; i < len; i++) dc[i] = xc[i] + rc[i];
             }
             src = dc;
         } else {
             src = x + c0;
+            for (i = 0; i + 64 <= len; i += 64) {
+                nc_v16f v0 = NC_LD16(src + i), v1 = NC_LD16(src + i + 16);
+                nc_v16f v2 = NC_LD16(src + i + 32), v3 = NC_LD16(src + i + 48);
+                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
+            }
+            for (; i + 16 <= len; i += 16) { nc_v16f v0 = NC_LD16(src + i); q0 += v0 * v0; }
+            tail = i;
         }
-        nc_v8d qa = {0}, qb = {0};
-        for (i = 0; i + 16 <= len; i += 16) {
-            nc_v8d da = __builtin_convertvector(NC_LD8(src + i), nc_v8d);
-            nc_v8d db = __builtin_convertvector(NC_LD8(src + i + 8), nc_v8d);
-            qa += da * da;
-            qb += db * db;
+        q = nc_hsum16((q0 + q1) + (q2 + q3));
+        for (i = tail; i < len; i++) q += (double)src[i] * (double)src[i];
+        if (!(q < 1e36) || q < 1e-28) {
+            nc_v8d qa = {0}, qb = {0};
+            for (i = 0; i + 16 <= len; i += 16) {
+                nc_v8d da = __builtin_convertvector(NC_LD8(src + i), nc_v8d);
+                nc_v8d db = __builtin_convertvector(NC_LD8(src + i + 8), nc_v8d);
+                qa += da * da;
+                qb += db * db;
+            }
+            q = nc_hsum8d(qa + qb);
+            for (; i < len; i++) q += (double)src[i] * (double)src[i];
         }
-        double q = nc_hsum8d(qa) + nc_hsum8d(qb);
-        for (; i < len; i++) q += (double)src[i] * (double)src[i];
         total += q;
     }
     return total;

@@ -29,10 +29,28 @@ cdef extern from "nc_kernels.h" nogil:
     void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float a, float b)
     void nc_affine_vec(const float *x, float *y, const float *a, const float *b, Py_ssize_t n)
     const char *nc_isa()
+    void nc_stream_init()
+    void nc_stream_copy(float *dst, const float *src, Py_ssize_t n)
+    void nc_stream_fence()
+    int NC_HAVE_STREAM
     int NC_HAVE_CLONES
     int NC_CHUNK
 
 DEF MAXD = 64
+
+# Outputs at least this large (bytes) are written with non-temporal (streaming) stores:
+# they would not fit in cache anyway, and streaming saves the read-for-ownership traffic.
+cdef Py_ssize_t _stream_min_bytes = 48 * 1024 * 1024
+
+nc_stream_init()
+
+
+def _set_streaming_threshold(nbytes):
+    """Set the output size (bytes) from which streaming stores are used; returns the old one."""
+    global _stream_min_bytes
+    old = _stream_min_bytes
+    _stream_min_bytes = max(0, int(nbytes))
+    return old
 
 cdef enum:
     KIND_LN = 0
@@ -111,6 +129,7 @@ cdef struct NormJob:
     int has_r
     int has_so
     int gather
+    int stream
     double eps
 
 
@@ -132,6 +151,9 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
         rp = <const float *>row_ptr(&j.r, i)
     if j.has_so:
         sp = <float *>row_ptr(&j.so, i)
+    if j.stream:
+        stream_row(j, xp, rp, sp, yp, scratch)
+        return
     if j.gather:
         # Some operand has a non-unit last-axis stride: work on contiguous copies.
         gx = scratch
@@ -182,18 +204,66 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
                 (<float *>(<char *>sp + k * cs))[0] = gd[k]
 
 
+cdef void stream_row(const NormJob *j, const float *xp, const float *rp, float *sp, float *yp,
+                     float *scratch) noexcept nogil:
+    """Contiguous row whose outputs are streamed (non-temporal stores) past the caches."""
+    cdef Py_ssize_t n = j.n, c0, ln
+    cdef float *S = scratch
+    cdef float *T = scratch + n
+    cdef const float *src = xp
+    cdef double mean = 0.0, m2 = 0.0, ss, scale
+    cdef float mhi = 0.0, mlo = 0.0
+    if j.kind == KIND_RMS:
+        if j.has_r:
+            ss = nc_sumsq(xp, j.xb, rp, S, n)
+            src = S
+        else:
+            ss = nc_sumsq(xp, NULL, NULL, NULL, n)
+        scale = 1.0 / sqrt(ss / <double>n + j.eps)
+    else:
+        if j.has_r:
+            nc_moments(xp, j.xb, rp, S, n, &mean, &m2)
+            src = S
+        else:
+            nc_moments(xp, NULL, NULL, NULL, n, &mean, &m2)
+        if j.kind == KIND_LN:
+            scale = 1.0 / sqrt(m2 / <double>n + j.eps)
+        else:
+            scale = 1.0 / (sqrt(m2 / <double>(n - 1)) + j.eps)
+        mhi = <float>mean
+        mlo = <float>(mean - <double>mhi)
+    if j.has_so:
+        nc_stream_copy(sp, S, n)
+    c0 = 0
+    while c0 < n:
+        ln = n - c0
+        if ln > NC_CHUNK:
+            ln = NC_CHUNK
+        if j.kind == KIND_RMS:
+            nc_scale_apply(src + c0, T, j.w + c0 if j.w != NULL else NULL, ln, <float>scale)
+        else:
+            nc_ln_apply(src + c0, T, j.w + c0 if j.w != NULL else NULL,
+                        j.b + c0 if j.b != NULL else NULL, ln, mhi, mlo, <float>scale)
+        nc_stream_copy(yp + c0, T, ln)
+        c0 += ln
+    nc_stream_fence()
+
+
 cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef Py_ssize_t i
     cdef float *scratch = NULL
     cdef int failed = 0
     cdef size_t scratch_bytes = <size_t>(3 * j.n) * sizeof(float)
+    cdef bint need_scratch = j.gather or j.stream
+    if j.stream:
+        scratch_bytes = <size_t>(j.n + NC_CHUNK) * sizeof(float)
     if j.nrows == 0:
         return 0
     if nt <= 1:
         with nogil:
-            if j.gather:
+            if need_scratch:
                 scratch = <float *>malloc(scratch_bytes)
-            if j.gather and scratch == NULL:
+            if need_scratch and scratch == NULL:
                 failed = 1
             else:
                 for i in range(j.nrows):
@@ -202,12 +272,12 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
     else:
         with nogil, parallel(num_threads=nt):
             scratch = NULL
-            if j.gather:
+            if need_scratch:
                 scratch = <float *>malloc(scratch_bytes)
                 if scratch == NULL:
                     failed = 1
             for i in prange(j.nrows, schedule='static'):
-                if not j.gather or scratch != NULL:
+                if not need_scratch or scratch != NULL:
                     norm_row(j, i, scratch)
             free(scratch)
     if failed:
@@ -434,6 +504,9 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
         j.gather = j.gather or j.so.cstride != 4
     if n == 1:
         j.gather = 0   # a single element per row is always "contiguous"
+    # Outputs far larger than the caches are written with streaming stores.
+    j.stream = (not j.gather and NC_HAVE_STREAM and n >= 64
+                and nrows * n * <Py_ssize_t>sizeof(float) >= _stream_min_bytes)
     nt = resolve_threads(num_threads, nrows * n, nrows)
     run_norm_job(&j, nt)
     return oa

@@ -378,4 +378,68 @@ NC_TC static void nc_affine_vec(const float *x, float *y, const float *a, const 
     for (; i < n; i++) y[i] = x[i] * a[i] + b[i];
 }
 
+/* ------------------------------------------------------------------------------
+ * Streaming (non-temporal) copy, for outputs far larger than the caches: the row is
+ * computed into an L1-resident scratch and streamed out, so the destination lines are
+ * never read for ownership.  Callers fence (nc_stream_fence) before anyone reads.
+ * ------------------------------------------------------------------------------ */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#include <stdint.h>
+#define NC_HAVE_STREAM 1
+
+__attribute__((target("avx512f")))
+static void nc_stream_copy_avx512(float *dst, const float *src, nc_int n)
+{
+    nc_int i = 0;
+    while (i < n && ((uintptr_t)(dst + i) & 63)) { dst[i] = src[i]; i++; }
+    for (; i + 16 <= n; i += 16) _mm512_stream_ps(dst + i, _mm512_loadu_ps(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+__attribute__((target("avx")))
+static void nc_stream_copy_avx(float *dst, const float *src, nc_int n)
+{
+    nc_int i = 0;
+    while (i < n && ((uintptr_t)(dst + i) & 31)) { dst[i] = src[i]; i++; }
+    for (; i + 8 <= n; i += 8) _mm256_stream_ps(dst + i, _mm256_loadu_ps(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+static void nc_stream_copy_sse(float *dst, const float *src, nc_int n)
+{
+    nc_int i = 0;
+    while (i < n && ((uintptr_t)(dst + i) & 15)) { dst[i] = src[i]; i++; }
+    for (; i + 4 <= n; i += 4) _mm_stream_ps(dst + i, _mm_loadu_ps(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+static int nc_stream_level = -1;
+
+static void nc_stream_init(void)
+{
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f")) nc_stream_level = 2;
+    else if (__builtin_cpu_supports("avx")) nc_stream_level = 1;
+    else nc_stream_level = 0;
+}
+
+static inline void nc_stream_copy(float *dst, const float *src, nc_int n)
+{
+    if (nc_stream_level == 2) nc_stream_copy_avx512(dst, src, n);
+    else if (nc_stream_level == 1) nc_stream_copy_avx(dst, src, n);
+    else nc_stream_copy_sse(dst, src, n);
+}
+
+static inline void nc_stream_fence(void) { _mm_sfence(); }
+#else
+#define NC_HAVE_STREAM 0
+static void nc_stream_init(void) {}
+static inline void nc_stream_copy(float *dst, const float *src, nc_int n)
+{
+    memcpy(dst, src, (size_t)n * sizeof(float));
+}
+static inline void nc_stream_fence(void) {}
+#endif
+
 #endif /* NC_KERNELS_H */

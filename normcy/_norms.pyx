@@ -670,6 +670,57 @@ def _param64(p, name, Py_ssize_t c):
     return a.astype(np.float64)
 
 
+cdef tuple _fold_fast(object running_mean, object running_var, object weight, object bias,
+                      object eps, Py_ssize_t c):
+    """(scale, shift) as float32 arrays; a C loop for float32 parameters (no NumPy temporaries)."""
+    cdef double e
+    cdef cnp.ndarray sc, sh
+    cdef const float *m
+    cdef const float *v
+    cdef const float *w = NULL
+    cdef const float *b = NULL
+    cdef float *ps
+    cdef float *pb
+    cdef Py_ssize_t k
+    cdef double a
+    if not (_is_f32_vec(running_mean, c) and _is_f32_vec(running_var, c)
+            and (weight is None or _is_f32_vec(weight, c))
+            and (bias is None or _is_f32_vec(bias, c))):
+        mean = _param64(running_mean, "running_mean", c)
+        var = _param64(running_var, "running_var", c)
+        if weight is not None:
+            _param64(weight, "weight", c)
+        if bias is not None:
+            _param64(bias, "bias", c)
+        return fold_batch_norm(mean, var, weight, bias, eps)
+    e = check_eps(eps)
+    m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
+    v = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_var)
+    if weight is not None:
+        w = <const float *>cnp.PyArray_DATA(<cnp.ndarray>weight)
+    if bias is not None:
+        b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias)
+    for k in range(c):
+        if v[k] < 0:
+            raise ValueError("running_var must be >= 0 (running_var[%d] = %r)" % (k, v[k]))
+    cdef cnp.npy_intp dim = c
+    sc = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
+    sh = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
+    ps = <float *>cnp.PyArray_DATA(sc)
+    pb = <float *>cnp.PyArray_DATA(sh)
+    for k in range(c):
+        a = (w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e)
+        ps[k] = <float>a
+        pb[k] = <float>((b[k] if b != NULL else 0.0) - <double>m[k] * a)
+    return sc, sh
+
+
+cdef bint _is_f32_vec(object p, Py_ssize_t c) noexcept:
+    return (cnp.PyArray_Check(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
+            and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and cnp.PyArray_DIMS(<cnp.ndarray>p)[0] == c
+            and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>p) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p))
+
+
 cdef struct BNJob:
     const char *x
     char *y
@@ -733,13 +784,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     c = cnp.PyArray_DIMS(xa)[ax]
     if c == 0:
         raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
-    mean = _param64(running_mean, "running_mean", c)
-    var = _param64(running_var, "running_var", c)
-    if weight is not None:
-        _param64(weight, "weight", c)
-    if bias is not None:
-        _param64(bias, "bias", c)
-    scale, shift = fold_batch_norm(mean, var, weight, bias, eps)
+    scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
     oa = prepare_out(out, xa, "out") if out is not None else np.empty_like(xa)
     if out is not None:
         check_overlap(oa, "out", xa, "x", True)
@@ -763,8 +808,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             inner = 1
         else:
             # General strides: compute on a contiguous copy, then write back.
-            tmp = batch_norm(np.ascontiguousarray(xa), mean, var, weight, bias, eps,
-                             axis=ax, num_threads=num_threads)
+            tmp = batch_norm(np.ascontiguousarray(xa), running_mean, running_var, weight, bias,
+                             eps, axis=ax, num_threads=num_threads)
             np.copyto(oa, tmp)
             return oa
     j.x = <const char *>cnp.PyArray_DATA(xv)

@@ -39,10 +39,10 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
         if p is not None and np.shape(p) != (cout,):
             raise ValueError("%s must have shape (%d,) to match weight of shape %s, got %s"
                              % (name, cout, w.shape, np.shape(p)))
+    # validates eps, dtypes and running_var >= 0 the same way batch_norm does
+    fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
     scale64 = np.asarray(bn_weight if bn_weight is not None else np.ones(cout), np.float64)
     scale64 = scale64 / np.sqrt(np.asarray(running_var, np.float64) + float(eps))
-    # validates eps / shapes the same way batch_norm does
-    fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
     b64 = np.zeros(cout) if bias is None else np.asarray(bias, np.float64)
     shift = (b64 - np.asarray(running_mean, np.float64)) * scale64
     if bn_bias is not None:

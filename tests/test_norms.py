@@ -81,6 +81,22 @@ def test_annotated_d1(h):
         assert np.all(np.isnan(y))
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm"])
+def test_many_dimensions(h, name):
+    # 40-d input whose leading axes cannot be collapsed into one (Fortran order)
+    shape = (1,) * 20 + (2,) * 12 + (1,) * 7 + (5,)
+    rng = h.rng_for("many-dims", name)
+    base = h.randn(rng, shape[::-1])
+    x = base.T
+    r = h.randn(rng, shape)
+    assert x.ndim == 40 and not x.flags.c_contiguous
+    y = _call(name, x, r, None, None, None)
+    h.assert_close(y, _ref(h, name, np.array(x), r, None, None, None))
+    out = np.empty(shape[::-1], F32).T
+    assert _call(name, x, r, None, None, None, out=out) is out
+    np.testing.assert_array_equal(out, y)
+
+
 def test_layer_norm_zero_rows(h):
     x = np.empty((0, 16), F32)
     y = normcy.layer_norm(x)
@@ -650,6 +666,14 @@ def test_bad_eps(name, eps):
     x, r = _good(name)
     with pytest.raises(ValueError, match=r"\beps\b"):
         _call(name, x, r, None, None, None, eps=eps)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_eps_not_a_number(name):
+    x, r = _good(name)
+    for bad in ("abc", None, [1e-5]):
+        with pytest.raises(TypeError, match=r"\beps\b"):
+            _call(name, x, r, None, None, None, eps=bad)
 
 
 def test_unknown_convention():

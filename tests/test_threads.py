@@ -4,6 +4,7 @@ fork safety, get/set_num_threads and the NORMCY_NUM_THREADS / OMP_NUM_THREADS de
 Anything that could hang (fork after OpenMP) runs in a child interpreter under a timeout.
 """
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -207,7 +208,7 @@ def test_concurrent_in_place_on_shared_input(h):
 # --------------------------------------------------------------------------- GIL
 @pytest.fixture(scope="module")
 def big_arrays():
-    shape = (4096, 4096)  # 64 MiB per array: ~10-40 ms per call on one thread
+    shape = (8192, 4096)  # 128 MiB per array: ~20-80 ms per call on one thread
     x = np.empty(shape, F32)
     x[...] = np.linspace(-2.0, 3.0, shape[1], dtype=F32)
     x[::3] *= F32(0.5)
@@ -217,11 +218,12 @@ def big_arrays():
     return x, r, out
 
 
-def _gil_progress(call, attempts=6):
-    """Run `call` repeatedly on this thread while another Python thread spins, recording
-    timestamps.  Return the number of spinner samples in the middle half of each call
-    window.  While a thread holds the GIL no other Python code runs, so with the switch
-    interval at 0.1 ms a GIL-holding kernel gives 0 samples in the middle of its window."""
+def _spinner_gaps(call, attempts=8):
+    """Run `call` repeatedly on this thread while another Python thread spins, recording a
+    timestamp every >= 0.2 ms.  For each call window return the longest stretch without a
+    spinner timestamp.  While a thread holds the GIL no other Python code runs, so a
+    kernel that holds the GIL leaves a gap at least as long as the kernel itself in every
+    window; a kernel that releases it leaves only OS-scheduling gaps."""
     samples = []
     stop = threading.Event()
 
@@ -253,11 +255,11 @@ def _gil_progress(call, attempts=6):
         th.join()
         sys.setswitchinterval(old)
     s = np.array(samples)
-    counts = []
+    gaps = []
     for t0, t1 in windows:
-        q = (t1 - t0) / 4
-        counts.append(int(np.count_nonzero((s > t0 + q) & (s < t1 - q))))
-    return windows, counts
+        seq = np.concatenate([[t0], s[(s > t0) & (s < t1)], [t1]])
+        gaps.append(float(np.max(np.diff(seq))))
+    return windows, gaps
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "layer_norm_strided", "add_layer_norm",
@@ -281,13 +283,21 @@ def test_kernels_release_the_gil(big_arrays, name):
     }
     call = calls[name]
     call()  # warm up (page faults)
-    windows, counts = _gil_progress(call)
-    durations = [t1 - t0 for t0, t1 in windows]
-    if max(durations) < 0.004:  # pragma: no cover - far faster machine than expected
-        pytest.skip("kernel too fast (%.1f ms) to observe GIL release" % (1e3 * max(durations)))
-    assert max(counts) > 0, (
-        "no other Python thread ran during any %s call (durations %s ms): the GIL is held"
-        % (name, [round(1e3 * t, 1) for t in durations]))
+    alone = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        call()
+        alone.append(time.perf_counter() - t0)
+    t_kernel = min(alone)
+    if t_kernel < 0.004:  # pragma: no cover - far faster machine than expected
+        pytest.skip("kernel too fast (%.1f ms) to observe GIL release" % (1e3 * t_kernel))
+    windows, gaps = _spinner_gaps(call)
+    # GIL held: every window has a stall >= ~t_kernel (measured 1.2-1.4x with a spinner
+    # competing).  Released: only scheduler-quantum stalls (4-16 ms on a busy 2-core box).
+    assert min(gaps) < 0.7 * t_kernel, (
+        "another Python thread stalled for the whole %s call in every window (kernel alone "
+        "%.1f ms, longest stall per window %s ms): the GIL is held"
+        % (name, 1e3 * t_kernel, [round(1e3 * g, 1) for g in gaps]))
 
 
 # --------------------------------------------------------------------------- num threads
@@ -334,12 +344,22 @@ def _python(code, h, extra_env=None, drop=("NORMCY_NUM_THREADS", "OMP_NUM_THREAD
 
 
 def _allowed_cpus():
+    """CPUs this process may use: affinity mask capped by the cgroup (v2 or v1) quota."""
     n = len(os.sched_getaffinity(0))
     try:
         with open("/sys/fs/cgroup/cpu.max") as f:
             quota, period = f.read().split()[:2]
-        if quota != "max":
-            n = min(n, max(1, -(-int(quota) // int(period))))
+        if quota != "max" and int(quota) > 0:
+            return min(n, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass
+    try:
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us") as f:
+            q = int(f.read())
+        with open("/sys/fs/cgroup/cpu/cpu.cfs_period_us") as f:
+            p = int(f.read())
+        if q > 0 and p > 0:
+            n = min(n, max(1, -(-q // p)))
     except (OSError, ValueError):
         pass
     return n
@@ -385,6 +405,27 @@ def test_default_threads_follow_affinity(h):
     p = _python(GET, h, preexec_fn=lambda: os.sched_setaffinity(0, {cpu}))
     assert p.returncode == 0, p.stderr
     assert int(p.stdout.strip()) == 1
+
+
+def test_show_config_reports_build_and_threads(capsys, restore_num_threads):
+    normcy.set_num_threads(3)
+    ret = normcy.show_config()
+    text = capsys.readouterr().out + (ret if isinstance(ret, str) else "")
+    low = text.lower()
+    assert normcy.__version__ in text
+    assert "openmp" in low
+    # the current default thread count, on a line about threads
+    assert re.search(r"thread[^\n]*\b3\b", low), text
+    assert np.__version__ in text
+    assert "blas" in low
+    try:
+        from normcy import _build_info
+    except ImportError:  # pragma: no cover
+        return
+    for flag in _build_info.compile_args:
+        assert flag in text, flag
+    if _build_info.openmp and _build_info.openmp_runtime:
+        assert _build_info.openmp_runtime in text
 
 
 def _have_openmp():
@@ -439,6 +480,11 @@ def same(a, b):
     return all(np.array_equal(p, q) for p, q in zip(a, b))
 
 EXPECTED = run_all(1)
+try:
+    from normcy import _build_info
+    HAVE_OMP = bool(_build_info.openmp)
+except ImportError:
+    HAVE_OMP = True
 
 def wait_child(pid, timeout=60):
     deadline = time.monotonic() + timeout
@@ -476,7 +522,8 @@ pid = os.fork()
 if pid == 0:
     code = 0
     try:
-        expect_serial = WHERE != "never"
+        # serial only if the parent really started an OpenMP region
+        expect_serial = WHERE != "never" and HAVE_OMP
         if normcy.fork_serial() != expect_serial:
             print("fork_serial() =", normcy.fork_serial(), "expected", expect_serial)
             code = 2
@@ -516,7 +563,7 @@ if __name__ == "__main__":
         res = pool.map_async(worker, range(6)).get(timeout=90)
     print("RESULTS", res)
     assert all(ok for ok, _ in res), res
-    assert all(serial for _, serial in res), res
+    assert all(serial == HAVE_OMP for _, serial in res), res
     # a grandchild, forked from a forked worker, too
     with ctx.Pool(1) as pool:
         assert pool.apply_async(worker, (2,)).get(timeout=90)[0]

@@ -26,6 +26,9 @@ cdef extern from "nc_kernels.h" nogil:
                      Py_ssize_t n, float mhi, float mlo, float scale)
     double nc_sumsq(const float *x, const float *xb, const float *r, float *d, Py_ssize_t n)
     void nc_scale_apply(const float *s, float *y, const float *w, Py_ssize_t n, float scale)
+    void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b, Py_ssize_t n,
+                       double mean, double scale)
+    void nc_scale_apply_d(const float *s, float *y, const float *w, Py_ssize_t n, double scale)
     void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float a, float b)
     void nc_affine_vec(const float *x, float *y, const float *a, const float *b, Py_ssize_t n)
     const char *nc_isa()
@@ -176,7 +179,9 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
         ss = nc_sumsq(xp, j.xb, rp, d, n)
         scale = 1.0 / sqrt(ss / <double>n + j.eps)
         src = d if j.has_r else xp
-        if j.gather:
+        if not (1e-30 < scale < 1e30):
+            nc_scale_apply_d(src, gx if j.gather else yp, j.w, n, scale)
+        elif j.gather:
             nc_scale_apply(src, gx, j.w, n, <float>scale)
         else:
             nc_scale_apply(src, yp, j.w, n, <float>scale)
@@ -190,7 +195,9 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
         mhi = <float>mean
         mlo = <float>(mean - <double>mhi)
         src = d if j.has_r else xp
-        if j.gather:
+        if not (1e-30 < scale < 1e30):
+            nc_ln_apply_d(src, gx if j.gather else yp, j.w, j.b, n, mean, scale)
+        elif j.gather:
             nc_ln_apply(src, gx, j.w, j.b, n, mhi, mlo, <float>scale)
         else:
             nc_ln_apply(src, yp, j.w, j.b, n, mhi, mlo, <float>scale)
@@ -234,6 +241,14 @@ cdef void stream_row(const NormJob *j, const float *xp, const float *rp, float *
         mlo = <float>(mean - <double>mhi)
     if j.has_so:
         nc_stream_copy(sp, S, n)
+    if not (1e-30 < scale < 1e30):
+        # extreme magnitudes: exact double path, ordinary stores
+        if j.kind == KIND_RMS:
+            nc_scale_apply_d(src, yp, j.w, n, scale)
+        else:
+            nc_ln_apply_d(src, yp, j.w, j.b, n, mean, scale)
+        nc_stream_fence()
+        return
     c0 = 0
     while c0 < n:
         ln = n - c0

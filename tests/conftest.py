@@ -206,6 +206,23 @@ def forced_parallel(min_parallel_work=0, min_work_per_thread=1):
         setter(*old)
 
 
+@contextlib.contextmanager
+def forced_streaming(min_bytes=0):
+    """Route every eligible call through the large-output (non-temporal store) path.
+    No-op if the private hook is not there."""
+    from normcy import _norms
+
+    setter = getattr(_norms, "_set_streaming_threshold", None)
+    if setter is None:
+        yield False
+        return
+    old = setter(min_bytes)
+    try:
+        yield True
+    finally:
+        setter(old)
+
+
 def rng_for(*key):
     """Deterministic generator from an arbitrary hashable key (stable across runs)."""
     return np.random.default_rng(_stable_seed(key))
@@ -249,6 +266,7 @@ H = types.SimpleNamespace(
     make_view=make_view,
     assert_untouched=assert_untouched,
     forced_parallel=forced_parallel,
+    forced_streaming=forced_streaming,
     rng_for=rng_for,
     randn=randn,
     params=params,

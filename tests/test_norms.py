@@ -250,6 +250,13 @@ def test_out_given_and_in_place(h, name):
     res = _call(name, xi, r, w, b, None, out=xi)
     assert res is xi
     np.testing.assert_array_equal(xi, fresh)
+    # in place through a different view object of exactly the same memory
+    xi = x.copy()
+    alias = xi[...]
+    assert alias is not xi
+    res = _call(name, xi, r, w, b, None, out=alias)
+    assert res is alias
+    np.testing.assert_array_equal(xi, fresh)
 
 
 @pytest.mark.parametrize("name", ADD)
@@ -435,6 +442,91 @@ def test_unusual_dtype_objects(h, name):
             assert "x" in str(e)
         else:
             h.assert_close(y, expected)
+
+
+# =========================================================================== large outputs
+# Outputs beyond the caches may take a separate code path (streaming stores); force it on
+# small inputs through the private threshold hook and check everything again.
+STREAM_SHAPES = [(7, 64), (5, 100), (3, 1025), (2, 4097), (4, 3, 385), (65,)]
+
+
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("shape", STREAM_SHAPES, ids=_ids)
+@pytest.mark.parametrize("out_kind", ["none", "new", "offset", "in_place"])
+def test_streaming_path(h, name, shape, out_kind):
+    rng = h.rng_for("stream", name, shape, out_kind)
+    x0 = h.randn(rng, shape, loc=0.5)
+    r = h.randn(rng, shape)
+    w, b = h.params(rng, shape[-1])
+    xb = h.randn(rng, shape[-1]) if name in ADD else None
+    expected = _ref(h, name, x0, r, w, b, xb)
+    plain = _call(name, x0, r, w, b, xb)
+    with h.forced_streaming():
+        for nt in (1, 2, 3):
+            x = x0.copy()
+            obase = ocov = None
+            if out_kind == "none":
+                out = None
+            elif out_kind == "new":
+                out = np.full(shape, h.SENTINEL, F32)
+            elif out_kind == "offset":  # output start not 16/32/64-byte aligned
+                out, obase, ocov = h.make_view(shape, "offset", h.SENTINEL)
+            else:
+                out = x
+            kw = {} if out is None else {"out": out}
+            so = None
+            if name in ADD:
+                so, sbase, scov = h.make_view(shape, "offset", h.SENTINEL)
+                kw["sum_out"] = so
+            with h.forced_parallel():
+                y = _call(name, x, r, w, b, xb, num_threads=nt, **kw)
+            if out is not None:
+                assert y is out
+            h.assert_close(y, expected)
+            np.testing.assert_array_equal(y, plain)
+            if obase is not None:
+                h.assert_untouched(obase, ocov)
+            if so is not None:
+                _check_sum(so, x0, r, xb)
+                h.assert_untouched(sbase, scov)
+
+
+@pytest.mark.parametrize("name", ADD)
+@pytest.mark.parametrize("sum_kind", ["x", "residual"])
+def test_streaming_sum_out_aliases_input(h, name, sum_kind):
+    rng = h.rng_for("stream-alias", name, sum_kind)
+    shape = (6, 1030)
+    x0, r0 = h.randn(rng, shape), h.randn(rng, shape)
+    w, b = h.params(rng, shape[-1])
+    plain = _call(name, x0, r0, w, b, None)
+    with h.forced_streaming():
+        x, r = x0.copy(), r0.copy()
+        so = x if sum_kind == "x" else r
+        out = r if sum_kind == "x" else x   # the other input receives the output
+        y = _call(name, x, r, w, b, None, out=out, sum_out=so)
+    assert y is out
+    assert np.array_equal(so, np.add(x0, r0))
+    np.testing.assert_array_equal(y, plain)
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_really_large_output(h, name):
+    """A 48 MiB output (takes the large-output path by default): spot-check rows
+    against the reference and the thread-count invariance."""
+    rng = h.rng_for("large", name)
+    shape = (3072, 4096)
+    x = np.empty(shape, F32)
+    x[...] = h.randn(rng, (1, shape[1]))
+    x[::7] += h.randn(rng, (1, shape[1]), scale=3.0)
+    x[::5] *= F32(0.5)
+    r = np.empty(shape, F32)
+    r[...] = h.randn(rng, (shape[0], 1))
+    w, b = h.params(rng, shape[1])
+    y1 = _call(name, x, r, w, b, None, num_threads=1)
+    y2 = _call(name, x, r, w, b, None, num_threads=2)
+    assert np.array_equal(y1, y2)
+    rows = np.arange(0, shape[0], 61)
+    h.assert_close(y1[rows], _ref(h, name, x[rows], r[rows], w, b, None))
 
 
 # =========================================================================== numerics

@@ -4,6 +4,8 @@ transposed, negative strides, misaligned-by-one-element offsets), aliasing, thre
 Every example is checked against the float64 reference, and re-run serially to check the
 bit-for-bit thread-count invariance on the very same layout.
 """
+import contextlib
+
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -14,7 +16,7 @@ import normcy
 F32 = np.float32
 F64 = np.float64
 
-SETTINGS = settings(max_examples=60, deadline=None,
+SETTINGS = settings(max_examples=100, deadline=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 LAYOUTS = ["c", "offset", "rows2", "cols2", "negcols2", "pad", "fortran", "swap", "neg"]
@@ -54,15 +56,20 @@ def _param(draw, rng, d, label, lo=0.5, hi=1.5):
 
 
 def _threads(draw):
+    """(num_threads, mode): mode forces the parallel and/or the large-output code paths
+    on small inputs (through private threshold hooks)."""
     return (draw(st.sampled_from([None, 1, 2, 3]), label="num_threads"),
-            draw(st.booleans(), label="force_parallel"))
+            draw(st.sampled_from(["default", "parallel", "stream", "parallel+stream"]),
+                 label="mode"))
 
 
-def _call_with_threads(h, fn, nt, force):
-    if force:
-        with h.forced_parallel():
-            return fn(nt)
-    return fn(nt)
+def _call_with_threads(h, fn, nt, mode):
+    with contextlib.ExitStack() as stack:
+        if "parallel" in mode:
+            stack.enter_context(h.forced_parallel())
+        if "stream" in mode:
+            stack.enter_context(h.forced_streaming())
+        return fn(nt)
 
 
 # =========================================================================== layer_norm / rms
@@ -106,8 +113,8 @@ def _row_norm_case(h, draw, fn):
             h.assert_untouched(obase, ocov)
         return x0, y
 
-    nt, force = _threads(draw)
-    x0, y = _call_with_threads(h, run, nt, force)
+    nt, mode = _threads(draw)
+    x0, y = _call_with_threads(h, run, nt, mode)
     if fn == "layer_norm":
         expected = h.ref_layer_norm(x0, w_ref, b_ref, eps, convention)
     else:
@@ -184,8 +191,8 @@ def test_add_norm_property(h, fn, data):
             np.testing.assert_array_equal(r, r0)
         return x0, r0, y, so
 
-    nt, force = _threads(draw)
-    x0, r0, y, so = _call_with_threads(h, run, nt, force)
+    nt, mode = _threads(draw)
+    x0, r0, y, so = _call_with_threads(h, run, nt, mode)
     s = h.ref_sum(x0, r0, xb_ref)
     if fn == "add_layer_norm":
         expected = h.ref_layer_norm(s, w_ref, b_ref, 1e-5)
@@ -231,11 +238,11 @@ def test_batch_norm_property(h, data):
     out, obase, ocov = (h.make_view(shape, draw(st.sampled_from(LAYOUTS)), h.SENTINEL)
                         if out_kind == "new" else (x if out_kind == "in_place" else None,
                                                    None, None))
-    nt, force = _threads(draw)
+    nt, mode = _threads(draw)
     serial = normcy.batch_norm(x0, m, v, w, b, eps, axis=axis, num_threads=1)
     y = _call_with_threads(
         h, lambda n: normcy.batch_norm(x, m, v, w, b, eps, axis=axis, out=out, num_threads=n),
-        nt, force)
+        nt, mode)
     if out is not None:
         assert y is out
     h.assert_close(y, h.ref_batch_norm(x0, m, v, w_ref, b_ref, eps, axis))
@@ -315,7 +322,7 @@ def test_nan_row_isolation_property(h, data):
     bad_row = draw(st.integers(0, int(np.prod(shape[:-1])) - 1))
     col = draw(st.integers(0, shape[-1] - 1))
     val = draw(st.sampled_from([np.nan, np.inf, -np.inf]))
-    nt, force = _threads(draw)
+    nt, mode = _threads(draw)
 
     def call(arr, n):
         if fn == "layer_norm":
@@ -331,7 +338,7 @@ def test_nan_row_isolation_property(h, data):
     xd = x.copy() if rows is None else x  # keep the layout when we can
     saved = xd[idx]
     xd[idx] = val
-    dirty = _call_with_threads(h, lambda n: call(xd, n), nt, force)
+    dirty = _call_with_threads(h, lambda n: call(xd, n), nt, mode)
     xd[idx] = saved
     keep = np.ones(shape[:-1], bool)
     keep[idx[:-1]] = False

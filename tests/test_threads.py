@@ -118,6 +118,27 @@ def test_thread_count_invariance_strided(h, layout, name):
         assert np.array_equal(out, getattr(normcy, name)(x, w, num_threads=1))
 
 
+@pytest.mark.parametrize("name", ["layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
+                                  "batch_norm_last"])
+@pytest.mark.parametrize("layout", ["c", "cols2", "fortran"])
+def test_repeated_parallel_calls_race_free(h, name, layout):
+    """Many rows, several thread counts, repeated: shared scratch or a data race between
+    threads shows up as an occasional bit difference."""
+    shape = (3000, 130)
+    rng = h.rng_for("race", name, layout)
+    x, _, _ = h.make_view(shape, layout, lambda n: rng.standard_normal(n))
+    r, _, _ = h.make_view(shape, layout, lambda n: rng.standard_normal(n))
+    w, b = h.params(rng, shape[-1])
+    xb = h.randn(rng, shape[-1])
+    a = (x, r, w, b, xb)
+    ref = _run(name, a, 1)
+    with h.forced_parallel():
+        for rep in range(4):
+            for nt in (2, 3, 4):
+                got = _run(name, a, nt)
+                assert np.array_equal(got, ref), (rep, nt)
+
+
 def test_nan_rows_do_not_leak_across_threads(h):
     x, r, w, b, xb = _inputs(h, (301, 1000), "nanleak")
     clean = normcy.layer_norm(x, w, b, num_threads=1)

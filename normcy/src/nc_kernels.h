@@ -191,6 +191,12 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
             for (; i < len; i++) sa += (double)(src[i] - K);
         }
         const double inv_len = 1.0 / (double)len;
+        if (!(sa - sa == 0.0)) {
+            /* the float lane sums overflowed (|s| near FLT_MAX) or met NaN/Inf:
+               redo pass A in double */
+            sa = 0.0;
+            for (i = 0; i < len; i++) sa += (double)src[i] - (double)K;
+        }
         double mc = (double)K + sa * inv_len;
         /* pass B in float lanes */
         const float mcf = (float)mc;
@@ -272,6 +278,28 @@ NC_TC static void nc_ln_apply(const float *s, float *y, const float *w, const fl
         for (; i + 16 <= n; i += 16)
             NC_ST16(y + i, (NC_LD16(s + i) - hv) * sv + cv);
         for (; i < n; i++) y[i] = (s[i] - mhi) * scale + c;
+    }
+}
+
+/* Scalar double-precision apply for rows whose scale is outside float32's comfortable
+   range (|x| near FLT_MAX, or subnormal rows with eps = 0): y = (s - mean) * scale * w + b. */
+static void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b, nc_int n,
+                          double mean, double scale)
+{
+    for (nc_int i = 0; i < n; i++) {
+        double t = ((double)s[i] - mean) * scale;
+        if (w) t *= (double)w[i];
+        if (b) t += (double)b[i];
+        y[i] = (float)t;
+    }
+}
+
+static void nc_scale_apply_d(const float *s, float *y, const float *w, nc_int n, double scale)
+{
+    for (nc_int i = 0; i < n; i++) {
+        double t = (double)s[i] * scale;
+        if (w) t *= (double)w[i];
+        y[i] = (float)t;
     }
 }
 

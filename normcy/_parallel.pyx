@@ -7,9 +7,9 @@ from normcy._openmp_helpers cimport NC_HAVE_OPENMP, omp_get_max_threads
 # Below this many float32 elements of work, a call runs serially: starting an OpenMP
 # region (waking the pool, the barrier at its end) costs a few microseconds, more than
 # the whole kernel on such inputs.
-DEF_MIN_PARALLEL_WORK = 32768
+DEF_MIN_PARALLEL_WORK = 20000
 # Each extra thread must get at least this much work.
-DEF_MIN_WORK_PER_THREAD = 16384
+DEF_MIN_WORK_PER_THREAD = 10000
 
 cdef Py_ssize_t _min_parallel_work = DEF_MIN_PARALLEL_WORK
 cdef Py_ssize_t _min_work_per_thread = DEF_MIN_WORK_PER_THREAD

@@ -44,6 +44,12 @@ typedef double nc_v8d __attribute__((vector_size(64)));
 
 #define NC_CHUNK 1024
 
+/* Elements before p reaches a 64-byte boundary (p is float-aligned), at most len: loops peel
+   these so the vector body's stores (and loads of same-aligned arrays) never split lines. */
+#include <stdint.h>
+#define NC_PEEL(p, len) ({ nc_int _h = (nc_int)(((64u - ((uintptr_t)(p) & 63u)) & 63u) / 4u); \
+                           _h < (len) ? _h : (len); })
+
 /* unaligned vector loads/stores (compile to vmovups) */
 #define NC_LD16(p) ({ nc_v16f _v; memcpy(&_v, (p), sizeof(_v)); _v; })
 #define NC_ST16(p, v) do { nc_v16f _v = (v); memcpy((p), &_v, sizeof(_v)); } while (0)
@@ -91,27 +97,6 @@ static inline double nc_hsum8d(nc_v8d a)
     return t[0];
 }
 
-/*
- * s = x (+ xb) + r for one chunk, stored into d; returns the float32 lane sums of
- * (s - K) (pass A fused with the add).  d may be x or r itself: every element is read
- * before it is written.
- */
-#define NC_ADD_STORE_SUM(EXPR_S)                                                     \
-    do {                                                                             \
-        for (i = 0; i + 64 <= len; i += 64) {                                        \
-            nc_v16f v0, v1, v2, v3;                                                  \
-            { nc_int o = i;      v0 = EXPR_S; NC_ST16(dc + o, v0); }                 \
-            { nc_int o = i + 16; v1 = EXPR_S; NC_ST16(dc + o, v1); }                 \
-            { nc_int o = i + 32; v2 = EXPR_S; NC_ST16(dc + o, v2); }                 \
-            { nc_int o = i + 48; v3 = EXPR_S; NC_ST16(dc + o, v3); }                 \
-            a0 += v0 - kv; a1 += v1 - kv; a2 += v2 - kv; a3 += v3 - kv;              \
-        }                                                                            \
-        for (; i + 16 <= len; i += 16) {                                             \
-            nc_v16f v0; nc_int o = i; v0 = EXPR_S; NC_ST16(dc + o, v0);              \
-            a0 += v0 - kv;                                                           \
-        }                                                                            \
-    } while (0)
-
 /* Pass B in double lanes: exact enough for any finite float32 input. */
 static inline void nc_passb_double(const float *src, nc_int len, double mc,
                                    double *s1_out, double *s2_out)
@@ -135,15 +120,38 @@ static inline void nc_passb_double(const float *src, nc_int len, double mc,
     *s2_out = s2;
 }
 
+/* one chunk of s = EXPR_S, stored into dc, with shifted sums v = s - K: a += v, q += v*v */
+#define NC_ADD_STORE_MOM(EXPR_S)                                                     \
+    do {                                                                             \
+        for (; i + 64 <= len; i += 64) {                                        \
+            nc_v16f v0, v1, v2, v3;                                                  \
+            { nc_int o = i;      v0 = EXPR_S; NC_ST16(dc + o, v0); }                 \
+            { nc_int o = i + 16; v1 = EXPR_S; NC_ST16(dc + o, v1); }                 \
+            { nc_int o = i + 32; v2 = EXPR_S; NC_ST16(dc + o, v2); }                 \
+            { nc_int o = i + 48; v3 = EXPR_S; NC_ST16(dc + o, v3); }                 \
+            v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;                                  \
+            a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                  \
+            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+        }                                                                            \
+        for (; i + 16 <= len; i += 16) {                                             \
+            nc_v16f v0; nc_int o = i; v0 = EXPR_S; NC_ST16(dc + o, v0);              \
+            v0 -= kv; a0 += v0; q0 += v0 * v0;                                       \
+        }                                                                            \
+    } while (0)
+
 /*
- * s = x (+ xb) (+ r), stored into d when r != NULL (d may be x or r itself).
- * Returns mean and M2 = sum (s-mean)^2 of the row.
+ * s = x (+ xb) (+ r), stored into d when r != NULL (d may be x or r itself: every
+ * element is read before it is written).  Returns mean and M2 = sum (s-mean)^2.
  *
- * Per chunk of NC_CHUNK floats (L1 resident):
- *   pass A (fused with the add): float lane sums of s - K, K = the row's first value;
- *   pass B: corrected two-pass sums of d = s - mean_c and d*d in float lanes (at most
- *           NC_CHUNK/64 terms per lane); if that sum could have overflowed or lost
- *           precision to underflow (non-finite or tiny), the chunk is redone in double.
+ * Per chunk of NC_CHUNK floats (L1 resident), one pass (fused with the add) sums
+ * v = s - K and v*v in float lanes (at most NC_CHUNK/64 terms per lane), where the shift K
+ * is the mean of the row's first 16 values.  M2 = sum v^2 - (sum v)^2 / n is used only
+ * when it is well conditioned: (sum v)^2 / n <= sum v^2 / 2, i.e. the shift is within
+ * about one standard deviation of the mean, so at most one bit is lost to cancellation
+ * (this is never the unguarded E[x^2] - E[x]^2).  Otherwise (a shift far from the mean,
+ * a possible float overflow or underflow, NaN/Inf) the chunk is redone with the classic
+ * two-pass algorithm: the mean in double lanes, then corrected sums of (s - mean) in
+ * float lanes, or in double lanes when those could overflow/underflow.
  * Chunks merge with Chan et al.'s formula in double.
  */
 NC_TC static void nc_moments(const float *x, const float *xb, const float *r, float *d,
@@ -151,86 +159,115 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
 {
     double cnt = 0.0, mean = 0.0, m2 = 0.0;
     float K;
+    nc_int i;
     if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
-    if (r != NULL) {
-        K = xb ? (x[0] + xb[0]) + r[0] : x[0] + r[0];
-    } else {
-        K = x[0];
+    {
+        nc_int k0 = n < 16 ? n : 16;
+        double ks = 0.0;
+        for (i = 0; i < k0; i++) {
+            float sv = r != NULL ? (xb != NULL ? (x[i] + xb[i]) + r[i] : x[i] + r[i]) : x[i];
+            ks += (double)sv;
+        }
+        K = (float)(ks / (double)k0);
+        if (!(K - K == 0.0f)) K = 0.0f;    /* Inf/NaN among the first values */
     }
     const nc_v16f kv = K - (nc_v16f){0};
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
+        const double inv_len = 1.0 / (double)len;
         const float *src;
-        nc_int i;
         nc_v16f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        double sa;
+        nc_v16f q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        double sa = 0.0, sq = 0.0, mean_c, m2c;
+        nc_int tail, head;
         if (r != NULL) {
             const float *xc = x + c0, *rc = r + c0;
             float *dc = d + c0;
+            head = 0;   /* peeling costs more than split loads here (measured) */
             if (xb != NULL) {
                 const float *bc = xb + c0;
-                NC_ADD_STORE_SUM((NC_LD16(xc + o) + NC_LD16(bc + o)) + NC_LD16(rc + o));
-                sa = nc_hsum16((a0 + a1) + (a2 + a3));
-                for (; i < len; i++) { dc[i] = (xc[i] + bc[i]) + rc[i]; sa += (double)(dc[i] - K); }
+                for (i = 0; i < head; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+                NC_ADD_STORE_MOM((NC_LD16(xc + o) + NC_LD16(bc + o)) + NC_LD16(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
             } else {
-                NC_ADD_STORE_SUM(NC_LD16(xc + o) + NC_LD16(rc + o));
-                sa = nc_hsum16((a0 + a1) + (a2 + a3));
-                for (; i < len; i++) { dc[i] = xc[i] + rc[i]; sa += (double)(dc[i] - K); }
+                for (i = 0; i < head; i++) dc[i] = xc[i] + rc[i];
+                NC_ADD_STORE_MOM(NC_LD16(xc + o) + NC_LD16(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = xc[i] + rc[i];
             }
             src = dc;
         } else {
             src = x + c0;
-            for (i = 0; i + 64 <= len; i += 64) {
-                a0 += NC_LD16(src + i) - kv;
-                a1 += NC_LD16(src + i + 16) - kv;
-                a2 += NC_LD16(src + i + 32) - kv;
-                a3 += NC_LD16(src + i + 48) - kv;
+            head = 0;
+            for (i = head; i + 64 <= len; i += 64) {
+                nc_v16f v0 = NC_LD16(src + i) - kv, v1 = NC_LD16(src + i + 16) - kv;
+                nc_v16f v2 = NC_LD16(src + i + 32) - kv, v3 = NC_LD16(src + i + 48) - kv;
+                a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
             }
-            for (; i + 16 <= len; i += 16) a0 += NC_LD16(src + i) - kv;
-            sa = nc_hsum16((a0 + a1) + (a2 + a3));
-            for (; i < len; i++) sa += (double)(src[i] - K);
+            for (; i + 16 <= len; i += 16) {
+                nc_v16f v0 = NC_LD16(src + i) - kv;
+                a0 += v0; q0 += v0 * v0;
+            }
+            tail = i;
         }
-        const double inv_len = 1.0 / (double)len;
-        if (!(sa - sa == 0.0)) {
-            /* the float lane sums overflowed (|s| near FLT_MAX) or met NaN/Inf:
-               redo pass A in double */
-            sa = 0.0;
-            for (i = 0; i < len; i++) sa += (double)src[i] - (double)K;
+        sa = nc_hsum16((a0 + a1) + (a2 + a3));
+        sq = nc_hsum16((q0 + q1) + (q2 + q3));
+        for (i = 0; i < head; i++) {
+            double t = (double)(src[i] - K);
+            sa += t; sq += t * t;
         }
-        double mc = (double)K + sa * inv_len;
-        /* pass B in float lanes */
-        const float mcf = (float)mc;
-        const nc_v16f mv = mcf - (nc_v16f){0};
-        nc_v16f e0 = {0}, e1 = {0}, e2 = {0}, e3 = {0};
-        nc_v16f q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-        for (i = 0; i + 64 <= len; i += 64) {
-            nc_v16f d0 = NC_LD16(src + i) - mv, d1 = NC_LD16(src + i + 16) - mv;
-            nc_v16f d2 = NC_LD16(src + i + 32) - mv, d3 = NC_LD16(src + i + 48) - mv;
-            e0 += d0; q0 += d0 * d0;
-            e1 += d1; q1 += d1 * d1;
-            e2 += d2; q2 += d2 * d2;
-            e3 += d3; q3 += d3 * d3;
+        for (i = tail; i < len; i++) {
+            double t = (double)(src[i] - K);
+            sa += t; sq += t * t;
         }
-        for (; i + 16 <= len; i += 16) {
-            nc_v16f d0 = NC_LD16(src + i) - mv;
-            e0 += d0; q0 += d0 * d0;
+        if (sq < 1e36 && sq >= 1e-28 && sa * sa * inv_len <= 0.5 * sq) {
+            mean_c = (double)K + sa * inv_len;
+            m2c = sq - sa * sa * inv_len;
+            if (m2c < 0.0) m2c = 0.0;
+        } else {
+            /* robust two-pass on the (stored) chunk: mean in double lanes ... */
+            nc_v8d ma = {0}, mb = {0};
+            const nc_v8d kd = (double)K - (nc_v8d){0};
+            for (i = 0; i + 16 <= len; i += 16) {
+                ma += __builtin_convertvector(NC_LD8(src + i), nc_v8d) - kd;
+                mb += __builtin_convertvector(NC_LD8(src + i + 8), nc_v8d) - kd;
+            }
+            sa = nc_hsum8d(ma + mb);
+            for (; i < len; i++) sa += (double)src[i] - (double)K;
+            double mc = (double)K + sa * inv_len;
+            /* ... then corrected sums of (s - mean) in float lanes */
+            const float mcf = (float)mc;
+            const nc_v16f mv = mcf - (nc_v16f){0};
+            nc_v16f e0 = {0}, e1 = {0};
+            q0 = (nc_v16f){0}; q1 = (nc_v16f){0};
+            for (i = 0; i + 32 <= len; i += 32) {
+                nc_v16f d0 = NC_LD16(src + i) - mv, d1 = NC_LD16(src + i + 16) - mv;
+                e0 += d0; q0 += d0 * d0;
+                e1 += d1; q1 += d1 * d1;
+            }
+            for (; i + 16 <= len; i += 16) {
+                nc_v16f d0 = NC_LD16(src + i) - mv;
+                e0 += d0; q0 += d0 * d0;
+            }
+            double s1 = nc_hsum16(e0 + e1);
+            double s2 = nc_hsum16(q0 + q1);
+            for (; i < len; i++) {
+                double dd = (double)(src[i] - mcf);
+                s1 += dd; s2 += dd * dd;
+            }
+            double mref = (double)mcf;
+            if (!(s2 < 1e36) || s2 < 1e-28) {
+                /* possible float overflow/underflow, NaN/Inf or a constant chunk:
+                   exactly, in double lanes */
+                mref = mc;
+                nc_passb_double(src, len, mc, &s1, &s2);
+            }
+            m2c = s2 - s1 * s1 * inv_len;
+            if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
+            mean_c = mref + s1 * inv_len;
         }
-        double s1 = nc_hsum16((e0 + e1) + (e2 + e3));
-        double s2 = nc_hsum16((q0 + q1) + (q2 + q3));
-        for (; i < len; i++) {
-            double dd = (double)(src[i] - mcf);
-            s1 += dd; s2 += dd * dd;
-        }
-        double mref = (double)mcf;
-        if (!(s2 < 1e36) || s2 < 1e-28) {
-            /* possible float overflow/underflow (or NaN/Inf, or a constant chunk):
-               redo exactly in double lanes */
-            mref = mc;
-            nc_passb_double(src, len, mc, &s1, &s2);
-        }
-        double m2c = s2 - s1 * s1 * inv_len;
-        if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
-        double mean_c = mref + s1 * inv_len;
         if (len == n) {        /* the whole row was one chunk */
             *mean_out = mean_c;
             *m2_out = m2c;
@@ -253,28 +290,32 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
 NC_TC static void nc_ln_apply(const float *s, float *y, const float *w, const float *b,
                               nc_int n, float mhi, float mlo, float scale)
 {
-    nc_int i = 0;
+    nc_int i = 0, head = NC_PEEL(y, n);
     const float c = -(mlo * scale);
     const nc_v16f hv = mhi - (nc_v16f){0}, cv = c - (nc_v16f){0}, sv = scale - (nc_v16f){0};
     if (w != NULL && b != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
         for (; i + 16 <= n; i += 16) {
             nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t * NC_LD16(w + i) + NC_LD16(b + i));
         }
         for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
     } else if (w != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
         for (; i + 16 <= n; i += 16) {
             nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t * NC_LD16(w + i));
         }
         for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
     } else if (b != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
         for (; i + 16 <= n; i += 16) {
             nc_v16f t = (NC_LD16(s + i) - hv) * sv + cv;
             NC_ST16(y + i, t + NC_LD16(b + i));
         }
         for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
     } else {
+        for (; i < head; i++) y[i] = (s[i] - mhi) * scale + c;
         for (; i + 16 <= n; i += 16)
             NC_ST16(y + i, (NC_LD16(s + i) - hv) * sv + cv);
         for (; i < n; i++) y[i] = (s[i] - mhi) * scale + c;
@@ -377,12 +418,14 @@ NC_TC static double nc_sumsq(const float *x, const float *xb, const float *r, fl
 /* y = (s * scale) * w ; y may be s itself. */
 NC_TC static void nc_scale_apply(const float *s, float *y, const float *w, nc_int n, float scale)
 {
-    nc_int i = 0;
+    nc_int i = 0, head = NC_PEEL(y, n);
     nc_v16f sv = scale - (nc_v16f){0};
     if (w != NULL) {
+        for (; i < head; i++) y[i] = (s[i] * scale) * w[i];
         for (; i + 16 <= n; i += 16) NC_ST16(y + i, (NC_LD16(s + i) * sv) * NC_LD16(w + i));
         for (; i < n; i++) y[i] = (s[i] * scale) * w[i];
     } else {
+        for (; i < head; i++) y[i] = s[i] * scale;
         for (; i + 16 <= n; i += 16) NC_ST16(y + i, NC_LD16(s + i) * sv);
         for (; i < n; i++) y[i] = s[i] * scale;
     }
@@ -391,8 +434,9 @@ NC_TC static void nc_scale_apply(const float *s, float *y, const float *w, nc_in
 /* y = x * a + b with scalar a, b (one BatchNorm channel plane). */
 NC_TC static void nc_affine_scalar(const float *x, float *y, nc_int n, float a, float b)
 {
-    nc_int i = 0;
+    nc_int i = 0, head = NC_PEEL(y, n);
     nc_v16f av = a - (nc_v16f){0}, bv = b - (nc_v16f){0};
+    for (; i < head; i++) y[i] = x[i] * a + b;
     for (; i + 16 <= n; i += 16) NC_ST16(y + i, NC_LD16(x + i) * av + bv);
     for (; i < n; i++) y[i] = x[i] * a + b;
 }
@@ -400,7 +444,8 @@ NC_TC static void nc_affine_scalar(const float *x, float *y, nc_int n, float a, 
 /* y[j] = x[j] * a[j] + b[j] (one channels-last BatchNorm row). */
 NC_TC static void nc_affine_vec(const float *x, float *y, const float *a, const float *b, nc_int n)
 {
-    nc_int i = 0;
+    nc_int i = 0, head = NC_PEEL(y, n);
+    for (; i < head; i++) y[i] = x[i] * a[i] + b[i];
     for (; i + 16 <= n; i += 16)
         NC_ST16(y + i, NC_LD16(x + i) * NC_LD16(a + i) + NC_LD16(b + i));
     for (; i < n; i++) y[i] = x[i] * a[i] + b[i];

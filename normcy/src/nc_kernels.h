@@ -161,16 +161,20 @@ NC_TC static void nc_moments(const float *x, const float *xb, const float *r, fl
     float K;
     nc_int i;
     if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
-    {
-        nc_int k0 = n < 16 ? n : 16;
+    if (n >= 16) {
+        /* a vector load and a tree sum: short dependency chain before the main loop */
+        nc_v16f f = NC_LD16(x);
+        if (r != NULL) f = xb != NULL ? (f + NC_LD16(xb)) + NC_LD16(r) : f + NC_LD16(r);
+        K = (float)(nc_hsum16(f) * (1.0 / 16.0));
+    } else {
         double ks = 0.0;
-        for (i = 0; i < k0; i++) {
+        for (i = 0; i < n; i++) {
             float sv = r != NULL ? (xb != NULL ? (x[i] + xb[i]) + r[i] : x[i] + r[i]) : x[i];
             ks += (double)sv;
         }
-        K = (float)(ks / (double)k0);
-        if (!(K - K == 0.0f)) K = 0.0f;    /* Inf/NaN among the first values */
+        K = (float)(ks / (double)n);
     }
+    if (!(K - K == 0.0f)) K = 0.0f;    /* Inf/NaN among the first values */
     const nc_v16f kv = K - (nc_v16f){0};
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;

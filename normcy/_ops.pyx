@@ -1,0 +1,671 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Memory-bound kernels of the Transformer block: masked + scaled softmax, GELU (exact erf and
+tanh approximation), ReLU and fused bias + activation (+ residual).
+
+Same conventions as the norm kernels: float32 activations (no silent casts), computation over
+the last axis with any number of leading axes and any strides, the GIL released, rows spread
+over OpenMP threads with a static schedule (serial for small work), each row computed by one
+thread in a fixed order so that results are bit-for-bit independent of the thread count.
+The SIMD row kernels (with their accuracy notes) live in ``src/ops_kernels.h``.
+"""
+from libc.stdint cimport uint8_t
+from libc.math cimport isfinite
+from cython.parallel cimport prange
+
+cimport numpy as cnp
+import numpy as np
+
+from normcy._parallel cimport resolve_threads
+
+cnp.import_array()
+
+cdef extern from "ops_kernels.h" nogil:
+    void nc_ops_act_row(const float *x, const float *bias, const float *res, float *out,
+                        Py_ssize_t n, int act)
+    void nc_ops_exp_row(const float *x, float *out, Py_ssize_t n)
+    void nc_ops_softmax_row(const float *x, float *out, Py_ssize_t n, float scale,
+                            const float *mask, const uint8_t *kpm, Py_ssize_t limit)
+    const char *nc_ops_isa()
+    int NCO_ACT_IDENTITY
+    int NCO_ACT_RELU
+    int NCO_ACT_GELU
+    int NCO_ACT_GELU_TANH
+
+DEF MAXD = 32
+# Long rows are cut into segments of this many floats so that element-wise work on a few
+# long rows still spreads over threads.
+DEF SEG = 8192
+
+_ACTIVATIONS = {
+    None: NCO_ACT_IDENTITY,
+    "identity": NCO_ACT_IDENTITY,
+    "none": NCO_ACT_IDENTITY,
+    "relu": NCO_ACT_RELU,
+    "gelu": NCO_ACT_GELU,
+    "gelu_tanh": NCO_ACT_GELU_TANH,
+}
+
+# ----------------------------------------------------------------------------------
+# Row iteration over up to four operands that share the leading shape
+# ----------------------------------------------------------------------------------
+
+cdef struct RowIter:
+    int nlead                      # leading dims (>= 1)
+    int nops
+    Py_ssize_t shape[MAXD]
+    Py_ssize_t st[4][MAXD]         # byte strides of each operand's leading dims
+    char *base[4]
+
+
+cdef inline void it_seek(const RowIter *it, Py_ssize_t r, Py_ssize_t *idx, char **p) noexcept nogil:
+    cdef int k, o
+    cdef Py_ssize_t q
+    for o in range(it.nops):
+        p[o] = it.base[o]
+    k = it.nlead - 1
+    while k >= 0:
+        q = r % it.shape[k]
+        r = r // it.shape[k]
+        idx[k] = q
+        for o in range(it.nops):
+            p[o] += q * it.st[o][k]
+        k -= 1
+
+
+cdef inline void it_next(const RowIter *it, Py_ssize_t *idx, char **p) noexcept nogil:
+    cdef int k = it.nlead - 1, o
+    while k >= 0:
+        idx[k] += 1
+        for o in range(it.nops):
+            p[o] += it.st[o][k]
+        if idx[k] < it.shape[k]:
+            return
+        for o in range(it.nops):
+            p[o] -= it.st[o][k] * it.shape[k]
+        idx[k] = 0
+        k -= 1
+
+
+cdef void it_init(RowIter *it, tuple shape, int nops) noexcept:
+    """Leading shape = shape[:-1] (a 1-d array is one row)."""
+    cdef int nd = len(shape), k
+    it.nops = nops
+    if nd <= 1:
+        it.nlead = 1
+        it.shape[0] = 1
+        for k in range(4):
+            it.st[k][0] = 0
+        return
+    it.nlead = nd - 1
+    for k in range(nd - 1):
+        it.shape[k] = shape[k]
+
+
+cdef void it_operand(RowIter *it, int o, cnp.ndarray a) noexcept:
+    """Operand o: an array whose shape equals the iteration shape (possibly broadcast)."""
+    cdef int nd = cnp.PyArray_NDIM(a), k
+    it.base[o] = <char *>cnp.PyArray_DATA(a)
+    if nd <= 1:
+        it.st[o][0] = 0
+        return
+    for k in range(nd - 1):
+        it.st[o][k] = cnp.PyArray_STRIDES(a)[k]
+
+
+# ----------------------------------------------------------------------------------
+# Validation helpers
+# ----------------------------------------------------------------------------------
+
+cdef inline str _desc(object a):
+    if isinstance(a, np.ndarray):
+        return "array of shape %s and dtype %s" % (tuple(a.shape), a.dtype)
+    return "object of type %s" % type(a).__name__
+
+
+cdef int check_f32(object a, str name) except -1:
+    if not cnp.PyArray_Check(a):
+        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, _desc(a)))
+    if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
+        raise TypeError("%s must have dtype float32 (native byte order), got %s; "
+                        "normcy does not cast activations" % (name, _desc(a)))
+    return 0
+
+
+cdef int check_x(object x) except -1:
+    check_f32(x, "x")
+    if cnp.PyArray_NDIM(<cnp.ndarray>x) == 0:
+        raise ValueError("x must have at least one dimension, got a 0-d array")
+    cdef cnp.ndarray xa = <cnp.ndarray>x
+    if cnp.PyArray_DIMS(xa)[cnp.PyArray_NDIM(xa) - 1] == 0:
+        raise ValueError("x must have a non-empty last axis, got shape %s" % (tuple(x.shape),))
+    if cnp.PyArray_NDIM(<cnp.ndarray>x) > MAXD:
+        raise ValueError("x has %d dimensions; at most %d are supported"
+                         % (cnp.PyArray_NDIM(<cnp.ndarray>x), MAXD))
+    return 0
+
+
+cdef void extent(cnp.ndarray a, Py_ssize_t *lo, Py_ssize_t *hi) noexcept:
+    cdef int k
+    cdef Py_ssize_t s, l = <Py_ssize_t>cnp.PyArray_DATA(a), h
+    h = l
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[k] == 0:
+            lo[0] = l
+            hi[0] = l
+            return
+        s = cnp.PyArray_STRIDES(a)[k] * (cnp.PyArray_DIMS(a)[k] - 1)
+        if s >= 0:
+            h += s
+        else:
+            l += s
+    lo[0] = l
+    hi[0] = h + cnp.PyArray_ITEMSIZE(a)
+
+
+cdef bint identical_view(cnp.ndarray a, cnp.ndarray b) noexcept:
+    cdef int k
+    if cnp.PyArray_DATA(a) != cnp.PyArray_DATA(b) or cnp.PyArray_NDIM(a) != cnp.PyArray_NDIM(b):
+        return False
+    for k in range(cnp.PyArray_NDIM(a)):
+        if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(b)[k]:
+            return False
+        if cnp.PyArray_DIMS(a)[k] > 1 and cnp.PyArray_STRIDES(a)[k] != cnp.PyArray_STRIDES(b)[k]:
+            return False
+    return True
+
+
+cdef int check_overlap(cnp.ndarray outa, str oname, object ina, str iname,
+                       bint allow_identical) except -1:
+    """Reject an output that partially overlaps an input (identical views may be allowed)."""
+    cdef Py_ssize_t lo1, hi1, lo2, hi2
+    if ina is None:
+        return 0
+    extent(outa, &lo1, &hi1)
+    extent(<cnp.ndarray>ina, &lo2, &hi2)
+    if lo1 >= hi2 or lo2 >= hi1 or lo1 == hi1 or lo2 == hi2:
+        return 0
+    if allow_identical and identical_view(outa, <cnp.ndarray>ina):
+        return 0
+    if identical_view(outa, <cnp.ndarray>ina):
+        raise ValueError("%s must not be the same array as %s" % (oname, iname))
+    if not np.shares_memory(outa, ina):
+        return 0   # interleaved but disjoint
+    raise ValueError("%s partially overlaps %s; an output may be the very same array as an "
+                     "input (in place) but must not overlap it otherwise" % (oname, iname))
+
+
+cdef object prepare_out(object out, object x):
+    if out is None:
+        return np.empty(x.shape, dtype=np.float32)
+    check_f32(out, "out")
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError("out must have the shape of x %s, got shape %s"
+                         % (tuple(x.shape), tuple(out.shape)))
+    if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+        raise ValueError("out is read-only (%s); pass a writeable array" % _desc(out))
+    return out
+
+
+cdef inline bint unit_last(cnp.ndarray a) noexcept:
+    return cnp.PyArray_DIMS(a)[cnp.PyArray_NDIM(a) - 1] == 1 or \
+        cnp.PyArray_STRIDES(a)[cnp.PyArray_NDIM(a) - 1] == 4
+
+
+cdef object broadcast_last_unit(object m, tuple shape, str name, object dtype, int itemsize):
+    """Broadcast a mask to `shape` such that its last axis has unit stride."""
+    cdef int nd = len(shape)
+    try:
+        mb = np.broadcast_to(m, shape)
+    except ValueError:
+        raise ValueError("%s of shape %s cannot be broadcast to the shape of x %s"
+                         % (name, tuple(m.shape), shape)) from None
+    if mb.strides[nd - 1] != itemsize and shape[nd - 1] > 1:
+        # materialize only the mask's own extent along the last axis
+        m2 = m.reshape((1,) * (nd - m.ndim) + tuple(m.shape))
+        m2 = np.ascontiguousarray(np.broadcast_to(m2, tuple(m2.shape)[:nd - 1] + (shape[nd - 1],)),
+                                  dtype=dtype)
+        mb = np.broadcast_to(m2, shape)
+    return mb
+
+
+cdef int act_code(object activation) except -1:
+    try:
+        return _ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError("activation must be one of 'identity', 'relu', 'gelu', 'gelu_tanh', "
+                         "got %r" % (activation,)) from None
+
+
+# ----------------------------------------------------------------------------------
+# Softmax
+# ----------------------------------------------------------------------------------
+
+cdef struct SoftmaxJob:
+    RowIter it                     # operands: 0 x, 1 out, 2 mask, 3 key padding mask
+    Py_ssize_t n
+    Py_ssize_t nrows
+    float scale
+    bint has_mask
+    bint has_kpm
+    bint causal
+
+
+cdef void softmax_rows(const SoftmaxJob *j, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    cdef Py_ssize_t idx[MAXD]
+    cdef char *p[4]
+    cdef Py_ssize_t r, limit = j.n
+    if r0 >= r1:
+        return
+    it_seek(&j.it, r0, idx, p)
+    for r in range(r0, r1):
+        if j.causal:
+            limit = idx[j.it.nlead - 1] + 1
+        nc_ops_softmax_row(<const float *>p[0], <float *>p[1], j.n, j.scale,
+                           <const float *>p[2] if j.has_mask else NULL,
+                           <const uint8_t *>p[3] if j.has_kpm else NULL, limit)
+        it_next(&j.it, idx, p)
+
+
+cdef void run_chunks_softmax(const SoftmaxJob *j, int nt) noexcept nogil:
+    cdef Py_ssize_t c, per
+    if nt <= 1:
+        softmax_rows(j, 0, j.nrows)
+        return
+    per = (j.nrows + nt - 1) // nt
+    for c in prange(nt, schedule='static', num_threads=nt):
+        softmax_rows(j, c * per, min((c + 1) * per, j.nrows))
+
+
+def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False, out=None,
+            num_threads=None):
+    """Masked, scaled softmax over the last axis (numerically safe).
+
+    Computes ``softmax(x * scale + mask)`` over the last axis after setting the positions
+    selected by `key_padding_mask` (and, with `is_causal`, the positions above the diagonal)
+    to ``-inf``.  The row maximum is subtracted before exponentiation.  A row whose every
+    position is masked gives zeros, never NaN.
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (..., n)
+        Logits (e.g. attention scores of shape (batch, heads, queries, keys)).  Any strides.
+    scale : float, optional
+        Multiplies `x` before the mask is added (default 1).  Must be finite.
+    mask : ndarray of float, optional
+        Additive mask broadcastable to ``x.shape`` (NumPy rules), e.g. ``(queries, keys)``;
+        ``-inf`` masks a position out.  Converted to float32.
+    key_padding_mask : ndarray of bool, optional
+        Broadcastable to ``x.shape``; True marks a position that must get zero weight.  For
+        PyTorch's (batch, keys) padding mask and 4-d scores pass
+        ``key_padding_mask[:, None, None, :]``.
+    is_causal : bool, optional
+        Query ``i`` (the index along axis -2) may only attend to keys ``j <= i`` (top-left
+        aligned, as ``torch.nn.functional.scaled_dot_product_attention``).  Needs
+        ``x.ndim >= 2``.
+    out : ndarray of float32, optional
+        Output with the shape of `x`; may be `x` itself (in place).
+    num_threads : int, optional
+        Threads for this call (default: ``normcy.get_num_threads()``).
+
+    Returns
+    -------
+    ndarray of float32
+        `out` if given, else a new array.
+    """
+    cdef SoftmaxJob j
+    cdef double s
+    cdef int nt
+    check_x(x)
+    cdef tuple shape = tuple(x.shape)
+    cdef int nd = len(shape)
+    if scale is None:
+        s = 1.0
+    else:
+        try:
+            s = scale
+        except TypeError:
+            raise TypeError("scale must be a real number, got %s" % type(scale).__name__) from None
+        if not isfinite(s) or not isfinite(<float>s):
+            raise ValueError("scale must be finite, got %r" % (scale,))
+    causal = bool(is_causal)
+    if causal and nd < 2:
+        raise ValueError("is_causal=True needs x with at least 2 dimensions (queries, keys), "
+                         "got shape %s" % (shape,))
+    mb = None
+    if mask is not None:
+        if not isinstance(mask, np.ndarray):
+            raise TypeError("mask must be a float numpy.ndarray, got %s" % _desc(mask))
+        if mask.dtype.kind != "f":
+            raise TypeError("mask must be a floating-point array (additive mask), got %s; "
+                            "use key_padding_mask for a boolean mask" % _desc(mask))
+        if mask.ndim > nd:
+            raise ValueError("mask of shape %s cannot be broadcast to the shape of x %s"
+                             % (tuple(mask.shape), shape))
+        if mask.dtype != np.float32 or not mask.dtype.isnative:
+            mask = mask.astype(np.float32)
+        mb = broadcast_last_unit(mask, shape, "mask", np.float32, 4)
+    kb = None
+    if key_padding_mask is not None:
+        if not isinstance(key_padding_mask, np.ndarray):
+            raise TypeError("key_padding_mask must be a bool numpy.ndarray, got %s"
+                            % _desc(key_padding_mask))
+        if key_padding_mask.dtype != np.bool_:
+            raise TypeError("key_padding_mask must have dtype bool (True = masked out), got %s"
+                            % _desc(key_padding_mask))
+        if key_padding_mask.ndim > nd:
+            raise ValueError("key_padding_mask of shape %s cannot be broadcast to the shape of "
+                             "x %s" % (tuple(key_padding_mask.shape), shape))
+        kb = broadcast_last_unit(key_padding_mask, shape, "key_padding_mask", np.bool_, 1)
+    out = prepare_out(out, x)
+    check_overlap(<cnp.ndarray>out, "out", x, "x", True)
+    check_overlap(<cnp.ndarray>out, "out", mask, "mask", False)
+    check_overlap(<cnp.ndarray>out, "out", key_padding_mask, "key_padding_mask", False)
+    if x.size == 0:
+        return out
+    # The row kernel wants unit stride along the last axis.
+    xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
+    target = out
+    if not unit_last(<cnp.ndarray>out):
+        target = np.empty(shape, dtype=np.float32)
+    it_init(&j.it, shape, 4)
+    it_operand(&j.it, 0, <cnp.ndarray>xs)
+    it_operand(&j.it, 1, <cnp.ndarray>target)
+    j.has_mask = mb is not None
+    j.has_kpm = kb is not None
+    if j.has_mask:
+        it_operand(&j.it, 2, <cnp.ndarray>mb)
+    else:
+        it_operand(&j.it, 2, <cnp.ndarray>xs)
+    if j.has_kpm:
+        it_operand(&j.it, 3, <cnp.ndarray>kb)
+    else:
+        it_operand(&j.it, 3, <cnp.ndarray>xs)
+    j.n = shape[nd - 1]
+    j.nrows = x.size // j.n
+    j.scale = <float>s
+    j.causal = causal
+    nt = resolve_threads(num_threads, x.size, j.nrows)
+    with nogil:
+        run_chunks_softmax(&j, nt)
+    if target is not out:
+        np.copyto(out, target)
+    return out
+
+
+# ----------------------------------------------------------------------------------
+# Element-wise: bias + activation (+ residual)
+# ----------------------------------------------------------------------------------
+
+cdef struct ActJob:
+    RowIter it                     # operands: 0 x, 1 out, 2 residual
+    Py_ssize_t n
+    Py_ssize_t nrows
+    Py_ssize_t segs                # segments per row
+    Py_ssize_t ntasks
+    const float *bias
+    bint has_res
+    int act
+
+
+cdef void act_tasks(const ActJob *j, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    cdef Py_ssize_t idx[MAXD]
+    cdef char *p[4]
+    cdef Py_ssize_t t, row, seg, c0, c1
+    if t0 >= t1:
+        return
+    row = t0 // j.segs
+    seg = t0 - row * j.segs
+    it_seek(&j.it, row, idx, p)
+    for t in range(t0, t1):
+        c0 = seg * SEG
+        c1 = min(c0 + SEG, j.n)
+        nc_ops_act_row(<const float *>p[0] + c0,
+                       j.bias + c0 if j.bias != NULL else NULL,
+                       <const float *>p[2] + c0 if j.has_res else NULL,
+                       <float *>p[1] + c0, c1 - c0, j.act)
+        seg += 1
+        if seg == j.segs:
+            seg = 0
+            it_next(&j.it, idx, p)
+
+
+cdef void run_act(const ActJob *j, int nt) noexcept nogil:
+    cdef Py_ssize_t c, per
+    if nt <= 1:
+        act_tasks(j, 0, j.ntasks)
+        return
+    per = (j.ntasks + nt - 1) // nt
+    for c in prange(nt, schedule='static', num_threads=nt):
+        act_tasks(j, c * per, min((c + 1) * per, j.ntasks))
+
+
+cdef object _elementwise(object x, object bias, int act, object residual, object out,
+                         object num_threads):
+    cdef ActJob j
+    cdef int nt
+    cdef cnp.ndarray ba
+    check_x(x)
+    cdef tuple shape = tuple(x.shape)
+    cdef Py_ssize_t n = shape[len(shape) - 1]
+    ba_obj = None
+    if bias is not None:
+        if not isinstance(bias, np.ndarray):
+            try:
+                bias = np.asarray(bias)
+            except Exception:
+                raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias)) from None
+        if bias.dtype.kind not in "fiu" or bias.dtype == np.bool_:
+            raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias))
+        if bias.ndim != 1 or bias.shape[0] != n:
+            raise ValueError("bias must have shape (%d,) (the last axis of x), got shape %s"
+                             % (n, tuple(bias.shape)))
+        ba_obj = np.ascontiguousarray(bias, dtype=np.float32)
+    if residual is not None:
+        check_f32(residual, "residual")
+        if tuple(residual.shape) != shape:
+            raise ValueError("residual must have the shape of x %s, got shape %s"
+                             % (shape, tuple(residual.shape)))
+    out = prepare_out(out, x)
+    check_overlap(<cnp.ndarray>out, "out", x, "x", True)
+    check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
+    check_overlap(<cnp.ndarray>out, "out", bias, "bias", False)
+    if x.size == 0:
+        return out
+    xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
+    rs = None
+    if residual is not None:
+        rs = residual if unit_last(<cnp.ndarray>residual) else np.ascontiguousarray(residual)
+    target = out
+    if not unit_last(<cnp.ndarray>out):
+        target = np.empty(shape, dtype=np.float32)
+    it_init(&j.it, shape, 3)
+    it_operand(&j.it, 0, <cnp.ndarray>xs)
+    it_operand(&j.it, 1, <cnp.ndarray>target)
+    it_operand(&j.it, 2, <cnp.ndarray>(rs if rs is not None else xs))
+    j.has_res = rs is not None
+    if ba_obj is not None:
+        ba = <cnp.ndarray>ba_obj
+        j.bias = <const float *>cnp.PyArray_DATA(ba)
+    else:
+        j.bias = NULL
+    j.n = n
+    j.nrows = x.size // n
+    j.segs = (n + SEG - 1) // SEG
+    j.ntasks = j.nrows * j.segs
+    j.act = act
+    nt = resolve_threads(num_threads, x.size, j.ntasks)
+    with nogil:
+        run_act(&j, nt)
+    if target is not out:
+        np.copyto(out, target)
+    return out
+
+
+def bias_activation(x, bias=None, activation="identity", *, residual=None, out=None,
+                    num_threads=None):
+    """Fused ``activation(x + bias) + residual`` over the last axis.
+
+    Parameters
+    ----------
+    x : ndarray of float32, shape (..., n)
+        Input, e.g. the output of a matmul that ran without its bias.  Any strides.
+    bias : array_like, shape (n,), optional
+        Added to every row before the activation (converted to float32).
+    activation : {"identity", "relu", "gelu", "gelu_tanh"}, optional
+        ``"gelu"`` is the exact erf form, ``"gelu_tanh"`` the tanh approximation
+        (PyTorch ``approximate="tanh"``, Hugging Face ``gelu_new``).  None means identity.
+    residual : ndarray of float32, shape of `x`, optional
+        Added after the activation.  May be the same array as `out`.
+    out : ndarray of float32, optional
+        Output with the shape of `x`; may be `x` (or `residual`) itself.
+    num_threads : int, optional
+        Threads for this call (default: ``normcy.get_num_threads()``).
+
+    Returns
+    -------
+    ndarray of float32
+        `out` if given, else a new array.
+    """
+    return _elementwise(x, bias, act_code(activation), residual, out, num_threads)
+
+
+def bias_add(x, bias, *, out=None, num_threads=None):
+    """``x + bias`` over the last axis (``bias_activation`` with the identity)."""
+    return _elementwise(x, bias, NCO_ACT_IDENTITY, None, out, num_threads)
+
+
+def gelu(x, *, approximate="none", out=None, num_threads=None):
+    """GELU, ``x * Phi(x)``.
+
+    Parameters
+    ----------
+    x : ndarray of float32
+        Input, any shape and strides.
+    approximate : {"none", "tanh"}, optional
+        ``"none"``: exact, with the Gaussian CDF from erf (PyTorch's default).
+        ``"tanh"``: ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``.
+    out : ndarray of float32, optional
+        Output with the shape of `x`; may be `x` itself.
+    num_threads : int, optional
+        Threads for this call.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    if approximate == "none":
+        act = NCO_ACT_GELU
+    elif approximate == "tanh":
+        act = NCO_ACT_GELU_TANH
+    else:
+        raise ValueError("approximate must be 'none' or 'tanh', got %r" % (approximate,))
+    return _elementwise(x, None, act, None, out, num_threads)
+
+
+def relu(x, *, out=None, num_threads=None):
+    """ReLU, ``max(x, 0)`` (NaN stays NaN).
+
+    Parameters
+    ----------
+    x : ndarray of float32
+        Input, any shape and strides.
+    out : ndarray of float32, optional
+        Output with the shape of `x`; may be `x` itself.
+    num_threads : int, optional
+        Threads for this call.
+
+    Returns
+    -------
+    ndarray of float32
+    """
+    return _elementwise(x, None, NCO_ACT_RELU, None, out, num_threads)
+
+
+def _exp(x, *, out=None):
+    """The vectorized float32 exp used by softmax and GELU (exposed for accuracy tests)."""
+    cdef RowIter it
+    check_x(x)
+    xs = np.ascontiguousarray(x).reshape(-1)
+    res = np.empty(xs.shape, dtype=np.float32)
+    cdef float *src = <float *>cnp.PyArray_DATA(<cnp.ndarray>xs)
+    cdef float *dst = <float *>cnp.PyArray_DATA(<cnp.ndarray>res)
+    cdef Py_ssize_t n = xs.shape[0]
+    with nogil:
+        nc_ops_exp_row(src, dst, n)
+    res = res.reshape(x.shape)
+    if out is not None:
+        out[...] = res
+        return out
+    return res
+
+
+def kernel_isa():
+    """The SIMD variant of the ops kernels that runs on this CPU."""
+    return nc_ops_isa().decode()
+
+
+# ----------------------------------------------------------------------------------
+# Attention head split (private: used by normcy.transformer)
+# ----------------------------------------------------------------------------------
+
+cdef void split_block(const float *src, Py_ssize_t ld, const float *bq, float *q, float *kt,
+                      float *v, Py_ssize_t S, Py_ssize_t dh, Py_ssize_t H, Py_ssize_t hh) noexcept nogil:
+    """One (sequence, head) block: src points at the sequence's first row of qkv."""
+    cdef Py_ssize_t s, d
+    cdef const float *row
+    cdef const float *b = bq + hh * dh
+    cdef float *qo
+    cdef float *vo
+    for s in range(S):
+        row = src + s * ld + hh * dh
+        qo = q + s * dh
+        vo = v + s * dh
+        for d in range(dh):
+            qo[d] = row[d] + b[d]
+        for d in range(dh):
+            vo[d] = row[2 * H + d]
+        for d in range(dh):
+            kt[d * S + s] = row[H + d]
+
+
+def _split_heads(qkv, bq, q, kt, v, Py_ssize_t nseq, Py_ssize_t S, Py_ssize_t nhead,
+                 num_threads=None):
+    """Copy packed projections into head-major buffers for batched attention matmuls.
+
+    qkv : (nseq*S, 3H) float32 C-contiguous rows ``[q | k | v]`` (row stride may exceed 3H
+    when it is a row slice); bq : (H,) added to q.  Writes q (nseq, h, S, dh),
+    kt (nseq, h, dh, S) (keys transposed) and v (nseq, h, S, dh), all C-contiguous.
+    """
+    cdef cnp.ndarray a = <cnp.ndarray>qkv
+    cdef Py_ssize_t H = a.shape[1] // 3
+    cdef Py_ssize_t dh = H // nhead
+    cdef Py_ssize_t ld = a.strides[0] // 4
+    if (a.ndim != 2 or a.shape[0] != nseq * S or a.shape[1] != 3 * H or a.strides[1] != 4
+            or a.dtype != np.float32 or H % nhead):
+        raise ValueError("_split_heads: bad qkv %s" % _desc(qkv))
+    for name, arr, shp in (("q", q, (nseq, nhead, S, dh)), ("kt", kt, (nseq, nhead, dh, S)),
+                           ("v", v, (nseq, nhead, S, dh)), ("bq", bq, (H,))):
+        if (not isinstance(arr, np.ndarray) or arr.dtype != np.float32
+                or tuple(arr.shape) != shp or not arr.flags.c_contiguous):
+            raise ValueError("_split_heads: %s must be C-contiguous float32 %s, got %s"
+                             % (name, shp, _desc(arr)))
+    cdef const float *src = <const float *>cnp.PyArray_DATA(a)
+    cdef const float *pb = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bq)
+    cdef float *pq = <float *>cnp.PyArray_DATA(<cnp.ndarray>q)
+    cdef float *pk = <float *>cnp.PyArray_DATA(<cnp.ndarray>kt)
+    cdef float *pv = <float *>cnp.PyArray_DATA(<cnp.ndarray>v)
+    cdef Py_ssize_t nblk = nseq * nhead, i, bs, hh, blk = S * dh
+    cdef int nt = resolve_threads(num_threads, 3 * nseq * S * H, nblk)
+    with nogil:
+        if nt <= 1:
+            for i in range(nblk):
+                bs = i // nhead
+                hh = i - bs * nhead
+                split_block(src + bs * S * ld, ld, pb, pq + i * blk, pk + i * blk,
+                            pv + i * blk, S, dh, H, hh)
+        else:
+            for i in prange(nblk, schedule='static', num_threads=nt):
+                bs = i // nhead
+                hh = i - bs * nhead
+                split_block(src + bs * S * ld, ld, pb, pq + i * blk, pk + i * blk,
+                            pv + i * blk, S, dh, H, hh)

@@ -1,0 +1,336 @@
+"""BERT-family encoders (Hugging Face checkpoints) on normcy, without PyTorch.
+
+:class:`BertModel` computes ``transformers.BertModel(...).last_hidden_state`` from the
+checkpoint's weights: embeddings (word + token type + absolute position, LayerNorm) and N
+post-LN encoder layers (:class:`normcy.TransformerEncoderLayer` with q/k/v concatenated into
+one input projection).
+
+Padding costs nothing in the token-wise work: the real tokens of a batch (``attention_mask``
+== 1) are packed into one (tokens, hidden) matrix for every projection, feed-forward and norm;
+attention runs per group of equally long sequences (the batch is ordered by length inside the
+model).  A sequence's result therefore does not depend on which other sequences share its batch
+(beyond float rounding in the BLAS).  Padded positions of the output are zero (Hugging Face
+computes values there that no pooling should use).
+"""
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+from normcy._norms import add_layer_norm
+from normcy.transformer import (TransformerEncoderLayer, _AttentionPlan, _ThreadWorkspaces,
+                                _Workspace, _as_param)
+
+__all__ = ["BertModel"]
+
+_F32 = np.float32
+_ACT = {
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_fast": "gelu_tanh",
+    "relu": "relu",
+}
+_LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")
+_IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
+
+
+def _config_int(config, key, default=None):
+    v = config.get(key, default)
+    if v is None:
+        raise ValueError("config has no %r" % key)
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1:
+        raise ValueError("config[%r] must be a positive int, got %r" % (key, v))
+    return int(v)
+
+
+class BertModel:
+    """A Hugging Face BERT encoder (BERT, MiniLM, ...) returning ``last_hidden_state``.
+
+    Parameters
+    ----------
+    config : dict
+        The model's ``config.json`` content: ``hidden_size``, ``num_attention_heads``,
+        ``intermediate_size``, ``num_hidden_layers``, ``hidden_act`` ("gelu" = exact erf GELU;
+        "gelu_new" / "gelu_pytorch_tanh" / "gelu_fast" = tanh approximation; "relu"),
+        ``layer_norm_eps`` (default 1e-12), ``max_position_embeddings``, ``type_vocab_size``.
+        ``position_embedding_type``, if given, must be "absolute".
+    weights : Mapping[str, ndarray]
+        Hugging Face names (``embeddings.word_embeddings.weight``, ...,
+        ``encoder.layer.N.attention.self.query.weight``, ...), optionally prefixed with
+        ``bert.``; ``pooler.*`` and ``cls.*`` are ignored.  Converted to float32.
+    num_threads : int, optional
+        Threads for normcy's kernels in this model (default: ``normcy.get_num_threads()``).
+        The matrix multiplies use NumPy's BLAS and its own thread setting.
+    """
+
+    def __init__(self, config, weights, num_threads=None):
+        if not isinstance(config, Mapping):
+            raise TypeError("config must be a dict (config.json), got %s" % type(config).__name__)
+        if not isinstance(weights, Mapping):
+            raise TypeError("weights must be a mapping of names to arrays, got %s"
+                            % type(weights).__name__)
+        if num_threads is not None:
+            if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+                raise TypeError("num_threads must be an int or None, got %s"
+                                % type(num_threads).__name__)
+            if num_threads < 1:
+                raise ValueError("num_threads must be >= 1, got %d" % num_threads)
+            num_threads = int(num_threads)
+        self.config = dict(config)
+        self.num_threads = num_threads
+        H = self.hidden_size = _config_int(config, "hidden_size")
+        nh = self.num_attention_heads = _config_int(config, "num_attention_heads")
+        ff = self.intermediate_size = _config_int(config, "intermediate_size")
+        nl = self.num_hidden_layers = _config_int(config, "num_hidden_layers")
+        self.max_position_embeddings = _config_int(config, "max_position_embeddings")
+        self.type_vocab_size = _config_int(config, "type_vocab_size", 2)
+        if H % nh:
+            raise ValueError("hidden_size (%d) must be divisible by num_attention_heads (%d)"
+                             % (H, nh))
+        act = config.get("hidden_act", "gelu")
+        if act not in _ACT:
+            raise ValueError("unsupported hidden_act %r; supported: %s" % (act, sorted(_ACT)))
+        pet = config.get("position_embedding_type", "absolute")
+        if pet != "absolute":
+            raise ValueError("only position_embedding_type='absolute' is supported, got %r"
+                             % (pet,))
+        eps = float(config.get("layer_norm_eps", 1e-12))
+        if not math.isfinite(eps) or eps < 0:
+            raise ValueError("config['layer_norm_eps'] must be finite and >= 0, got %r" % eps)
+        self.layer_norm_eps = eps
+
+        w = self._strip(weights)
+        vocab = np.shape(w["embeddings.word_embeddings.weight"])[0] \
+            if "embeddings.word_embeddings.weight" in w else config.get("vocab_size")
+        if not isinstance(vocab, (int, np.integer)) or vocab < 1:
+            raise ValueError("weights have no embeddings.word_embeddings.weight")
+        self.vocab_size = int(vocab)
+        shapes = {
+            "embeddings.word_embeddings.weight": (self.vocab_size, H),
+            "embeddings.position_embeddings.weight": (self.max_position_embeddings, H),
+            "embeddings.token_type_embeddings.weight": (self.type_vocab_size, H),
+            "embeddings.LayerNorm.weight": (H,),
+            "embeddings.LayerNorm.bias": (H,),
+        }
+        per_layer = {
+            "attention.self.query.weight": (H, H), "attention.self.query.bias": (H,),
+            "attention.self.key.weight": (H, H), "attention.self.key.bias": (H,),
+            "attention.self.value.weight": (H, H), "attention.self.value.bias": (H,),
+            "attention.output.dense.weight": (H, H), "attention.output.dense.bias": (H,),
+            "attention.output.LayerNorm.weight": (H,), "attention.output.LayerNorm.bias": (H,),
+            "intermediate.dense.weight": (ff, H), "intermediate.dense.bias": (ff,),
+            "output.dense.weight": (H, ff), "output.dense.bias": (H,),
+            "output.LayerNorm.weight": (H,), "output.LayerNorm.bias": (H,),
+        }
+        for i in range(nl):
+            for k, s in per_layer.items():
+                shapes["encoder.layer.%d.%s" % (i, k)] = s
+        missing = [k for k in shapes if k not in w]
+        if missing:
+            raise ValueError("weights are missing %d entries for this config, e.g. %s"
+                             % (len(missing), missing[:5]))
+        extra_layers = sorted({int(m.group(1)) for m in map(_LAYER_RE.match, w) if m
+                               and int(m.group(1)) >= nl})
+        if extra_layers:
+            raise ValueError("weights have encoder layers %s but config num_hidden_layers=%d"
+                             % (extra_layers, nl))
+        p = {k: _as_param(w[k], k, s) for k, s in shapes.items()}
+        self._word = p["embeddings.word_embeddings.weight"]
+        self._pos = p["embeddings.position_embeddings.weight"]
+        self._type = p["embeddings.token_type_embeddings.weight"]
+        self._ln = (p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
+        self.layers = []
+        for i in range(nl):
+            g = lambda k: p["encoder.layer.%d.%s" % (i, k)]  # noqa: E731
+            sd = {
+                "self_attn.in_proj_weight": np.concatenate(
+                    [g("attention.self.query.weight"), g("attention.self.key.weight"),
+                     g("attention.self.value.weight")]),
+                "self_attn.in_proj_bias": np.concatenate(
+                    [g("attention.self.query.bias"), g("attention.self.key.bias"),
+                     g("attention.self.value.bias")]),
+                "self_attn.out_proj.weight": g("attention.output.dense.weight"),
+                "self_attn.out_proj.bias": g("attention.output.dense.bias"),
+                "norm1.weight": g("attention.output.LayerNorm.weight"),
+                "norm1.bias": g("attention.output.LayerNorm.bias"),
+                "linear1.weight": g("intermediate.dense.weight"),
+                "linear1.bias": g("intermediate.dense.bias"),
+                "linear2.weight": g("output.dense.weight"),
+                "linear2.bias": g("output.dense.bias"),
+                "norm2.weight": g("output.LayerNorm.weight"),
+                "norm2.bias": g("output.LayerNorm.bias"),
+            }
+            layer = TransformerEncoderLayer.from_torch_state_dict(
+                sd, nh, activation=_ACT[act], norm_first=False, layer_norm_eps=eps)
+            layer._nt = num_threads
+            self.layers.append(layer)
+        self._tls = _ThreadWorkspaces()
+
+    @staticmethod
+    def _strip(weights):
+        keys = list(weights)
+        if any(isinstance(k, str) and k.startswith("bert.") for k in keys):
+            out = {}
+            for k in keys:
+                if isinstance(k, str) and k.startswith("bert."):
+                    out[k[5:]] = weights[k]
+            return out
+        return {k: weights[k] for k in keys if isinstance(k, str)
+                and not k.startswith(_IGNORED_PREFIXES)}
+
+    @classmethod
+    def from_pretrained(cls, path, num_threads=None):
+        """Load ``config.json`` and ``model.safetensors`` from a model directory.
+
+        Needs the ``safetensors`` package (``pip install normcy[model]``); no torch.
+        """
+        path = os.fspath(path)
+        cfg_path = os.path.join(path, "config.json")
+        st_path = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(cfg_path):
+            raise FileNotFoundError("no config.json in %r" % path)
+        if not os.path.isfile(st_path):
+            raise FileNotFoundError("no model.safetensors in %r (only safetensors checkpoints "
+                                    "can be read without torch)" % path)
+        try:
+            from safetensors.numpy import load_file
+        except ImportError as exc:  # pragma: no cover - depends on the environment
+            raise ImportError("BertModel.from_pretrained needs the 'safetensors' package: "
+                              "pip install 'normcy[model]'") from exc
+        with open(cfg_path, encoding="utf-8") as f:
+            config = json.load(f)
+        return cls(config, load_file(st_path), num_threads=num_threads)
+
+    # ------------------------------------------------------------------ inputs
+    def _int_input(self, a, name, shape=None):
+        if not isinstance(a, np.ndarray):
+            try:
+                a = np.asarray(a)
+            except Exception:
+                raise TypeError("%s must be an integer array" % name) from None
+        if a.dtype == np.bool_ and name == "attention_mask":
+            a = a.astype(np.int64)
+        if a.dtype.kind not in "iu":
+            raise TypeError("%s must be an integer array of shape (batch, seq), got dtype %s"
+                            % (name, a.dtype))
+        if shape is None:
+            if a.ndim != 2:
+                raise ValueError("%s must have shape (batch, seq), got %s" % (name, a.shape))
+        elif a.shape != shape:
+            raise ValueError("%s must have shape %s like input_ids, got %s"
+                             % (name, shape, a.shape))
+        return a
+
+    def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Encode a batch.
+
+        Parameters
+        ----------
+        input_ids : ndarray of int, shape (batch, seq)
+        attention_mask : ndarray of int or bool, shape (batch, seq), optional
+            1 (True) for real tokens, 0 for padding (default: all real).  Any pattern is
+            allowed; position ids are the column indices, as in Hugging Face.
+        token_type_ids : ndarray of int, shape (batch, seq), optional
+            Segment ids (default 0).
+
+        Returns
+        -------
+        ndarray of float32, shape (batch, seq, hidden_size)
+            ``last_hidden_state``; zero at padded positions.
+        """
+        ids = self._int_input(input_ids, "input_ids")
+        B, S = ids.shape
+        if S > self.max_position_embeddings:
+            raise ValueError("sequence length %d exceeds max_position_embeddings=%d; truncate "
+                             "the input" % (S, self.max_position_embeddings))
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError("input_ids must lie in [0, %d), got values in [%d, %d]"
+                             % (self.vocab_size, ids.min(), ids.max()))
+        if attention_mask is None:
+            mask = None
+        else:
+            mask = self._int_input(attention_mask, "attention_mask", (B, S)) != 0
+        if token_type_ids is None:
+            types = None
+        else:
+            types = self._int_input(token_type_ids, "token_type_ids", (B, S))
+            if types.size and (types.min() < 0 or types.max() >= self.type_vocab_size):
+                raise ValueError("token_type_ids must lie in [0, %d)" % self.type_vocab_size)
+        H = self.hidden_size
+        out = np.zeros((B, S, H), dtype=_F32)
+        if B == 0 or S == 0:
+            return out
+
+        # ---- pack the real tokens, sequences ordered by length (stable)
+        if mask is None or mask.all():
+            lengths = np.full(B, S, dtype=np.int64)
+            order = np.arange(B)
+            b_idx = np.repeat(order, S)
+            col = np.tile(np.arange(S), B)
+            dense = True
+        else:
+            lengths = mask.sum(axis=1)
+            order = np.argsort(lengths, kind="stable")
+            flat = np.flatnonzero(mask[order])
+            b_idx = order[flat // S]
+            col = flat % S
+            dense = False
+        T = b_idx.shape[0]
+        if T == 0:
+            return out
+        groups = []
+        off = 0
+        sl = lengths[order]
+        i = 0
+        while i < B:
+            L = int(sl[i])
+            j = i
+            while j < B and sl[j] == L:
+                j += 1
+            if L:
+                groups.append((off, j - i, L))
+                off += (j - i) * L
+            i = j
+        plan = _AttentionPlan(groups)
+
+        ws = self._tls.ws
+        x0 = ws.get("bert_x0", (T, H))
+        tmp = ws.get("bert_tmp", (T, H))
+        tok = ids[b_idx, col] if not dense else ids.reshape(-1)
+        np.take(self._word, tok, axis=0, out=x0)
+        if types is None:
+            np.add(x0, self._type[0], out=x0)
+        else:
+            tt = types[b_idx, col] if not dense else types.reshape(-1)
+            np.take(self._type, tt, axis=0, out=tmp)
+            np.add(x0, tmp, out=x0)
+        np.take(self._pos, col, axis=0, out=tmp)
+        cur = ws.get("bert_io1", (T, H))
+        add_layer_norm(x0, tmp, self._ln[0], self._ln[1], self.layer_norm_eps, out=cur,
+                       num_threads=self.num_threads)
+
+        nl = len(self.layers)
+        final = out.reshape(B * S, H) if dense else None
+        for li, layer in enumerate(self.layers):
+            if li == nl - 1 and final is not None:
+                dst = final
+            else:
+                dst = ws.get("bert_io%d" % (li % 2), (T, H))
+            layer._forward_rows(cur, plan, ws, dst)
+            cur = dst
+        if not dense:
+            out[b_idx, col] = cur
+        return out
+
+    def clear_workspace(self):
+        """Drop this thread's cached intermediate buffers."""
+        self._tls.ws = _Workspace()
+
+    def __repr__(self):
+        return ("BertModel(hidden_size=%d, layers=%d, heads=%d, intermediate=%d, act=%r)"
+                % (self.hidden_size, self.num_hidden_layers, self.num_attention_heads,
+                   self.intermediate_size, self.config.get("hidden_act", "gelu")))

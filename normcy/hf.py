@@ -1,0 +1,361 @@
+"""Read Hugging Face model directories without PyTorch.
+
+A Hugging Face checkpoint directory holds ``config.json``, the weights in
+``model.safetensors`` (or sharded ``model-0000N-of-0000M.safetensors`` files listed in
+``model.safetensors.index.json``) and, for text models, ``tokenizer.json``. This module reads
+them with :mod:`safetensors.numpy` and the :mod:`tokenizers` package (the optional ``model``
+extra: ``pip install normcy[model]``); nothing here imports torch or transformers.
+
+Functions
+---------
+load_config
+    Parse ``config.json`` into a dict.
+load_weights
+    Read the safetensors weights as C-contiguous float32 NumPy arrays.
+load_tokenizer
+    Load ``tokenizer.json`` as a :class:`tokenizers.Tokenizer`.
+load_bert
+    Build a :class:`normcy.BertModel` from a BERT checkpoint directory.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from typing import Any, Dict, Mapping, Optional, Union
+
+import numpy as np
+
+__all__ = [
+    "ModelFormatError",
+    "SUPPORTED_MODEL_TYPES",
+    "load_config",
+    "load_weights",
+    "load_safetensors",
+    "load_tokenizer",
+    "check_bert_config",
+    "load_bert",
+]
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+#: ``model_type`` values of ``config.json`` that :func:`load_bert` accepts. These all use the
+#: original BERT layout (absolute learned positions starting at 0, post-LN layers, the
+#: ``embeddings.*`` / ``encoder.layer.N.*`` weight names).
+SUPPORTED_MODEL_TYPES = ("bert",)
+
+# safetensors dtype tags that are converted to float32.
+_FLOAT_DTYPES = {"F16": np.float16, "F32": np.float32, "F64": np.float64}
+# Integer tensors are kept as they are (e.g. BERT's ``embeddings.position_ids`` buffer).
+_INT_DTYPES = {
+    "I8": np.int8, "U8": np.uint8, "I16": np.int16, "U16": np.uint16,
+    "I32": np.int32, "U32": np.uint32, "I64": np.int64, "U64": np.uint64,
+}
+
+
+class ModelFormatError(ValueError):
+    """A model directory is missing files or holds something normcy cannot run."""
+
+
+def _require_module(name: str, purpose: str):
+    import importlib
+
+    try:
+        return importlib.import_module(name)
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        pkg = name.split(".")[0]
+        raise ImportError(
+            "normcy needs the optional package %r to %s; install it with "
+            "`pip install %s` or `pip install normcy[model]`" % (pkg, purpose, pkg)
+        ) from exc
+
+
+def _check_dir(path: PathLike, what: str = "model directory") -> str:
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError("%s %r does not exist" % (what, path))
+    if not os.path.isdir(path):
+        raise NotADirectoryError("%s %r is not a directory" % (what, path))
+    return path
+
+
+def _read_json(filename: str) -> Any:
+    try:
+        with open(filename, "r", encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ModelFormatError("%s is not valid JSON: %s" % (filename, exc)) from exc
+
+
+def load_config(path: PathLike) -> Dict[str, Any]:
+    """Read ``config.json`` from a Hugging Face model directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The model directory (or the ``config.json`` file itself).
+
+    Returns
+    -------
+    dict
+        The parsed configuration.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the directory or its ``config.json`` is missing.
+    ModelFormatError
+        If the file is not a JSON object.
+    """
+    path = os.fspath(path)
+    filename = path if os.path.isfile(path) else os.path.join(_check_dir(path), "config.json")
+    if not os.path.isfile(filename):
+        raise FileNotFoundError(
+            "no config.json in %r: expected a Hugging Face model directory" % (path,))
+    cfg = _read_json(filename)
+    if not isinstance(cfg, dict):
+        raise ModelFormatError("%s must hold a JSON object, got %s"
+                               % (filename, type(cfg).__name__))
+    return cfg
+
+
+def _weight_files(path: str):
+    """The safetensors files of a checkpoint directory, in load order."""
+    single = os.path.join(path, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    index = os.path.join(path, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        idx = _read_json(index)
+        wm = idx.get("weight_map") if isinstance(idx, dict) else None
+        if not isinstance(wm, dict) or not wm:
+            raise ModelFormatError("%s has no 'weight_map'" % index)
+        files = []
+        for name in wm.values():
+            if name not in files:
+                files.append(name)
+        out = []
+        for name in files:
+            f = os.path.join(path, name)
+            if not os.path.isfile(f):
+                raise FileNotFoundError("shard %r listed in %s is missing" % (name, index))
+            out.append(f)
+        return out
+    others = [n for n in ("pytorch_model.bin", "tf_model.h5", "flax_model.msgpack", "model.onnx")
+              if os.path.isfile(os.path.join(path, n))]
+    hint = ""
+    if others:
+        hint = (" (found %s; normcy reads only safetensors -- convert the checkpoint, e.g. "
+                "with transformers' save_pretrained(..., safe_serialization=True))"
+                % ", ".join(others))
+    raise FileNotFoundError("no model.safetensors (or model.safetensors.index.json) in %r%s"
+                            % (path, hint))
+
+
+def _safetensors_header(filename: str):
+    with open(filename, "rb") as f:
+        raw = f.read(8)
+        if len(raw) != 8:
+            raise ModelFormatError("%s is not a safetensors file (too short)" % filename)
+        (n,) = struct.unpack("<Q", raw)
+        if n > 100_000_000:
+            raise ModelFormatError("%s is not a safetensors file (bad header size)" % filename)
+        try:
+            header = json.loads(f.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise ModelFormatError("%s is not a safetensors file: %s" % (filename, exc)) from exc
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def _to_float32(name: str, arr: np.ndarray, filename: str) -> np.ndarray:
+    if arr.dtype == np.float32:
+        return np.ascontiguousarray(arr)
+    if arr.dtype.kind == "f":
+        return np.ascontiguousarray(arr, dtype=np.float32)
+    if arr.dtype.kind in "iu":
+        return np.ascontiguousarray(arr)
+    raise ModelFormatError("tensor %r in %s has unsupported dtype %s" % (name, filename, arr.dtype))
+
+
+def load_safetensors(filename: PathLike) -> Dict[str, np.ndarray]:
+    """Read one ``.safetensors`` file into NumPy arrays.
+
+    Floating-point tensors (F16, BF16, F32, F64) come back as C-contiguous ``float32`` arrays;
+    integer tensors (e.g. ``embeddings.position_ids``) keep their integer dtype.
+
+    Parameters
+    ----------
+    filename : str or os.PathLike
+        The ``.safetensors`` file.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+
+    Raises
+    ------
+    FileNotFoundError
+        If the file does not exist.
+    ModelFormatError
+        If the file is not a safetensors file or holds a tensor of an unsupported dtype (bool,
+        float8, complex, ...).
+    """
+    filename = os.fspath(filename)
+    if not os.path.isfile(filename):
+        raise FileNotFoundError("weights file %r does not exist" % filename)
+    header, data_start = _safetensors_header(filename)
+    dtypes = {k: v.get("dtype") for k, v in header.items() if isinstance(v, dict)}
+    bad = {k: d for k, d in dtypes.items()
+           if d not in _FLOAT_DTYPES and d not in _INT_DTYPES and d != "BF16"}
+    if bad:
+        k = sorted(bad)[0]
+        raise ModelFormatError(
+            "tensor %r in %s has unsupported dtype %s (normcy reads F16, BF16, F32, F64 and "
+            "integer tensors)" % (k, filename, bad[k]))
+    if "BF16" not in dtypes.values():
+        st_numpy = _require_module("safetensors.numpy", "read model.safetensors")
+        raw = st_numpy.load_file(filename)
+        return {k: _to_float32(k, v, filename) for k, v in raw.items()}
+    # NumPy has no bfloat16 and safetensors.numpy refuses it: read the buffer ourselves.
+    # bfloat16 is the top half of a float32, so widening is exact.
+    out = {}
+    mm = np.memmap(filename, dtype=np.uint8, mode="r")
+    try:
+        for k, info in header.items():
+            b, e = info["data_offsets"]
+            shape = tuple(info["shape"])
+            buf = mm[data_start + b:data_start + e]
+            d = info["dtype"]
+            if d == "BF16":
+                u = np.frombuffer(buf.tobytes(), dtype="<u2").astype(np.uint32) << 16
+                arr = u.view(np.float32).reshape(shape)
+            else:
+                dt = np.dtype(_FLOAT_DTYPES.get(d) or _INT_DTYPES[d]).newbyteorder("<")
+                arr = np.frombuffer(buf.tobytes(), dtype=dt).reshape(shape)
+                arr = arr.astype(arr.dtype.newbyteorder("="))
+            out[k] = _to_float32(k, arr, filename)
+    finally:
+        del mm
+    return out
+
+
+def load_weights(path: PathLike) -> Dict[str, np.ndarray]:
+    """Read all weights of a Hugging Face checkpoint directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A directory with ``model.safetensors`` (or a sharded checkpoint with
+        ``model.safetensors.index.json``), or a ``.safetensors`` file.
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Weight name (as in the checkpoint, e.g. ``encoder.layer.0.attention.self.query.weight``)
+        to a C-contiguous float32 array (integer buffers keep their dtype).
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no safetensors checkpoint (the message says when only a PyTorch ``.bin``
+        or another format was found).
+    ModelFormatError
+        For unsupported dtypes or malformed files.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return load_safetensors(path)
+    files = _weight_files(_check_dir(path))
+    weights: Dict[str, np.ndarray] = {}
+    for f in files:
+        weights.update(load_safetensors(f))
+    return weights
+
+
+def load_tokenizer(path: PathLike):
+    """Load ``tokenizer.json`` with the :mod:`tokenizers` package.
+
+    The tokenizer is returned as stored, including any truncation/padding settings the file
+    carries; callers such as :class:`normcy.SentenceEncoder` override them.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A model directory holding ``tokenizer.json``, or the file itself.
+
+    Returns
+    -------
+    tokenizers.Tokenizer
+
+    Raises
+    ------
+    FileNotFoundError
+        If there is no ``tokenizer.json`` (slow-tokenizer files such as ``vocab.txt`` alone
+        are not read).
+    """
+    path = os.fspath(path)
+    filename = path if os.path.isfile(path) else os.path.join(_check_dir(path), "tokenizer.json")
+    if not os.path.isfile(filename):
+        hint = ""
+        if os.path.isfile(os.path.join(path, "vocab.txt")):
+            hint = (" (found vocab.txt only; create tokenizer.json with transformers' "
+                    "AutoTokenizer.from_pretrained(path).save_pretrained(path))")
+        raise FileNotFoundError("no tokenizer.json in %r%s" % (path, hint))
+    tokenizers = _require_module("tokenizers", "read tokenizer.json")
+    try:
+        return tokenizers.Tokenizer.from_file(filename)
+    except Exception as exc:
+        raise ModelFormatError("cannot load %s: %s" % (filename, exc)) from exc
+
+
+def check_bert_config(config: Mapping[str, Any], where: str = "config.json") -> None:
+    """Raise :class:`ModelFormatError` unless ``config`` describes a BERT model normcy can run.
+
+    Parameters
+    ----------
+    config : mapping
+        A parsed ``config.json``.
+    where : str
+        Used in error messages.
+    """
+    mt = config.get("model_type")
+    if mt not in SUPPORTED_MODEL_TYPES:
+        archs = config.get("architectures")
+        raise ModelFormatError(
+            "%s: unsupported model_type %r%s; normcy runs %s checkpoints"
+            % (where, mt, " (architectures %r)" % (archs,) if archs else "",
+               ", ".join(repr(t) for t in SUPPORTED_MODEL_TYPES)))
+    pe = config.get("position_embedding_type", "absolute")
+    if pe != "absolute":
+        raise ModelFormatError("%s: position_embedding_type %r is not supported (only 'absolute')"
+                               % (where, pe))
+    if config.get("is_decoder") or config.get("add_cross_attention"):
+        raise ModelFormatError("%s: decoder / cross-attention BERT is not supported" % where)
+    missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads",
+                           "intermediate_size") if k not in config]
+    if missing:
+        raise ModelFormatError("%s: missing required key(s) %s" % (where, ", ".join(missing)))
+
+
+def load_bert(path: PathLike, num_threads: Optional[int] = None):
+    """Build a :class:`normcy.BertModel` from a Hugging Face BERT checkpoint directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Directory with ``config.json`` and ``model.safetensors``.
+    num_threads : int, optional
+        Passed to :class:`normcy.BertModel`.
+
+    Returns
+    -------
+    normcy.BertModel
+    """
+    path = _check_dir(path)
+    config = load_config(path)
+    check_bert_config(config, os.path.join(path, "config.json"))
+    weights = load_weights(path)
+    from normcy.bert import BertModel
+
+    return BertModel(config, weights, num_threads=num_threads)

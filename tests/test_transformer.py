@@ -1,0 +1,309 @@
+"""normcy.TransformerEncoderLayer / TransformerEncoder against PyTorch reference outputs.
+
+The fixtures (tests/fixtures/transformer_*.npz) come from
+tests/fixtures/make_transformer_fixtures.py (torch 2.13, eval mode, fast path off); these
+tests need no torch.  Required accuracy (issue 4): 1e-4 absolute against PyTorch's float32
+output.  The float64 run of the same PyTorch model is also checked, with 2e-5.
+"""
+import json
+import os
+import threading
+
+import numpy as np
+import pytest
+
+import normcy
+from normcy.transformer import TransformerEncoder, TransformerEncoderLayer
+
+F32 = np.float32
+FIX = os.path.join(os.path.dirname(__file__), "fixtures")
+CASES = ("plain", "kpm", "causal", "causal_kpm", "attn_mask", "attn_mask_kpm", "kpm_allpad",
+         "causal_kpm_allpad")
+
+
+def _load(name):
+    z = np.load(os.path.join(FIX, name))
+    return {k: z[k] for k in z.files}
+
+
+LAYER_FIX = {"post": _load("transformer_layer_post.npz"), "pre": _load("transformer_layer_pre.npz")}
+ENC_FIX = _load("transformer_encoder.npz")
+
+
+def _configs(z):
+    i = 0
+    while "c%d/cfg" % i in z:
+        yield i, json.loads(str(z["c%d/cfg" % i]))
+        i += 1
+
+
+def _sd(z, i):
+    pre = "c%d/sd/" % i
+    return {k[len(pre):]: z[k] for k in z if k.startswith(pre)}
+
+
+def _case_kwargs(z, i, case):
+    kw = {}
+    if "kpm" in case:
+        kw["key_padding_mask"] = z["c%d/%s" % (i, "kpm_allpad" if "allpad" in case else "kpm")]
+    if "causal" in case:
+        kw["is_causal"] = True
+    if case.startswith("attn_mask"):
+        kw["attn_mask"] = z["c%d/attn_mask" % i]
+    return kw
+
+
+def _layer(z, i, cfg):
+    return TransformerEncoderLayer.from_torch_state_dict(
+        _sd(z, i), cfg["nhead"], activation=cfg["activation"], norm_first=cfg["norm_first"],
+        layer_norm_eps=cfg["layer_norm_eps"], norm=cfg["norm"])
+
+
+LAYER_PARAMS = [(f, i) for f, z in LAYER_FIX.items() for i, _ in _configs(z)]
+
+
+@pytest.mark.parametrize("which,i", LAYER_PARAMS)
+def test_layer_matches_pytorch(which, i):
+    z = LAYER_FIX[which]
+    cfg = json.loads(str(z["c%d/cfg" % i]))
+    layer = _layer(z, i, cfg)
+    x = z["c%d/x" % i]
+    x_keep = x.copy()
+    for case in CASES:
+        y = layer(x, **_case_kwargs(z, i, case))
+        assert y.shape == x.shape and y.dtype == F32
+        ref = z["c%d/%s/out" % (i, case)]
+        assert np.isfinite(y).all()
+        np.testing.assert_allclose(y, ref, rtol=0, atol=1e-4, err_msg="%s %s" % (cfg, case))
+        k64 = "c%d/%s/out64" % (i, case)
+        if k64 in z:
+            np.testing.assert_allclose(y, z[k64], rtol=0, atol=2e-5, err_msg="%s %s" % (cfg, case))
+    np.testing.assert_array_equal(x, x_keep)          # input untouched
+
+
+@pytest.mark.parametrize("i", [0, 1])
+def test_encoder_matches_pytorch(i):
+    z = ENC_FIX
+    cfg = json.loads(str(z["c%d/cfg" % i]))
+    enc = TransformerEncoder.from_torch_state_dict(
+        _sd(z, i), cfg["num_layers"], cfg["nhead"], activation=cfg["activation"],
+        norm_first=cfg["norm_first"], layer_norm_eps=cfg["layer_norm_eps"])
+    assert len(enc.layers) == 2 and enc.norm is not None
+    x = z["c%d/x" % i]
+    for case in ("plain", "kpm", "causal_kpm"):
+        y = enc(x, **_case_kwargs(z, i, case))
+        np.testing.assert_allclose(y, z["c%d/%s/out" % (i, case)], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(enc(x), z["c%d/plain/out64" % i], rtol=0, atol=2e-5)
+
+
+def _post_layer(i=2):
+    z = LAYER_FIX["post"]
+    cfg = json.loads(str(z["c%d/cfg" % i]))
+    return _layer(z, i, cfg), z["c%d/x" % i], z
+
+
+def test_lazy_package_attributes():
+    assert normcy.TransformerEncoderLayer is TransformerEncoderLayer
+    assert normcy.TransformerEncoder is TransformerEncoder
+
+
+def test_unbatched_noncontiguous_and_fresh_outputs():
+    layer, x, z = _post_layer()
+    y = layer(x)
+    np.testing.assert_allclose(layer(x[1]), y[1], rtol=0, atol=1e-6)
+    kpm = z["c2/kpm"]
+    np.testing.assert_allclose(layer(x[1], key_padding_mask=kpm[1]),
+                               layer(x, key_padding_mask=kpm)[1], rtol=0, atol=1e-6)
+    xt = np.ascontiguousarray(x.transpose(1, 0, 2)).transpose(1, 0, 2)   # not C-contiguous
+    np.testing.assert_array_equal(layer(xt), y)
+    y2 = layer(x * 2)
+    assert y2 is not y and not np.shares_memory(y, y2)
+    np.testing.assert_array_equal(layer(x), y)        # y not overwritten by the later call
+
+
+def test_sequence_result_independent_of_batch_mates():
+    layer, x, z = _post_layer()
+    kpm = z["c2/kpm"]
+    full = layer(x, key_padding_mask=kpm)
+    for b in range(x.shape[0]):
+        alone = layer(x[b:b + 1], key_padding_mask=kpm[b:b + 1])
+        np.testing.assert_allclose(alone[0], full[b], rtol=0, atol=1e-6)
+
+
+def test_workspace_reused_between_calls():
+    layer, x, _ = _post_layer()
+    layer(x)
+    bufs = dict(layer._tls.ws._bufs)
+    assert bufs
+    layer(x + 1)
+    assert all(layer._tls.ws._bufs[k] is v for k, v in bufs.items())
+    layer.clear_workspace()
+    assert not layer._tls.ws._bufs
+
+
+def test_layer_is_thread_safe():
+    layer, x, _ = _post_layer()
+    rng = np.random.default_rng(0)
+    inputs = [rng.standard_normal((4, 5 + t, x.shape[-1])).astype(F32) for t in range(4)]
+    refs = [layer(v) for v in inputs]
+    errors = []
+
+    def work(t):
+        try:
+            for _ in range(20):
+                np.testing.assert_array_equal(layer(inputs[t]), refs[t])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    ths = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    assert not errors, errors[:1]
+
+
+def test_state_dict_round_trip_and_default_init():
+    z = LAYER_FIX["pre"]
+    cfg = json.loads(str(z["c0/cfg"]))
+    sd = _sd(z, 0)
+    layer = _layer(z, 0, cfg)
+    got = layer.state_dict()
+    assert set(got) == set(sd)
+    for k in sd:
+        np.testing.assert_array_equal(got[k], sd[k])
+    fresh = TransformerEncoderLayer(16, 4, 24, activation="gelu_tanh", norm_first=True)
+    y = fresh(np.random.default_rng(1).standard_normal((2, 3, 16)).astype(F32))
+    assert y.shape == (2, 3, 16) and np.isfinite(y).all()
+    rms = TransformerEncoderLayer(16, 2, 8, norm="rms")
+    assert "norm1.bias" not in rms.state_dict()
+
+
+def test_state_dict_errors():
+    z = LAYER_FIX["post"]
+    sd = _sd(z, 0)
+    with pytest.raises(ValueError, match="missing keys \\['linear2.bias'\\]"):
+        TransformerEncoderLayer.from_torch_state_dict(
+            {k: v for k, v in sd.items() if k != "linear2.bias"}, 4)
+    with pytest.raises(ValueError, match="unexpected keys \\['extra'\\]"):
+        TransformerEncoderLayer.from_torch_state_dict(dict(sd, extra=np.zeros(3, F32)), 4)
+    with pytest.raises(ValueError, match="linear1.bias must have shape \\(48,\\)"):
+        TransformerEncoderLayer.from_torch_state_dict(dict(sd, **{"linear1.bias": np.zeros(47)}), 4)
+    with pytest.raises(ValueError, match="divisible"):
+        TransformerEncoderLayer.from_torch_state_dict(sd, 5)
+    with pytest.raises(ValueError, match="needs norm='layer'"):
+        TransformerEncoderLayer.from_torch_state_dict(sd, 4, norm="rms")
+    with pytest.raises(ValueError, match="needs norm='rms'"):
+        TransformerEncoderLayer.from_torch_state_dict(_sd(z, 1), 4)
+    with pytest.raises(ValueError, match="activation"):
+        TransformerEncoderLayer.from_torch_state_dict(sd, 4, activation="swish")
+    with pytest.raises(ValueError, match="in_proj_weight must have shape"):
+        TransformerEncoderLayer.from_torch_state_dict(
+            dict(sd, **{"self_attn.in_proj_weight": np.zeros((32, 32), F32)}), 4)
+    with pytest.raises(TypeError, match="mapping"):
+        TransformerEncoderLayer.from_torch_state_dict(list(sd.items()), 4)
+    with pytest.raises(TypeError, match="float array"):
+        TransformerEncoderLayer.from_torch_state_dict(
+            dict(sd, **{"linear1.bias": np.array(["x"] * 48)}), 4)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        bad = sd["linear1.bias"].copy()
+        bad[0] = np.nan
+        TransformerEncoderLayer.from_torch_state_dict(dict(sd, **{"linear1.bias": bad}), 4)
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        TransformerEncoderLayer(32, 4, 48, layer_norm_eps=-1.0)
+    with pytest.raises(ValueError, match="norm must be"):
+        TransformerEncoderLayer(32, 4, 48, norm="batch")
+    with pytest.raises(TypeError, match="d_model must be an int"):
+        TransformerEncoderLayer(32.0, 4, 48)
+
+
+def test_call_errors():
+    layer, x, z = _post_layer()
+    with pytest.raises(TypeError, match="float32"):
+        layer(x.astype(np.float64))
+    with pytest.raises(TypeError, match="numpy.ndarray"):
+        layer(x.tolist())
+    with pytest.raises(ValueError, match="shape \\(batch, seq, 32\\)"):
+        layer(np.zeros((2, 3, 31), F32))
+    with pytest.raises(ValueError, match="shape \\(batch, seq, 32\\)"):
+        layer(np.zeros((1, 2, 3, 32), F32))
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        layer(x, key_padding_mask=np.zeros((x.shape[0], x.shape[1] + 1), bool))
+    with pytest.raises(TypeError, match="key_padding_mask must have dtype bool"):
+        layer(x, key_padding_mask=np.zeros(x.shape[:2], np.int64))
+    with pytest.raises(ValueError, match="attn_mask must have shape"):
+        layer(x, attn_mask=np.zeros((2, 2), F32))
+
+
+def test_float_key_padding_mask_and_bool_attn_mask_equivalents():
+    layer, x, z = _post_layer()
+    kpm = z["c2/kpm"]
+    ref = layer(x, key_padding_mask=kpm)
+    fk = np.where(kpm, -np.inf, 0.0).astype(F32)
+    np.testing.assert_allclose(layer(x, key_padding_mask=fk), ref, rtol=0, atol=1e-6)
+    s = x.shape[1]
+    causal_bool = np.triu(np.ones((s, s), bool), 1)
+    np.testing.assert_allclose(layer(x, attn_mask=causal_bool), layer(x, is_causal=True),
+                               rtol=0, atol=1e-6)
+
+
+def test_encoder_errors_and_construction():
+    z = ENC_FIX
+    sd = _sd(z, 0)
+    with pytest.raises(ValueError, match="unexpected keys"):
+        TransformerEncoder.from_torch_state_dict(sd, 1, 4, activation="gelu")
+    with pytest.raises(ValueError, match="no keys for layer 2"):
+        TransformerEncoder.from_torch_state_dict(sd, 3, 4, activation="gelu")
+    with pytest.raises(ValueError, match="layers.1: .*missing keys"):
+        TransformerEncoder.from_torch_state_dict(
+            {k: v for k, v in sd.items() if k != "layers.1.linear1.bias"}, 2, 4,
+            activation="gelu")
+    with pytest.raises(ValueError, match="must not be empty"):
+        TransformerEncoder([])
+    with pytest.raises(TypeError, match="TransformerEncoderLayer"):
+        TransformerEncoder([object()])
+    # without the final norm keys: no final norm
+    nonorm = {k: v for k, v in sd.items() if not k.startswith("norm.")}
+    enc = TransformerEncoder.from_torch_state_dict(nonorm, 2, 4, activation="gelu")
+    assert enc.norm is None
+    layers = [TransformerEncoderLayer.from_torch_state_dict(
+        {k[len("layers.%d." % j):]: v for k, v in sd.items() if k.startswith("layers.%d." % j)},
+        4, activation="gelu") for j in range(2)]
+    x = z["c0/x"]
+    manual = layers[1](layers[0](x))
+    np.testing.assert_allclose(TransformerEncoder(layers)(x), manual, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("small_rows", [0, 10**9])
+def test_both_matmul_layouts_match_pytorch(monkeypatch, small_rows):
+    """Few-row inputs take a transposed-GEMM path; force each path on every input."""
+    import normcy.transformer as tr
+
+    monkeypatch.setattr(tr, "_SMALL_ROWS", small_rows)
+    for which in ("post", "pre"):
+        z = LAYER_FIX[which]
+        cfg = json.loads(str(z["c2/cfg"]))
+        layer = _layer(z, 2, cfg)
+        for case in ("plain", "causal_kpm"):
+            np.testing.assert_allclose(layer(z["c2/x"], **_case_kwargs(z, 2, case)),
+                                       z["c2/%s/out" % case], rtol=0, atol=1e-4)
+
+
+def test_attention_chunks_with_masks_match_pytorch(monkeypatch):
+    """Attention runs in chunks of sequences; force one sequence per chunk."""
+    import normcy.transformer as tr
+
+    monkeypatch.setattr(tr, "_SCORES_BUDGET", 1)
+    for which in ("post", "pre"):
+        z = LAYER_FIX[which]
+        for i in (0, 6):
+            cfg = json.loads(str(z["c%d/cfg" % i]))
+            layer = _layer(z, i, cfg)
+            for case in CASES:
+                np.testing.assert_allclose(layer(z["c%d/x" % i], **_case_kwargs(z, i, case)),
+                                           z["c%d/%s/out" % (i, case)], rtol=0, atol=1e-4,
+                                           err_msg=case)
+    fk = np.where(z["c0/kpm"], -np.inf, 0.0).astype(F32)      # float padding mask, chunked
+    layer = _layer(z, 0, json.loads(str(z["c0/cfg"])))
+    np.testing.assert_allclose(layer(z["c0/x"], key_padding_mask=fk, attn_mask=z["c0/attn_mask"]),
+                               z["c0/attn_mask_kpm/out"], rtol=0, atol=1e-4)

@@ -10,6 +10,34 @@ Kernels (all float32, normalization over the last axis, GIL released, OpenMP ove
 Thread control: :func:`get_num_threads`, :func:`set_num_threads`; build report:
 :func:`show_config`.
 """
+import os as _os
+
+
+def _tune_libgomp_wait():
+    """Bound how long idle OpenMP threads spin (GNU libgomp reads this when it loads).
+
+    By default libgomp workers spin for ~100 us or more after every parallel region.
+    normcy's kernels alternate with NumPy's BLAS, whose own threads then find a core
+    taken by a spinning OpenMP thread: an encoder layer ran 10-25x slower that way.  A
+    short spin (GOMP_SPINCOUNT=1000, a few microseconds) keeps back-to-back kernel calls
+    cheap and gives the cores back to BLAS quickly.  Set GOMP_SPINCOUNT or
+    OMP_WAIT_POLICY yourself to override; it has no effect if libgomp was already loaded.
+    """
+    if "GOMP_SPINCOUNT" in _os.environ or "OMP_WAIT_POLICY" in _os.environ:
+        return "user setting (GOMP_SPINCOUNT=%s, OMP_WAIT_POLICY=%s)" % (
+            _os.environ.get("GOMP_SPINCOUNT", "unset"), _os.environ.get("OMP_WAIT_POLICY", "unset"))
+    try:
+        with open("/proc/self/maps") as f:
+            if "libgomp.so" in f.read():
+                return "libgomp was loaded before normcy: its default spin applies"
+    except OSError:
+        pass
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+    return "GOMP_SPINCOUNT=1000 (set by normcy at import)"
+
+
+_omp_wait_note = _tune_libgomp_wait()
+
 from normcy._version import __version__
 from normcy._parallel import get_num_threads, set_num_threads, fork_serial
 from normcy._norms import (

@@ -38,6 +38,7 @@ def get_config():
         "blas": blas,
         "python": sys.version.split()[0],
         "fork_serial": _parallel.fork_serial(),
+        "omp_wait": __import__("normcy")._omp_wait_note,
     }
 
 
@@ -62,6 +63,7 @@ def show_config(file=None):
         "  default threads:  %d (CPUs available: %d)%s" % (
             c["default_threads"], c["available_cpus"],
             "  [serial: forked after OpenMP use]" if c["fork_serial"] else ""),
+        "  OpenMP waiting:   %s" % c["omp_wait"],
         "  kernel variant:   %s%s" % (c["kernel_isa"],
                                       " (runtime dispatch)" if c["runtime_dispatch"] else ""),
         "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else "no (portable)"),

@@ -39,7 +39,9 @@ def run(args, stdin=b"", timeout=300):
     env.pop("NORMCY_DEBUG", None)
     return subprocess.run([sys.executable, "-m", "normcy"] + list(args), input=stdin,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-                          timeout=timeout)
+                          timeout=timeout, cwd=_PKG_PARENT)
+    # (cwd: `python -m` puts the working directory first on sys.path; run where the tested
+    #  normcy lives, so a source checkout never shadows the installed package)
 
 
 def _close(got, want):

@@ -161,6 +161,8 @@ for pyx in sorted(glob.glob(os.path.join("normcy", "_*.pyx"))):
         [pyx],
         include_dirs=[np.get_include(), os.path.join("normcy", "src")],
         define_macros=macros,
+        depends=sorted(glob.glob(os.path.join("normcy", "src", "*.h"))
+                       + glob.glob(os.path.join("normcy", "*.pxd"))),
         extra_compile_args=compile_args,
         extra_link_args=link_args,
     ))

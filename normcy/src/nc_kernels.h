@@ -33,14 +33,7 @@ typedef float nc_v16f __attribute__((vector_size(64)));
 typedef float nc_v8f __attribute__((vector_size(32)));
 typedef double nc_v8d __attribute__((vector_size(64)));
 
-#if !defined(NC_NATIVE_BUILD) && defined(__x86_64__) && defined(__GNUC__) && \
-    !defined(__clang__) && defined(__GLIBC__) && (__GNUC__ >= 12)
-#define NC_TC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define NC_HAVE_CLONES 1
-#else
-#define NC_TC
-#define NC_HAVE_CLONES 0
-#endif
+#include "nc_dispatch.h"
 
 #define NC_CHUNK 1024
 
@@ -54,21 +47,6 @@ typedef double nc_v8d __attribute__((vector_size(64)));
 #define NC_LD16(p) ({ nc_v16f _v; memcpy(&_v, (p), sizeof(_v)); _v; })
 #define NC_ST16(p, v) do { nc_v16f _v = (v); memcpy((p), &_v, sizeof(_v)); } while (0)
 #define NC_LD8(p) ({ nc_v8f _v; memcpy(&_v, (p), sizeof(_v)); _v; })
-
-/* Which kernel variant runs on this CPU (mirrors the target_clones priority). */
-static const char *nc_isa(void)
-{
-#if NC_HAVE_CLONES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
-    if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2+FMA)";
-    return "x86-64 baseline (SSE2)";
-#elif defined(NC_NATIVE_BUILD)
-    return "native (-march=native, single variant)";
-#else
-    return "portable (single variant, no runtime dispatch)";
-#endif
-}
 
 /* Horizontal sums with a fixed tree order (deterministic, short dependency chains). */
 typedef float nc_v4f __attribute__((vector_size(16)));

@@ -54,30 +54,13 @@ typedef uint8_t nco_vb __attribute__((vector_size(16)));
 
 #define NCO_W 16
 
-#if !defined(NC_NATIVE_BUILD) && defined(__x86_64__) && defined(__GNUC__) && \
-    !defined(__clang__) && defined(__GLIBC__) && (__GNUC__ >= 12)
-#define NCO_TC __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#define NCO_HAVE_CLONES 1
-#else
-#define NCO_TC
-#define NCO_HAVE_CLONES 0
-#endif
+#include "nc_dispatch.h"
+#define NCO_TC NC_TC
+#define NCO_HAVE_CLONES NC_HAVE_CLONES
 
 #define NCO_INLINE static inline __attribute__((always_inline))
 
-static const char *nc_ops_isa(void)
-{
-#if NCO_HAVE_CLONES
-    __builtin_cpu_init();
-    if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
-    if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2+FMA)";
-    return "x86-64 baseline (SSE2)";
-#elif defined(NC_NATIVE_BUILD)
-    return "native (-march=native, single variant)";
-#else
-    return "portable (single variant, no runtime dispatch)";
-#endif
-}
+#define nc_ops_isa nc_isa
 
 /* ------------------------------------------------------------------ vector helpers */
 NCO_INLINE nco_vf nco_ld(const float *p) { nco_vf v; memcpy(&v, p, sizeof v); return v; }

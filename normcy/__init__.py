@@ -6,6 +6,8 @@ Kernels (all float32, normalization over the last axis, GIL released, OpenMP ove
 - :func:`rms_norm`, :func:`add_rms_norm`
 - :func:`batch_norm` (inference mode), :func:`fold_batch_norm`,
   :func:`fold_batch_norm_into_linear`
+- Transformer building blocks: :func:`softmax` (masked, scaled, in place), :func:`gelu`
+  (exact erf or tanh), :func:`relu`, :func:`bias_activation`, :func:`bias_add`
 
 Thread control: :func:`get_num_threads`, :func:`set_num_threads`; build report:
 :func:`show_config`.
@@ -48,6 +50,7 @@ from normcy._norms import (
     batch_norm,
     fold_batch_norm,
 )
+from normcy._ops import softmax, gelu, relu, bias_activation, bias_add
 from normcy._bn_fold import fold_batch_norm_into_linear
 from normcy._config import show_config
 
@@ -60,6 +63,11 @@ __all__ = [
     "batch_norm",
     "fold_batch_norm",
     "fold_batch_norm_into_linear",
+    "softmax",
+    "gelu",
+    "relu",
+    "bias_activation",
+    "bias_add",
     "get_num_threads",
     "set_num_threads",
     "fork_serial",

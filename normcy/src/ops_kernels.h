@@ -122,11 +122,11 @@ NCO_INLINE nco_vi nco_bytes_nonzero(const uint8_t *p)
  * (those take microcode assists costing ~100 cycles each on x86): arguments below
  * NCO_EXP_LO give +0 (the true value is < 2.7e-38 there). */
 #define NCO_EXP_LO (-86.5f)
-NCO_INLINE nco_vf nco_exp(nco_vf x)
+/* exp(xc) for xc already clamped to [NCO_EXP_LO, 88.72]: Cody-Waite reduction by ln 2,
+ * degree-6 polynomial, and 2^n applied as two normal factors (n in [-125, 128]; 2^128
+ * alone would be inf). Shared by nco_exp and nco_exp_nonpos so both give the same bits. */
+NCO_INLINE nco_vf nco_exp_core(nco_vf xc)
 {
-    const nco_vf lo = nco_splat(NCO_EXP_LO), hi = nco_splat(88.7228394f);
-    nco_vi under = x < lo, over = x > hi;
-    nco_vf xc = nco_sel(under, lo, nco_sel(over, hi, x));
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
     const nco_vf magic = nco_splat(12582912.0f);
     nco_vf t = xc * nco_splat(1.44269504088896341f);
@@ -140,13 +140,17 @@ NCO_INLINE nco_vf nco_exp(nco_vf x)
     p = p * r + nco_splat(1.6666665459E-1f);
     p = p * r + nco_splat(5.0000001201E-1f);
     nco_vf y = p * (r * r) + r + nco_splat(1.0f);
-    /* 2^n in two normal factors, n in [-125, 128] (2^128 alone would be inf) */
     nco_vi ni = __builtin_convertvector(n, nco_vi);
     nco_vi n1 = ni >> 1;
     nco_vi n2 = ni - n1;
-    nco_vf f1 = (nco_vf)((n1 + 127) << 23);
-    nco_vf f2 = (nco_vf)((n2 + 127) << 23);
-    y = (y * f1) * f2;
+    return (y * (nco_vf)((n1 + 127) << 23)) * (nco_vf)((n2 + 127) << 23);
+}
+
+NCO_INLINE nco_vf nco_exp(nco_vf x)
+{
+    const nco_vf lo = nco_splat(NCO_EXP_LO), hi = nco_splat(88.7228394f);
+    nco_vi under = x < lo, over = x > hi;
+    nco_vf y = nco_exp_core(nco_sel(under, lo, nco_sel(over, hi, x)));
     y = nco_sel(under, nco_splat(0.0f), y);
     y = nco_sel(over, nco_splat(INFINITY), y);
     /* NaN in -> NaN out (the clamps above compare false for NaN, keep it explicit) */
@@ -154,29 +158,13 @@ NCO_INLINE nco_vf nco_exp(nco_vf x)
 }
 
 /* exp(x) for x <= 0 (or -inf / NaN), as in softmax after the max subtraction: the same
- * polynomial and results as nco_exp on that domain, minus the overflow handling.  NaN
- * propagates through the arithmetic (y = NaN * 2^garbage = NaN). */
+ * results as nco_exp on that domain, minus the overflow handling.  NaN propagates through
+ * the arithmetic (y = NaN * 2^garbage = NaN). */
 NCO_INLINE nco_vf nco_exp_nonpos(nco_vf x)
 {
     const nco_vf lo = nco_splat(NCO_EXP_LO);
     nco_vi under = x < lo;
-    nco_vf xc = nco_sel(under, lo, x);
-    const nco_vf magic = nco_splat(12582912.0f);
-    nco_vf t = xc * nco_splat(1.44269504088896341f);
-    nco_vf n = (t + magic) - magic;
-    nco_vf r = xc - n * nco_splat(0.693359375f);
-    r = r - n * nco_splat(-2.12194440e-4f);
-    nco_vf p = nco_splat(1.9875691500E-4f);
-    p = p * r + nco_splat(1.3981999507E-3f);
-    p = p * r + nco_splat(8.3334519073E-3f);
-    p = p * r + nco_splat(4.1665795894E-2f);
-    p = p * r + nco_splat(1.6666665459E-1f);
-    p = p * r + nco_splat(5.0000001201E-1f);
-    nco_vf y = p * (r * r) + r + nco_splat(1.0f);
-    nco_vi ni = __builtin_convertvector(n, nco_vi);
-    nco_vi n1 = ni >> 1;
-    nco_vi n2 = ni - n1;
-    y = (y * (nco_vf)((n1 + 127) << 23)) * (nco_vf)((n2 + 127) << 23);
+    nco_vf y = nco_exp_core(nco_sel(under, lo, x));
     return nco_sel(under, nco_splat(0.0f), y);
 }
 

@@ -307,3 +307,26 @@ def test_attention_chunks_with_masks_match_pytorch(monkeypatch):
     layer = _layer(z, 0, json.loads(str(z["c0/cfg"])))
     np.testing.assert_allclose(layer(z["c0/x"], key_padding_mask=fk, attn_mask=z["c0/attn_mask"]),
                                z["c0/attn_mask_kpm/out"], rtol=0, atol=1e-4)
+
+
+def test_linear_small_rows_padding_matches_float64():
+    """The few-row transposed product pads the token count to a multiple of 8; every row
+    count on both sides of each padding boundary must equal x @ w, also after a larger
+    call left other data (NaN here) in the reused workspace buffers."""
+    import normcy.transformer as tr
+
+    rng = np.random.default_rng(7)
+    k, n = 48, 40
+    w = rng.standard_normal((k, n)).astype(np.float32)
+    wt = np.ascontiguousarray(w.T)
+    ws = tr._Workspace()
+    big = np.full((tr._SMALL_ROWS, k), np.nan, np.float32)
+    tr._linear(big, w, wt, np.empty((tr._SMALL_ROWS, n), np.float32), ws)
+    for m in list(range(1, 18)) + [23, 24, 25, tr._SMALL_ROWS - 1, tr._SMALL_ROWS,
+                                   tr._SMALL_ROWS + 1]:
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        out = np.full((m, n), np.nan, np.float32)
+        got = tr._linear(x, w, wt, out, ws)
+        assert got is out
+        ref = x.astype(np.float64) @ w.astype(np.float64)
+        np.testing.assert_allclose(out, ref, rtol=0, atol=1e-4, err_msg="m=%d" % m)

@@ -122,10 +122,12 @@ NCO_INLINE nco_vi nco_bytes_nonzero(const uint8_t *p)
  * (those take microcode assists costing ~100 cycles each on x86): arguments below
  * NCO_EXP_LO give +0 (the true value is < 2.7e-38 there). */
 #define NCO_EXP_LO (-86.5f)
-/* exp(xc) for xc already clamped to [NCO_EXP_LO, 88.72]: Cody-Waite reduction by ln 2,
- * degree-6 polynomial, and 2^n applied as two normal factors (n in [-125, 128]; 2^128
- * alone would be inf). Shared by nco_exp and nco_exp_nonpos so both give the same bits. */
-NCO_INLINE nco_vf nco_exp_core(nco_vf xc)
+/* exp(xc) for xc already clamped to [NCO_EXP_LO, 88.72], before the final scaling:
+ * Cody-Waite reduction by ln 2 and a degree-6 polynomial; returns y in [0.7, 1.42] and sets
+ * *ni = n with exp(xc) = y 2^n, n in [-125, 128].  Shared by nco_exp and nco_exp_nonpos,
+ * which differ only in how they apply 2^n (both exactly: every product is normal), so the
+ * two give the same bits wherever both are defined. */
+NCO_INLINE nco_vf nco_exp_reduced(nco_vf xc, nco_vi *ni)
 {
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
     const nco_vf magic = nco_splat(12582912.0f);
@@ -139,32 +141,37 @@ NCO_INLINE nco_vf nco_exp_core(nco_vf xc)
     p = p * r + nco_splat(4.1665795894E-2f);
     p = p * r + nco_splat(1.6666665459E-1f);
     p = p * r + nco_splat(5.0000001201E-1f);
-    nco_vf y = p * (r * r) + r + nco_splat(1.0f);
-    nco_vi ni = __builtin_convertvector(n, nco_vi);
-    nco_vi n1 = ni >> 1;
-    nco_vi n2 = ni - n1;
-    return (y * (nco_vf)((n1 + 127) << 23)) * (nco_vf)((n2 + 127) << 23);
+    *ni = __builtin_convertvector(n, nco_vi);
+    return p * (r * r) + r + nco_splat(1.0f);
 }
 
 NCO_INLINE nco_vf nco_exp(nco_vf x)
 {
     const nco_vf lo = nco_splat(NCO_EXP_LO), hi = nco_splat(88.7228394f);
     nco_vi under = x < lo, over = x > hi;
-    nco_vf y = nco_exp_core(nco_sel(under, lo, nco_sel(over, hi, x)));
+    nco_vi ni;
+    nco_vf y = nco_exp_reduced(nco_sel(under, lo, nco_sel(over, hi, x)), &ni);
+    /* 2^n as two normal factors (2^128 alone would be inf) */
+    nco_vi n1 = ni >> 1;
+    nco_vi n2 = ni - n1;
+    y = (y * (nco_vf)((n1 + 127) << 23)) * (nco_vf)((n2 + 127) << 23);
     y = nco_sel(under, nco_splat(0.0f), y);
     y = nco_sel(over, nco_splat(INFINITY), y);
     /* NaN in -> NaN out (the clamps above compare false for NaN, keep it explicit) */
     return nco_sel(x != x, x, y);
 }
 
-/* exp(x) for x <= 0 (or -inf / NaN), as in softmax after the max subtraction: the same
- * results as nco_exp on that domain, minus the overflow handling.  NaN propagates through
- * the arithmetic (y = NaN * 2^garbage = NaN). */
+/* exp(x) for x <= 1 (or -inf / NaN), as in softmax after the max subtraction and in the
+ * erfc of GELU: the same results as nco_exp on that domain, minus the overflow handling.
+ * n <= 1 here, so 2^n is one normal factor (n >= -125).  NaN propagates through the
+ * arithmetic (y = NaN * 2^garbage = NaN). */
 NCO_INLINE nco_vf nco_exp_nonpos(nco_vf x)
 {
     const nco_vf lo = nco_splat(NCO_EXP_LO);
     nco_vi under = x < lo;
-    nco_vf y = nco_exp_core(nco_sel(under, lo, x));
+    nco_vi ni;
+    nco_vf y = nco_exp_reduced(nco_sel(under, lo, x), &ni);
+    y = y * (nco_vf)((ni + 127) << 23);
     return nco_sel(under, nco_splat(0.0f), y);
 }
 
@@ -183,7 +190,8 @@ NCO_INLINE nco_vf nco_gelu_erf(nco_vf x)
     p = p * t + nco_splat(0.37409196f);
     p = p * t + nco_splat(1.00002368f);
     p = p * t + nco_splat(-1.26551223f);
-    nco_vf half_erfc = nco_splat(0.5f) * t * nco_exp(p - z * z);
+    /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
+    nco_vf half_erfc = nco_splat(0.5f) * t * nco_exp_nonpos(p - z * z);
     nco_vi neg = x < nco_splat(0.0f);
     nco_vf phi = nco_sel(neg, half_erfc, nco_splat(1.0f) - half_erfc);
     nco_vf y = x * phi;

@@ -617,3 +617,44 @@ def md_table(header, rows):
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+class Targets:
+    """Speed targets evaluated from result rows.
+
+    ``med(row, name)`` / ``fastest(row, family)`` return a median time and remember the
+    result; ``add`` records a target from the figures fetched since the previous ``add``
+    and marks it with ``contended_note`` if any of them was measured while this process's
+    threads waited for a CPU.
+    """
+
+    def __init__(self, contended_note):
+        self.out = []
+        self._used = []
+        self._contended_note = contended_note
+
+    def med(self, row, name):
+        r = row["impls"].get(name)
+        if r is None or "error" in r:
+            return None
+        self._used.append(r)
+        return r["median_s"]
+
+    def fastest(self, row, family):
+        rs = [r for r in row["impls"].values() if r.get("family") == family and "error" not in r]
+        if not rs:
+            return None
+        best = min(rs, key=lambda r: r["median_s"])
+        self._used.append(best)
+        return best["median_s"]
+
+    def forget(self):
+        """Drop the figures fetched since the previous ``add`` (they enter no target)."""
+        del self._used[:]
+
+    def add(self, target, value, goal, kind="ratio", note=""):
+        if any(r.get("contended") for r in self._used):
+            note = (note + "; " if note else "") + self._contended_note
+        del self._used[:]
+        self.out.append({"target": target, "value": value, "goal": goal, "kind": kind,
+                         "met": None if value is None else value >= goal, "note": note})

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from _common import Impl, fmt_ms, fmt_x, md_table, measure
+from _common import Impl, Targets, fmt_ms, fmt_x, md_table, measure
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -563,22 +563,8 @@ def table(suite, rows):
 
 
 def targets(rows, all_cores):
-    out = []
-
-    used = []
-
-    def add(target, value, goal, kind="ratio"):
-        note = "† its threads waited for a CPU" if any(r.get("contended") for r in used) else ""
-        del used[:]
-        out.append({"target": target, "value": value, "goal": goal, "kind": kind,
-                    "met": None if value is None else value >= goal, "note": note})
-
-    def med(row, name):
-        r = row["impls"].get(name)
-        if r is None or "error" in r:
-            return None
-        used.append(r)
-        return r["median_s"]
+    tg = Targets("† its threads waited for a CPU")
+    med, add = tg.med, tg.add
 
     for row in rows:
         if row["threads"] != all_cores or not row.get("ref"):
@@ -608,7 +594,7 @@ def targets(rows, all_cores):
                 t_o = med(row, "onnxruntime (ORT_ENABLE_ALL)")
                 add("MiniLM batch 1: latency no worse than ONNX Runtime",
                     t_o / t_nc if t_o and t_nc else None, 1.0)
-    return out
+    return tg.out
 
 
 def targets_table(tg):

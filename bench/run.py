@@ -28,7 +28,7 @@ if HERE not in sys.path:
 
 import numpy as np  # noqa: E402
 
-from _common import (Config, Progress, environment, fmt_gbs, fmt_ms, fmt_us, fmt_x,  # noqa: E402
+from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fmt_x,  # noqa: E402
                      md_table)
 
 ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
@@ -223,34 +223,11 @@ def ceiling_table(rows):
 # --------------------------------------------------------------------------------------
 def evaluate_targets(rows, copy_gbs, all_cores):
     idx = {(r["suite"], r["case"], r["threads"]): r for r in rows if r["suite"] in NORM_SUITES}
-    out = []
-    used = []       # results that entered the figure being evaluated
-
-    def med(row, name):
-        r = row["impls"].get(name)
-        if r is None or "error" in r:
-            return None
-        used.append(r)
-        return r["median_s"]
+    tg = Targets("† threads waited for a CPU")
+    med, fastest, add, forget = tg.med, tg.fastest, tg.add, tg.forget
 
     def ref_t(row):
         return med(row, row["ref"]) if row and row["ref"] else None
-
-    def fastest(row, family):
-        rs = [r for r in row["impls"].values() if r.get("family") == family and "error" not in r]
-        if not rs:
-            return None
-        best = min(rs, key=lambda r: r["median_s"])
-        used.append(best)
-        return best["median_s"]
-
-    def add(target, value, goal, kind="ratio", note=""):
-        met = None if value is None else (value >= goal)
-        if any(r.get("contended") for r in used):
-            note = (note + "; " if note else "") + "† threads waited for a CPU"
-        del used[:]
-        out.append({"target": target, "value": value, "goal": goal, "kind": kind,
-                    "met": met, "note": note})
 
     T = all_cores
     row = idx.get(("add_layer_norm", "1x384", T))
@@ -283,7 +260,7 @@ def evaluate_targets(rows, copy_gbs, all_cores):
             if others and t_ref:
                 add("%s %s: at least as fast as the fastest of torch/ORT" % (suite, case.replace("x", "×")),
                     min(others) / t_ref, 1.0)
-            del used[:]
+            forget()
             per_array = 4 * int(np.prod(row["shape"]))
             if out_of_cache(per_array, rows, copy_gbs) and copy_gbs and row["ref"]:
                 med(row, row["ref"])
@@ -299,17 +276,17 @@ def evaluate_targets(rows, copy_gbs, all_cores):
             r1 = idx.get((s, case, 1))
             if not r1:
                 continue
-            del used[:]
+            forget()
             t1 = med(r1, "normcy nt=1")
             tn = med(row, "normcy nt=%d" % T)
             ta = med(row, "normcy")
             if not (t1 and tn and ta and t1 < 0.9 * tn):
-                del used[:]
+                forget()
             else:
                 add("%s %s: auto thread choice ≈ the faster of 1T / %dT" % (s, case.replace("x", "×"), T),
                     min(t1, tn) / ta, 0.9, note="1T %.2f µs, %dT %.2f µs, auto %.2f µs"
                     % (t1 * 1e6, T, tn * 1e6, ta * 1e6))
-    return out
+    return tg.out
 
 
 def out_of_cache(per_array, rows, copy_gbs):

@@ -181,6 +181,20 @@ cdef int act_code(object activation) except -1:
                          "got %r" % (activation,)) from None
 
 
+ctypedef void (*chunk_body)(const void *job, Py_ssize_t i0, Py_ssize_t i1) noexcept nogil
+
+
+cdef void run_chunks(chunk_body body, const void *job, Py_ssize_t n, int nt) noexcept nogil:
+    """Items [0, n) of a job: serially, or as one contiguous block per OpenMP thread."""
+    cdef Py_ssize_t c, per
+    if nt <= 1:
+        body(job, 0, n)
+        return
+    per = (n + nt - 1) // nt
+    for c in prange(nt, schedule='static', num_threads=nt):
+        body(job, c * per, min((c + 1) * per, n))
+
+
 # ----------------------------------------------------------------------------------
 # Softmax
 # ----------------------------------------------------------------------------------
@@ -211,14 +225,8 @@ cdef void softmax_rows(const SoftmaxJob *j, Py_ssize_t r0, Py_ssize_t r1) noexce
         it_next(&j.it, idx, p)
 
 
-cdef void run_chunks_softmax(const SoftmaxJob *j, int nt) noexcept nogil:
-    cdef Py_ssize_t c, per
-    if nt <= 1:
-        softmax_rows(j, 0, j.nrows)
-        return
-    per = (j.nrows + nt - 1) // nt
-    for c in prange(nt, schedule='static', num_threads=nt):
-        softmax_rows(j, c * per, min((c + 1) * per, j.nrows))
+cdef void softmax_body(const void *job, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:
+    softmax_rows(<const SoftmaxJob *>job, r0, r1)
 
 
 def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False, out=None,
@@ -331,7 +339,7 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     j.causal = causal
     nt = resolve_threads(num_threads, x.size, j.nrows)
     with nogil:
-        run_chunks_softmax(&j, nt)
+        run_chunks(softmax_body, &j, j.nrows, nt)
     if target is not out:
         np.copyto(out, target)
     return out
@@ -374,14 +382,8 @@ cdef void act_tasks(const ActJob *j, Py_ssize_t t0, Py_ssize_t t1) noexcept nogi
             it_next(&j.it, idx, p)
 
 
-cdef void run_act(const ActJob *j, int nt) noexcept nogil:
-    cdef Py_ssize_t c, per
-    if nt <= 1:
-        act_tasks(j, 0, j.ntasks)
-        return
-    per = (j.ntasks + nt - 1) // nt
-    for c in prange(nt, schedule='static', num_threads=nt):
-        act_tasks(j, c * per, min((c + 1) * per, j.ntasks))
+cdef void act_body(const void *job, Py_ssize_t t0, Py_ssize_t t1) noexcept nogil:
+    act_tasks(<const ActJob *>job, t0, t1)
 
 
 cdef object _elementwise(object x, object bias, int act, object residual, object out,
@@ -440,7 +442,7 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
     j.act = act
     nt = resolve_threads(num_threads, x.size, j.ntasks)
     with nogil:
-        run_act(&j, nt)
+        run_chunks(act_body, &j, j.ntasks, nt)
     if target is not out:
         np.copyto(out, target)
     return out

@@ -2,7 +2,7 @@
 """Normalization kernels: LayerNorm, fused add + LayerNorm, RMSNorm, BatchNorm (inference).
 
 Argument checking happens here, in typed Cython, at the boundary (a 1x384 call costs about
-a microsecond all in); the row kernels live in ``src/nc_kernels.h`` (explicit SIMD with
+a microsecond all in); the row kernels live in ``src/nc_norm_kern.h`` (explicit SIMD with
 run-time ISA dispatch).  Rows are spread over OpenMP threads with a static schedule; each
 row is computed by one thread in a fixed order, so results do not depend on the thread
 count.
@@ -20,7 +20,7 @@ from normcy._arraychecks cimport _shp, _desc, extent, identical_view, check_over
 
 cnp.import_array()
 
-cdef extern from "nc_kernels.h" nogil:
+cdef extern from "nc_api.h" nogil:
     void nc_moments(const float *x, const float *xb, const float *r, float *d,
                     Py_ssize_t n, double *mean_out, double *m2_out)
     void nc_ln_apply(const float *s, float *y, const float *w, const float *b,
@@ -33,6 +33,11 @@ cdef extern from "nc_kernels.h" nogil:
     void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float a, float b)
     void nc_affine_vec(const float *x, float *y, const float *a, const float *b, Py_ssize_t n)
     const char *nc_isa()
+    const char *nc_isa_name()
+    const char *nc_isa_cap()
+    int nc_isa_cap_invalid()
+    int nc_isa_vbytes()
+    const char *nc_isa_supported()
     void nc_stream_init()
     void nc_stream_copy(float *dst, const float *src, Py_ssize_t n)
     void nc_stream_fence()
@@ -808,6 +813,18 @@ cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:
         with nogil:
             for p in prange(items, schedule='static', num_threads=nt):
                 bn_item(j, p)
+
+
+def _isa_info():
+    """Which SIMD variant runs: a dict (name, detail, vector_bytes, cap, cap_invalid, supported)."""
+    return {
+        "name": (<bytes>nc_isa_name()).decode(),
+        "detail": (<bytes>nc_isa()).decode(),
+        "vector_bytes": nc_isa_vbytes(),
+        "cap": (<bytes>nc_isa_cap()).decode(),
+        "cap_invalid": bool(nc_isa_cap_invalid()),
+        "supported": (<bytes>nc_isa_supported()).decode().split(","),
+    }
 
 
 def _kernel_isa():

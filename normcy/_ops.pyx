@@ -6,7 +6,7 @@ Same conventions as the norm kernels: float32 activations (no silent casts), com
 the last axis with any number of leading axes and any strides, the GIL released, rows spread
 over OpenMP threads with a static schedule (serial for small work), each row computed by one
 thread in a fixed order so that results are bit-for-bit independent of the thread count.
-The SIMD row kernels (with their accuracy notes) live in ``src/ops_kernels.h``.
+The SIMD row kernels (with their accuracy notes) live in ``src/nc_ops_kern.h`` (one SIMD vocabulary and dispatch: ``src/nc_api.h``).
 """
 from libc.stdint cimport uint8_t
 from libc.math cimport isfinite
@@ -19,14 +19,16 @@ from normcy._parallel cimport resolve_threads
 from normcy._arraychecks cimport _desc, extent, identical_view, check_overlap
 
 cnp.import_array()
+nc_stream_init()
 
-cdef extern from "ops_kernels.h" nogil:
+cdef extern from "nc_api.h" nogil:
     void nc_ops_act_row(const float *x, const float *bias, const float *res, float *out,
                         Py_ssize_t n, int act)
     void nc_ops_exp_row(const float *x, float *out, Py_ssize_t n)
     void nc_ops_softmax_row(const float *x, float *out, Py_ssize_t n, float scale,
                             const float *mask, const uint8_t *kpm, Py_ssize_t limit)
     const char *nc_ops_isa()
+    void nc_stream_init()
     int NCO_ACT_IDENTITY
     int NCO_ACT_RELU
     int NCO_ACT_GELU

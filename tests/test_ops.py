@@ -1,6 +1,6 @@
 """Tests of normcy._ops (softmax, GELU, ReLU, fused bias + activation) against float64 NumPy.
 
-Tolerances are the accuracy documented in normcy/src/ops_kernels.h:
+Tolerances are the accuracy documented in normcy/src/nc_ops_kern.h:
 
 - exp: <= 2 ulp relative (2.4e-7) on the normal range.
 - GELU (erf and tanh): relative error <= 4e-7 * max(5, |a|) where ``a`` is the argument of

@@ -1,0 +1,264 @@
+/*
+ * normcy's C kernel API: the one run-time ISA dispatch for every kernel family.
+ *
+ * Layers: the kernel bodies (nc_norm_kern.h, nc_ops_kern.h, nc_gemm_kern.h) are written
+ * once against the SIMD vocabulary of nc_simd.h and hold no validation; this header
+ * compiles them once per instruction set, collects each variant's functions in a table,
+ * chooses one table at start-up, and exposes plain C functions that call through it.  The
+ * Cython modules validate arguments and call only the functions declared at the end.
+ *
+ * Variants (portable GCC >= 12 build on x86-64):
+ *   avx512   `#pragma GCC target("arch=x86-64-v4")`, 64-byte vectors
+ *   avx2     `#pragma GCC target("arch=x86-64-v3")`, 32-byte vectors, FMA
+ *   baseline the build's own target (SSE2 on x86-64, NEON on aarch64), 16-byte vectors
+ * The widest variant the CPU supports is chosen, capped by the environment variable
+ * NORMCY_MAX_ISA=avx512|avx2|sse2|baseline|generic (read once, at import; like oneDNN's
+ * ONEDNN_MAX_CPU_ISA), so that every variant can be tested and measured on one machine.
+ * A NORMCY_NATIVE=1 build (NC_NATIVE_BUILD, -march=native) compiles one variant with the
+ * build host's widest vectors.  Other compilers/architectures get the baseline variant.
+ */
+#ifndef NC_API_H
+#define NC_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <math.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
+
+enum { NCO_ACT_IDENTITY = 0, NCO_ACT_RELU = 1, NCO_ACT_GELU = 2, NCO_ACT_GELU_TANH = 3 };
+
+#define NC_CHUNK 1024
+
+/* ------------------------------------------------------------- the kernel table */
+typedef struct nc_ktable {
+    const char *name;          /* "avx512", "avx2", "baseline", "native" */
+    const char *detail;        /* human-readable */
+    int vbytes;                /* vector register width in bytes */
+    /* norms / BatchNorm (nc_norm_kern.h) */
+    void (*moments)(const float *, const float *, const float *, float *, ptrdiff_t,
+                    double *, double *);
+    void (*ln_apply)(const float *, float *, const float *, const float *, ptrdiff_t,
+                     float, float, float);
+    double (*sumsq)(const float *, const float *, const float *, float *, ptrdiff_t);
+    void (*scale_apply)(const float *, float *, const float *, ptrdiff_t, float);
+    void (*ln_apply_d)(const float *, float *, const float *, const float *, ptrdiff_t,
+                       double, double);
+    void (*scale_apply_d)(const float *, float *, const float *, ptrdiff_t, double);
+    void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float);
+    void (*affine_vec)(const float *, float *, const float *, const float *, ptrdiff_t);
+    void (*stream_copy)(float *, const float *, ptrdiff_t);
+    /* Transformer element-wise / row kernels (nc_ops_kern.h) */
+    void (*act_row)(const float *, const float *, const float *, float *, ptrdiff_t, int);
+    void (*exp_row)(const float *, float *, ptrdiff_t);
+    void (*softmax_row)(const float *, float *, ptrdiff_t, float, const float *,
+                        const uint8_t *, ptrdiff_t);
+} nc_ktable;
+
+/* ------------------------------------------------------------- the variants */
+#if defined(NC_NATIVE_BUILD) || !defined(__GNUC__) || defined(__clang__) || \
+    !(defined(__x86_64__) && (__GNUC__ >= 12))
+/* one variant: the compiler's own target */
+#define NC_MULTI 0
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NC_ONE_VB 64
+#elif defined(__AVX2__) && defined(__FMA__)
+#define NC_ONE_VB 32
+#else
+#define NC_ONE_VB 16
+#endif
+#define NC_VBYTES NC_ONE_VB
+#define NC_SFX one
+#include "nc_simd.h"
+#include "nc_norm_kern.h"
+#include "nc_ops_kern.h"
+#ifdef NC_WITH_GEMM
+#include "nc_gemm_kern.h"
+#endif
+#include "nc_simd_end.h"
+#undef NC_VBYTES
+#undef NC_SFX
+#else
+#define NC_MULTI 1
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v4")
+#define NC_VBYTES 64
+#define NC_SFX v4
+#include "nc_simd.h"
+#include "nc_norm_kern.h"
+#include "nc_ops_kern.h"
+#ifdef NC_WITH_GEMM
+#include "nc_gemm_kern.h"
+#endif
+#include "nc_simd_end.h"
+#undef NC_VBYTES
+#undef NC_SFX
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("arch=x86-64-v3")
+#define NC_VBYTES 32
+#define NC_SFX v3
+#include "nc_simd.h"
+#include "nc_norm_kern.h"
+#include "nc_ops_kern.h"
+#ifdef NC_WITH_GEMM
+#include "nc_gemm_kern.h"
+#endif
+#include "nc_simd_end.h"
+#undef NC_VBYTES
+#undef NC_SFX
+#pragma GCC pop_options
+
+#define NC_VBYTES 16
+#define NC_SFX v1
+#include "nc_simd.h"
+#include "nc_norm_kern.h"
+#include "nc_ops_kern.h"
+#ifdef NC_WITH_GEMM
+#include "nc_gemm_kern.h"
+#endif
+#include "nc_simd_end.h"
+#undef NC_VBYTES
+#undef NC_SFX
+#endif
+
+#ifdef NC_WITH_GEMM
+#define NC_GEMM_TABLE_INIT(S) NC_GEMM_TABLE_VALUES(S)
+#else
+#define NC_GEMM_TABLE_INIT(S)
+#endif
+
+#define NC_TABLE(S, NAME, DETAIL, VB)                                                    \
+    {NAME, DETAIL, VB, nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
+     nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_vec_##S,     \
+     nc_stream_copy_##S, nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S   \
+     NC_GEMM_TABLE_INIT(S)}
+
+#if NC_MULTI
+static const nc_ktable nc_table_v4 = NC_TABLE(v4, "avx512", "x86-64-v4 (AVX-512)", 64);
+static const nc_ktable nc_table_v3 = NC_TABLE(v3, "avx2", "x86-64-v3 (AVX2+FMA)", 32);
+static const nc_ktable nc_table_v1 = NC_TABLE(v1, "baseline", "x86-64 baseline (SSE2)", 16);
+#define NC_DEFAULT_TABLE (&nc_table_v1)
+#else
+static const nc_ktable nc_table_one = NC_TABLE(one, "native",
+#if defined(NC_NATIVE_BUILD)
+    "native (-march=native, single variant)",
+#else
+    "portable (single variant, no runtime dispatch)",
+#endif
+    NC_ONE_VB);
+#define NC_DEFAULT_TABLE (&nc_table_one)
+#endif
+
+#define NC_HAVE_CLONES NC_MULTI   /* run-time dispatch between variants */
+#define NC_HAVE_STREAM 1          /* streaming stores (a plain copy where none exist) */
+
+static const nc_ktable *nc_kt = NC_DEFAULT_TABLE;
+static char nc_cap_req[32];        /* NORMCY_MAX_ISA as given ("" if unset) */
+static int nc_cap_invalid = 0;     /* 1 if NORMCY_MAX_ISA named no known variant */
+static int nc_cpu_best = 0;        /* 4, 3 or 1: the widest variant this CPU runs */
+
+/* Choose the kernel table: the CPU's widest variant, capped by NORMCY_MAX_ISA. */
+static void nc_dispatch_init(void)
+{
+    const char *cap = getenv("NORMCY_MAX_ISA");
+    int level = 1, lim = 4;
+#if NC_MULTI
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) level = 4;
+    else if (__builtin_cpu_supports("x86-64-v3")) level = 3;
+#endif
+    nc_cpu_best = level;
+    nc_cap_req[0] = '\0';
+    nc_cap_invalid = 0;
+    if (cap != NULL && cap[0] != '\0') {
+        size_t k;
+        char low[32];
+        for (k = 0; k < sizeof low - 1 && cap[k]; k++)
+            low[k] = (char)((cap[k] >= 'A' && cap[k] <= 'Z') ? cap[k] + 32 : cap[k]);
+        low[k] = '\0';
+        memcpy(nc_cap_req, low, k + 1);
+        if (!strcmp(low, "avx512") || !strcmp(low, "x86-64-v4") || !strcmp(low, "avx512_core"))
+            lim = 4;
+        else if (!strcmp(low, "avx2") || !strcmp(low, "x86-64-v3"))
+            lim = 3;
+        else if (!strcmp(low, "sse2") || !strcmp(low, "baseline") || !strcmp(low, "generic") ||
+                 !strcmp(low, "x86-64") || !strcmp(low, "default"))
+            lim = 1;
+        else
+            nc_cap_invalid = 1;
+    }
+    if (level > lim) level = lim;
+#if NC_MULTI
+    nc_kt = level >= 4 ? &nc_table_v4 : level == 3 ? &nc_table_v3 : &nc_table_v1;
+#else
+    (void)level;
+    nc_kt = &nc_table_one;
+#endif
+}
+
+static inline const char *nc_isa(void) { return nc_kt->detail; }
+static inline const char *nc_isa_name(void) { return nc_kt->name; }
+static inline const char *nc_isa_cap(void) { return nc_cap_req; }
+static inline int nc_isa_cap_invalid(void) { return nc_cap_invalid; }
+static inline int nc_isa_vbytes(void) { return nc_kt->vbytes; }
+/* the variants this CPU can run, widest first, as a comma-separated list */
+static inline const char *nc_isa_supported(void)
+{
+#if NC_MULTI
+    return nc_cpu_best >= 4 ? "avx512,avx2,baseline" : nc_cpu_best == 3 ? "avx2,baseline"
+                                                                        : "baseline";
+#else
+    return "native";
+#endif
+}
+
+/* ------------------------------------------------------------- the public C API */
+static inline void nc_moments(const float *x, const float *xb, const float *r, float *d,
+                              ptrdiff_t n, double *mean, double *m2)
+{ nc_kt->moments(x, xb, r, d, n, mean, m2); }
+static inline void nc_ln_apply(const float *s, float *y, const float *w, const float *b,
+                               ptrdiff_t n, float mhi, float mlo, float scale)
+{ nc_kt->ln_apply(s, y, w, b, n, mhi, mlo, scale); }
+static inline double nc_sumsq(const float *x, const float *xb, const float *r, float *d,
+                              ptrdiff_t n)
+{ return nc_kt->sumsq(x, xb, r, d, n); }
+static inline void nc_scale_apply(const float *s, float *y, const float *w, ptrdiff_t n,
+                                  float scale)
+{ nc_kt->scale_apply(s, y, w, n, scale); }
+static inline void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b,
+                                 ptrdiff_t n, double mean, double scale)
+{ nc_kt->ln_apply_d(s, y, w, b, n, mean, scale); }
+static inline void nc_scale_apply_d(const float *s, float *y, const float *w, ptrdiff_t n,
+                                    double scale)
+{ nc_kt->scale_apply_d(s, y, w, n, scale); }
+static inline void nc_affine_scalar(const float *x, float *y, ptrdiff_t n, float a, float b)
+{ nc_kt->affine_scalar(x, y, n, a, b); }
+static inline void nc_affine_vec(const float *x, float *y, const float *a, const float *b,
+                                 ptrdiff_t n)
+{ nc_kt->affine_vec(x, y, a, b, n); }
+static inline void nc_stream_copy(float *dst, const float *src, ptrdiff_t n)
+{ nc_kt->stream_copy(dst, src, n); }
+static inline void nc_stream_fence(void)
+{
+#if defined(__x86_64__)
+    _mm_sfence();
+#endif
+}
+/* kept for the modules' import-time call */
+static void nc_stream_init(void) { nc_dispatch_init(); }
+static inline void nc_ops_act_row(const float *x, const float *bias, const float *res,
+                                  float *out, ptrdiff_t n, int act)
+{ nc_kt->act_row(x, bias, res, out, n, act); }
+static inline void nc_ops_exp_row(const float *x, float *out, ptrdiff_t n)
+{ nc_kt->exp_row(x, out, n); }
+static inline void nc_ops_softmax_row(const float *x, float *out, ptrdiff_t n, float scale,
+                                      const float *mask, const uint8_t *kpm, ptrdiff_t limit)
+{ nc_kt->softmax_row(x, out, n, scale, mask, kpm, limit); }
+#define nc_ops_isa nc_isa
+
+#endif /* NC_API_H */

@@ -1,0 +1,397 @@
+/*
+ * normcy row kernels for the norms and BatchNorm: contiguous float32 rows, written once
+ * against the SIMD vocabulary of nc_simd.h and compiled once per instruction set by
+ * nc_api.h (this file has no include guard on purpose; every function name goes through
+ * NC_FN).  No intrinsics, no -ffast-math.
+ *
+ * Numerics
+ * --------
+ * Moments are computed chunk by chunk (NC_CHUNK floats, L1 resident):
+ *   pass A: float32 lane sums of v = s - K (NC_UNROLL accumulators of NC_VW lanes, at most
+ *           NC_CHUNK / NC_BLK <= 64 terms per lane), K = the mean of the row's first
+ *           NC_VW values (a shift that keeps the sums exact-ish when |mean| >> std);
+ *   pass B (only when pass A is ill-conditioned): the classic two-pass algorithm, the
+ *           mean in double lanes, then corrected sums of (s - mean) in float lanes, or in
+ *           double lanes when those could overflow or underflow;
+ * chunks are merged with Chan et al.'s pairwise formula in double.  Never E[x^2]-E[x]^2.
+ * The normalization subtracts the mean as a float32 hi/lo pair, so rows with
+ * |mean| >> std keep full accuracy.
+ * Every reduction has a fixed order that does not depend on threads or on the other rows:
+ * results are bit-for-bit identical for any thread count (for a given SIMD variant).
+ */
+#ifndef NC_CHUNK
+#define NC_CHUNK 1024
+#endif
+/* ---- kernel bodies: included once per SIMD variant by nc_api.h ---- */
+/* Pass B in double lanes: exact enough for any finite float32 input. */
+static inline void NC_FN(nc_passb_double)(const float *src, nc_int len, double mc,
+                                   double *s1_out, double *s2_out)
+{
+    ncdv s1a = {0}, s1b = {0}, s2a = {0}, s2b = {0};
+    ncdv mv = mc - (ncdv){0};
+    nc_int i;
+    for (i = 0; i + NC_VW <= len; i += NC_VW) {
+        ncdv da = ncv_ld_half_d(src + i) - mv;
+        ncdv db = ncv_ld_half_d(src + i + NC_VW / 2) - mv;
+        s1a += da; s2a += da * da;
+        s1b += db; s2b += db * db;
+    }
+    double s1 = ncdv_hsum(s1a + s1b);
+    double s2 = ncdv_hsum(s2a + s2b);
+    for (; i < len; i++) {
+        double dd = (double)src[i] - mc;
+        s1 += dd; s2 += dd * dd;
+    }
+    *s1_out = s1;
+    *s2_out = s2;
+}
+
+/* one chunk of s = EXPR_S, stored into dc, with shifted sums v = s - K: a += v, q += v*v */
+#define NC_ADD_STORE_MOM(EXPR_S)                                                     \
+    do {                                                                             \
+        for (; i + NC_BLK <= len; i += NC_BLK) {                                        \
+            ncv v0, v1, v2, v3;                                                  \
+            { nc_int o = i;      v0 = EXPR_S; ncv_st(dc + o, v0); }                 \
+            { nc_int o = i + NC_VW; v1 = EXPR_S; ncv_st(dc + o, v1); }                 \
+            { nc_int o = i + 2 * NC_VW; v2 = EXPR_S; ncv_st(dc + o, v2); }                 \
+            { nc_int o = i + 3 * NC_VW; v3 = EXPR_S; ncv_st(dc + o, v3); }                 \
+            v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;                                  \
+            a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                  \
+            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+        }                                                                            \
+        for (; i + NC_VW <= len; i += NC_VW) {                                             \
+            ncv v0; nc_int o = i; v0 = EXPR_S; ncv_st(dc + o, v0);              \
+            v0 -= kv; a0 += v0; q0 += v0 * v0;                                       \
+        }                                                                            \
+    } while (0)
+
+/*
+ * s = x (+ xb) (+ r), stored into d when r != NULL (d may be x or r itself: every
+ * element is read before it is written).  Returns mean and M2 = sum (s-mean)^2.
+ *
+ * Per chunk of NC_CHUNK floats (L1 resident), one pass (fused with the add) sums
+ * v = s - K and v*v in float lanes (at most NC_CHUNK/64 terms per lane), where the shift K
+ * is the mean of the row's first 16 values.  M2 = sum v^2 - (sum v)^2 / n is used only
+ * when it is well conditioned: (sum v)^2 / n <= sum v^2 / 2, i.e. the shift is within
+ * about one standard deviation of the mean, so at most one bit is lost to cancellation
+ * (this is never the unguarded E[x^2] - E[x]^2).  Otherwise (a shift far from the mean,
+ * a possible float overflow or underflow, NaN/Inf) the chunk is redone with the classic
+ * two-pass algorithm: the mean in double lanes, then corrected sums of (s - mean) in
+ * float lanes, or in double lanes when those could overflow/underflow.
+ * Chunks merge with Chan et al.'s formula in double.
+ */
+static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, float *d,
+                             nc_int n, double *mean_out, double *m2_out)
+{
+    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    float K;
+    nc_int i;
+    if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
+    if (n >= NC_VW) {
+        /* a vector load and a tree sum: short dependency chain before the main loop */
+        ncv f = ncv_ld(x);
+        if (r != NULL) f = xb != NULL ? (f + ncv_ld(xb)) + ncv_ld(r) : f + ncv_ld(r);
+        K = (float)(ncv_hsum(f) * (1.0 / NC_VW));
+    } else {
+        double ks = 0.0;
+        for (i = 0; i < n; i++) {
+            float sv = r != NULL ? (xb != NULL ? (x[i] + xb[i]) + r[i] : x[i] + r[i]) : x[i];
+            ks += (double)sv;
+        }
+        K = (float)(ks / (double)n);
+    }
+    if (!(K - K == 0.0f)) K = 0.0f;    /* Inf/NaN among the first values */
+    const ncv kv = K - (ncv){0};
+    for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
+        nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
+        const double inv_len = 1.0 / (double)len;
+        const float *src;
+        ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        double sa = 0.0, sq = 0.0, mean_c, m2c;
+        nc_int tail, head;
+        if (r != NULL) {
+            const float *xc = x + c0, *rc = r + c0;
+            float *dc = d + c0;
+            head = 0;   /* peeling costs more than split loads here (measured) */
+            if (xb != NULL) {
+                const float *bc = xb + c0;
+                for (i = 0; i < head; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+                NC_ADD_STORE_MOM((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+            } else {
+                for (i = 0; i < head; i++) dc[i] = xc[i] + rc[i];
+                NC_ADD_STORE_MOM(ncv_ld(xc + o) + ncv_ld(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = xc[i] + rc[i];
+            }
+            src = dc;
+        } else {
+            src = x + c0;
+            head = 0;
+            for (i = head; i + NC_BLK <= len; i += NC_BLK) {
+                ncv v0 = ncv_ld(src + i) - kv, v1 = ncv_ld(src + i + NC_VW) - kv;
+                ncv v2 = ncv_ld(src + i + 2 * NC_VW) - kv, v3 = ncv_ld(src + i + 3 * NC_VW) - kv;
+                a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
+            }
+            for (; i + NC_VW <= len; i += NC_VW) {
+                ncv v0 = ncv_ld(src + i) - kv;
+                a0 += v0; q0 += v0 * v0;
+            }
+            tail = i;
+        }
+        sa = ncv_hsum((a0 + a1) + (a2 + a3));
+        sq = ncv_hsum((q0 + q1) + (q2 + q3));
+        for (i = 0; i < head; i++) {
+            double t = (double)(src[i] - K);
+            sa += t; sq += t * t;
+        }
+        for (i = tail; i < len; i++) {
+            double t = (double)(src[i] - K);
+            sa += t; sq += t * t;
+        }
+        if (sq < 1e36 && sq >= 1e-28 && sa * sa * inv_len <= 0.5 * sq) {
+            mean_c = (double)K + sa * inv_len;
+            m2c = sq - sa * sa * inv_len;
+            if (m2c < 0.0) m2c = 0.0;
+        } else {
+            /* robust two-pass on the (stored) chunk: mean in double lanes ... */
+            ncdv ma = {0}, mb = {0};
+            const ncdv kd = (double)K - (ncdv){0};
+            for (i = 0; i + NC_VW <= len; i += NC_VW) {
+                ma += ncv_ld_half_d(src + i) - kd;
+                mb += ncv_ld_half_d(src + i + NC_VW / 2) - kd;
+            }
+            sa = ncdv_hsum(ma + mb);
+            for (; i < len; i++) sa += (double)src[i] - (double)K;
+            double mc = (double)K + sa * inv_len;
+            /* ... then corrected sums of (s - mean) in float lanes */
+            const float mcf = (float)mc;
+            const ncv mv = mcf - (ncv){0};
+            ncv e0 = {0}, e1 = {0};
+            q0 = (ncv){0}; q1 = (ncv){0};
+            for (i = 0; i + 2 * NC_VW <= len; i += 2 * NC_VW) {
+                ncv d0 = ncv_ld(src + i) - mv, d1 = ncv_ld(src + i + NC_VW) - mv;
+                e0 += d0; q0 += d0 * d0;
+                e1 += d1; q1 += d1 * d1;
+            }
+            for (; i + NC_VW <= len; i += NC_VW) {
+                ncv d0 = ncv_ld(src + i) - mv;
+                e0 += d0; q0 += d0 * d0;
+            }
+            double s1 = ncv_hsum(e0 + e1);
+            double s2 = ncv_hsum(q0 + q1);
+            for (; i < len; i++) {
+                double dd = (double)(src[i] - mcf);
+                s1 += dd; s2 += dd * dd;
+            }
+            double mref = (double)mcf;
+            if (!(s2 < 1e36) || s2 < 1e-28) {
+                /* possible float overflow/underflow, NaN/Inf or a constant chunk:
+                   exactly, in double lanes */
+                mref = mc;
+                NC_FN(nc_passb_double)(src, len, mc, &s1, &s2);
+            }
+            m2c = s2 - s1 * s1 * inv_len;
+            if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
+            mean_c = mref + s1 * inv_len;
+        }
+        if (len == n) {        /* the whole row was one chunk */
+            *mean_out = mean_c;
+            *m2_out = m2c;
+            return;
+        }
+        /* merge (Chan et al.) */
+        double ntot = cnt + (double)len;
+        double delta = mean_c - mean;
+        mean += delta * ((double)len / ntot);
+        m2 += m2c + delta * delta * (cnt * (double)len / ntot);
+        cnt = ntot;
+    }
+    *mean_out = mean;
+    *m2_out = m2;
+}
+
+/* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = (s - mhi)*scale - mlo*scale
+   (one rounding with FMA) and y = t*w + b; y may be s itself.  mhi + mlo is the row
+   mean as an unevaluated float pair, so |mean| >> std loses nothing. */
+static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const float *b,
+                              nc_int n, float mhi, float mlo, float scale)
+{
+    nc_int i = 0, head = NC_PEEL(y, n);
+    const float c = -(mlo * scale);
+    const ncv hv = mhi - (ncv){0}, cv = c - (ncv){0}, sv = scale - (ncv){0};
+    if (w != NULL && b != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
+        for (; i + NC_VW <= n; i += NC_VW) {
+            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
+            ncv_st(y + i, t * ncv_ld(w + i) + ncv_ld(b + i));
+        }
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
+    } else if (w != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
+        for (; i + NC_VW <= n; i += NC_VW) {
+            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
+            ncv_st(y + i, t * ncv_ld(w + i));
+        }
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
+    } else if (b != NULL) {
+        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
+        for (; i + NC_VW <= n; i += NC_VW) {
+            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
+            ncv_st(y + i, t + ncv_ld(b + i));
+        }
+        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
+    } else {
+        for (; i < head; i++) y[i] = (s[i] - mhi) * scale + c;
+        for (; i + NC_VW <= n; i += NC_VW)
+            ncv_st(y + i, (ncv_ld(s + i) - hv) * sv + cv);
+        for (; i < n; i++) y[i] = (s[i] - mhi) * scale + c;
+    }
+}
+
+/* Scalar double-precision apply for rows whose scale is outside float32's comfortable
+   range (|x| near FLT_MAX, or subnormal rows with eps = 0): y = (s - mean) * scale * w + b. */
+static void NC_FN(nc_ln_apply_d)(const float *s, float *y, const float *w, const float *b, nc_int n,
+                          double mean, double scale)
+{
+    for (nc_int i = 0; i < n; i++) {
+        double t = ((double)s[i] - mean) * scale;
+        if (w) t *= (double)w[i];
+        if (b) t += (double)b[i];
+        y[i] = (float)t;
+    }
+}
+
+static void NC_FN(nc_scale_apply_d)(const float *s, float *y, const float *w, nc_int n, double scale)
+{
+    for (nc_int i = 0; i < n; i++) {
+        double t = (double)s[i] * scale;
+        if (w) t *= (double)w[i];
+        y[i] = (float)t;
+    }
+}
+
+/* sum of s^2 over a row, s = x (+ xb) (+ r) stored into d when r != NULL.
+   float lanes per chunk (<= NC_CHUNK/64 terms per lane), redone in double lanes when
+   that could have overflowed or underflowed. */
+#define NC_ADD_STORE_SQ(EXPR_S)                                                      \
+    do {                                                                             \
+        for (i = 0; i + NC_BLK <= len; i += NC_BLK) {                                        \
+            ncv v0, v1, v2, v3;                                                  \
+            { nc_int o = i;      v0 = EXPR_S; ncv_st(dc + o, v0); }                 \
+            { nc_int o = i + NC_VW; v1 = EXPR_S; ncv_st(dc + o, v1); }                 \
+            { nc_int o = i + 2 * NC_VW; v2 = EXPR_S; ncv_st(dc + o, v2); }                 \
+            { nc_int o = i + 3 * NC_VW; v3 = EXPR_S; ncv_st(dc + o, v3); }                 \
+            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+        }                                                                            \
+        for (; i + NC_VW <= len; i += NC_VW) {                                             \
+            ncv v0; nc_int o = i; v0 = EXPR_S; ncv_st(dc + o, v0);              \
+            q0 += v0 * v0;                                                           \
+        }                                                                            \
+    } while (0)
+
+static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, float *d, nc_int n)
+{
+    double total = 0.0;
+    for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
+        nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
+        const float *src;
+        nc_int i;
+        ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+        double q;
+        nc_int tail;
+        if (r != NULL) {
+            const float *xc = x + c0, *rc = r + c0;
+            float *dc = d + c0;
+            if (xb != NULL) {
+                const float *bc = xb + c0;
+                NC_ADD_STORE_SQ((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+            } else {
+                NC_ADD_STORE_SQ(ncv_ld(xc + o) + ncv_ld(rc + o));
+                tail = i;
+                for (; i < len; i++) dc[i] = xc[i] + rc[i];
+            }
+            src = dc;
+        } else {
+            src = x + c0;
+            for (i = 0; i + NC_BLK <= len; i += NC_BLK) {
+                ncv v0 = ncv_ld(src + i), v1 = ncv_ld(src + i + NC_VW);
+                ncv v2 = ncv_ld(src + i + 2 * NC_VW), v3 = ncv_ld(src + i + 3 * NC_VW);
+                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
+            }
+            for (; i + NC_VW <= len; i += NC_VW) { ncv v0 = ncv_ld(src + i); q0 += v0 * v0; }
+            tail = i;
+        }
+        q = ncv_hsum((q0 + q1) + (q2 + q3));
+        for (i = tail; i < len; i++) q += (double)src[i] * (double)src[i];
+        if (!(q < 1e36) || q < 1e-28) {
+            ncdv qa = {0}, qb = {0};
+            for (i = 0; i + NC_VW <= len; i += NC_VW) {
+                ncdv da = ncv_ld_half_d(src + i);
+                ncdv db = ncv_ld_half_d(src + i + NC_VW / 2);
+                qa += da * da;
+                qb += db * db;
+            }
+            q = ncdv_hsum(qa + qb);
+            for (; i < len; i++) q += (double)src[i] * (double)src[i];
+        }
+        total += q;
+    }
+    return total;
+}
+
+/* y = (s * scale) * w ; y may be s itself. */
+static void NC_FN(nc_scale_apply)(const float *s, float *y, const float *w, nc_int n, float scale)
+{
+    nc_int i = 0, head = NC_PEEL(y, n);
+    ncv sv = scale - (ncv){0};
+    if (w != NULL) {
+        for (; i < head; i++) y[i] = (s[i] * scale) * w[i];
+        for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, (ncv_ld(s + i) * sv) * ncv_ld(w + i));
+        for (; i < n; i++) y[i] = (s[i] * scale) * w[i];
+    } else {
+        for (; i < head; i++) y[i] = s[i] * scale;
+        for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_ld(s + i) * sv);
+        for (; i < n; i++) y[i] = s[i] * scale;
+    }
+}
+
+/* y = x * a + b with scalar a, b (one BatchNorm channel plane). */
+static void NC_FN(nc_affine_scalar)(const float *x, float *y, nc_int n, float a, float b)
+{
+    nc_int i = 0, head = NC_PEEL(y, n);
+    ncv av = a - (ncv){0}, bv = b - (ncv){0};
+    for (; i < head; i++) y[i] = x[i] * a + b;
+    for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_ld(x + i) * av + bv);
+    for (; i < n; i++) y[i] = x[i] * a + b;
+}
+
+/* y[j] = x[j] * a[j] + b[j] (one channels-last BatchNorm row). */
+static void NC_FN(nc_affine_vec)(const float *x, float *y, const float *a, const float *b, nc_int n)
+{
+    nc_int i = 0, head = NC_PEEL(y, n);
+    for (; i < head; i++) y[i] = x[i] * a[i] + b[i];
+    for (; i + NC_VW <= n; i += NC_VW)
+        ncv_st(y + i, ncv_ld(x + i) * ncv_ld(a + i) + ncv_ld(b + i));
+    for (; i < n; i++) y[i] = x[i] * a[i] + b[i];
+}
+
+
+/* Streaming (non-temporal) copy, for outputs far larger than the caches: rows are computed
+   into an L1-resident scratch and streamed out, so the destination lines are never read
+   for ownership.  Callers fence (nc_stream_fence) before anyone reads. */
+static void NC_FN(nc_stream_copy)(float *dst, const float *src, nc_int n)
+{
+    nc_int i = 0, head = NC_PEEL(dst, n);
+    for (; i < head; i++) dst[i] = src[i];
+    for (; i + NC_VW <= n; i += NC_VW) ncv_stream(dst + i, ncv_ld(src + i));
+    for (; i < n; i++) dst[i] = src[i];
+}
+
+#undef NC_ADD_STORE_MOM
+#undef NC_ADD_STORE_SQ

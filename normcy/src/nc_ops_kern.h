@@ -1,0 +1,303 @@
+/*
+ * normcy element-wise / row kernels for the Transformer block: masked + scaled softmax,
+ * exact (erf) GELU, tanh-approximation GELU, ReLU, fused bias + activation (+ residual).
+ *
+ * float32, written once against the SIMD vocabulary of nc_simd.h and compiled once per
+ * instruction set by nc_api.h (no include guard on purpose; names go through NC_FN); no
+ * intrinsics and no -ffast-math.  Tails shorter than one vector go through the same vector
+ * code on a padded copy, so every element of a row is computed by the same instruction
+ * sequence (results do not depend on position or thread count).
+ *
+ * Numerics (measured against float64 references over dense grids, see tests/test_ops.py)
+ * ------------------------------------------------------------------------------------
+ * nc_ops_exp   : Cody-Waite range reduction + Cephes degree-6 polynomial, scaling by
+ *                2^n in two normal factors; max relative error 1.4 ulp (8.3e-8 measured)
+ *                for x in [-86.5, 88.72]; x < -86.5 -> +0 (true value < 2.7e-38: no
+ *                subnormal is ever formed, they cost ~100-cycle microcode assists);
+ *                x > 88.72 -> +inf; NaN -> NaN.
+ * GELU (erf)   : x * Phi(x) with Phi(x) = 1 - erfc(z)/2 (x >= 0) or erfc(z)/2 (x < 0),
+ *                z = |x|/sqrt(2), erfc from the Chebyshev-fitted formula
+ *                erfc(z) = t exp(-z^2 + P(t)), t = 1/(1 + z/2) (fractional error of the
+ *                formula < 1.2e-7 for every z >= 0).  No cancellation for negative x:
+ *                relative error <= 4e-7 * max(5, x^2/2) (measured: 1.4e-7 for x > 0,
+ *                5e-7 on [-2, 0], 1.7e-6 at x = -4, 7e-6 at x = -10 where |GELU| = 8e-23);
+ *                the growth is the float32 rounding of the exponent -z^2.
+ * GELU (tanh)  : 0.5 x (1 + tanh(u)) rewritten exactly as x / (1 + exp(-2u)),
+ *                u = sqrt(2/pi) (x + 0.044715 x^3); no cancellation: relative error
+ *                <= 4e-7 * max(5, 2|u|) (1.2e-7 for x > 0, 1.2e-6 at x = -4).
+ * softmax      : max-subtracted, float32 lane sums (16 partial sums then a fixed-order
+ *                reduction), multiply by the reciprocal of the sum: relative error
+ *                <= 1e-6 + 1e-9 n, plus the inherent 6e-8 |logit| of rounding the scaled
+ *                logits to float32.
+ *                Positions masked out (bool mask, causal, or additive -inf) give exactly 0;
+ *                a row with every position masked gives all zeros (never NaN).  A NaN in
+ *                an unmasked position makes its row NaN; nothing leaks into other rows.
+ */
+/* ---- kernel bodies: included once per SIMD variant by nc_api.h ---- */
+#define nco_exp_reduced NC_FN(nco_exp_reduced)
+#define nco_exp NC_FN(nco_exp)
+#define nco_exp_nonpos NC_FN(nco_exp_nonpos)
+#define nco_gelu_erf NC_FN(nco_gelu_erf)
+#define nco_gelu_tanh NC_FN(nco_gelu_tanh)
+#define nco_relu NC_FN(nco_relu)
+#define nco_apply_act NC_FN(nco_apply_act)
+
+/* exp(x), see the header comment for accuracy.  No operation ever sees or makes a subnormal
+ * (those take microcode assists costing ~100 cycles each on x86): arguments below
+ * NCO_EXP_LO give +0 (the true value is < 2.7e-38 there). */
+#define NCO_EXP_LO (-86.5f)
+/* exp(xc) for xc already clamped to [NCO_EXP_LO, 88.72], before the final scaling:
+ * Cody-Waite reduction by ln 2 and a degree-6 polynomial; returns y in [0.7, 1.42] and sets
+ * *ni = n with exp(xc) = y 2^n, n in [-125, 128].  Shared by nco_exp and nco_exp_nonpos,
+ * which differ only in how they apply 2^n (both exactly: every product is normal), so the
+ * two give the same bits wherever both are defined. */
+NC_INLINE ncv nco_exp_reduced(ncv xc, nciv *ni)
+{
+    /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
+    const ncv magic = ncv_set1(12582912.0f);
+    ncv t = xc * ncv_set1(1.44269504088896341f);
+    ncv n = (t + magic) - magic;
+    ncv r = xc - n * ncv_set1(0.693359375f);
+    r = r - n * ncv_set1(-2.12194440e-4f);
+    ncv p = ncv_set1(1.9875691500E-4f);
+    p = p * r + ncv_set1(1.3981999507E-3f);
+    p = p * r + ncv_set1(8.3334519073E-3f);
+    p = p * r + ncv_set1(4.1665795894E-2f);
+    p = p * r + ncv_set1(1.6666665459E-1f);
+    p = p * r + ncv_set1(5.0000001201E-1f);
+    *ni = __builtin_convertvector(n, nciv);
+    return p * (r * r) + r + ncv_set1(1.0f);
+}
+
+NC_INLINE ncv nco_exp(ncv x)
+{
+    const ncv lo = ncv_set1(NCO_EXP_LO), hi = ncv_set1(88.7228394f);
+    nciv under = x < lo, over = x > hi;
+    nciv ni;
+    ncv y = nco_exp_reduced(ncv_sel(under, lo, ncv_sel(over, hi, x)), &ni);
+    /* 2^n as two normal factors (2^128 alone would be inf) */
+    nciv n1 = ni >> 1;
+    nciv n2 = ni - n1;
+    y = (y * (ncv)((n1 + 127) << 23)) * (ncv)((n2 + 127) << 23);
+    y = ncv_sel(under, ncv_set1(0.0f), y);
+    y = ncv_sel(over, ncv_set1(INFINITY), y);
+    /* NaN in -> NaN out (the clamps above compare false for NaN, keep it explicit) */
+    return ncv_sel(x != x, x, y);
+}
+
+/* exp(x) for x <= 1 (or -inf / NaN), as in softmax after the max subtraction and in the
+ * erfc of GELU: the same results as nco_exp on that domain, minus the overflow handling.
+ * n <= 1 here, so 2^n is one normal factor (n >= -125).  NaN propagates through the
+ * arithmetic (y = NaN * 2^garbage = NaN). */
+NC_INLINE ncv nco_exp_nonpos(ncv x)
+{
+    const ncv lo = ncv_set1(NCO_EXP_LO);
+    nciv under = x < lo;
+    nciv ni;
+    ncv y = nco_exp_reduced(ncv_sel(under, lo, x), &ni);
+    y = y * (ncv)((ni + 127) << 23);
+    return ncv_sel(under, ncv_set1(0.0f), y);
+}
+
+/* Phi(x) * x, exact-erf GELU */
+NC_INLINE ncv nco_gelu_erf(ncv x)
+{
+    ncv z = ncv_abs(x) * ncv_set1(0.70710678118654752f);
+    ncv t = ncv_set1(1.0f) / (ncv_set1(1.0f) + ncv_set1(0.5f) * z);
+    ncv p = ncv_set1(0.17087277f);
+    p = p * t + ncv_set1(-0.82215223f);
+    p = p * t + ncv_set1(1.48851587f);
+    p = p * t + ncv_set1(-1.13520398f);
+    p = p * t + ncv_set1(0.27886807f);
+    p = p * t + ncv_set1(-0.18628806f);
+    p = p * t + ncv_set1(0.09678418f);
+    p = p * t + ncv_set1(0.37409196f);
+    p = p * t + ncv_set1(1.00002368f);
+    p = p * t + ncv_set1(-1.26551223f);
+    /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
+    ncv half_erfc = ncv_set1(0.5f) * t * nco_exp_nonpos(p - z * z);
+    nciv neg = x < ncv_set1(0.0f);
+    ncv phi = ncv_sel(neg, half_erfc, ncv_set1(1.0f) - half_erfc);
+    ncv y = x * phi;
+    /* -inf * 0 would be NaN; the limit is -0 */
+    return ncv_sel(x == ncv_set1(-INFINITY), ncv_set1(-0.0f), y);
+}
+
+/* x / (1 + exp(-2u)) == 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3) */
+NC_INLINE ncv nco_gelu_tanh(ncv x)
+{
+    ncv x3 = x * x * x;
+    ncv u2 = ncv_set1(-1.5957691216057308f) * (x + ncv_set1(0.044715f) * x3);
+    ncv y = x / (ncv_set1(1.0f) + nco_exp(u2));
+    return ncv_sel(x == ncv_set1(-INFINITY), ncv_set1(-0.0f), y);
+}
+
+NC_INLINE ncv nco_relu(ncv x)
+{
+    /* NaN stays NaN (the compare is false) */
+    return ncv_sel(x < ncv_set1(0.0f), ncv_set1(0.0f), x);
+}
+
+
+NC_INLINE ncv nco_apply_act(ncv v, int act)
+{
+    switch (act) {
+    case NCO_ACT_RELU: return nco_relu(v);
+    case NCO_ACT_GELU: return nco_gelu_erf(v);
+    case NCO_ACT_GELU_TANH: return nco_gelu_tanh(v);
+    default: return v;
+    }
+}
+
+/* ------------------------------------------------------------------ row kernels */
+
+/*
+ * out[j] = act(x[j] (+ bias[j])) (+ res[j]) for j < n.  All pointers unit stride;
+ * bias/res may be NULL; out may equal x or res.
+ */
+#define NCO_ACT_LOOP(ACT)                                                              \
+    do {                                                                               \
+        for (; j + NC_VW <= n; j += NC_VW) {                                           \
+            ncv v = ncv_ld(x + j);                                                  \
+            if (bias) v = v + ncv_ld(bias + j);                                        \
+            v = ACT(v);                                                                \
+            if (res) v = v + ncv_ld(res + j);                                          \
+            ncv_st(out + j, v);                                                        \
+        }                                                                              \
+        if (j < n) {                                                                   \
+            float tx[NC_VW] = {0}, tb[NC_VW] = {0}, tr[NC_VW] = {0};                   \
+            nc_int m = n - j;                                                         \
+            memcpy(tx, x + j, m * sizeof(float));                                      \
+            if (bias) memcpy(tb, bias + j, m * sizeof(float));                         \
+            if (res) memcpy(tr, res + j, m * sizeof(float));                           \
+            ncv v = ncv_ld(tx);                                                     \
+            if (bias) v = v + ncv_ld(tb);                                              \
+            v = ACT(v);                                                                \
+            if (res) v = v + ncv_ld(tr);                                               \
+            ncv_st(tx, v);                                                             \
+            memcpy(out + j, tx, m * sizeof(float));                                    \
+        }                                                                              \
+    } while (0)
+
+#define NCO_ID(v) (v)
+
+static void NC_FN(nc_ops_act_row)(const float *x, const float *bias, const float *res,
+                                  float *out, nc_int n, int act)
+{
+    nc_int j = 0;
+    switch (act) {
+    case NCO_ACT_RELU: NCO_ACT_LOOP(nco_relu); break;
+    case NCO_ACT_GELU: NCO_ACT_LOOP(nco_gelu_erf); break;
+    case NCO_ACT_GELU_TANH: NCO_ACT_LOOP(nco_gelu_tanh); break;
+    default: NCO_ACT_LOOP(NCO_ID); break;
+    }
+}
+
+/* plain exp over a row (exposed for tests of the polynomial) */
+static void NC_FN(nc_ops_exp_row)(const float *x, float *out, nc_int n)
+{
+    const float *bias = NULL, *res = NULL;
+    nc_int j = 0;
+    NCO_ACT_LOOP(nco_exp);
+}
+
+/*
+ * Softmax of one row of length n (unit stride), in place allowed (out == x):
+ *   v[j] = x[j] * scale (+ mask[j]);  v[j] = -inf where kpm[j] != 0 or j >= limit;
+ *   out[j] = exp(v[j] - max v) / sum exp(v - max v);  all -inf -> zeros.
+ * mask (float) and kpm (bytes) are unit stride or NULL.
+ */
+static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, float scale,
+                                      const float *mask, const uint8_t *kpm, nc_int limit)
+{
+    const ncv ninf = ncv_set1(-INFINITY);
+    const ncv vscale = ncv_set1(scale);
+    ncv vmax = ninf;
+    nc_int j = 0;
+    if (limit > n) limit = n;
+    if (limit < 0) limit = 0;
+    const nciv iota = ncv_iota();
+
+    /* pass 1: scaled + masked logits into out, running max */
+    for (j = 0; j < n; j += NC_VW) {
+        nc_int m = n - j < NC_VW ? n - j : NC_VW;
+        ncv v, mv = ncv_set1(0.0f);
+        nciv dead;
+        if (m == NC_VW) {
+            v = ncv_ld(x + j);
+            if (mask) mv = ncv_ld(mask + j);
+            if (kpm) {
+                dead = ncv_bytes_nonzero(kpm + j);
+            } else {
+                dead = ncv_seti(0);
+            }
+        } else {
+            float tx[NC_VW] = {0}, tm[NC_VW] = {0};
+            uint8_t tk[NC_VW] = {0};
+            memcpy(tx, x + j, m * sizeof(float));
+            if (mask) memcpy(tm, mask + j, m * sizeof(float));
+            if (kpm) memcpy(tk, kpm + j, m);
+            for (nc_int k = m; k < NC_VW; k++) tk[k] = 1;
+            v = ncv_ld(tx);
+            mv = ncv_ld(tm);
+            dead = ncv_bytes_nonzero(tk);
+        }
+        v = v * vscale;
+        if (mask) v = v + mv;
+        /* positions >= limit are dead; compare offsets within this vector only, so that
+           positions beyond 2^31 are never truncated to int32 */
+        if (j + NC_VW > limit)
+            dead |= iota >= ncv_seti((int32_t)(limit > j ? limit - j : 0));
+        v = ncv_sel(dead, ninf, v);
+        vmax = ncv_max(v, vmax);
+        if (m == NC_VW) {
+            ncv_st(out + j, v);
+        } else {
+            float tv[NC_VW];
+            ncv_st(tv, v);
+            memcpy(out + j, tv, m * sizeof(float));
+        }
+    }
+    float mx = ncv_hmax(vmax);
+    if (mx == -INFINITY) {
+        /* every position masked (or -inf): zeros; a NaN logit still gives NaN */
+        for (j = 0; j < n; j++) out[j] = (out[j] != out[j]) ? out[j] : 0.0f;
+        return;
+    }
+    /* pass 2: exponentials and their sum */
+    const ncv vmx = ncv_set1(mx);
+    ncv vsum = ncv_set1(0.0f);
+    for (j = 0; j + NC_VW <= n; j += NC_VW) {
+        ncv e = nco_exp_nonpos(ncv_ld(out + j) - vmx);
+        vsum += e;
+        ncv_st(out + j, e);
+    }
+    if (j < n) {
+        float tv[NC_VW];
+        nc_int m = n - j;
+        for (nc_int k = 0; k < NC_VW; k++) tv[k] = -INFINITY;
+        memcpy(tv, out + j, m * sizeof(float));
+        ncv e = nco_exp_nonpos(ncv_ld(tv) - vmx);
+        vsum += e;
+        ncv_st(tv, e);
+        memcpy(out + j, tv, m * sizeof(float));
+    }
+    float inv = 1.0f / (float)ncv_hsum(vsum);
+    /* pass 3: normalize */
+    const ncv vinv = ncv_set1(inv);
+    for (j = 0; j + NC_VW <= n; j += NC_VW) ncv_st(out + j, ncv_ld(out + j) * vinv);
+    for (; j < n; j++) out[j] = out[j] * inv;
+}
+
+
+
+
+#undef NCO_ACT_LOOP
+#undef NCO_ID
+#undef nco_exp_reduced
+#undef nco_exp
+#undef nco_exp_nonpos
+#undef nco_gelu_erf
+#undef nco_gelu_tanh
+#undef nco_relu
+#undef nco_apply_act

@@ -1,0 +1,26 @@
+/* Undo the per-variant short names of nc_simd.h (see there). */
+#undef NC_FN
+#undef NC_VW
+#undef ncv
+#undef nciv
+#undef nchv
+#undef ncdv
+#undef ncbv
+#undef nchwv
+#undef NC_UNROLL
+#undef NC_BLK
+#undef ncv_ld
+#undef ncv_st
+#undef ncv_set1
+#undef ncv_seti
+#undef ncv_sel
+#undef ncv_abs
+#undef ncv_max
+#undef ncv_hsum
+#undef ncv_hmax
+#undef ncv_ld_half_d
+#undef ncdv_hsum
+#undef ncv_bytes_nonzero
+#undef ncv_iota
+#undef ncv_stream
+#undef NC_PEEL

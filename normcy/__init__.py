@@ -7,7 +7,8 @@ Kernels (all float32, normalization over the last axis, GIL released, OpenMP ove
 - :func:`batch_norm` (inference mode), :func:`fold_batch_norm`,
   :func:`fold_batch_norm_into_linear`
 - Transformer building blocks: :func:`softmax` (masked, scaled, in place), :func:`gelu`
-  (exact erf or tanh), :func:`relu`, :func:`bias_activation`, :func:`bias_add`
+  (exact erf or tanh), :func:`relu`, :func:`bias_activation`, :func:`bias_add`, and
+  :class:`PackedLinear` (packed-weight GEMM with fused bias / activation / residual)
 
 Thread control: :func:`get_num_threads`, :func:`set_num_threads`; build report:
 :func:`show_config`.
@@ -52,6 +53,7 @@ from normcy._norms import (
 )
 from normcy._ops import softmax, gelu, relu, bias_activation, bias_add
 from normcy._bn_fold import fold_batch_norm_into_linear
+from normcy._gemm import PackedLinear
 from normcy._config import show_config
 
 __all__ = [
@@ -63,6 +65,7 @@ __all__ = [
     "batch_norm",
     "fold_batch_norm",
     "fold_batch_norm_into_linear",
+    "PackedLinear",
     "softmax",
     "gelu",
     "relu",

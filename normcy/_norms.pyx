@@ -20,7 +20,7 @@ from normcy._arraychecks cimport _shp, _desc, extent, identical_view, check_over
 
 cnp.import_array()
 
-cdef extern from "nc_api.h" nogil:
+cdef extern from "nc_api_norms.h" nogil:
     void nc_moments(const float *x, const float *xb, const float *r, float *d,
                     Py_ssize_t n, double *mean_out, double *m2_out)
     void nc_ln_apply(const float *s, float *y, const float *w, const float *b,

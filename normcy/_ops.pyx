@@ -21,7 +21,7 @@ from normcy._arraychecks cimport _desc, extent, identical_view, check_overlap
 cnp.import_array()
 nc_stream_init()
 
-cdef extern from "nc_api.h" nogil:
+cdef extern from "nc_api_ops.h" nogil:
     void nc_ops_act_row(const float *x, const float *bias, const float *res, float *out,
                         Py_ssize_t n, int act)
     void nc_ops_exp_row(const float *x, float *out, Py_ssize_t n)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm
-from normcy.transformer import (DEFAULT_KERNEL_THREADS, TransformerEncoderLayer,
+from normcy.transformer import (TransformerEncoderLayer,
                                 _AttentionPlan, _ThreadWorkspaces, _Workspace, _as_param)
 
 __all__ = ["BertModel"]
@@ -63,10 +63,8 @@ class BertModel:
         ``encoder.layer.N.attention.self.query.weight``, ...), optionally prefixed with
         ``bert.``; ``pooler.*`` and ``cls.*`` are ignored.  Converted to float32.
     num_threads : int, optional
-        Threads for normcy's kernels in this model (default: 1, see
-        ``normcy.transformer.DEFAULT_KERNEL_THREADS``: the kernels run between BLAS calls
-        whose worker threads keep spinning, so extra kernel threads would wait for cores).
-        The matrix multiplies use NumPy's BLAS and its own thread setting.
+        Threads for every kernel of this model, the matrix products included (default:
+        normcy's setting, see :func:`normcy.get_num_threads`; small work runs serially).
     """
 
     def __init__(self, config, weights, num_threads=None):
@@ -83,7 +81,7 @@ class BertModel:
                 raise ValueError("num_threads must be >= 1, got %d" % num_threads)
             num_threads = int(num_threads)
         self.config = dict(config)
-        self.num_threads = num_threads if num_threads is not None else DEFAULT_KERNEL_THREADS
+        self.num_threads = num_threads
         H = self.hidden_size = _config_int(config, "hidden_size")
         nh = self.num_attention_heads = _config_int(config, "num_attention_heads")
         ff = self.intermediate_size = _config_int(config, "intermediate_size")
@@ -168,7 +166,7 @@ class BertModel:
             }
             layer = TransformerEncoderLayer.from_torch_state_dict(
                 sd, nh, activation=_ACT[act], norm_first=False, layer_norm_eps=eps)
-            layer._nt = num_threads if num_threads is not None else DEFAULT_KERNEL_THREADS
+            layer.num_threads = num_threads
             self.layers.append(layer)
         self._tls = _ThreadWorkspaces()
 
@@ -322,7 +320,7 @@ class BertModel:
                 dst = final
             else:
                 dst = ws.get("bert_io%d" % (li % 2), (T, H))
-            layer._forward_rows(cur, plan, ws, dst)
+            layer.forward_rows(cur, plan, ws, dst)
             cur = dst
         if not dense:
             out[b_idx, col] = cur

@@ -1,20 +1,23 @@
 """A PyTorch-free Transformer encoder layer for CPU inference.
 
 :class:`TransformerEncoderLayer` computes exactly what ``torch.nn.TransformerEncoderLayer``
-(``batch_first=True``, eval mode) computes, from the same state dict, with NumPy's BLAS for the
-matrix multiplies and normcy's fused kernels for everything else:
+(``batch_first=True``, eval mode) computes, from the same state dict, with normcy's own kernels
+only (no BLAS): packed-weight GEMMs (:class:`normcy.PackedLinear`, weights packed once at load),
+a fused attention kernel and the fused norm kernels, all in one OpenMP thread pool:
 
-- the Q/K/V projection is one GEMM against the pre-transposed, contiguous ``in_proj`` weight;
-  the attention scale ``1/sqrt(head_dim)`` is folded into the query weights and bias;
+- the Q/K/V projection is one GEMM against the packed ``in_proj`` weight; the attention scale
+  ``1/sqrt(head_dim)`` is folded into the query weights and bias;
 - the key bias is dropped (it adds the same constant ``q . b_k`` to every logit of a row, which
   softmax ignores) and the value bias is folded into the output-projection bias (softmax rows
   sum to one, so ``P (V + b_v) W_o^T = P V W_o^T + W_o b_v``): no bias pass over K and V;
-- attention runs as two batched ``np.matmul`` calls on head-major copies of q, k^T and v
-  (one fused copy kernel that also adds the query bias) around normcy's in-place masked
-  softmax; the context goes straight into the (tokens, d_model) layout (no merge copy);
-- every residual add is fused into the norm kernels (``add_layer_norm`` / ``add_rms_norm``
-  with ``x_bias=`` the linear layer's bias, ``sum_out=`` for the pre-LN residual stream), the
-  feed-forward bias is fused into the activation;
+- attention is one fused kernel per (sequence, head): q (+ its bias), k^T and v are gathered
+  into a cache-resident block, each query row's scores, masked softmax and weighted sum of
+  values are computed while the row is in L1; the context goes straight into the
+  (tokens, d_model) layout;
+- biases and activations are GEMM epilogues; residual adds are fused into the norm kernels
+  (``add_layer_norm`` / ``add_rms_norm``, ``sum_out=`` for the pre-LN residual stream) or into
+  the last GEMM's epilogue (pre-LN);
+- every row's result is independent of the other rows and of the thread count, bit for bit;
 - all intermediate buffers live in a per-thread workspace reused between calls, so one layer
   object may be called from several threads at once.
 
@@ -29,13 +32,11 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from normcy._ops import _split_heads, bias_activation, softmax
+from normcy._gemm import PackedLinear, _attention
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
 _F32 = np.float32
-#: Threads for normcy's kernels between the BLAS matmuls of a layer (see __init__).
-DEFAULT_KERNEL_THREADS = 1
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _NORMS = ("layer", "rms")
 
@@ -89,56 +90,6 @@ def _check_int(v, name, minimum=1):
     if v < minimum:
         raise ValueError("%s must be >= %d, got %d" % (name, minimum, v))
     return int(v)
-
-
-# Below this many rows, ``x @ W`` runs as ``(W^T @ x^T)^T`` through two small copies, with
-# the token count padded up to a multiple of 8.  OpenBLAS's kernels want the long dimension
-# first, and its sgemm handles a short dimension that is not a multiple of 8 in slow tail
-# code: six MiniLM layers (d_model 384) of matmuls take 2.4 ms at 16 tokens but 4.0 ms at
-# 15, 3.1 ms at 24 and 4.4 ms at 23 (2 threads; the padded columns are zeros and cost
-# nothing else; measured by timing the four products of six layers for every m <= 80).
-# Above ~56 rows the two transposing copies cost more than the faster product saves
-# (a six-layer encoder at 1x48: 8.3 vs 8.8 ms; at 1x64: 10.9 vs 9.8 ms).
-_SMALL_ROWS = 56
-_PAD_MIN = 5
-
-
-def _linear(x, w, wt, out, ws):
-    """``out = x @ w`` for C-contiguous (m, k) x, (k, n) w and its (n, k) transpose wt.
-
-    With few rows the product runs as ``(wt @ x^T)^T`` on a copy of x^T padded with zero
-    columns to a multiple of 8: a C-contiguous (n, k) left operand and a right operand
-    whose column count is a multiple of the kernel width are what OpenBLAS's small-m path
-    wants (six MiniLM layers at 9 tokens: 2.6 ms of matmuls instead of 3.2 ms with ``w.T``
-    as an F-ordered view; padding 15 -> 16 columns: 4.0 -> 2.4 ms).
-    """
-    m = x.shape[0]
-    if m > _SMALL_ROWS or m == 0:
-        return np.matmul(x, w, out=out)
-    mp = m if m < _PAD_MIN else (m + 7) & ~7
-    k = x.shape[1]
-    xt = ws.get("lin_xt", (k, mp))
-    np.copyto(xt[:, :m], x.T)
-    if mp > m:
-        xt[:, m:] = 0.0
-    ot = ws.get("lin_ot", (w.shape[1], mp))
-    np.matmul(wt, xt, out=ot)
-    np.copyto(out, ot[:, :m].T)
-    return out
-
-
-# Attention runs on chunks of sequences whose score matrices fit this budget (bytes), so that
-# the scores stay in L2 between the QK^T matmul, the softmax and the PV matmul (about 30%
-# faster attention at 32 x 128 than one pass over the whole batch).
-_SCORES_BUDGET = 2 << 20
-
-
-def _chunk_groups(plan, nhead):
-    for off, nseq, L in plan.groups:
-        per = max(1, _SCORES_BUDGET // (4 * nhead * L * L))
-        for i in range(0, nseq, per):
-            n = min(per, nseq - i)
-            yield off + i * L, n, L
 
 
 class _AttentionPlan:
@@ -224,13 +175,10 @@ class TransformerEncoderLayer:
         self.layer_norm_eps = eps
         self.norm = norm
         self._tls = _ThreadWorkspaces()
-        # Threads for normcy's kernels inside the layer.  They run between NumPy BLAS calls,
-        # and OpenBLAS's worker threads keep spinning on the other cores for a long while
-        # after each matmul: a multi-threaded kernel then waits for a core held by a
-        # spinning BLAS thread (measured here: one 1x128 layer 41 ms with 2 kernel threads
-        # vs 2.6 ms with 1).  So by default BLAS gets the cores for the matmuls and the
-        # memory-bound kernels run on the calling thread.
-        self._nt = DEFAULT_KERNEL_THREADS
+        #: Threads for every kernel of the layer (None: normcy's default, all cores; small
+        #: work runs serially).  The matrix products are normcy's own (PackedLinear), so
+        #: one OpenMP pool serves the whole layer.
+        self.num_threads = None
 
     # ------------------------------------------------------------------ parameters
     def _expected_shapes(self):
@@ -356,22 +304,18 @@ class TransformerEncoderLayer:
         w_in = sd["self_attn.in_proj_weight"].astype(np.float64)
         b_in = sd["self_attn.in_proj_bias"].astype(np.float64)
         w_in[:d] *= scale
-        # (d, 3d) contiguous: x @ w_qkv gives [q*scale | k | v]
-        self._w_qkv = np.ascontiguousarray(w_in.T, dtype=_F32)
-        self._wt_qkv = np.ascontiguousarray(w_in, dtype=_F32)     # (3d, d), for few rows
+        # one packed GEMM gives [q*scale | k | v] (no bias: the query bias is added by the
+        # attention kernel, the key bias cancels in the softmax, the value bias is folded
+        # into the output projection's bias)
+        self._lin_qkv = PackedLinear(w_in.astype(_F32))
         self._b_q = (b_in[:d] * scale).astype(_F32)
         w_o = sd["self_attn.out_proj.weight"].astype(np.float64)
-        self._w_o = np.ascontiguousarray(w_o.T, dtype=_F32)
-        self._wt_o = sd["self_attn.out_proj.weight"]
         o_bv = w_o @ b_in[2 * d:]
         self._o_bv = o_bv.astype(_F32)
-        self._b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
-        self._w_1 = np.ascontiguousarray(sd["linear1.weight"].T)
-        self._wt_1 = sd["linear1.weight"]
-        self._b_1 = sd["linear1.bias"]
-        self._w_2 = np.ascontiguousarray(sd["linear2.weight"].T)
-        self._wt_2 = sd["linear2.weight"]
-        self._b_2 = sd["linear2.bias"]
+        b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
+        self._lin_o = PackedLinear(sd["self_attn.out_proj.weight"], b_o)
+        self._lin_1 = PackedLinear(sd["linear1.weight"], sd["linear1.bias"])
+        self._lin_2 = PackedLinear(sd["linear2.weight"], sd["linear2.bias"])
         self._n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
         self._n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
 
@@ -379,56 +323,46 @@ class TransformerEncoderLayer:
     def _norm(self, x, params, out):
         if self.norm == "layer":
             return layer_norm(x, params[0], params[1], self.layer_norm_eps, out=out,
-                              num_threads=self._nt)
-        return rms_norm(x, params[0], self.layer_norm_eps, out=out, num_threads=self._nt)
+                              num_threads=self.num_threads)
+        return rms_norm(x, params[0], self.layer_norm_eps, out=out, num_threads=self.num_threads)
 
     def _add_norm(self, x, residual, params, x_bias, out, sum_out=None):
         if self.norm == "layer":
             return add_layer_norm(x, residual, params[0], params[1], self.layer_norm_eps,
                                   x_bias=x_bias, out=out, sum_out=sum_out,
-                                  num_threads=self._nt)
+                                  num_threads=self.num_threads)
         return add_rms_norm(x, residual, params[0], self.layer_norm_eps, x_bias=x_bias,
-                            out=out, sum_out=sum_out, num_threads=self._nt)
+                            out=out, sum_out=sum_out, num_threads=self.num_threads)
 
-    def _attention(self, qkv, ctx, plan, ws):
-        """Scaled dot-product attention from the (rows, 3d) projections into ctx (rows, d).
-
-        The query bias is added while q, k and v are copied into head-major buffers (keys
-        transposed): OpenBLAS multiplies those small contiguous per-head matrices about twice
-        as fast as strided views of the packed projections.  The context is written straight
-        into the (rows, d) layout through a strided view (no merge copy).
-        """
-        h, dh, d = self.nhead, self.head_dim, self.d_model
-        nt = self._nt
-        for off, nseq, L in _chunk_groups(plan, h):
+    def _attention(self, qkv, ctx, plan):
+        """Scaled dot-product attention from the (rows, 3d) projections into ctx (rows, d):
+        one fused kernel per (sequence, head) (scores stay in cache; no BLAS)."""
+        h = self.nhead
+        nt = self.num_threads
+        for off, nseq, L in plan.groups:
             rows = nseq * L
-            q = ws.get("q", (nseq, h, L, dh))
-            kt = ws.get("kt", (nseq, h, dh, L))
-            v = ws.get("v", (nseq, h, L, dh))
-            _split_heads(qkv[off:off + rows], self._b_q, q, kt, v, nseq, L, h, num_threads=nt)
-            scores = ws.get("scores", (nseq, h, L, L))
-            np.matmul(q, kt, out=scores)
             kpm = plan.kpm
             mask = plan.mask
-            if kpm is not None or (mask is not None and mask.ndim == 4):
-                # masks with a batch axis: the padded layout, one group starting at row 0
-                first = off // L
-                if kpm is not None:
-                    kpm = kpm[first:first + nseq, None, None, :]
-                if mask is not None and mask.ndim == 4:
-                    mask = mask[first:first + nseq]
-            softmax(scores, mask=mask, key_padding_mask=kpm, is_causal=plan.is_causal,
-                    out=scores, num_threads=nt)
-            c = ctx[off:off + rows].reshape(nseq, L, h, dh).transpose(0, 2, 1, 3)
-            np.matmul(scores, v, out=c)
+            first = off // L
+            if kpm is not None:
+                kpm = kpm[first:first + nseq]
+            if mask is not None and mask.ndim == 4:
+                mask = mask[first:first + nseq]
+            _attention(qkv[off:off + rows], self._b_q, ctx[off:off + rows], nseq, L, h,
+                       mask=mask, key_padding_mask=kpm, is_causal=plan.is_causal,
+                       num_threads=nt)
 
-    def _forward_rows(self, x, plan, ws, out):
+    def forward_rows(self, x, plan, ws, out):
         """One layer on a (rows, d_model) C-contiguous matrix; result into `out`.
 
-        `x` is not modified; `out` must not alias `x` or the workspace buffers.
+        Package-level interface (used by :class:`TransformerEncoder` and
+        :class:`normcy.BertModel`): `plan` is an :class:`AttentionPlan` and `ws` a
+        :class:`Workspace`.  `x` is not modified; `out` must not alias `x` or the workspace
+        buffers.
         """
         n, d = x.shape
         f = self.dim_feedforward
+        nt = self.num_threads
         qkv = ws.get("qkv", (n, 3 * d))
         ctx = ws.get("ctx", (n, d))
         proj = ws.get("proj", (n, d))
@@ -436,29 +370,25 @@ class TransformerEncoderLayer:
         if self.norm_first:
             xn = ws.get("xn", (n, d))
             self._norm(x, self._n1, xn)
-            _linear(xn, self._w_qkv, self._wt_qkv, qkv, ws)
+            self._lin_qkv(xn, out=qkv, num_threads=nt)
         else:
-            _linear(x, self._w_qkv, self._wt_qkv, qkv, ws)
-        nt = self._nt
-        self._attention(qkv, ctx, plan, ws)
-        _linear(ctx, self._w_o, self._wt_o, proj, ws)
+            self._lin_qkv(x, out=qkv, num_threads=nt)
+        self._attention(qkv, ctx, plan)
+        self._lin_o(ctx, out=proj, num_threads=nt)
         if plan.dead is not None:
             proj[plan.dead] -= self._o_bv
         if self.norm_first:
             s = ws.get("sum", (n, d))
-            # s = x + attn + b_o ; xn = norm2(s)
-            self._add_norm(proj, x, self._n2, self._b_o, out=xn, sum_out=s)
-            _linear(xn, self._w_1, self._wt_1, hid, ws)
-            bias_activation(hid, self._b_1, self.activation, out=hid, num_threads=nt)
-            _linear(hid, self._w_2, self._wt_2, proj, ws)
-            bias_activation(proj, self._b_2, residual=s, out=out, num_threads=nt)
+            # s = x + attn ; xn = norm2(s)
+            self._add_norm(proj, x, self._n2, None, out=xn, sum_out=s)
+            self._lin_1(xn, activation=self.activation, out=hid, num_threads=nt)
+            self._lin_2(hid, residual=s, out=out, num_threads=nt)
         else:
             x1 = ws.get("x1", (n, d))
-            self._add_norm(proj, x, self._n1, self._b_o, out=x1)
-            _linear(x1, self._w_1, self._wt_1, hid, ws)
-            bias_activation(hid, self._b_1, self.activation, out=hid, num_threads=nt)
-            _linear(hid, self._w_2, self._wt_2, proj, ws)
-            self._add_norm(proj, x1, self._n2, self._b_2, out=out)
+            self._add_norm(proj, x, self._n1, None, out=x1)
+            self._lin_1(x1, activation=self.activation, out=hid, num_threads=nt)
+            self._lin_2(hid, out=proj, num_threads=nt)
+            self._add_norm(proj, x1, self._n2, None, out=out)
         return out
 
     # ------------------------------------------------------------------ public call
@@ -488,7 +418,7 @@ class TransformerEncoderLayer:
         b, s, d = x3.shape
         out = np.empty((b, s, d), dtype=_F32)
         if b * s:
-            self._forward_rows(x3.reshape(b * s, d), plan, self._tls.ws, out.reshape(b * s, d))
+            self.forward_rows(x3.reshape(b * s, d), plan, self._tls.ws, out.reshape(b * s, d))
         return out[0] if unbatched else out
 
     def clear_workspace(self):
@@ -684,7 +614,7 @@ class TransformerEncoder:
                 dst = out
             else:
                 dst = ws.get("io%d" % (i % 2), (n, d))
-            layer._forward_rows(cur, plan, ws, dst)
+            layer.forward_rows(cur, plan, ws, dst)
             cur = dst
         if self.norm is not None:
             w, b, eps, kind = self.norm

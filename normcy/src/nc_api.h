@@ -33,6 +33,18 @@ enum { NCO_ACT_IDENTITY = 0, NCO_ACT_RELU = 1, NCO_ACT_GELU = 2, NCO_ACT_GELU_TA
 
 #define NC_CHUNK 1024
 
+/* Kernel families a module compiles (each Cython module includes a nc_api_*.h that sets
+   this before including nc_api.h): the GEMM needs the ops (activations, softmax). */
+#define NC_F_NORM 1
+#define NC_F_OPS 2
+#define NC_F_GEMM 4
+#ifndef NC_FAMILIES
+#define NC_FAMILIES (NC_F_NORM | NC_F_OPS | NC_F_GEMM)
+#endif
+#if (NC_FAMILIES & NC_F_GEMM) && !(NC_FAMILIES & NC_F_OPS)
+#error "the GEMM family needs the ops family"
+#endif
+
 /* ------------------------------------------------------------- the kernel table */
 typedef struct nc_ktable {
     const char *name;          /* "avx512", "avx2", "baseline", "native" */
@@ -56,6 +68,16 @@ typedef struct nc_ktable {
     void (*exp_row)(const float *, float *, ptrdiff_t);
     void (*softmax_row)(const float *, float *, ptrdiff_t, float, const float *,
                         const uint8_t *, ptrdiff_t);
+    /* packed GEMM and fused attention (nc_gemm_kern.h) */
+    void (*gemm_run)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t,
+                     const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int,
+                     ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t);
+    void (*gemm_pack)(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, float *);
+    ptrdiff_t (*gemm_nr)(void);
+    ptrdiff_t (*gemm_mr)(void);
+    void (*attention_head)(const float *, ptrdiff_t, const float *, ptrdiff_t, const float *,
+                           ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, int,
+                           const float *, ptrdiff_t, const uint8_t *, float *);
 } nc_ktable;
 
 /* ------------------------------------------------------------- the variants */
@@ -73,11 +95,7 @@ typedef struct nc_ktable {
 #define NC_VBYTES NC_ONE_VB
 #define NC_SFX one
 #include "nc_simd.h"
-#include "nc_norm_kern.h"
-#include "nc_ops_kern.h"
-#ifdef NC_WITH_GEMM
-#include "nc_gemm_kern.h"
-#endif
+#include "nc_families.h"
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
@@ -88,11 +106,7 @@ typedef struct nc_ktable {
 #define NC_VBYTES 64
 #define NC_SFX v4
 #include "nc_simd.h"
-#include "nc_norm_kern.h"
-#include "nc_ops_kern.h"
-#ifdef NC_WITH_GEMM
-#include "nc_gemm_kern.h"
-#endif
+#include "nc_families.h"
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
@@ -103,11 +117,7 @@ typedef struct nc_ktable {
 #define NC_VBYTES 32
 #define NC_SFX v3
 #include "nc_simd.h"
-#include "nc_norm_kern.h"
-#include "nc_ops_kern.h"
-#ifdef NC_WITH_GEMM
-#include "nc_gemm_kern.h"
-#endif
+#include "nc_families.h"
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
@@ -116,27 +126,32 @@ typedef struct nc_ktable {
 #define NC_VBYTES 16
 #define NC_SFX v1
 #include "nc_simd.h"
-#include "nc_norm_kern.h"
-#include "nc_ops_kern.h"
-#ifdef NC_WITH_GEMM
-#include "nc_gemm_kern.h"
-#endif
+#include "nc_families.h"
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
 #endif
 
-#ifdef NC_WITH_GEMM
-#define NC_GEMM_TABLE_INIT(S) NC_GEMM_TABLE_VALUES(S)
-#else
-#define NC_GEMM_TABLE_INIT(S)
-#endif
-
-#define NC_TABLE(S, NAME, DETAIL, VB)                                                    \
-    {NAME, DETAIL, VB, nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
+#if NC_FAMILIES & NC_F_NORM
+#define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_vec_##S,     \
-     nc_stream_copy_##S, nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S   \
-     NC_GEMM_TABLE_INIT(S)}
+     nc_stream_copy_##S
+#else
+#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0
+#endif
+#if NC_FAMILIES & NC_F_OPS
+#define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S
+#else
+#define NC_TABLE_OPS(S) 0, 0, 0
+#endif
+#if NC_FAMILIES & NC_F_GEMM
+#define NC_TABLE_GEMM(S) nc_gemm_run_##S, nc_gemm_pack_##S, nc_gemm_nr_##S, nc_gemm_mr_##S, \
+     nc_attention_head_##S
+#else
+#define NC_TABLE_GEMM(S) 0, 0, 0, 0, 0
+#endif
+#define NC_TABLE(S, NAME, DETAIL, VB) \
+    {NAME, DETAIL, VB, NC_TABLE_NORM(S), NC_TABLE_OPS(S), NC_TABLE_GEMM(S)}
 
 #if NC_MULTI
 static const nc_ktable nc_table_v4 = NC_TABLE(v4, "avx512", "x86-64-v4 (AVX-512)", 64);
@@ -260,5 +275,22 @@ static inline void nc_ops_softmax_row(const float *x, float *out, ptrdiff_t n, f
                                       const float *mask, const uint8_t *kpm, ptrdiff_t limit)
 { nc_kt->softmax_row(x, out, n, scale, mask, kpm, limit); }
 #define nc_ops_isa nc_isa
+static inline void nc_gemm_run(const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t N,
+                               ptrdiff_t K, const float *bias, const float *res, ptrdiff_t ldr,
+                               float *y, ptrdiff_t ldy, int act, ptrdiff_t m0, ptrdiff_t m1,
+                               ptrdiff_t p0, ptrdiff_t p1)
+{ nc_kt->gemm_run(x, ldx, wp, N, K, bias, res, ldr, y, ldy, act, m0, m1, p0, p1); }
+static inline void nc_gemm_pack(const float *w, ptrdiff_t ldw, ptrdiff_t N, ptrdiff_t K,
+                                float *wp)
+{ nc_kt->gemm_pack(w, ldw, N, K, wp); }
+static inline ptrdiff_t nc_gemm_nr(void) { return nc_kt->gemm_nr(); }
+static inline ptrdiff_t nc_gemm_mr(void) { return nc_kt->gemm_mr(); }
+static inline void nc_attention_head(const float *q, ptrdiff_t ldq, const float *kt,
+                                     ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *out,
+                                     ptrdiff_t ldo, ptrdiff_t L, ptrdiff_t dh, ptrdiff_t klen,
+                                     int causal, const float *mask, ptrdiff_t ldm,
+                                     const uint8_t *kpm, float *scores)
+{ nc_kt->attention_head(q, ldq, kt, ldk, v, ldv, out, ldo, L, dh, klen, causal, mask, ldm, kpm,
+                        scores); }
 
 #endif /* NC_API_H */

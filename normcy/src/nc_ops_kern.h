@@ -294,10 +294,4 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
 
 #undef NCO_ACT_LOOP
 #undef NCO_ID
-#undef nco_exp_reduced
-#undef nco_exp
-#undef nco_exp_nonpos
-#undef nco_gelu_erf
-#undef nco_gelu_tanh
-#undef nco_relu
-#undef nco_apply_act
+/* the nco_* helper names are undefined by nc_simd_end.h (the GEMM epilogue uses them) */

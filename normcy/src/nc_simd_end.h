@@ -24,3 +24,10 @@
 #undef ncv_iota
 #undef ncv_stream
 #undef NC_PEEL
+#undef nco_exp_reduced
+#undef nco_exp
+#undef nco_exp_nonpos
+#undef nco_gelu_erf
+#undef nco_gelu_tanh
+#undef nco_relu
+#undef nco_apply_act

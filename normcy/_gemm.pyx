@@ -1,0 +1,461 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False, cdivision=True
+"""Packed-weight GEMM with fused epilogues, and fused attention.
+
+``PackedLinear(weight, bias)`` packs a ``torch.nn.Linear``-layout weight (out_features,
+in_features) once into the column panels that the SIMD micro-kernel streams
+(``src/nc_gemm_kern.h``: layout, cache blocking and the determinism argument are described
+there); calling it computes ``act(x @ weight.T + bias) (+ residual)`` in one pass.
+
+Arguments are checked here, once; the C kernels hold no validation.  Work is spread over
+normcy's own OpenMP pool: over column panels when there are few rows, over row blocks when
+there are many, serially when the work is small.  Every output element is one FMA chain over
+k in a fixed order whatever the thread count or the other rows of the call, so results are
+bit-identical for every thread count and every batch composition.
+"""
+from libc.stdlib cimport malloc, free
+from libc.stdint cimport uint8_t, uintptr_t
+from cython.parallel cimport prange
+cimport numpy as cnp
+import numpy as np
+import operator
+
+from normcy._parallel cimport resolve_threads
+from normcy._arraychecks cimport _desc, check_overlap
+
+cnp.import_array()
+
+cdef extern from "nc_api_gemm.h" nogil:
+    void nc_stream_init()
+    void nc_gemm_run(const float *x, Py_ssize_t ldx, const float *wp, Py_ssize_t N,
+                     Py_ssize_t K, const float *bias, const float *res, Py_ssize_t ldr,
+                     float *y, Py_ssize_t ldy, int act, Py_ssize_t m0, Py_ssize_t m1,
+                     Py_ssize_t p0, Py_ssize_t p1)
+    void nc_gemm_pack(const float *w, Py_ssize_t ldw, Py_ssize_t N, Py_ssize_t K, float *wp)
+    Py_ssize_t nc_gemm_nr()
+    Py_ssize_t nc_gemm_mr()
+    void nc_attention_head(const float *q, Py_ssize_t ldq, const float *kt, Py_ssize_t ldk,
+                           const float *v, Py_ssize_t ldv, float *out, Py_ssize_t ldo,
+                           Py_ssize_t L, Py_ssize_t dh, Py_ssize_t klen, int causal,
+                           const float *mask, Py_ssize_t ldm, const uint8_t *kpm,
+                           float *scores)
+    int NCO_ACT_IDENTITY
+    int NCO_ACT_RELU
+    int NCO_ACT_GELU
+    int NCO_ACT_GELU_TANH
+
+nc_stream_init()
+
+_ACTIVATIONS = {
+    None: NCO_ACT_IDENTITY, "identity": NCO_ACT_IDENTITY, "none": NCO_ACT_IDENTITY,
+    "relu": NCO_ACT_RELU, "gelu": NCO_ACT_GELU, "gelu_tanh": NCO_ACT_GELU_TANH,
+}
+
+# Below this many multiply-adds a call runs on the calling thread (a parallel region costs
+# about 1-2 us; 2^17 FMAs take ~10 us on one AVX2 core).
+DEF SERIAL_FMAS = 131072
+# With at least this many rows per thread the work is split by rows, else by column panels.
+DEF ROWS_PER_THREAD = 48
+
+
+cdef int _act_code(object activation) except -1:
+    try:
+        return _ACTIVATIONS[activation]
+    except (KeyError, TypeError):
+        raise ValueError("activation must be one of None, 'relu', 'gelu', 'gelu_tanh', got %r"
+                         % (activation,)) from None
+
+
+cdef inline bint _rows_view_ok(cnp.ndarray a) noexcept:
+    """2-D with unit stride along the last axis and a non-negative row stride."""
+    return (cnp.PyArray_NDIM(a) == 2 and
+            (cnp.PyArray_DIMS(a)[1] <= 1 or cnp.PyArray_STRIDES(a)[1] == 4) and
+            cnp.PyArray_STRIDES(a)[0] >= 0 and cnp.PyArray_STRIDES(a)[0] % 4 == 0 and
+            (<uintptr_t>cnp.PyArray_DATA(a)) % 4 == 0)
+
+
+cdef cnp.ndarray _as_rows(object a, Py_ssize_t width):
+    """A (rows, width) float32 view of `a` (..., width) with unit last stride, or a
+    C-contiguous copy where no such view exists (inputs only)."""
+    cdef cnp.ndarray r = <cnp.ndarray>np.reshape(a, (-1, width))
+    if not _rows_view_ok(r):
+        r = <cnp.ndarray>np.ascontiguousarray(r)
+    return r
+
+
+cdef object _rows_view_or_none(cnp.ndarray a, Py_ssize_t rows, Py_ssize_t width):
+    """A (rows, width) view of `a` that writes through to it, or None."""
+    v = a.view(np.ndarray)
+    try:
+        v.shape = (rows, width)
+    except AttributeError:
+        return None
+    return v if _rows_view_ok(<cnp.ndarray>v) else None
+
+
+cdef struct GemmJob:
+    const float *x
+    Py_ssize_t ldx
+    const float *wp
+    Py_ssize_t N
+    Py_ssize_t K
+    const float *bias
+    const float *res
+    Py_ssize_t ldr
+    float *y
+    Py_ssize_t ldy
+    int act
+    Py_ssize_t M
+    Py_ssize_t npanels
+    Py_ssize_t mr
+    int nt
+    bint by_rows
+
+
+cdef void gemm_part(const GemmJob *j, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t a, b, units
+    if j.by_rows:
+        # row ranges in whole micro-tiles
+        units = (j.M + j.mr - 1) // j.mr
+        a = units * t // j.nt * j.mr
+        b = units * (t + 1) // j.nt * j.mr
+        if b > j.M:
+            b = j.M
+        if a < b:
+            nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                        j.act, a, b, 0, j.npanels)
+    else:
+        a = j.npanels * t // j.nt
+        b = j.npanels * (t + 1) // j.nt
+        if a < b:
+            nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                        j.act, 0, j.M, a, b)
+
+
+cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
+    cdef Py_ssize_t t
+    j.nt = nt
+    if nt <= 1:
+        j.nt = 1
+        gemm_part(j, 0)
+        return
+    for t in prange(nt, schedule='static', num_threads=nt):
+        gemm_part(j, t)
+
+
+cdef class PackedLinear:
+    """A linear layer whose weight is packed once for normcy's GEMM micro-kernel.
+
+    ``y = act(x @ weight.T + bias) (+ residual)``, with the weight in ``torch.nn.Linear``
+    layout.  The packing happens here, once (for the SIMD variant chosen at import); calls
+    stream the packed panels.
+
+    Parameters
+    ----------
+    weight : numpy.ndarray
+        float32, shape (out_features, in_features), any strides.
+    bias : numpy.ndarray or None
+        float32, shape (out_features,).
+
+    Notes
+    -----
+    Results are bit-identical for every thread count, and each row's result does not
+    depend on the other rows of the call (batch invariance).
+    """
+
+    cdef readonly Py_ssize_t in_features
+    cdef readonly Py_ssize_t out_features
+    cdef cnp.ndarray _packed
+    cdef cnp.ndarray _bias
+    cdef cnp.ndarray _weight
+    cdef const float *_wp
+    cdef Py_ssize_t _nr
+
+    def __init__(self, weight, bias=None):
+        if not isinstance(weight, np.ndarray):
+            raise TypeError("weight must be a numpy.ndarray, got %s" % type(weight).__name__)
+        if weight.dtype != np.float32:
+            raise TypeError("weight must be float32, got %s" % _desc(weight))
+        if weight.ndim != 2:
+            raise ValueError("weight must be 2-D (out_features, in_features), got %s"
+                             % _desc(weight))
+        cdef Py_ssize_t N = weight.shape[0], K = weight.shape[1]
+        if N < 1 or K < 1:
+            raise ValueError("weight must have out_features >= 1 and in_features >= 1, got %s"
+                             % _desc(weight))
+        if bias is not None:
+            if not isinstance(bias, np.ndarray):
+                raise TypeError("bias must be a numpy.ndarray or None, got %s"
+                                % type(bias).__name__)
+            if bias.dtype != np.float32:
+                raise TypeError("bias must be float32, got %s" % _desc(bias))
+            if bias.shape != (N,):
+                raise ValueError("bias must have shape (%d,) to match weight %s, got %s"
+                                 % (N, weight.shape, _desc(bias)))
+            self._bias = np.ascontiguousarray(bias).copy()
+        else:
+            self._bias = None
+        self._weight = np.ascontiguousarray(weight).copy()
+        self._weight.setflags(write=False)
+        self.in_features = K
+        self.out_features = N
+        self._nr = nc_gemm_nr()
+        cdef Py_ssize_t npan = (N + self._nr - 1) // self._nr
+        cdef Py_ssize_t total = npan * K * self._nr
+        # 64-byte aligned buffer: every panel row is then aligned for the vector loads
+        raw = np.empty(total + 16, dtype=np.float32)
+        off = ((-raw.ctypes.data) % 64) // 4
+        self._packed = raw[off:off + total]
+        self._wp = <const float *>cnp.PyArray_DATA(self._packed)
+        cdef const float *w = <const float *>cnp.PyArray_DATA(self._weight)
+        cdef float *wp = <float *>cnp.PyArray_DATA(self._packed)
+        with nogil:
+            nc_gemm_pack(w, K, N, K, wp)
+
+    @property
+    def weight(self):
+        """The weight (out_features, in_features), read-only."""
+        return self._weight
+
+    @property
+    def bias(self):
+        """The bias (out_features,) or None (a copy)."""
+        return None if self._bias is None else self._bias.copy()
+
+    def __repr__(self):
+        return "PackedLinear(in_features=%d, out_features=%d, bias=%s)" % (
+            self.in_features, self.out_features, self._bias is not None)
+
+    def __reduce__(self):
+        return (PackedLinear, (self._weight, self.bias))
+
+    def __call__(self, x, *, activation=None, residual=None, out=None, num_threads=None):
+        """``act(x @ weight.T + bias) (+ residual)``.
+
+        Parameters
+        ----------
+        x : numpy.ndarray
+            float32, shape (..., in_features), any strides.
+        activation : {None, 'relu', 'gelu', 'gelu_tanh'}
+            Applied to ``x @ weight.T + bias`` ('gelu' is the exact erf form).
+        residual : numpy.ndarray, optional
+            float32, shape (..., out_features) (same leading shape as x), added after the
+            activation.
+        out : numpy.ndarray, optional
+            float32, shape (..., out_features); may be `residual` itself, must not overlap x.
+        num_threads : int, optional
+            Threads for this call (default: normcy's setting; small work runs serially).
+
+        Returns
+        -------
+        numpy.ndarray
+            `out`, or a new C-contiguous array.
+        """
+        cdef int act = _act_code(activation)
+        if not isinstance(x, np.ndarray):
+            raise TypeError("x must be a numpy.ndarray, got %s" % type(x).__name__)
+        if (<cnp.ndarray>x).dtype != np.float32:
+            raise TypeError("x must be float32, got %s" % _desc(x))
+        cdef int nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
+        if nd < 1 or cnp.PyArray_DIMS(<cnp.ndarray>x)[nd - 1] != self.in_features:
+            raise ValueError("x must have shape (..., %d), got %s" % (self.in_features, _desc(x)))
+        cdef tuple lead = tuple([cnp.PyArray_DIMS(<cnp.ndarray>x)[k] for k in range(nd - 1)])
+        cdef tuple oshape = lead + (self.out_features,)
+        cdef Py_ssize_t M = 1, k
+        for k in range(nd - 1):
+            M *= cnp.PyArray_DIMS(<cnp.ndarray>x)[k]
+        if residual is not None:
+            if not isinstance(residual, np.ndarray):
+                raise TypeError("residual must be a numpy.ndarray or None, got %s"
+                                % type(residual).__name__)
+            if (<cnp.ndarray>residual).dtype != np.float32:
+                raise TypeError("residual must be float32, got %s" % _desc(residual))
+            if tuple(np.shape(residual)) != oshape:
+                raise ValueError("residual must have shape %s, got %s" % (oshape, _desc(residual)))
+        if out is None:
+            out = np.empty(oshape, dtype=np.float32)
+        else:
+            if not isinstance(out, np.ndarray):
+                raise TypeError("out must be a numpy.ndarray or None, got %s" % type(out).__name__)
+            if (<cnp.ndarray>out).dtype != np.float32:
+                raise TypeError("out must be float32, got %s" % _desc(out))
+            if tuple(np.shape(out)) != oshape:
+                raise ValueError("out must have shape %s, got %s" % (oshape, _desc(out)))
+            if not (<cnp.ndarray>out).flags.writeable:
+                raise ValueError("out must be writeable")
+            check_overlap(<cnp.ndarray>out, "out", x, "x", False)
+            check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
+        if M == 0:
+            return out
+        cdef cnp.ndarray xr = _as_rows(x, self.in_features)
+        cdef cnp.ndarray rr = _as_rows(residual, self.out_features) if residual is not None else None
+        cdef object yv = _rows_view_or_none(<cnp.ndarray>out, M, self.out_features)
+        cdef cnp.ndarray yr
+        cdef bint copy_back = False
+        if yv is not None:
+            yr = <cnp.ndarray>yv
+        else:
+            # no (M, N) view with unit last stride: compute into a temporary
+            copy_back = True
+            yr = <cnp.ndarray>np.empty((M, self.out_features), dtype=np.float32)
+        cdef GemmJob j
+        j.x = <const float *>cnp.PyArray_DATA(xr)
+        j.ldx = cnp.PyArray_STRIDES(xr)[0] // 4
+        j.wp = self._wp
+        j.N = self.out_features
+        j.K = self.in_features
+        j.bias = <const float *>cnp.PyArray_DATA(self._bias) if self._bias is not None else NULL
+        j.res = <const float *>cnp.PyArray_DATA(rr) if rr is not None else NULL
+        j.ldr = cnp.PyArray_STRIDES(rr)[0] // 4 if rr is not None else 0
+        j.y = <float *>cnp.PyArray_DATA(yr)
+        j.ldy = cnp.PyArray_STRIDES(yr)[0] // 4
+        j.act = act
+        j.M = M
+        j.npanels = (self.out_features + self._nr - 1) // self._nr
+        j.mr = nc_gemm_mr()
+        cdef Py_ssize_t fmas = M * self.out_features * self.in_features
+        cdef int nt = resolve_threads(num_threads, fmas // 8 if fmas >= SERIAL_FMAS else 0,
+                                      max(j.npanels, (M + j.mr - 1) // j.mr))
+        j.by_rows = M >= <Py_ssize_t>ROWS_PER_THREAD * nt
+        if not j.by_rows and j.npanels < nt:
+            nt = <int>j.npanels
+        with nogil:
+            gemm_exec(&j, nt)
+        if copy_back:
+            np.copyto(out, yr.reshape(oshape))
+        return out
+
+
+cdef struct AttnJob:
+    const float *qkv
+    Py_ssize_t ld
+    const float *bq
+    float *ctx
+    Py_ssize_t ldc
+    Py_ssize_t L
+    Py_ssize_t H
+    Py_ssize_t nhead
+    Py_ssize_t dh
+    int causal
+    const float *mask
+    Py_ssize_t m_sb
+    Py_ssize_t m_sh
+    Py_ssize_t m_ld
+    const uint8_t *kpm
+    Py_ssize_t k_ld
+    Py_ssize_t nblk
+    int nt
+
+
+cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogil:
+    """One (sequence, head): gather q (+ bias), k^T, v into buf, attention into ctx."""
+    cdef Py_ssize_t bs = blk // j.nhead, hh = blk - (blk // j.nhead) * j.nhead
+    cdef Py_ssize_t L = j.L, dh = j.dh, s, d
+    cdef float *q = buf
+    cdef float *kt = buf + L * dh
+    cdef float *v = buf + 2 * L * dh
+    cdef float *scores = buf + 3 * L * dh
+    cdef const float *row
+    cdef const float *b = j.bq + hh * dh
+    cdef const float *mk = NULL
+    cdef const uint8_t *kp = NULL
+    for s in range(L):
+        row = j.qkv + (bs * L + s) * j.ld + hh * dh
+        for d in range(dh):
+            q[s * dh + d] = row[d] + b[d]
+        for d in range(dh):
+            kt[d * L + s] = row[j.H + d]
+        for d in range(dh):
+            v[s * dh + d] = row[2 * j.H + d]
+    if j.mask != NULL:
+        mk = j.mask + bs * j.m_sb + hh * j.m_sh
+    if j.kpm != NULL:
+        kp = j.kpm + bs * j.k_ld
+    nc_attention_head(q, dh, kt, L, v, dh, j.ctx + bs * L * j.ldc + hh * dh, j.ldc,
+                      L, dh, L, j.causal, mk, j.m_ld, kp, scores)
+
+
+cdef void attn_part(const AttnJob *j, Py_ssize_t t) noexcept nogil:
+    cdef Py_ssize_t a = j.nblk * t // j.nt, b = j.nblk * (t + 1) // j.nt, i
+    if a >= b:
+        return
+    cdef float *buf = <float *>malloc((3 * j.L * j.dh + j.L + 64) * sizeof(float))
+    if buf == NULL:
+        return
+    for i in range(a, b):
+        attn_block(j, i, buf)
+    free(buf)
+
+
+def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
+               mask=None, key_padding_mask=None, bint is_causal=False, num_threads=None):
+    """Fused multi-head attention on packed projections (private: normcy.transformer).
+
+    qkv : (nseq*L, 3H) float32 rows ``[q | k | v]`` with unit last stride, q already scaled
+    (its bias `bq` (H,) is added here; the key bias cancels in the softmax and the value bias
+    is folded into the output projection by the caller).  ctx : (nseq*L, H) float32 output
+    rows (unit last stride).  mask : additive float32 broadcastable to (nseq, nhead, L, L)
+    with unit last stride, or None; key_padding_mask : (nseq, L) bool/uint8 (True = masked)
+    or None.  One task per (sequence, head), spread over threads; scores stay in cache.
+    """
+    cdef cnp.ndarray a = <cnp.ndarray>qkv
+    cdef cnp.ndarray c = <cnp.ndarray>ctx
+    cdef Py_ssize_t H
+    if (not isinstance(qkv, np.ndarray) or a.dtype != np.float32 or a.ndim != 2
+            or a.shape[1] % 3 or a.shape[0] != nseq * L or not _rows_view_ok(a)):
+        raise ValueError("_attention: bad qkv %s" % _desc(qkv))
+    H = a.shape[1] // 3
+    if nhead < 1 or H % nhead:
+        raise ValueError("_attention: nhead %d does not divide %d" % (nhead, H))
+    if (not isinstance(ctx, np.ndarray) or c.dtype != np.float32 or c.ndim != 2
+            or c.shape[0] != nseq * L or c.shape[1] != H or not _rows_view_ok(c)
+            or not c.flags.writeable):
+        raise ValueError("_attention: bad ctx %s" % _desc(ctx))
+    if (not isinstance(bq, np.ndarray) or bq.dtype != np.float32 or bq.shape != (H,)
+            or not bq.flags.c_contiguous):
+        raise ValueError("_attention: bad bq %s" % _desc(bq))
+    cdef AttnJob j
+    j.qkv = <const float *>cnp.PyArray_DATA(a)
+    j.ld = a.strides[0] // 4
+    j.bq = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bq)
+    j.ctx = <float *>cnp.PyArray_DATA(c)
+    j.ldc = c.strides[0] // 4
+    j.L = L
+    j.H = H
+    j.nhead = nhead
+    j.dh = H // nhead
+    j.causal = 1 if is_causal else 0
+    j.mask = NULL
+    j.kpm = NULL
+    j.m_sb = j.m_sh = j.m_ld = j.k_ld = 0
+    cdef cnp.ndarray m, kp
+    if mask is not None:
+        m = <cnp.ndarray>np.broadcast_to(mask, (nseq, nhead, L, L))
+        if m.dtype != np.float32 or (L > 1 and m.strides[3] != 4):
+            m = <cnp.ndarray>np.ascontiguousarray(np.broadcast_to(mask, (nseq, nhead, L, L)),
+                                                  dtype=np.float32)
+        j.mask = <const float *>cnp.PyArray_DATA(m)
+        j.m_sb = m.strides[0] // 4
+        j.m_sh = m.strides[1] // 4
+        j.m_ld = m.strides[2] // 4
+    if key_padding_mask is not None:
+        kp = <cnp.ndarray>np.ascontiguousarray(key_padding_mask, dtype=np.uint8)
+        if kp.ndim != 2 or kp.shape[0] != nseq or kp.shape[1] != L:
+            raise ValueError("_attention: bad key_padding_mask %s" % _desc(key_padding_mask))
+        j.kpm = <const uint8_t *>cnp.PyArray_DATA(kp)
+        j.k_ld = L
+    j.nblk = nseq * nhead
+    cdef Py_ssize_t t
+    cdef int nt = resolve_threads(num_threads, nseq * L * L * H // 8 + 1, j.nblk)
+    j.nt = nt
+    with nogil:
+        if nt <= 1:
+            j.nt = 1
+            attn_part(&j, 0)
+        else:
+            for t in prange(nt, schedule='static', num_threads=nt):
+                attn_part(&j, t)
+
+
+def _kernel_shape():
+    """(MR, NR) of the GEMM micro-kernel of the SIMD variant in use."""
+    return int(nc_gemm_mr()), int(nc_gemm_nr())

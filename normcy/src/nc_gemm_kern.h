@@ -1,0 +1,234 @@
+/*
+ * normcy packed-weight GEMM and fused attention: y = act(x @ W^T + b) (+ residual).
+ *
+ * Written once against nc_simd.h and compiled once per SIMD variant by nc_api.h (no include
+ * guard on purpose; names go through NC_FN).  No validation here: the Cython boundary
+ * (normcy/_gemm.pyx) checks shapes, strides, dtypes and aliasing once.
+ *
+ * Packed layout (made once, at model load, by nc_gemm_pack)
+ * ---------------------------------------------------------
+ * W is (N, K) row-major, torch.nn.Linear's layout.  It is cut into ceil(N / NC_NR) column
+ * panels of NC_NR = 2 vectors; panel p holds, for k = 0..K-1, the NC_NR weights
+ * W[p*NC_NR + j, k] (j = 0..NC_NR-1) contiguously (zeros past N).  The micro-kernel streams a
+ * panel linearly: two aligned vector loads per k.  The layout depends on the variant's
+ * vector width, so a packed matrix records the NC_NR it was packed for.
+ *
+ * Micro-kernel: NC_MR rows x NC_NR columns, 2 * NC_MR vector accumulators in registers
+ * (AVX2: 6 x 16, 12 ymm accumulators + 2 panel loads + 1 broadcast = 15 of 16 registers;
+ * AVX-512: 12 x 32, 24 + 3 of 32 zmm; baseline: 6 x 8 in 15 of 16 xmm).  Every k step loads
+ * the panel's two vectors once and broadcasts one x value per row: 2 * NC_MR FMAs per
+ * 2 + NC_MR loads.
+ *
+ * Cache blocking
+ * --------------
+ * - Full K per micro-tile: the accumulators stay in registers from k = 0 to K-1 and the
+ *   epilogue runs on them, so no partial sums are ever stored (the output may then alias the
+ *   residual) and each output element is one sequential FMA chain over k in order.
+ * - Rows are taken in blocks of MC rows (nc_gemm_mc): MC x K floats of x fit in about
+ *   256 KB (half of a 512 KB - 2 MB L2), so a row block stays in L2 while every column panel
+ *   (K x NC_NR floats: 24 KB at K = 384 on AVX2, L1; 96 KB at K = 1536, L2) is streamed
+ *   against it once; a panel is reused by all MC / NC_MR micro-tiles of the block while it
+ *   is in L1/L2.  The x rows of one micro-tile (NC_MR x K) stream from L2 with unit stride.
+ * - Few rows (M <= MC): each panel is read once per call, from memory or L3: the weights
+ *   are the traffic, which is why they are packed once and never again.
+ *
+ * Determinism
+ * -----------
+ * Output element (i, j) is acc = fma(x[i,k], W[j,k], acc) for k = 0..K-1 in order, then
+ * the epilogue: y = act(acc + b[j]) (+ r[i,j]).  The micro-tile height, the row block,
+ * the thread that computes it and the other rows in the call do not change any of these
+ * operations, so results are bit-identical for every thread count and every batch
+ * composition (batch invariance).  NaN and Inf propagate as in any sum of products.
+ */
+#define NC_NR (2 * NC_VW)
+#if NC_VW == 16
+#define NC_MR 12
+#else
+#define NC_MR 6
+#endif
+
+#define nc_gemm_tile NC_FN(nc_gemm_tile)
+#define nc_gemm_epi NC_FN(nc_gemm_epi)
+
+/* y = act(acc + bias) (+ res) for one vector of one row; nv = valid lanes (< NC_VW: tail) */
+NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *y, int act,
+                           nc_int nv)
+{
+    if (nv >= NC_VW) {
+        if (bias) acc = acc + ncv_ld(bias);
+        acc = nco_apply_act(acc, act);
+        if (res) acc = acc + ncv_ld(res);
+        ncv_st(y, acc);
+    } else if (nv > 0) {
+        float tb[NC_VW] = {0}, tr[NC_VW] = {0}, ty[NC_VW];
+        if (bias) memcpy(tb, bias, (size_t)nv * sizeof(float));
+        if (res) memcpy(tr, res, (size_t)nv * sizeof(float));
+        if (bias) acc = acc + ncv_ld(tb);
+        acc = nco_apply_act(acc, act);
+        if (res) acc = acc + ncv_ld(tr);
+        ncv_st(ty, acc);
+        memcpy(y, ty, (size_t)nv * sizeof(float));
+    }
+}
+
+/*
+ * One micro-tile: MR (<= NC_MR, a compile-time constant after inlining) rows of x starting
+ * at a (row stride lda), one packed panel bp (K x NC_NR), nv valid columns (<= NC_NR).
+ */
+NC_INLINE void nc_gemm_tile(const int MR, const float *a, nc_int lda, const float *bp,
+                            nc_int K, const float *bias, const float *res, nc_int ldr,
+                            float *y, nc_int ldy, nc_int nv, int act)
+{
+    ncv c0[NC_MR], c1[NC_MR];
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++) { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
+    for (nc_int k = 0; k < K; k++) {
+        const ncv b0 = ncv_ld(bp + k * NC_NR), b1 = ncv_ld(bp + k * NC_NR + NC_VW);
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            const ncv av = ncv_set1(a[r * lda + k]);
+            c0[r] += av * b0;
+            c1[r] += av * b1;
+        }
+    }
+#pragma GCC unroll 16
+    for (int r = 0; r < MR; r++) {
+        const float *rr = res ? res + r * ldr : NULL;
+        nc_gemm_epi(c0[r], bias, rr, y + r * ldy, act, nv);
+        nc_gemm_epi(c1[r], bias ? bias + NC_VW : NULL, rr ? rr + NC_VW : NULL,
+                    y + r * ldy + NC_VW, act, nv - NC_VW);
+    }
+}
+
+/* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r) */
+static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_int N,
+                               nc_int K, const float *bias, const float *res, nc_int ldr,
+                               float *y, nc_int ldy, int act, nc_int m0, nc_int m1,
+                               nc_int p0, nc_int p1)
+{
+    /* row block: MC x K floats of x in ~256 KB of L2 (see the header) */
+    nc_int mc = ((nc_int)65536 / (K > 0 ? K : 1)) / NC_MR * NC_MR;
+    if (mc < NC_MR) mc = NC_MR;
+    for (nc_int i0 = m0; i0 < m1; i0 += mc) {
+        nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
+        for (nc_int p = p0; p < p1; p++) {
+            const float *bp = wp + p * K * NC_NR;
+            nc_int j0 = p * NC_NR;
+            nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
+            const float *bj = bias ? bias + j0 : NULL;
+            nc_int i = i0;
+            for (; i + NC_MR <= i1; i += NC_MR)
+                nc_gemm_tile(NC_MR, x + i * ldx, ldx, bp, K, bj,
+                             res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy, nv, act);
+            switch (i1 - i) {
+#define NC_GEMM_TAIL(R) case R: nc_gemm_tile(R, x + i * ldx, ldx, bp, K, bj,                \
+                                  res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy, \
+                                  nv, act); break;
+            NC_GEMM_TAIL(1) NC_GEMM_TAIL(2) NC_GEMM_TAIL(3) NC_GEMM_TAIL(4) NC_GEMM_TAIL(5)
+#if NC_MR > 6
+            NC_GEMM_TAIL(6) NC_GEMM_TAIL(7) NC_GEMM_TAIL(8) NC_GEMM_TAIL(9) NC_GEMM_TAIL(10)
+            NC_GEMM_TAIL(11)
+#endif
+#undef NC_GEMM_TAIL
+            default: break;
+            }
+        }
+    }
+}
+
+/* Pack W (N, K), row stride ldw, into panels (see the header); wp holds
+   ceil(N / NC_NR) * K * NC_NR floats. */
+static void NC_FN(nc_gemm_pack)(const float *w, nc_int ldw, nc_int N, nc_int K, float *wp)
+{
+    nc_int np = (N + NC_NR - 1) / NC_NR;
+    for (nc_int p = 0; p < np; p++) {
+        float *dst = wp + p * K * NC_NR;
+        for (nc_int j = 0; j < NC_NR; j++) {
+            nc_int n = p * NC_NR + j;
+            if (n < N) {
+                const float *src = w + n * ldw;
+                for (nc_int k = 0; k < K; k++) dst[k * NC_NR + j] = src[k];
+            } else {
+                for (nc_int k = 0; k < K; k++) dst[k * NC_NR + j] = 0.0f;
+            }
+        }
+    }
+}
+
+static nc_int NC_FN(nc_gemm_nr)(void) { return NC_NR; }
+static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
+
+/*
+ * Attention for one (sequence, head): q (L x dh, row stride ldq, already scaled),
+ * kt (dh x L, row stride ldk: keys transposed), v (L x dh, row stride ldv), out (L x dh,
+ * row stride ldo).  Keys j >= klen are masked (padding), and j > i too when causal;
+ * mask (L x L, row stride ldm, additive) and kpm (L bytes, non-zero = masked key) may be
+ * NULL.  scores is a scratch row of
+ * >= L + NC_VW floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
+ * p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j (two interleaved chains
+ * over j, added at the end).  Rows are independent: the result of a row does not depend
+ * on the other rows, threads or the batch.
+ */
+static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *kt, nc_int ldk,
+                                     const float *v, nc_int ldv, float *out, nc_int ldo,
+                                     nc_int L, nc_int dh, nc_int klen, int causal,
+                                     const float *mask, nc_int ldm, const uint8_t *kpm,
+                                     float *scores)
+{
+    for (nc_int i = 0; i < L; i++) {
+        const float *qi = q + i * ldq;
+        nc_int lim = klen;
+        if (causal && i + 1 < lim) lim = i + 1;
+        nc_int ncols = (mask || kpm) ? L : lim;   /* keys past lim are -inf: skip them entirely */
+        nc_int j = 0;
+        for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
+            ncv s0 = ncv_set1(0.0f), s1 = ncv_set1(0.0f);
+            for (nc_int d = 0; d < dh; d++) {
+                const ncv qd = ncv_set1(qi[d]);
+                s0 += qd * ncv_ld(kt + d * ldk + j);
+                s1 += qd * ncv_ld(kt + d * ldk + j + NC_VW);
+            }
+            ncv_st(scores + j, s0);
+            ncv_st(scores + j + NC_VW, s1);
+        }
+        for (; j < ncols; j += NC_VW) {
+            ncv s0 = ncv_set1(0.0f);
+            nc_int m = ncols - j < NC_VW ? ncols - j : NC_VW;
+            for (nc_int d = 0; d < dh; d++) {
+                float t[NC_VW] = {0};
+                memcpy(t, kt + d * ldk + j, (size_t)m * sizeof(float));
+                s0 += ncv_set1(qi[d]) * ncv_ld(t);
+            }
+            ncv_st(scores + j, s0);   /* scratch has NC_VW floats of slack */
+        }
+        NC_FN(nc_ops_softmax_row)(scores, scores, ncols, 1.0f, mask ? mask + i * ldm : NULL,
+                                  kpm, lim);
+        float *oi = out + i * ldo;
+        nc_int d = 0;
+        for (; d + NC_VW <= dh; d += NC_VW) {
+            ncv o0 = ncv_set1(0.0f), o1 = ncv_set1(0.0f);
+            nc_int jj = 0;
+            for (; jj + 2 <= lim; jj += 2) {
+                o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
+                o1 += ncv_set1(scores[jj + 1]) * ncv_ld(v + (jj + 1) * ldv + d);
+            }
+            if (jj < lim) o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
+            ncv_st(oi + d, o0 + o1);
+        }
+        for (; d < dh; d++) {
+            float o0 = 0.0f, o1 = 0.0f;
+            nc_int jj = 0;
+            for (; jj + 2 <= lim; jj += 2) {
+                o0 += scores[jj] * v[jj * ldv + d];
+                o1 += scores[jj + 1] * v[(jj + 1) * ldv + d];
+            }
+            if (jj < lim) o0 += scores[jj] * v[jj * ldv + d];
+            oi[d] = o0 + o1;
+        }
+    }
+}
+
+#undef nc_gemm_tile
+#undef nc_gemm_epi
+#undef NC_NR
+#undef NC_MR

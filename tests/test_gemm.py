@@ -1,0 +1,253 @@
+"""normcy.PackedLinear (packed-weight GEMM with fused epilogues) and the fused attention
+kernel, against float64 NumPy references; bitwise thread-count and batch invariance."""
+import math
+
+import numpy as np
+import pytest
+
+import normcy
+from normcy import PackedLinear
+from normcy._gemm import _attention, _kernel_shape
+
+F32 = np.float32
+RNG = np.random.default_rng(20261128)
+
+
+def _ref(x, w, b=None, act=None, res=None):
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    if b is not None:
+        y = y + b
+    if act == "relu":
+        y = np.maximum(y, 0.0)
+    elif act == "gelu":
+        y = 0.5 * y * (1.0 + np.vectorize(math.erf)(y / math.sqrt(2.0)))
+    elif act == "gelu_tanh":
+        y = 0.5 * y * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (y + 0.044715 * y ** 3)))
+    if res is not None:
+        y = y + res
+    return y
+
+
+def _tol(x, w):
+    # error bound of a float32 dot product of length K: ~K * eps * sum |x_k w_k|
+    k = x.shape[-1]
+    mag = np.abs(x.astype(np.float64)) @ np.abs(w.astype(np.float64)).T
+    return 2.0 * k * np.finfo(F32).eps * mag + 1e-30
+
+
+def _check(y, ref, tol, msg=""):
+    err = np.abs(y.astype(np.float64) - ref)
+    assert np.all(err <= tol + 2e-7 * np.abs(ref)), "%s max excess %g" % (
+        msg, float(np.max(err - tol - 2e-7 * np.abs(ref))))
+
+
+NK = [(1, 1), (3, 17), (17, 3), (383, 385), (385, 383), (64, 384)]
+
+
+@pytest.mark.parametrize("n,k", NK)
+def test_every_row_count_matches_float64(n, k):
+    w = RNG.standard_normal((n, k)).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    lin = PackedLinear(w, b)
+    for m in list(range(1, 71)) + [128]:
+        x = RNG.standard_normal((m, k)).astype(F32)
+        y = lin(x)
+        assert y.shape == (m, n) and y.dtype == F32
+        _check(y, _ref(x, w, b), _tol(x, w), "m=%d n=%d k=%d" % (m, n, k))
+
+
+def test_large_m():
+    w = RNG.standard_normal((384, 384)).astype(F32)
+    x = RNG.standard_normal((4096, 384)).astype(F32)
+    y = PackedLinear(w)(x)
+    _check(y, _ref(x, w), _tol(x, w))
+
+
+@pytest.mark.parametrize("act", [None, "relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("with_res", [False, True])
+def test_epilogues(act, with_res):
+    n, k, m = 385, 67, 29
+    w = (RNG.standard_normal((n, k)) / 4).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    x = RNG.standard_normal((m, k)).astype(F32)
+    res = RNG.standard_normal((m, n)).astype(F32) if with_res else None
+    y = PackedLinear(w, b)(x, activation=act, residual=res)
+    ref = _ref(x, w, b, act, res)
+    # activation error: documented relative accuracy of the element-wise kernels (<= 2e-6
+    # here) on top of the dot-product bound (the activations' slopes are <= 1.13)
+    tol = 1.2 * _tol(x, w) + 2e-6 * np.abs(ref) + 1e-6
+    _check(y, ref, tol, "act=%s res=%s" % (act, with_res))
+
+
+def test_leading_axes_and_strides():
+    n, k = 40, 33
+    w = RNG.standard_normal((n, k)).astype(F32)
+    lin = PackedLinear(w)
+    x = RNG.standard_normal((3, 5, k)).astype(F32)
+    y = lin(x)
+    assert y.shape == (3, 5, n)
+    _check(y.reshape(15, n), _ref(x.reshape(15, k), w), _tol(x.reshape(15, k), w))
+    # non-contiguous x (every other row, reversed, and a transposed view)
+    big = RNG.standard_normal((20, 2 * k)).astype(F32)
+    for xv in (big[::2, :k], big[::-1, ::2][:, :k], np.asfortranarray(big[:, :k])):
+        _check(lin(xv), _ref(np.ascontiguousarray(xv), w), _tol(xv, w))
+    # strided out: computed into a temporary, written through
+    outbig = np.zeros((10, 2 * n), F32)
+    xv = big[:10, :k]
+    got = lin(xv, out=outbig[:, ::2])
+    assert got.base is not None
+    _check(outbig[:, ::2], _ref(xv, w), _tol(xv, w))
+    assert np.all(outbig[:, 1::2] == 0)
+    # strided weight (packing copies it)
+    wbig = RNG.standard_normal((n, 2 * k)).astype(F32)
+    _check(PackedLinear(wbig[:, ::2])(x[0]), _ref(x[0], wbig[:, ::2]), _tol(x[0], wbig[:, ::2]))
+    # zero rows
+    assert lin(np.zeros((0, k), F32)).shape == (0, n)
+
+
+def test_out_and_residual_aliasing():
+    n = k = 48
+    w = RNG.standard_normal((n, k)).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    lin = PackedLinear(w, b)
+    x = RNG.standard_normal((9, k)).astype(F32)
+    r = RNG.standard_normal((9, n)).astype(F32)
+    ref = _ref(x, w, b, None, r)
+    r2 = r.copy()
+    got = lin(x, residual=r2, out=r2)          # in place into the residual: allowed
+    assert got is r2
+    _check(r2, ref, _tol(x, w))
+    with pytest.raises(ValueError, match="out"):
+        lin(x, out=x)                          # out over x: rejected
+    buf = RNG.standard_normal((10, n)).astype(F32)
+    with pytest.raises(ValueError, match="overlap"):
+        lin(x, residual=buf[1:], out=buf[:9])  # partial overlap with the residual
+
+
+def test_nan_inf_propagate():
+    w = np.ones((20, 8), F32)
+    x = np.ones((3, 8), F32)
+    x[1, 2] = np.nan
+    x[2, 3] = np.inf
+    y = PackedLinear(w)(x)
+    assert np.all(y[0] == 8.0)
+    assert np.all(np.isnan(y[1]))
+    assert np.all(np.isposinf(y[2]))
+
+
+@pytest.mark.parametrize("n,k", [(1152, 384), (384, 1536), (17, 5)])
+def test_bitwise_thread_and_batch_invariance(n, k):
+    w = RNG.standard_normal((n, k)).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    lin = PackedLinear(w, b)
+    x = RNG.standard_normal((64, k)).astype(F32)
+    full = lin(x, activation="gelu")
+    for nt in (1, 2, 3, 4):
+        assert np.array_equal(lin(x, activation="gelu", num_threads=nt), full)
+    for m in range(1, 65):
+        i = (7 * m) % m
+        part = lin(x[:m], activation="gelu")
+        assert np.array_equal(part, full[:m]), m
+        assert np.array_equal(lin(x[i:i + 1], activation="gelu")[0], full[i]), m
+
+
+def test_bad_arguments():
+    w = np.ones((4, 3), F32)
+    with pytest.raises(TypeError, match="weight"):
+        PackedLinear(w.astype(np.float64))
+    with pytest.raises(TypeError, match="weight"):
+        PackedLinear([[1.0]])
+    with pytest.raises(ValueError, match="weight"):
+        PackedLinear(np.ones(3, F32))
+    with pytest.raises(ValueError, match="weight"):
+        PackedLinear(np.ones((0, 3), F32))
+    with pytest.raises(ValueError, match="bias"):
+        PackedLinear(w, np.ones(3, F32))
+    with pytest.raises(TypeError, match="bias"):
+        PackedLinear(w, np.ones(4, np.float64))
+    lin = PackedLinear(w, np.ones(4, F32))
+    with pytest.raises(TypeError, match="x"):
+        lin(np.ones((2, 3), np.float64))
+    with pytest.raises(ValueError, match=r"x must have shape \(\.\.\., 3\)"):
+        lin(np.ones((2, 4), F32))
+    with pytest.raises(ValueError, match="activation"):
+        lin(np.ones((2, 3), F32), activation="tanh")
+    with pytest.raises(ValueError, match="residual"):
+        lin(np.ones((2, 3), F32), residual=np.ones((2, 3), F32))
+    with pytest.raises(ValueError, match="out"):
+        lin(np.ones((2, 3), F32), out=np.ones((3, 4), F32))
+    with pytest.raises(TypeError, match="out"):
+        lin(np.ones((2, 3), F32), out=np.ones((2, 4), np.float64))
+    ro = np.ones((2, 4), F32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        lin(np.ones((2, 3), F32), out=ro)
+    with pytest.raises(ValueError, match="num_threads"):
+        lin(np.ones((2, 3), F32), num_threads=0)
+
+
+def test_repr_properties_pickle():
+    import pickle
+    w = RNG.standard_normal((5, 3)).astype(F32)
+    lin = PackedLinear(w, np.arange(5, dtype=F32))
+    assert lin.in_features == 3 and lin.out_features == 5
+    assert "in_features=3" in repr(lin)
+    assert np.array_equal(lin.weight, w) and not lin.weight.flags.writeable
+    x = RNG.standard_normal((4, 3)).astype(F32)
+    lin2 = pickle.loads(pickle.dumps(lin))
+    assert np.array_equal(lin2(x), lin(x))
+    mr, nr = _kernel_shape()
+    assert mr >= 1 and nr % 4 == 0
+
+
+# ----------------------------------------------------------------- fused attention
+def _attn_ref(qkv, bq, nseq, L, h, mask=None, kpm=None, causal=False):
+    H = qkv.shape[1] // 3
+    dh = H // h
+    q = (qkv[:, :H] + bq).astype(np.float64).reshape(nseq, L, h, dh).transpose(0, 2, 1, 3)
+    k = qkv[:, H:2 * H].astype(np.float64).reshape(nseq, L, h, dh).transpose(0, 2, 1, 3)
+    v = qkv[:, 2 * H:].astype(np.float64).reshape(nseq, L, h, dh).transpose(0, 2, 1, 3)
+    s = q @ k.transpose(0, 1, 3, 2)
+    if mask is not None:
+        s = s + mask
+    if kpm is not None:
+        s = np.where(kpm[:, None, None, :], -np.inf, s)
+    if causal:
+        s = np.where(np.triu(np.ones((L, L), bool), 1), -np.inf, s)
+    mx = s.max(axis=-1, keepdims=True)
+    mx = np.where(np.isfinite(mx), mx, 0.0)
+    e = np.exp(s - mx)
+    den = e.sum(axis=-1, keepdims=True)
+    p = np.where(den > 0, e / np.where(den > 0, den, 1.0), 0.0)
+    o = p @ v
+    return o.transpose(0, 2, 1, 3).reshape(nseq * L, H)
+
+
+@pytest.mark.parametrize("L", [1, 5, 16, 33])
+@pytest.mark.parametrize("case", ["plain", "causal", "kpm", "mask", "all"])
+def test_attention_matches_float64(L, case):
+    nseq, h, dh = 3, 4, 8
+    H = h * dh
+    qkv = RNG.standard_normal((nseq * L, 3 * H)).astype(F32)
+    bq = RNG.standard_normal(H).astype(F32)
+    mask = kpm = None
+    causal = case in ("causal", "all")
+    if case in ("kpm", "all"):
+        kpm = RNG.random((nseq, L)) < 0.3
+        kpm[0, :] = True                       # one sequence fully padded: zeros
+    if case in ("mask", "all"):
+        mask = RNG.standard_normal((nseq, 1, L, L)).astype(F32)
+    ctx = np.full((nseq * L, H), np.nan, F32)
+    _attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal)
+    ref = _attn_ref(qkv, bq, nseq, L, h, mask, kpm, causal)
+    np.testing.assert_allclose(ctx, ref, rtol=1e-5, atol=2e-6)
+    # rows are independent of the thread count, bit for bit
+    ctx2 = np.empty_like(ctx)
+    _attention(qkv, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal,
+               num_threads=1)
+    assert np.array_equal(ctx, ctx2, equal_nan=True)
+
+
+def test_packed_linear_is_exported():
+    assert normcy.PackedLinear is PackedLinear
+    assert "PackedLinear" in normcy.__all__

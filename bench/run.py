@@ -32,10 +32,10 @@ from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fm
                      md_table)
 
 ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
-              "add_rms_norm", "batch_norm", "encoder", "minilm"]
+              "add_rms_norm", "batch_norm", "gemm", "encoder", "minilm"]
 NORM_SUITES = ALL_SUITES[1:7]
 QUICK_DEFAULT = ["ceiling", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
-                 "batch_norm", "encoder"]
+                 "batch_norm", "gemm", "encoder"]
 LARGE_COPY_BYTES = 256 << 20
 OUT_OF_CACHE_BYTES = 48 << 20      # fallback per-array size from which a case is "not in cache"
 SMALL_INPUT_BYTES = 4 << 20        # bytes moved per call up to which an input counts as small
@@ -425,12 +425,13 @@ def main(argv=None):
                               lambda label=label, shape=shape, axis=axis, T=T: nb.bn_row(label, shape, axis, T)))
     tasks.append(("release", lambda: nb.release()))
     skipped = {}
-    model_suites = [s for s in ("encoder", "minilm") if s in suites]
+    model_suites = [s for s in ("gemm", "encoder", "minilm") if s in suites]
     if model_suites and os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
         # Two spin-waiting pools in one process (OpenBLAS + OpenMP) would starve each other
         # under SCHED_FIFO: the model suites run at normal priority.
         tasks.append(("release", _drop_realtime))
-    for suite, planner in (("encoder", _model_suites.plan_encoder),
+    for suite, planner in (("gemm", _model_suites.plan_gemm),
+                           ("encoder", _model_suites.plan_encoder),
                            ("minilm", _model_suites.plan_minilm)):
         if suite not in suites:
             continue
@@ -501,7 +502,7 @@ def main(argv=None):
                        key=lambda r: (order.index(r["case"]) if r["case"] in order else 99, r["threads"]))
         if srows:
             out.append(norm_table(srows, suite, copy_gbs) + "\n")
-    for suite in ("encoder", "minilm"):
+    for suite in ("gemm", "encoder", "minilm"):
         srows = [r for r in rows if r["suite"] == suite]
         if srows:
             out.append(_model_suites.table(suite, srows) + "\n")

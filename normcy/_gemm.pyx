@@ -33,6 +33,8 @@ cdef extern from "nc_api_gemm.h" nogil:
     void nc_gemm_pack(const float *w, Py_ssize_t ldw, Py_ssize_t N, Py_ssize_t K, float *wp)
     Py_ssize_t nc_gemm_nr()
     Py_ssize_t nc_gemm_mr()
+    double nc_fma_loop(Py_ssize_t iters)
+    Py_ssize_t nc_gemm_kc(Py_ssize_t K)
     void nc_attention_head(const float *q, Py_ssize_t ldq, const float *kt, Py_ssize_t ldk,
                            const float *v, Py_ssize_t ldv, float *out, Py_ssize_t ldo,
                            Py_ssize_t L, Py_ssize_t dh, Py_ssize_t klen, int causal,
@@ -297,6 +299,10 @@ cdef class PackedLinear:
             # no (M, N) view with unit last stride: compute into a temporary
             copy_back = True
             yr = <cnp.ndarray>np.empty((M, self.out_features), dtype=np.float32)
+        if (rr is not None and nc_gemm_kc(self.in_features) < self.in_features
+                and np.may_share_memory(rr, yr)):
+            # partial sums of the K blocks go through the output: keep the residual apart
+            rr = <cnp.ndarray>np.array(rr, copy=True)
         cdef GemmJob j
         j.x = <const float *>cnp.PyArray_DATA(xr)
         j.ldx = cnp.PyArray_STRIDES(xr)[0] // 4
@@ -459,3 +465,27 @@ def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
 def _kernel_shape():
     """(MR, NR) of the GEMM micro-kernel of the SIMD variant in use."""
     return int(nc_gemm_mr()), int(nc_gemm_nr())
+
+
+def _fma_peak(double seconds=0.2):
+    """Measured single-thread FP32 FMA throughput (GFLOP/s) of the SIMD variant in use:
+    the best of several timed runs of 12 independent vector FMA chains (the bench's
+    reference for the GEMM's fraction of peak)."""
+    import time
+    cdef Py_ssize_t iters = 1 << 16, lanes = nc_gemm_nr() // 2
+    cdef double t0, dt, best = 0.0, sink = 0.0
+    t_end = time.perf_counter() + seconds
+    while True:
+        t0 = time.perf_counter()
+        with nogil:
+            sink += nc_fma_loop(iters)
+        dt = time.perf_counter() - t0
+        if dt > 0:
+            best = max(best, 2.0 * 12 * lanes * iters / dt / 1e9)
+        if dt < 2e-3:
+            iters *= 2
+        if time.perf_counter() > t_end:
+            break
+    if sink != sink:      # keeps the result observable
+        best = -best
+    return best

@@ -21,14 +21,15 @@
  *
  * Cache blocking
  * --------------
- * - Full K per micro-tile: the accumulators stay in registers from k = 0 to K-1 and the
- *   epilogue runs on them, so no partial sums are ever stored (the output may then alias the
- *   residual) and each output element is one sequential FMA chain over k in order.
- * - Rows are taken in blocks of MC rows (nc_gemm_mc): MC x K floats of x fit in about
- *   256 KB (half of a 512 KB - 2 MB L2), so a row block stays in L2 while every column panel
- *   (K x NC_NR floats: 24 KB at K = 384 on AVX2, L1; 96 KB at K = 1536, L2) is streamed
- *   against it once; a panel is reused by all MC / NC_MR micro-tiles of the block while it
- *   is in L1/L2.  The x rows of one micro-tile (NC_MR x K) stream from L2 with unit stride.
+ * - K is cut into blocks of KC <= 4096 / NC_NR (16 KB of a panel: AVX2 256, AVX-512 128;
+ *   equal blocks, a multiple of 8): a panel's KC x NC_NR slice and the micro-tile's
+ *   NC_MR x KC floats of x stay in L1 together while the micro-kernel runs.  Partial sums
+ *   of a tile go to y between K blocks and are loaded back into the accumulators, so each
+ *   output element is still one sequential FMA chain over k in order (storing and
+ *   reloading a float accumulator is exact).
+ * - Rows are taken in blocks of MC rows: MC x KC floats of x fit in about 256 KB (half of
+ *   a 512 KB - 2 MB L2), so a row block stays in L2 while every panel slice is streamed
+ *   against it once and reused by all MC / NC_MR micro-tiles of the block from L1.
  * - Few rows (M <= MC): each panel is read once per call, from memory or L3: the weights
  *   are the traffic, which is why they are packed once and never again.
  *
@@ -73,16 +74,30 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
 
 /*
  * One micro-tile: MR (<= NC_MR, a compile-time constant after inlining) rows of x starting
- * at a (row stride lda), one packed panel bp (K x NC_NR), nv valid columns (<= NC_NR).
+ * at a (row stride lda), k = k0 .. k0+kc-1 of one packed panel (bp points at row k0 of the
+ * panel), nv valid columns (<= NC_NR).  first: start from zero, else continue from the
+ * partial sums stored in y; last: apply the epilogue, else store the partial sums.
  */
 NC_INLINE void nc_gemm_tile(const int MR, const float *a, nc_int lda, const float *bp,
-                            nc_int K, const float *bias, const float *res, nc_int ldr,
-                            float *y, nc_int ldy, nc_int nv, int act)
+                            nc_int kc, const float *bias, const float *res, nc_int ldr,
+                            float *y, nc_int ldy, nc_int nv, int act, int first, int last)
 {
     ncv c0[NC_MR], c1[NC_MR];
+    if (first) {
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
-    for (nc_int k = 0; k < K; k++) {
+        for (int r = 0; r < MR; r++) { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
+    } else {
+        /* partial sums of earlier k blocks (always whole panels: y has NC_NR columns of
+           room or the tail was stored through a padded copy) */
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            float t[NC_NR] = {0};
+            memcpy(t, y + r * ldy, (size_t)(nv < NC_NR ? nv : NC_NR) * sizeof(float));
+            c0[r] = ncv_ld(t);
+            c1[r] = ncv_ld(t + NC_VW);
+        }
+    }
+    for (nc_int k = 0; k < kc; k++) {
         const ncv b0 = ncv_ld(bp + k * NC_NR), b1 = ncv_ld(bp + k * NC_NR + NC_VW);
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
@@ -91,46 +106,71 @@ NC_INLINE void nc_gemm_tile(const int MR, const float *a, nc_int lda, const floa
             c1[r] += av * b1;
         }
     }
+    if (last) {
 #pragma GCC unroll 16
-    for (int r = 0; r < MR; r++) {
-        const float *rr = res ? res + r * ldr : NULL;
-        nc_gemm_epi(c0[r], bias, rr, y + r * ldy, act, nv);
-        nc_gemm_epi(c1[r], bias ? bias + NC_VW : NULL, rr ? rr + NC_VW : NULL,
-                    y + r * ldy + NC_VW, act, nv - NC_VW);
+        for (int r = 0; r < MR; r++) {
+            const float *rr = res ? res + r * ldr : NULL;
+            nc_gemm_epi(c0[r], bias, rr, y + r * ldy, act, nv);
+            nc_gemm_epi(c1[r], bias ? bias + NC_VW : NULL, rr ? rr + NC_VW : NULL,
+                        y + r * ldy + NC_VW, act, nv - NC_VW);
+        }
+    } else {
+#pragma GCC unroll 16
+        for (int r = 0; r < MR; r++) {
+            nc_gemm_epi(c0[r], NULL, NULL, y + r * ldy, NCO_ACT_IDENTITY, nv);
+            nc_gemm_epi(c1[r], NULL, NULL, y + r * ldy + NC_VW, NCO_ACT_IDENTITY, nv - NC_VW);
+        }
     }
 }
 
-/* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r) */
+/* K block: KC x NC_NR floats of a panel = 16 KB (half of a 32 KB L1) plus the micro-tile's
+   NC_MR x KC floats of x (6 KB on AVX2 / AVX-512) stay in L1 together.  A full-K panel
+   (24 KB at K = 384 on AVX2) plus the x tile (9 KB) overflowed L1 and halved the speed. */
+static nc_int NC_FN(nc_gemm_kc)(nc_int K)
+{
+    nc_int kcmax = 4096 / NC_NR, nkb = (K + kcmax - 1) / kcmax;
+    nc_int kc = (K + nkb - 1) / nkb;
+    return (kc + 7) & ~(nc_int)7;
+}
+
+/* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r).  y must not alias r when
+   K > nc_gemm_kc(K) (the caller copies r then): partial sums go through y. */
 static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_int N,
                                nc_int K, const float *bias, const float *res, nc_int ldr,
                                float *y, nc_int ldy, int act, nc_int m0, nc_int m1,
                                nc_int p0, nc_int p1)
 {
-    /* row block: MC x K floats of x in ~256 KB of L2 (see the header) */
-    nc_int mc = ((nc_int)65536 / (K > 0 ? K : 1)) / NC_MR * NC_MR;
+    const nc_int kcb = NC_FN(nc_gemm_kc)(K);
+    /* row block: MC x KC floats of x in ~256 KB of L2 (see the header) */
+    nc_int mc = ((nc_int)65536 / kcb) / NC_MR * NC_MR;
     if (mc < NC_MR) mc = NC_MR;
     for (nc_int i0 = m0; i0 < m1; i0 += mc) {
         nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
-        for (nc_int p = p0; p < p1; p++) {
-            const float *bp = wp + p * K * NC_NR;
-            nc_int j0 = p * NC_NR;
-            nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
-            const float *bj = bias ? bias + j0 : NULL;
-            nc_int i = i0;
-            for (; i + NC_MR <= i1; i += NC_MR)
-                nc_gemm_tile(NC_MR, x + i * ldx, ldx, bp, K, bj,
-                             res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy, nv, act);
-            switch (i1 - i) {
-#define NC_GEMM_TAIL(R) case R: nc_gemm_tile(R, x + i * ldx, ldx, bp, K, bj,                \
+        for (nc_int k0 = 0; k0 < K; k0 += kcb) {
+            const nc_int kc = K - k0 < kcb ? K - k0 : kcb;
+            const int first = k0 == 0, last = k0 + kc >= K;
+            for (nc_int p = p0; p < p1; p++) {
+                const float *bp = wp + p * K * NC_NR + k0 * NC_NR;
+                nc_int j0 = p * NC_NR;
+                nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
+                const float *bj = bias ? bias + j0 : NULL;
+                nc_int i = i0;
+                for (; i + NC_MR <= i1; i += NC_MR)
+                    nc_gemm_tile(NC_MR, x + i * ldx + k0, ldx, bp, kc, bj,
+                                 res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy,
+                                 nv, act, first, last);
+                switch (i1 - i) {
+#define NC_GEMM_TAIL(R) case R: nc_gemm_tile(R, x + i * ldx + k0, ldx, bp, kc, bj,           \
                                   res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy, \
-                                  nv, act); break;
-            NC_GEMM_TAIL(1) NC_GEMM_TAIL(2) NC_GEMM_TAIL(3) NC_GEMM_TAIL(4) NC_GEMM_TAIL(5)
+                                  nv, act, first, last); break;
+                NC_GEMM_TAIL(1) NC_GEMM_TAIL(2) NC_GEMM_TAIL(3) NC_GEMM_TAIL(4) NC_GEMM_TAIL(5)
 #if NC_MR > 6
-            NC_GEMM_TAIL(6) NC_GEMM_TAIL(7) NC_GEMM_TAIL(8) NC_GEMM_TAIL(9) NC_GEMM_TAIL(10)
-            NC_GEMM_TAIL(11)
+                NC_GEMM_TAIL(6) NC_GEMM_TAIL(7) NC_GEMM_TAIL(8) NC_GEMM_TAIL(9)
+                NC_GEMM_TAIL(10) NC_GEMM_TAIL(11)
 #endif
 #undef NC_GEMM_TAIL
-            default: break;
+                default: break;
+                }
             }
         }
     }
@@ -155,7 +195,28 @@ static void NC_FN(nc_gemm_pack)(const float *w, nc_int ldw, nc_int N, nc_int K, 
     }
 }
 
+/* FP32 FMA-throughput probe for the bench: 12 independent vector FMA chains (enough to
+   cover 4-5 cycles of latency on two FMA pipes), iters steps; 2 * 12 * NC_VW * iters
+   flops.  Returns a value derived from every chain so that nothing is optimized away. */
+static double NC_FN(nc_fma_loop)(nc_int iters)
+{
+    ncv a[12];
+    const ncv m = ncv_set1(0.999999f), c = ncv_set1(1e-7f);
+#pragma GCC unroll 12
+    for (int j = 0; j < 12; j++) a[j] = ncv_set1(1.0f + 0.001f * (float)j);
+    for (nc_int i = 0; i < iters; i++) {
+#pragma GCC unroll 12
+        for (int j = 0; j < 12; j++) a[j] = a[j] * m + c;
+        __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]));
+    }
+    ncv t = a[0];
+#pragma GCC unroll 12
+    for (int j = 1; j < 12; j++) t = t + a[j];
+    return ncv_hsum(t);
+}
+
 static nc_int NC_FN(nc_gemm_nr)(void) { return NC_NR; }
+static nc_int NC_FN(nc_gemm_kc_of)(nc_int K) { return NC_FN(nc_gemm_kc)(K); }
 static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
 
 /*

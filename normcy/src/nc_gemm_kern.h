@@ -15,7 +15,9 @@
  *
  * Micro-kernel: NC_MR rows x NC_NR columns, 2 * NC_MR vector accumulators in registers
  * (AVX2: 6 x 16, 12 ymm accumulators + 2 panel loads + 1 broadcast = 15 of 16 registers;
- * AVX-512: 12 x 32, 24 + 3 of 32 zmm; baseline: 6 x 8 in 15 of 16 xmm).  Every k step loads
+ * AVX-512: 8 x 32, 16 + 3 of 32 zmm; baseline: 6 x 8 in 15 of 16 xmm).  The row count is
+ * bounded by the general registers too: each row of x needs an address register (GCC
+ * spilled the accumulators of a 12 x 32 AVX-512 tile to the stack).  Every k step loads
  * the panel's two vectors once and broadcasts one x value per row: 2 * NC_MR FMAs per
  * 2 + NC_MR loads.
  *
@@ -27,9 +29,11 @@
  *   of a tile go to y between K blocks and are loaded back into the accumulators, so each
  *   output element is still one sequential FMA chain over k in order (storing and
  *   reloading a float accumulator is exact).
- * - Rows are taken in blocks of MC rows: MC x KC floats of x fit in about 256 KB (half of
- *   a 512 KB - 2 MB L2), so a row block stays in L2 while every panel slice is streamed
- *   against it once and reused by all MC / NC_MR micro-tiles of the block from L1.
+ * - Rows are taken in blocks of MC rows: MC x K floats of x fit in about 256 KB (half of
+ *   a 512 KB - 2 MB L2), so a row block stays in L2 while every panel is streamed against
+ *   it once, K block by K block, each slice reused by all MC / NC_MR micro-tiles of the
+ *   block from L1; the tiles' partial sums (MC x NC_NR floats) stay in L1/L2 between the
+ *   K blocks of a panel.
  * - Few rows (M <= MC): each panel is read once per call, from memory or L3: the weights
  *   are the traffic, which is why they are packed once and never again.
  *
@@ -43,12 +47,11 @@
  */
 #define NC_NR (2 * NC_VW)
 #if NC_VW == 16
-#define NC_MR 12
+#define NC_MR 8
 #else
 #define NC_MR 6
 #endif
 
-#define nc_gemm_tile NC_FN(nc_gemm_tile)
 #define nc_gemm_epi NC_FN(nc_gemm_epi)
 
 /* y = act(acc + bias) (+ res) for one vector of one row; nv = valid lanes (< NC_VW: tail) */
@@ -73,29 +76,20 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
 }
 
 /*
- * One micro-tile: MR (<= NC_MR, a compile-time constant after inlining) rows of x starting
- * at a (row stride lda), k = k0 .. k0+kc-1 of one packed panel (bp points at row k0 of the
- * panel), nv valid columns (<= NC_NR).  first: start from zero, else continue from the
- * partial sums stored in y; last: apply the epilogue, else store the partial sums.
+ * The micro-kernel: MR (<= NC_MR, a compile-time constant after inlining) rows of x at a
+ * (row stride lda) times kc rows of one packed panel slice bp, accumulated onto cin
+ * (MR x NC_NR floats, row stride ldi; NULL = start from zero) and stored to cout (row
+ * stride ldo; may be cin).  Instantiated as one small non-inlined function per MR so that
+ * the register allocator sees only the k loop (2 * MR accumulators stay in registers).
  */
-NC_INLINE void nc_gemm_tile(const int MR, const float *a, nc_int lda, const float *bp,
-                            nc_int kc, const float *bias, const float *res, nc_int ldr,
-                            float *y, nc_int ldy, nc_int nv, int act, int first, int last)
+NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const float *a, nc_int lda, const float *bp,
+                             nc_int kc, const float *cin, nc_int ldi, float *cout, nc_int ldo)
 {
     ncv c0[NC_MR], c1[NC_MR];
-    if (first) {
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
-    } else {
-        /* partial sums of earlier k blocks (always whole panels: y has NC_NR columns of
-           room or the tail was stored through a padded copy) */
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) {
-            float t[NC_NR] = {0};
-            memcpy(t, y + r * ldy, (size_t)(nv < NC_NR ? nv : NC_NR) * sizeof(float));
-            c0[r] = ncv_ld(t);
-            c1[r] = ncv_ld(t + NC_VW);
-        }
+    for (int r = 0; r < MR; r++) {
+        if (cin) { c0[r] = ncv_ld(cin + r * ldi); c1[r] = ncv_ld(cin + r * ldi + NC_VW); }
+        else { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
     }
     for (nc_int k = 0; k < kc; k++) {
         const ncv b0 = ncv_ld(bp + k * NC_NR), b1 = ncv_ld(bp + k * NC_NR + NC_VW);
@@ -106,20 +100,75 @@ NC_INLINE void nc_gemm_tile(const int MR, const float *a, nc_int lda, const floa
             c1[r] += av * b1;
         }
     }
-    if (last) {
 #pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) {
+    for (int r = 0; r < MR; r++) {
+        ncv_st(cout + r * ldo, c0[r]);
+        ncv_st(cout + r * ldo + NC_VW, c1[r]);
+    }
+}
+
+#define NC_GEMM_KDEF(R)                                                                   \
+    static __attribute__((noinline)) void NC_FN(nc_gemm_k##R)(                            \
+        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
+        nc_int ldi, float *cout, nc_int ldo)                                              \
+    { NC_FN(nc_gemm_kloop)(R, a, lda, bp, kc, cin, ldi, cout, ldo); }
+NC_GEMM_KDEF(1) NC_GEMM_KDEF(2) NC_GEMM_KDEF(3) NC_GEMM_KDEF(4) NC_GEMM_KDEF(5)
+NC_GEMM_KDEF(6)
+#if NC_MR > 6
+NC_GEMM_KDEF(7) NC_GEMM_KDEF(8)
+#endif
+#undef NC_GEMM_KDEF
+
+typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
+                                   const float *, nc_int, float *, nc_int);
+
+/*
+ * One micro-tile of mr rows (1..NC_MR), k block [k0, k0+kc) of a panel with nv valid
+ * columns.  first: start from zero, else continue from the partial sums stored in y;
+ * last: apply the epilogue, else store the partial sums to y.
+ */
+static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const float *bp,
+                                       nc_int kc, const float *bias, const float *res,
+                                       nc_int ldr, float *y, nc_int ldy, nc_int nv, int act,
+                                       int first, int last)
+{
+    static const NC_FN(nc_gemm_kfn) kf[NC_MR + 1] = {
+        0, NC_FN(nc_gemm_k1), NC_FN(nc_gemm_k2), NC_FN(nc_gemm_k3), NC_FN(nc_gemm_k4),
+        NC_FN(nc_gemm_k5), NC_FN(nc_gemm_k6),
+#if NC_MR > 6
+        NC_FN(nc_gemm_k7), NC_FN(nc_gemm_k8),
+#endif
+    };
+    float buf[NC_MR * NC_NR] __attribute__((aligned(64)));
+    if (nv == NC_NR && !last) {
+        /* whole panel, partial sums straight in y */
+        kf[mr](a, lda, bp, kc, first ? NULL : y, ldy, y, ldy);
+        return;
+    }
+    const float *cin = NULL;
+    nc_int ldi = NC_NR;
+    if (!first) {
+        if (nv == NC_NR) {
+            cin = y;
+            ldi = ldy;
+        } else {
+            for (int r = 0; r < mr; r++) {
+                memset(buf + r * NC_NR, 0, NC_NR * sizeof(float));
+                memcpy(buf + r * NC_NR, y + r * ldy, (size_t)nv * sizeof(float));
+            }
+            cin = buf;
+        }
+    }
+    kf[mr](a, lda, bp, kc, cin, ldi, buf, NC_NR);
+    if (last) {
+        for (int r = 0; r < mr; r++) {
             const float *rr = res ? res + r * ldr : NULL;
-            nc_gemm_epi(c0[r], bias, rr, y + r * ldy, act, nv);
-            nc_gemm_epi(c1[r], bias ? bias + NC_VW : NULL, rr ? rr + NC_VW : NULL,
-                        y + r * ldy + NC_VW, act, nv - NC_VW);
+            nc_gemm_epi(ncv_ld(buf + r * NC_NR), bias, rr, y + r * ldy, act, nv);
+            nc_gemm_epi(ncv_ld(buf + r * NC_NR + NC_VW), bias ? bias + NC_VW : NULL,
+                        rr ? rr + NC_VW : NULL, y + r * ldy + NC_VW, act, nv - NC_VW);
         }
     } else {
-#pragma GCC unroll 16
-        for (int r = 0; r < MR; r++) {
-            nc_gemm_epi(c0[r], NULL, NULL, y + r * ldy, NCO_ACT_IDENTITY, nv);
-            nc_gemm_epi(c1[r], NULL, NULL, y + r * ldy + NC_VW, NCO_ACT_IDENTITY, nv - NC_VW);
-        }
+        for (int r = 0; r < mr; r++) memcpy(y + r * ldy, buf + r * NC_NR, (size_t)nv * sizeof(float));
     }
 }
 
@@ -141,35 +190,26 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                                nc_int p0, nc_int p1)
 {
     const nc_int kcb = NC_FN(nc_gemm_kc)(K);
-    /* row block: MC x KC floats of x in ~256 KB of L2 (see the header) */
-    nc_int mc = ((nc_int)65536 / kcb) / NC_MR * NC_MR;
+    /* row block: MC x K floats of x in ~256 KB of L2 (see the header) */
+    nc_int mc = ((nc_int)65536 / K) / NC_MR * NC_MR;
     if (mc < NC_MR) mc = NC_MR;
     for (nc_int i0 = m0; i0 < m1; i0 += mc) {
         nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
-        for (nc_int k0 = 0; k0 < K; k0 += kcb) {
-            const nc_int kc = K - k0 < kcb ? K - k0 : kcb;
-            const int first = k0 == 0, last = k0 + kc >= K;
-            for (nc_int p = p0; p < p1; p++) {
+        for (nc_int p = p0; p < p1; p++) {
+            nc_int j0 = p * NC_NR;
+            nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
+            const float *bj = bias ? bias + j0 : NULL;
+            /* the K blocks of one panel back to back: the partial sums of the row block's
+               tiles (MC x NC_NR floats) stay in L1/L2 between them */
+            for (nc_int k0 = 0; k0 < K; k0 += kcb) {
+                const nc_int kc = K - k0 < kcb ? K - k0 : kcb;
+                const int first = k0 == 0, last = k0 + kc >= K;
                 const float *bp = wp + p * K * NC_NR + k0 * NC_NR;
-                nc_int j0 = p * NC_NR;
-                nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
-                const float *bj = bias ? bias + j0 : NULL;
-                nc_int i = i0;
-                for (; i + NC_MR <= i1; i += NC_MR)
-                    nc_gemm_tile(NC_MR, x + i * ldx + k0, ldx, bp, kc, bj,
-                                 res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy,
-                                 nv, act, first, last);
-                switch (i1 - i) {
-#define NC_GEMM_TAIL(R) case R: nc_gemm_tile(R, x + i * ldx + k0, ldx, bp, kc, bj,           \
-                                  res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0, ldy, \
-                                  nv, act, first, last); break;
-                NC_GEMM_TAIL(1) NC_GEMM_TAIL(2) NC_GEMM_TAIL(3) NC_GEMM_TAIL(4) NC_GEMM_TAIL(5)
-#if NC_MR > 6
-                NC_GEMM_TAIL(6) NC_GEMM_TAIL(7) NC_GEMM_TAIL(8) NC_GEMM_TAIL(9)
-                NC_GEMM_TAIL(10) NC_GEMM_TAIL(11)
-#endif
-#undef NC_GEMM_TAIL
-                default: break;
+                for (nc_int i = i0; i < i1; i += NC_MR) {
+                    int mr = (int)(i1 - i < NC_MR ? i1 - i : NC_MR);
+                    NC_FN(nc_gemm_tile)(mr, x + i * ldx + k0, ldx, bp, kc, bj,
+                                        res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0,
+                                        ldy, nv, act, first, last);
                 }
             }
         }
@@ -289,7 +329,6 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *kt
     }
 }
 
-#undef nc_gemm_tile
 #undef nc_gemm_epi
 #undef NC_NR
 #undef NC_MR

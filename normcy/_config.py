@@ -8,13 +8,14 @@ def get_config():
     """Return the build and runtime configuration as a dict.
 
     Keys: version, openmp, openmp_runtime, default_threads, available_cpus, kernel_isa,
-    runtime_dispatch, native_build, compile_args, link_args, compiler, numpy, blas,
-    python, fork_serial.
+    kernel_variant, vector_bytes, isa_cap, supported_variants, gemm_tile, runtime_dispatch,
+    native_build, compile_args, link_args, compiler, numpy, blas, python, fork_serial.
     """
     from normcy import _build_info as bi
     from normcy._version import __version__
-    from normcy import _norms, _parallel
+    from normcy import _gemm, _norms, _parallel
 
+    isa = _norms._isa_info()
     blas = None
     try:
         cfg = np.show_config(mode="dicts")
@@ -29,6 +30,11 @@ def get_config():
         "default_threads": _parallel.get_num_threads(),
         "available_cpus": _parallel.available_cpus(),
         "kernel_isa": _norms._kernel_isa(),
+        "kernel_variant": isa["name"],
+        "vector_bytes": isa["vector_bytes"],
+        "isa_cap": isa["cap"] or None,
+        "supported_variants": isa["supported"],
+        "gemm_tile": "%dx%d" % _gemm._kernel_shape(),
         "runtime_dispatch": _norms._have_runtime_dispatch(),
         "native_build": bi.native,
         "compile_args": list(bi.compile_args),
@@ -46,8 +52,9 @@ def show_config(file=None):
     """Print how normcy was built and how it runs here.
 
     Shows the version, whether OpenMP is enabled and which runtime, the default thread
-    count, the SIMD kernel variant selected at run time, the compiler flags used, and the
-    NumPy version with its BLAS.
+    count, the SIMD kernel variant selected at run time (and the variants this CPU supports,
+    with the ``NORMCY_MAX_ISA`` cap if one is set), the compiler flags used, and the NumPy
+    version with its BLAS.
 
     Parameters
     ----------
@@ -64,8 +71,12 @@ def show_config(file=None):
             c["default_threads"], c["available_cpus"],
             "  [serial: forked after OpenMP use]" if c["fork_serial"] else ""),
         "  OpenMP waiting:   %s" % c["omp_wait"],
-        "  kernel variant:   %s%s" % (c["kernel_isa"],
-                                      " (runtime dispatch)" if c["runtime_dispatch"] else ""),
+        "  kernel variant:   %s%s, %d-byte vectors, GEMM tile %s" % (
+            c["kernel_isa"], " (runtime dispatch)" if c["runtime_dispatch"] else "",
+            c["vector_bytes"], c["gemm_tile"]),
+        "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
+                                      "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]
+                                      if c["isa_cap"] else ""),
         "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else "no (portable)"),
         "  compiler:         %s" % c["compiler"],
         "  compile args:     %s" % " ".join(c["compile_args"]),

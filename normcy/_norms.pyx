@@ -52,6 +52,12 @@ DEF MAXD = 64
 cdef Py_ssize_t _stream_min_bytes = 48 * 1024 * 1024
 
 nc_stream_init()
+if nc_isa_cap_invalid():
+    import warnings as _warnings
+    _warnings.warn("NORMCY_MAX_ISA=%r names no kernel variant (use avx512, avx2, sse2 or "
+                   "generic); ignored, using %s" % ((<bytes>nc_isa_cap()).decode(),
+                                                   (<bytes>nc_isa()).decode()),
+                   RuntimeWarning, stacklevel=2)
 
 
 def _set_streaming_threshold(nbytes):

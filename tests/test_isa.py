@@ -1,0 +1,92 @@
+"""The SIMD variant dispatch: NORMCY_MAX_ISA caps the variant, show_config reports it, and
+every variant this CPU supports gives results within the documented accuracy (the full
+kernel suites run under each variant in .ci/run)."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import normcy
+from normcy import _norms
+
+
+def _run(code, **env):
+    e = dict(os.environ)
+    e.update(env)
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                       timeout=120)
+    return r
+
+
+def test_isa_info_consistent():
+    info = _norms._isa_info()
+    assert info["name"] in info["supported"] or info["name"] == "native"
+    assert info["vector_bytes"] in (16, 32, 64)
+    cfg = normcy._config.get_config() if hasattr(normcy, "_config") else None
+    if cfg is not None:
+        assert cfg["kernel_variant"] == info["name"]
+
+
+@pytest.mark.parametrize("cap,expect", [("sse2", "baseline"), ("generic", "baseline"),
+                                        ("AVX2", "avx2"), ("avx512", None)])
+def test_max_isa_caps_the_variant(cap, expect):
+    supported = _norms._isa_info()["supported"]
+    if supported == ["native"]:
+        pytest.skip("single-variant build")
+    code = ("import normcy._norms as n, json; print(json.dumps(n._isa_info()))")
+    r = _run(code, NORMCY_MAX_ISA=cap)
+    assert r.returncode == 0, r.stderr
+    import json
+    info = json.loads(r.stdout)
+    want = expect if expect is not None else supported[0]
+    if want not in supported:          # e.g. an AVX2 cap on an SSE2-only CPU
+        want = supported[-1]
+    assert info["name"] == want
+    assert info["cap"] == cap.lower()
+
+
+def test_invalid_cap_warns_and_is_ignored():
+    r = _run("import warnings; warnings.simplefilter('always'); import normcy, normcy._norms as n;"
+             "print(n._isa_info()['name'])", NORMCY_MAX_ISA="avx9000")
+    assert r.returncode == 0, r.stderr
+    assert "NORMCY_MAX_ISA" in r.stderr and "avx9000" in r.stderr
+    assert r.stdout.strip() == _norms._isa_info()["supported"][0]
+
+
+def test_show_config_reports_variant_and_cap():
+    r = _run("import normcy; normcy.show_config()", NORMCY_MAX_ISA="sse2")
+    assert r.returncode == 0, r.stderr
+    assert "kernel variant" in r.stdout and "GEMM tile" in r.stdout
+    if _norms._isa_info()["supported"] != ["native"]:
+        assert "NORMCY_MAX_ISA=sse2" in r.stdout and "SSE2" in r.stdout
+
+
+def test_every_variant_same_answers_within_accuracy():
+    """The same inputs through every supported variant (in subprocesses) agree with float64."""
+    code = r"""
+import numpy as np, normcy, sys
+rng = np.random.default_rng(5)
+x = rng.standard_normal((7, 389)).astype(np.float32) * 3 + 1
+r = rng.standard_normal((7, 389)).astype(np.float32)
+w = rng.standard_normal(389).astype(np.float32); b = rng.standard_normal(389).astype(np.float32)
+y = normcy.add_layer_norm(x, r, w, b)
+s = (x.astype(np.float64) + r)
+ref = (s - s.mean(-1, keepdims=True)) / np.sqrt(s.var(-1, keepdims=True) + 1e-5) * w + b
+W = (rng.standard_normal((37, 389)) / 20).astype(np.float32)
+lin = normcy.PackedLinear(W, b[:37])
+g = lin(x, activation="gelu")
+gr = x.astype(np.float64) @ W.astype(np.float64).T + b[:37]
+import math
+gr = 0.5 * gr * (1 + np.vectorize(math.erf)(gr / math.sqrt(2)))
+print(float(np.abs(y - ref).max()), float(np.abs(g - gr).max() / np.abs(gr).max()))
+"""
+    for v in _norms._isa_info()["supported"]:
+        if v == "native":
+            continue
+        r = _run(code, NORMCY_MAX_ISA={"baseline": "sse2"}.get(v, v))
+        assert r.returncode == 0, r.stderr
+        e_ln, e_g = map(float, r.stdout.split())
+        assert e_ln < 2e-5, (v, e_ln)
+        assert e_g < 1e-5, (v, e_g)

@@ -4,6 +4,7 @@
 import copy
 import json
 import os
+import re
 
 import numpy as np
 
@@ -221,6 +222,60 @@ def plan_encoder(ctx):
             tasks.append(("encoder %dx%d T=%d" % (B, S, T),
                           lambda B=B, S=S, T=T: get().row(B, S, T)))
     tasks.append(("release", lambda: state.clear()))
+    return tasks, None
+
+
+# --------------------------------------------------------------------------------------
+# Transformer element-wise kernels: softmax and exact GELU
+# --------------------------------------------------------------------------------------
+OPS_CASES = [("softmax", (12, 128, 128)), ("gelu", (4096, 1536))]
+
+
+def _ops_row(ctx, kind, shape, T):
+    nc, torch = ctx.nc, ctx.torch
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal(shape) * 3).astype(np.float32)
+    o = np.empty_like(x)
+    if kind == "softmax":
+        f_nc = lambda: nc.softmax(x, out=o, num_threads=T)  # noqa: E731
+        x64 = x.astype(np.float64)
+        e = np.exp(x64 - x64.max(-1, keepdims=True))
+        ref = e / e.sum(-1, keepdims=True)
+    else:
+        import math
+        f_nc = lambda: nc.gelu(x, out=o, num_threads=T)  # noqa: E731
+        x64 = x.astype(np.float64)[:64]
+        ref = 0.5 * x64 * (1 + np.vectorize(math.erf)(x64 / math.sqrt(2)))
+    nbytes = 8 * x.size
+    impls = [Impl("normcy", f_nc, get=lambda: o, nbytes=nbytes, family="normcy", threads=T)]
+    if torch is not None:
+        xt = torch.from_numpy(x)
+        if kind == "softmax":
+            ft = lambda: torch.softmax(xt, -1)  # noqa: E731
+        else:
+            ft = lambda: torch.nn.functional.gelu(xt)  # noqa: E731
+        impls.append(Impl("torch", ft, get=lambda: ft().numpy(), pre=lambda: _torch_threads(torch, T),
+                          nbytes=nbytes, family="torch", threads=T))
+
+    def check(name, got):
+        g = np.asarray(got, dtype=np.float64)
+        g = g if kind == "softmax" else g[:64]
+        e = float(np.max(np.abs(g - ref) / (np.abs(ref) + 1e-30)))
+        return {"max_rel_err_vs_f64": e, "check_ok": bool(e <= 1e-5 if kind == "softmax" else e <= 2e-5)}
+
+    res, noise = measure(impls, ctx.cfg, check=check)
+    return {"suite": "ops", "case": "%s %s" % (kind, "x".join(map(str, shape))), "threads": T,
+            "shape": list(shape), "impls": res, "ref": "normcy", "noise_other_cpu_share": noise}
+
+
+def plan_ops(ctx):
+    if ctx.nc is None:
+        return None, "normcy cannot be imported"
+    tasks = []
+    for kind, shape in OPS_CASES:
+        for T in ctx.threads:
+            tasks.append(("ops %s T=%d" % (kind, T),
+                          lambda kind=kind, shape=shape, T=T: _ops_row(ctx, kind, shape, T)))
     return tasks, None
 
 
@@ -590,6 +645,24 @@ _DAGGER = ("_† most samples of this figure were taken while this process's thr
 
 
 def table(suite, rows):
+    if suite == "ops":
+        lines = ["### ops: softmax (last axis) and exact GELU", "",
+                 "normcy `softmax(x, out=)` / `gelu(x, out=)` vs `torch.softmax(x, -1)` / "
+                 "`F.gelu(x)` on the same arrays; GB/s counts 8 bytes per element.", ""]
+        body = []
+        for row in rows:
+            ref = row["impls"].get("normcy")
+            for name, r in row["impls"].items():
+                if "error" in r:
+                    body.append([row["case"], row["threads"], name, "error: " + r["error"][:80], "", ""])
+                    continue
+                x = "—" if name == "normcy" else (fmt_x(r["median_s"] / ref["median_s"])
+                                                  if ref and "median_s" in ref else "–")
+                body.append([re.sub(r"(\d)x(\d)", r"\1×\2", row["case"]), row["threads"], name,
+                             fmt_ms(r["median_s"]) + (" †" if r.get("contended") else ""),
+                             "%.1f" % r.get("gbs", float("nan")), x])
+        lines.append(md_table(["case", "T", "implementation", "median ms", "GB/s", "normcy ×"], body))
+        return "\n".join(lines)
     if suite == "gemm":
         k = rows[0].get("kernel")
         lines = ["### gemm: normcy.PackedLinear vs NumPy matmul vs torch F.linear", "",
@@ -686,6 +759,12 @@ def targets(rows, all_cores):
     med, add = tg.med, tg.add
 
     for row in rows:
+        if row["suite"] == "ops" and row["threads"] == all_cores:
+            t_nc = med(row, "normcy")
+            t_t = med(row, "torch")
+            add("%s: ≥ 1.5× torch" % re.sub(r"(\d)x(\d)", r"\1×\2", row["case"]),
+                t_t / t_nc if t_t and t_nc else None, 1.5)
+            continue
         if row["suite"] == "gemm" and row["threads"] == 1 and "pct_of_fma_peak" in row:
             med(row, "normcy")
             add("GEMM %s single-thread: ≥ 80%% of the FP32 FMA peak" % row["case"].replace("x", "×"),

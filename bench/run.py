@@ -32,10 +32,10 @@ from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fm
                      md_table)
 
 ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
-              "add_rms_norm", "batch_norm", "gemm", "encoder", "minilm"]
+              "add_rms_norm", "batch_norm", "ops", "gemm", "encoder", "minilm"]
 NORM_SUITES = ALL_SUITES[1:7]
 QUICK_DEFAULT = ["ceiling", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
-                 "batch_norm", "gemm", "encoder"]
+                 "batch_norm", "ops", "gemm", "encoder"]
 LARGE_COPY_BYTES = 256 << 20
 OUT_OF_CACHE_BYTES = 48 << 20      # fallback per-array size from which a case is "not in cache"
 SMALL_INPUT_BYTES = 4 << 20        # bytes moved per call up to which an input counts as small
@@ -235,12 +235,16 @@ def evaluate_targets(rows, copy_gbs, all_cores):
         t_ref, t_t = ref_t(row), med(row, "torch")
         add("add_layer_norm 1×384: ≥ 2.5× torch (x + r then layer_norm)",
             t_t / t_ref if t_ref and t_t else None, 2.5)
+    goals = {"32x384": (("torch", 1.8, "torch"),
+                        ("ort", 8.0, "ORT SkipLayerNormalization (faster of iobind/run)"),
+                        ("numpy", 15.0, "NumPy")),
+             "4096x768": (("torch", 1.6, "torch"),
+                          ("numpy", 15.0, "NumPy"))}
     for case in ("32x384", "4096x768"):
         row = idx.get(("add_layer_norm", case, T))
         if not row:
             continue
-        for fam, goal, what in (("torch", 1.8, "torch"), ("ort", 8.0, "ORT SkipLayerNormalization (faster of iobind/run)"),
-                                ("numpy", 15.0, "NumPy")):
+        for fam, goal, what in goals[case]:
             t_ref = ref_t(row)
             t_o = fastest(row, fam)
             add("add_layer_norm %s: ≥ %g× %s" % (case.replace("x", "×"), goal, what),
@@ -267,6 +271,13 @@ def evaluate_targets(rows, copy_gbs, all_cores):
                 g = row["impls"][row["ref"]].get("gbs")
                 add("%s %s (out of cache): ≥ 80%% of copy bandwidth" % (suite, case.replace("x", "×")),
                     g / copy_gbs if g else None, 0.8, kind="fraction")
+    row = idx.get(("layer_norm", "32x384", 1))
+    if row and "normcy nt=1" in row["impls"]:
+        t1 = med(row, "normcy nt=1")
+        if t1:
+            ns = t1 * 1e9 / (32 * 384)
+            add("layer_norm 32×384 single-threaded, in cache: ≤ 0.25 ns per element",
+                0.25 / ns, 1.0, note="%.3f ns/element" % ns)
     # "where one thread beats all cores on a small input, normcy picks that itself"
     # (small: at most SMALL_INPUT_BYTES moved per call)
     if T != 1:
@@ -425,12 +436,13 @@ def main(argv=None):
                               lambda label=label, shape=shape, axis=axis, T=T: nb.bn_row(label, shape, axis, T)))
     tasks.append(("release", lambda: nb.release()))
     skipped = {}
-    model_suites = [s for s in ("gemm", "encoder", "minilm") if s in suites]
+    model_suites = [s for s in ("ops", "gemm", "encoder", "minilm") if s in suites]
     if model_suites and os.sched_getscheduler(0) in (os.SCHED_FIFO, os.SCHED_RR):
         # Two spin-waiting pools in one process (OpenBLAS + OpenMP) would starve each other
         # under SCHED_FIFO: the model suites run at normal priority.
         tasks.append(("release", _drop_realtime))
-    for suite, planner in (("gemm", _model_suites.plan_gemm),
+    for suite, planner in (("ops", _model_suites.plan_ops),
+                           ("gemm", _model_suites.plan_gemm),
                            ("encoder", _model_suites.plan_encoder),
                            ("minilm", _model_suites.plan_minilm)):
         if suite not in suites:
@@ -502,7 +514,7 @@ def main(argv=None):
                        key=lambda r: (order.index(r["case"]) if r["case"] in order else 99, r["threads"]))
         if srows:
             out.append(norm_table(srows, suite, copy_gbs) + "\n")
-    for suite in ("gemm", "encoder", "minilm"):
+    for suite in ("ops", "gemm", "encoder", "minilm"):
         srows = [r for r in rows if r["suite"] == suite]
         if srows:
             out.append(_model_suites.table(suite, srows) + "\n")
@@ -518,6 +530,18 @@ def main(argv=None):
         out.append("### Failures\n\n" + "\n".join("- %s: %s" % (f["task"], f["error"]) for f in failures) + "\n")
     elapsed = time.perf_counter() - t_start
     out.append("_%s; total %.0f s._\n" % ("python bench/run.py " + " ".join(sys.argv[1:]), elapsed))
+    # every table names the CPU, its widest SIMD extension and the kernel variant measured
+    flags = set(env["cpu"].get("flags") or [])
+    isa_cpu = ("AVX-512" if "avx512f" in flags else "AVX2+FMA" if "avx2" in flags and "fma" in flags
+               else "SSE2/other")
+    try:
+        variant = nc._norms._kernel_isa() if nc is not None else "-"
+    except Exception:  # pragma: no cover - very old build
+        variant = "?"
+    stamp = "_CPU: %s (%s, %d cores); normcy kernel variant: %s._" % (
+        env["cpu"].get("model"), isa_cpu, all_cores, variant)
+    out = [(o.split("\n", 1)[0] + "\n\n" + stamp + "\n" + (o.split("\n", 1)[1] if "\n" in o else ""))
+           if o.startswith("### ") else o for o in out]
     text = "\n".join(out)
     sys.stdout.write(text)
     sys.stdout.flush()

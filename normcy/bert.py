@@ -21,8 +21,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm
-from normcy.transformer import (TransformerEncoderLayer,
-                                _AttentionPlan, _ThreadWorkspaces, _Workspace, _as_param)
+from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
+from normcy.transformer import TransformerEncoderLayer, _as_param
 
 __all__ = ["BertModel"]
 
@@ -168,7 +168,7 @@ class BertModel:
                 sd, nh, activation=_ACT[act], norm_first=False, layer_norm_eps=eps)
             layer.num_threads = num_threads
             self.layers.append(layer)
-        self._tls = _ThreadWorkspaces()
+        self._tls = ThreadWorkspaces()
 
     @staticmethod
     def _strip(weights):
@@ -295,7 +295,7 @@ class BertModel:
                 groups.append((off, j - i, L))
                 off += (j - i) * L
             i = j
-        plan = _AttentionPlan(groups)
+        plan = AttentionPlan(groups)
 
         ws = self._tls.ws
         x0 = ws.get("bert_x0", (T, H))
@@ -328,7 +328,7 @@ class BertModel:
 
     def clear_workspace(self):
         """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = _Workspace()
+        self._tls.ws = Workspace()
 
     def __repr__(self):
         return ("BertModel(hidden_size=%d, layers=%d, heads=%d, intermediate=%d, act=%r)"

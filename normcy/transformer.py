@@ -26,12 +26,12 @@ Masks follow PyTorch: ``key_padding_mask`` is (batch, seq) bool with True markin
 applies the causal mask by itself (PyTorch additionally needs the mask passed as a hint).
 """
 import math
-import threading
 from collections.abc import Mapping
 
 import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
+from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
 from normcy._gemm import PackedLinear, _attention
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
@@ -39,33 +39,6 @@ __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 _F32 = np.float32
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _NORMS = ("layer", "rms")
-
-
-class _Workspace:
-    """Named, grow-only float32 buffers handed out as reshaped views (one per thread)."""
-
-    __slots__ = ("_bufs",)
-
-    def __init__(self):
-        self._bufs = {}
-
-    def get(self, name, shape):
-        n = 1
-        for s in shape:
-            n *= s
-        buf = self._bufs.get(name)
-        if buf is None or buf.size < n:
-            buf = np.empty(max(n, 1), dtype=_F32)
-            self._bufs[name] = buf
-        return buf[:n].reshape(shape)
-
-    def nbytes(self):
-        return sum(b.nbytes for b in self._bufs.values())
-
-
-class _ThreadWorkspaces(threading.local):
-    def __init__(self):
-        self.ws = _Workspace()
 
 
 def _as_param(value, name, shape):
@@ -90,28 +63,6 @@ def _check_int(v, name, minimum=1):
     if v < minimum:
         raise ValueError("%s must be >= %d, got %d" % (name, minimum, v))
     return int(v)
-
-
-class _AttentionPlan:
-    """How the tokens of a (rows, d_model) matrix form sequences for attention.
-
-    ``groups`` is a list of (row_offset, n_seq, seq_len): ``n_seq`` consecutive sequences of
-    ``seq_len`` tokens each starting at ``row_offset``.  ``kpm`` / ``mask`` apply to a single
-    group covering every row (the padded (batch, seq) layout).  ``dead`` lists the rows
-    whose every key is masked: softmax gives them zero weights, so their attention output is
-    zero (PyTorch's scaled_dot_product_attention does the same); the layer removes the value
-    bias it folded into the output bias from those rows.
-    """
-
-    __slots__ = ("groups", "kpm", "mask", "is_causal", "dead")
-
-    def __init__(self, groups, kpm=None, mask=None, is_causal=False, dead=None):
-        self.groups = groups
-        self.kpm = kpm
-        self.mask = mask
-        self.is_causal = is_causal
-        # rows whose every key is masked (their attention output is zero), or None
-        self.dead = dead
 
 
 class TransformerEncoderLayer:
@@ -174,7 +125,7 @@ class TransformerEncoderLayer:
         self.norm_first = bool(norm_first)
         self.layer_norm_eps = eps
         self.norm = norm
-        self._tls = _ThreadWorkspaces()
+        self._tls = ThreadWorkspaces()
         #: Threads for every kernel of the layer (None: normcy's default, all cores; small
         #: work runs serially).  The matrix products are normcy's own (PackedLinear), so
         #: one OpenMP pool serves the whole layer.
@@ -413,7 +364,7 @@ class TransformerEncoderLayer:
             A new array with the shape of `x`.
         """
         x3, unbatched = _check_input(x, self.d_model)
-        plan = _padded_plan(x3.shape[0], x3.shape[1], key_padding_mask, attn_mask, is_causal,
+        plan = padded_plan(x3.shape[0], x3.shape[1], key_padding_mask, attn_mask, is_causal,
                             unbatched)
         b, s, d = x3.shape
         out = np.empty((b, s, d), dtype=_F32)
@@ -423,7 +374,7 @@ class TransformerEncoderLayer:
 
     def clear_workspace(self):
         """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = _Workspace()
+        self._tls.ws = Workspace()
 
     def __repr__(self):
         return ("TransformerEncoderLayer(d_model=%d, nhead=%d, dim_feedforward=%d, "
@@ -447,69 +398,6 @@ def _check_input(x, d_model):
     if not x3.flags.c_contiguous:
         x3 = np.ascontiguousarray(x3)
     return x3, unbatched
-
-
-def _padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
-    kpm = None
-    mask = None
-    if key_padding_mask is not None:
-        k = key_padding_mask
-        if not isinstance(k, np.ndarray):
-            raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
-                            % type(k).__name__)
-        if unbatched and k.ndim == 1:
-            k = k[None]
-        if k.shape != (b, s):
-            raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
-                             % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
-        if k.dtype == np.bool_:
-            kpm = k
-        elif k.dtype.kind == "f":
-            mask = k.astype(_F32)[:, None, None, :]
-        else:
-            raise TypeError("key_padding_mask must have dtype bool (True = padding) or be an "
-                            "additive float mask, got dtype %s" % k.dtype)
-    if attn_mask is not None:
-        m = attn_mask
-        if not isinstance(m, np.ndarray):
-            raise TypeError("attn_mask must be a numpy.ndarray, got %s" % type(m).__name__)
-        if m.shape != (s, s):
-            raise ValueError("attn_mask must have shape (seq, seq) = %s, got %s"
-                             % ((s, s), tuple(m.shape)))
-        if m.dtype == np.bool_:
-            m = np.where(m, np.float32(-np.inf), np.float32(0.0))
-        elif m.dtype.kind == "f":
-            m = m.astype(_F32)
-        else:
-            raise TypeError("attn_mask must be a float (additive) or bool mask, got dtype %s"
-                            % m.dtype)
-        mask = m if mask is None else mask + m
-    is_causal = bool(is_causal)
-    dead = _dead_rows(b, s, kpm, mask, is_causal)
-    return _AttentionPlan([(0, b, s)], kpm=kpm, mask=mask, is_causal=is_causal, dead=dead)
-
-
-def _dead_rows(b, s, kpm, mask, is_causal):
-    """Flat (batch*seq) indices of the queries whose every key is masked, or None."""
-    if kpm is None and mask is None:
-        return None            # a causal mask alone always leaves the diagonal
-    if mask is None:
-        if is_causal:
-            dead = np.logical_and.accumulate(kpm, axis=1)
-        else:
-            dead = np.broadcast_to(kpm.all(axis=1)[:, None], (b, s))
-    else:
-        m = np.isneginf(mask)
-        if m.ndim == 4:
-            m = m[:, 0]                                    # (b, 1 or s, s)
-        blocked = np.broadcast_to(m, (b, s, s)).copy()
-        if kpm is not None:
-            blocked |= kpm[:, None, :]
-        if is_causal:
-            blocked |= np.triu(np.ones((s, s), dtype=bool), 1)
-        dead = blocked.all(axis=-1)
-    idx = np.flatnonzero(dead)
-    return idx if idx.size else None
 
 
 class TransformerEncoder:
@@ -539,7 +427,20 @@ class TransformerEncoder:
         self.layers = layers
         self.d_model = d
         self.norm = _final_norm(norm, d)
-        self._tls = _ThreadWorkspaces()
+        self._tls = ThreadWorkspaces()
+        self._num_threads = None
+
+    @property
+    def num_threads(self):
+        """Threads for every kernel of the stack, final norm included (None: normcy's
+        default).  Setting it sets every layer's ``num_threads``."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        for layer in self.layers:
+            layer.num_threads = value
+        self._num_threads = value
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_layers, nhead, *, activation="relu",
@@ -598,7 +499,7 @@ class TransformerEncoder:
         """Run every layer, then the final norm.  Arguments as for the layer's call."""
         x3, unbatched = _check_input(x, self.d_model)
         b, s, d = x3.shape
-        plan = _padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched)
+        plan = padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched)
         out = np.empty((b, s, d), dtype=_F32)
         if b * s:
             self._forward_rows(x3.reshape(b * s, d), plan, self._tls.ws, out.reshape(b * s, d))
@@ -619,14 +520,14 @@ class TransformerEncoder:
         if self.norm is not None:
             w, b, eps, kind = self.norm
             if kind == "layer":
-                layer_norm(cur, w, b, eps, out=out)
+                layer_norm(cur, w, b, eps, out=out, num_threads=self._num_threads)
             else:
-                rms_norm(cur, w, eps, out=out)
+                rms_norm(cur, w, eps, out=out, num_threads=self._num_threads)
         return out
 
     def clear_workspace(self):
         """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = _Workspace()
+        self._tls.ws = Workspace()
 
 
 def _final_norm(norm, d):

@@ -1,0 +1,130 @@
+"""Workspaces and attention planning for the encoder (package-internal).
+
+- :class:`Workspace`: named, grow-only float32 buffers, one per thread
+  (:class:`ThreadWorkspaces`), so that a model object may be called from many threads;
+- :class:`AttentionPlan`: how the rows of a (tokens, d_model) matrix form sequences and which
+  masks apply; :func:`padded_plan` builds it for a padded (batch, seq) input and validates
+  the masks; :class:`normcy.BertModel` builds packed plans (real tokens only) directly.
+
+Used by :mod:`normcy.transformer` and :mod:`normcy.bert`; the layers themselves live in
+:mod:`normcy.transformer`.
+"""
+import threading
+
+import numpy as np
+
+__all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "dead_rows"]
+
+_F32 = np.float32
+
+
+class Workspace:
+    """Named, grow-only float32 buffers handed out as reshaped views (one per thread)."""
+
+    __slots__ = ("_bufs",)
+
+    def __init__(self):
+        self._bufs = {}
+
+    def get(self, name, shape):
+        n = 1
+        for s in shape:
+            n *= s
+        buf = self._bufs.get(name)
+        if buf is None or buf.size < n:
+            buf = np.empty(max(n, 1), dtype=_F32)
+            self._bufs[name] = buf
+        return buf[:n].reshape(shape)
+
+    def nbytes(self):
+        return sum(b.nbytes for b in self._bufs.values())
+
+
+class ThreadWorkspaces(threading.local):
+    def __init__(self):
+        self.ws = Workspace()
+
+
+class AttentionPlan:
+    """How the tokens of a (rows, d_model) matrix form sequences for attention.
+
+    ``groups`` is a list of (row_offset, n_seq, seq_len): ``n_seq`` consecutive sequences of
+    ``seq_len`` tokens each starting at ``row_offset``.  ``kpm`` / ``mask`` apply to a single
+    group covering every row (the padded (batch, seq) layout).  ``dead`` lists the rows
+    whose every key is masked: softmax gives them zero weights, so their attention output is
+    zero (PyTorch's scaled_dot_product_attention does the same); the layer removes the value
+    bias it folded into the output bias from those rows.
+    """
+
+    __slots__ = ("groups", "kpm", "mask", "is_causal", "dead")
+
+    def __init__(self, groups, kpm=None, mask=None, is_causal=False, dead=None):
+        self.groups = groups
+        self.kpm = kpm
+        self.mask = mask
+        self.is_causal = is_causal
+        # rows whose every key is masked (their attention output is zero), or None
+        self.dead = dead
+
+
+def padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
+    kpm = None
+    mask = None
+    if key_padding_mask is not None:
+        k = key_padding_mask
+        if not isinstance(k, np.ndarray):
+            raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
+                            % type(k).__name__)
+        if unbatched and k.ndim == 1:
+            k = k[None]
+        if k.shape != (b, s):
+            raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
+                             % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+        if k.dtype == np.bool_:
+            kpm = k
+        elif k.dtype.kind == "f":
+            mask = k.astype(_F32)[:, None, None, :]
+        else:
+            raise TypeError("key_padding_mask must have dtype bool (True = padding) or be an "
+                            "additive float mask, got dtype %s" % k.dtype)
+    if attn_mask is not None:
+        m = attn_mask
+        if not isinstance(m, np.ndarray):
+            raise TypeError("attn_mask must be a numpy.ndarray, got %s" % type(m).__name__)
+        if m.shape != (s, s):
+            raise ValueError("attn_mask must have shape (seq, seq) = %s, got %s"
+                             % ((s, s), tuple(m.shape)))
+        if m.dtype == np.bool_:
+            m = np.where(m, np.float32(-np.inf), np.float32(0.0))
+        elif m.dtype.kind == "f":
+            m = m.astype(_F32)
+        else:
+            raise TypeError("attn_mask must be a float (additive) or bool mask, got dtype %s"
+                            % m.dtype)
+        mask = m if mask is None else mask + m
+    is_causal = bool(is_causal)
+    dead = dead_rows(b, s, kpm, mask, is_causal)
+    return AttentionPlan([(0, b, s)], kpm=kpm, mask=mask, is_causal=is_causal, dead=dead)
+
+
+def dead_rows(b, s, kpm, mask, is_causal):
+    """Flat (batch*seq) indices of the queries whose every key is masked, or None."""
+    if kpm is None and mask is None:
+        return None            # a causal mask alone always leaves the diagonal
+    if mask is None:
+        if is_causal:
+            dead = np.logical_and.accumulate(kpm, axis=1)
+        else:
+            dead = np.broadcast_to(kpm.all(axis=1)[:, None], (b, s))
+    else:
+        m = np.isneginf(mask)
+        if m.ndim == 4:
+            m = m[:, 0]                                    # (b, 1 or s, s)
+        blocked = np.broadcast_to(m, (b, s, s)).copy()
+        if kpm is not None:
+            blocked |= kpm[:, None, :]
+        if is_causal:
+            blocked |= np.triu(np.ones((s, s), dtype=bool), 1)
+        dead = blocked.all(axis=-1)
+    idx = np.flatnonzero(dead)
+    return idx if idx.size else None

@@ -205,9 +205,12 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                 const nc_int kc = K - k0 < kcb ? K - k0 : kcb;
                 const int first = k0 == 0, last = k0 + kc >= K;
                 const float *bp = wp + p * K * NC_NR + k0 * NC_NR;
-                for (nc_int i = i0; i < i1; i += NC_MR) {
-                    int mr = (int)(i1 - i < NC_MR ? i1 - i : NC_MR);
-                    NC_FN(nc_gemm_tile)(mr, x + i * ldx + k0, ldx, bp, kc, bj,
+                /* tiles of balanced heights (20 rows: 5+5+5+5, not 6+6+6+2): a short tile
+                   has too few accumulator chains to cover the FMA latency */
+                const nc_int len = i1 - i0, ntl = (len + NC_MR - 1) / NC_MR;
+                for (nc_int t = 0; t < ntl; t++) {
+                    nc_int i = i0 + len * t / ntl, ie = i0 + len * (t + 1) / ntl;
+                    NC_FN(nc_gemm_tile)((int)(ie - i), x + i * ldx + k0, ldx, bp, kc, bj,
                                         res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0,
                                         ldy, nv, act, first, last);
                 }

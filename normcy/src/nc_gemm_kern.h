@@ -285,6 +285,21 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *kt
         if (causal && i + 1 < lim) lim = i + 1;
         nc_int ncols = (mask || kpm) ? L : lim;   /* keys past lim are -inf: skip them entirely */
         nc_int j = 0;
+        /* eight key vectors per pass: eight independent FMA chains over d (one or two
+           were latency-bound); each score is still one chain over d in order */
+        for (; j + 8 * NC_VW <= ncols; j += 8 * NC_VW) {
+            ncv sc[8];
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) sc[u] = ncv_set1(0.0f);
+            for (nc_int d = 0; d < dh; d++) {
+                const ncv qd = ncv_set1(qi[d]);
+                const float *kr = kt + d * ldk + j;
+#pragma GCC unroll 8
+                for (int u = 0; u < 8; u++) sc[u] += qd * ncv_ld(kr + u * NC_VW);
+            }
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
+        }
         for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
             ncv s0 = ncv_set1(0.0f), s1 = ncv_set1(0.0f);
             for (nc_int d = 0; d < dh; d++) {
@@ -309,6 +324,30 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *kt
                                   kpm, lim);
         float *oi = out + i * ldo;
         nc_int d = 0;
+        /* up to four d vectors at once, even and odd keys in separate accumulators (the
+           same two sums as below, eight chains in flight) */
+        for (; d + 4 * NC_VW <= dh; d += 4 * NC_VW) {
+            ncv oe[4], oo[4];
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) { oe[u] = ncv_set1(0.0f); oo[u] = ncv_set1(0.0f); }
+            nc_int jj = 0;
+            for (; jj + 2 <= lim; jj += 2) {
+                const ncv p0 = ncv_set1(scores[jj]), p1 = ncv_set1(scores[jj + 1]);
+                const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) {
+                    oe[u] += p0 * ncv_ld(v0 + u * NC_VW);
+                    oo[u] += p1 * ncv_ld(v1 + u * NC_VW);
+                }
+            }
+            if (jj < lim) {
+                const ncv p0 = ncv_set1(scores[jj]);
+#pragma GCC unroll 4
+                for (int u = 0; u < 4; u++) oe[u] += p0 * ncv_ld(v + jj * ldv + d + u * NC_VW);
+            }
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
+        }
         for (; d + NC_VW <= dh; d += NC_VW) {
             ncv o0 = ncv_set1(0.0f), o1 = ncv_set1(0.0f);
             nc_int jj = 0;

@@ -172,6 +172,30 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
     }
 }
 
+/*
+ * One row against four whole panels at once (the GEMV case, M = 1): a 1 x NC_NR tile has
+ * only two accumulator chains and is bound by the FMA latency; four panels give eight.
+ * Full K from zero: each element is the same sequential FMA chain over k as in the tiles
+ * above (which store and reload their partial sums exactly), so results are identical.
+ */
+static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const float *bp,
+                                                      nc_int pstride, nc_int K, float *out)
+{
+    ncv c[8];
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; u++) c[u] = ncv_set1(0.0f);
+    for (nc_int k = 0; k < K; k++) {
+        const ncv av = ncv_set1(a[k]);
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            c[2 * u] += av * ncv_ld(bp + u * pstride + k * NC_NR);
+            c[2 * u + 1] += av * ncv_ld(bp + u * pstride + k * NC_NR + NC_VW);
+        }
+    }
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; u++) ncv_st(out + u * NC_VW, c[u]);
+}
+
 /* K block: KC x NC_NR floats of a panel = 16 KB (half of a 32 KB L1) plus the micro-tile's
    NC_MR x KC floats of x (6 KB on AVX2 / AVX-512) stay in L1 together.  A full-K panel
    (24 KB at K = 384 on AVX2) plus the x tile (9 KB) overflowed L1 and halved the speed. */
@@ -195,7 +219,21 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
     if (mc < NC_MR) mc = NC_MR;
     for (nc_int i0 = m0; i0 < m1; i0 += mc) {
         nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
-        for (nc_int p = p0; p < p1; p++) {
+        nc_int pstart = p0;
+        if (i1 - i0 == 1) {
+            /* a single row: four whole panels at a time (see nc_gemv4) */
+            float buf[4 * NC_NR] __attribute__((aligned(64)));
+            for (; pstart + 4 <= p1 && (pstart + 4) * NC_NR <= N; pstart += 4) {
+                NC_FN(nc_gemv4)(x + i0 * ldx, wp + pstart * K * NC_NR, K * NC_NR, K, buf);
+                const float *rr = res ? res + i0 * ldr : NULL;
+                for (int u = 0; u < 8; u++) {
+                    nc_int jj = pstart * NC_NR + u * NC_VW;
+                    nc_gemm_epi(ncv_ld(buf + u * NC_VW), bias ? bias + jj : NULL,
+                                rr ? rr + jj : NULL, y + i0 * ldy + jj, act, NC_VW);
+                }
+            }
+        }
+        for (nc_int p = pstart; p < p1; p++) {
             nc_int j0 = p * NC_NR;
             nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
             const float *bj = bias ? bias + j0 : NULL;

@@ -16,7 +16,8 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport _shp, _desc, extent, identical_view, check_overlap
+from normcy._arraychecks cimport (_shp, _desc, extent, identical_view, check_overlap, plain,
+                                  parse_eps)
 
 cnp.import_array()
 
@@ -376,14 +377,8 @@ cdef object as_param(object p, Py_ssize_t n, str name):
 
 
 cdef double check_eps(object eps) except? -1.0:
-    cdef double e
-    try:
-        e = eps
-    except TypeError:
-        raise TypeError("eps must be a real number, got %s" % type(eps).__name__) from None
-    if not isfinite(e) or e < 0.0:
-        raise ValueError("eps must be finite and >= 0, got %r" % (eps,))
-    return e
+    """normcy._validate.as_float(eps, "eps", minimum=0) (plain floats checked inline)."""
+    return parse_eps(eps, "eps")
 
 
 cdef cnp.ndarray check_x(object x, str name):
@@ -741,23 +736,27 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     cdef BNJob j
     cdef int nd, ax, nt
     cdef Py_ssize_t c, k, outer, inner, items, work
+    cdef object out_arg = out
     check_f32_array(x, "x")
-    xa = <cnp.ndarray>x
+    # a subclass is used as its buffer: no later NumPy call (moveaxis, empty_like, ...) may
+    # dispatch to subclass code
+    xa = <cnp.ndarray>plain(x, "x")
     nd = cnp.PyArray_NDIM(xa)
     if nd == 0:
         raise ValueError("x must have at least 1 dimension, got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError("axis must be an int, got %s" % type(axis).__name__)
+    if type(axis) is not int:
+        from normcy._validate import as_int
+        axis = as_int(axis, "axis")
+    if axis < -nd or axis >= nd:
+        raise ValueError("axis %d is out of range for x of shape %s" % (axis, _shp(xa)))
     ax = axis
-    if ax < -nd or ax >= nd:
-        raise ValueError("axis %d is out of range for x of shape %s" % (ax, _shp(xa)))
     if ax < 0:
         ax += nd
     c = cnp.PyArray_DIMS(xa)[ax]
     if c == 0:
         raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
     scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
-    oa = prepare_out(out, xa, "out") if out is not None else np.empty_like(xa)
+    oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out") if out is not None else np.empty_like(xa)
     if out is not None:
         check_overlap(oa, "out", xa, "x", True)
     outer = 1
@@ -767,7 +766,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     for k in range(ax + 1, nd):
         inner *= cnp.PyArray_DIMS(xa)[k]
     if outer * inner == 0:
-        return oa
+        return oa if out_arg is None else out_arg
     if cnp.PyArray_IS_C_CONTIGUOUS(xa) and cnp.PyArray_IS_C_CONTIGUOUS(oa):
         xv, ov = xa, oa
         j.rows = inner == 1
@@ -783,7 +782,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             tmp = batch_norm(np.ascontiguousarray(xa), running_mean, running_var, weight, bias,
                              eps, axis=ax, num_threads=num_threads)
             np.copyto(oa, tmp)
-            return oa
+            return oa if out_arg is None else out_arg
     j.x = <const char *>cnp.PyArray_DATA(xv)
     j.y = <char *>cnp.PyArray_DATA(ov)
     j.a = <const float *>cnp.PyArray_DATA(<cnp.ndarray>scale)
@@ -795,7 +794,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     work = outer * c * inner
     nt = resolve_threads(num_threads, work, items)
     _run_bn(&j, items, nt)
-    return oa
+    return oa if out_arg is None else out_arg
 
 
 cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:

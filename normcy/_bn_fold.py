@@ -1,7 +1,8 @@
 """Fold an inference-mode BatchNorm into the linear / 1x1 convolution layer before it."""
 import numpy as np
 
-from normcy._norms import fold_batch_norm
+from normcy._norms import _param64, fold_batch_norm
+from normcy._validate import as_float
 
 
 def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weight=None,
@@ -30,7 +31,10 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
         computed in float64.
     """
     w = np.asarray(weight)
-    if w.dtype.kind not in "fiu" or w.ndim < 2:
+    if w.dtype.kind not in "fiu":
+        raise TypeError("weight must be a float array of shape (out_features, ...), got "
+                        "shape %s dtype %s" % (w.shape, w.dtype))
+    if w.ndim < 2:
         raise ValueError("weight must be a float array of shape (out_features, ...), got "
                          "shape %s dtype %s" % (w.shape, w.dtype))
     cout = w.shape[0]
@@ -39,6 +43,12 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
         if p is not None and np.shape(p) != (cout,):
             raise ValueError("%s must have shape (%d,) to match weight of shape %s, got %s"
                              % (name, cout, w.shape, np.shape(p)))
+    # every per-channel parameter gets fold_batch_norm's dtype rules (a real float/int array:
+    # complex and bool are refused, never silently cast), with its own name in the error
+    for name, p in (("bias", bias), ("bn_weight", bn_weight), ("bn_bias", bn_bias)):
+        if p is not None:
+            _param64(p, name, cout)
+    eps = as_float(eps, "eps", minimum=0.0)
     # validates eps, dtypes and running_var >= 0 the same way batch_norm does
     fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
     scale64 = np.asarray(bn_weight if bn_weight is not None else np.ones(cout), np.float64)

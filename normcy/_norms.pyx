@@ -332,6 +332,7 @@ cdef int check_f32_array(object a, str name) except -1:
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
         raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
                          % (name, _desc(a)))
+    plain(a, name)   # refuses numpy.ma.MaskedArray (other subclasses: C-level fields only)
     return 0
 
 

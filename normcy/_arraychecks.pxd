@@ -129,3 +129,42 @@ cdef inline bint same_shape(cnp.ndarray a, cnp.ndarray b) noexcept:
         if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(b)[k]:
             return False
     return True
+
+
+cdef inline int check_no_self_overlap(cnp.ndarray a, str name) except -1:
+    """Refuse an output whose elements may alias each other (a zero stride along an axis of
+    length > 1, or as_strided layouts): its result would depend on the write order.  The
+    test is the usual sufficient one: with the axes sorted by |stride|, each stride must
+    step past the whole extent of the smaller ones."""
+    cdef int nd = cnp.PyArray_NDIM(a), k, m, j
+    cdef Py_ssize_t st[64]
+    cdef Py_ssize_t dm[64]
+    cdef Py_ssize_t s, d, span
+    m = 0
+    for k in range(nd):
+        d = cnp.PyArray_DIMS(a)[k]
+        if d == 0:
+            return 0                      # no elements: nothing can alias
+        if d == 1:
+            continue
+        s = cnp.PyArray_STRIDES(a)[k]
+        if s < 0:
+            s = -s
+        # insertion sort by |stride| (at most 64 axes)
+        j = m
+        while j > 0 and st[j - 1] > s:
+            st[j] = st[j - 1]
+            dm[j] = dm[j - 1]
+            j -= 1
+        st[j] = s
+        dm[j] = d
+        m += 1
+    span = cnp.PyArray_ITEMSIZE(a)
+    for k in range(m):
+        if st[k] < span:
+            raise ValueError("%s has internally overlapping elements (%s with strides %s); pass "
+                             "an output whose elements are distinct in memory"
+                             % (name, _desc(a), tuple([cnp.PyArray_STRIDES(a)[j]
+                                                       for j in range(nd)])))
+        span = st[k] * (dm[k] - 1) + span
+    return 0

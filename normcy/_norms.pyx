@@ -17,7 +17,7 @@ import numpy as np
 
 from normcy._parallel cimport resolve_threads
 from normcy._arraychecks cimport (_shp, _desc, extent, identical_view, check_overlap, plain,
-                                  parse_eps)
+                                  parse_eps, check_no_self_overlap)
 
 cnp.import_array()
 
@@ -352,6 +352,7 @@ cdef int check_same_shape(cnp.ndarray a, cnp.ndarray ref, str name, str refname)
 cdef int check_writeable(cnp.ndarray a, str name) except -1:
     if not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError("%s is read-only (%s); pass a writeable array" % (name, _desc(a)))
+    check_no_self_overlap(a, name)
     return 0
 
 

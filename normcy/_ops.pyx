@@ -17,7 +17,7 @@ import numpy as np
 
 from normcy._parallel cimport resolve_threads
 from normcy._arraychecks cimport (_desc, _shp, extent, identical_view, check_overlap, plain,
-                                  same_shape, parse_f32_real)
+                                  same_shape, parse_f32_real, check_no_self_overlap)
 
 cnp.import_array()
 
@@ -152,6 +152,7 @@ cdef object prepare_out(object out, object x):
         raise ValueError("out must have the shape of x %s, got shape %s" % (_shp(x), _shp(out)))
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         raise ValueError("out is read-only (%s); pass a writeable array" % _desc(out))
+    check_no_self_overlap(<cnp.ndarray>out, "out")
     return out
 
 

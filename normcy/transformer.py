@@ -84,8 +84,8 @@ def _as_param(value, name, shape):
     return a
 
 
-def _check_int(v, name, minimum=1):
-    return as_int(v, name, minimum=minimum)
+def _check_int(v, name, minimum=1, maximum=2 ** 31 - 1):
+    return as_int(v, name, minimum=minimum, maximum=maximum)
 
 
 # Below this many rows, ``x @ W`` runs as ``(W^T @ x^T)^T`` through two small copies, with

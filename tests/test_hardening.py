@@ -334,9 +334,9 @@ def test_masked_arrays_are_refused():
 
 # --------------------------------------------------------------------------- issue 9, item 3
 # 14-dimensional views of one buffer whose overlap NumPy cannot decide within the work bound
-_HARD_STRIDES = [58821, 56810, 53903, 56197, 5486, 53340, 61790, 17872, 11942, 5982, 52561,
-                 62081, 39969, 40611]
-_HARD_OFFSET = 789
+# (each view alone is provably free of self-overlap: its sorted strides are super-increasing)
+_HARD_STRIDES = [78, 3520, 304, 18, 100932, 8, 36, 20391, 7978, 1303, 4, 43051, 601, 148]
+_HARD_OFFSET = 541
 
 
 def _hard_pair():
@@ -373,6 +373,32 @@ def test_overlap_check_still_exact_for_easy_cases():
     b2 = np.zeros(20, F32)
     with pytest.raises(ValueError, match="partially overlaps"):
         normcy.relu(b2[:12].reshape(3, 4), out=b2[4:16].reshape(3, 4))
+
+
+def test_outputs_with_internally_overlapping_elements_are_refused():
+    """A writeable zero-stride (or as_strided) out would make the result depend on the
+    write order (and on the thread schedule): refused; inputs may be broadcast views."""
+    from numpy.lib.stride_tricks import as_strided
+    x = np.random.default_rng(3).standard_normal((4, 6)).astype(F32)
+    row = np.zeros(6, F32)
+    out0 = as_strided(row, (4, 6), (0, 4))                  # 4 rows aliasing one
+    assert out0.flags.writeable
+    overl = as_strided(np.zeros(30, F32), (4, 6), (12, 4))  # rows 3 apart, 6 long
+    for out in (out0, overl):
+        for call in (lambda: normcy.relu(x, out=out), lambda: normcy.softmax(x, out=out),
+                     lambda: normcy.layer_norm(x, out=out),
+                     lambda: normcy.add_layer_norm(x, x, sum_out=out),
+                     lambda: normcy.batch_norm(x, np.zeros(6), np.ones(6), axis=-1, out=out)):
+            with pytest.raises(ValueError, match="internally overlapping"):
+                call()
+    # a broadcast input is fine
+    xb = np.broadcast_to(x[0], (4, 6))
+    np.testing.assert_array_equal(normcy.relu(xb), np.maximum(np.asarray(xb), 0))
+    # unusual but alias-free layouts are accepted
+    base = np.zeros((6, 8), F32)
+    np.testing.assert_array_equal(normcy.relu(x, out=base[:4, ::-1][:, :6]), np.maximum(x, 0))
+    np.testing.assert_array_equal(normcy.relu(x.T.copy(), out=base.T[:6, :4]),
+                                  np.maximum(x.T, 0))
 
 
 # --------------------------------------------------------------------------- issue 9, item 4
@@ -457,6 +483,9 @@ def test_transformer_layer_norm_eps_value_is_used():
         normcy.TransformerEncoderLayer(8.0, 2, 16)
     with pytest.raises(TypeError, match="nhead"):
         normcy.TransformerEncoderLayer(8, True, 16)
+    for name, args in (("d_model", (10 ** 30, 1, 4)), ("dim_feedforward", (8, 2, 2 ** 31))):
+        with pytest.raises(ValueError, match=name):
+            normcy.TransformerEncoderLayer(*args)
 
 
 def test_softmax_scale_parsing():
@@ -509,7 +538,8 @@ def test_fold_into_linear_weight_dtype_is_a_type_error():
 
 # --------------------------------------------------------------------------- the helpers
 def test_validate_helpers_name_the_argument():
-    assert _validate.as_int(np.int16(5), "n") == 5 and type(_validate.as_int(np.int16(5), "n")) is int
+    v = _validate.as_int(np.int16(5), "n")
+    assert v == 5 and type(v) is int
     with pytest.raises(ValueError, match="foo must be <= 3"):
         _validate.as_int(10 ** 40, "foo", maximum=3)
     with pytest.raises(TypeError, match="foo must be an integer"):

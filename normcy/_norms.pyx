@@ -373,6 +373,8 @@ cdef object as_param(object p, Py_ssize_t n, str name):
         if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
             raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(arr)))
         a = np.ascontiguousarray(arr, dtype=np.float32)
+        if not cnp.PyArray_ISALIGNED(a):
+            a = a.copy()                       # the kernels load whole floats
     if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != n:
         raise ValueError("%s must have shape (%d,), got shape %s" % (name, n, _shp(a)))
     return a

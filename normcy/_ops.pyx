@@ -124,6 +124,10 @@ cdef int check_f32(object a, str name) except -1:
     if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
         raise TypeError("%s must have dtype float32 (native byte order), got %s; "
                         "normcy does not cast activations" % (name, _desc(a)))
+    if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
+        # the row kernels load whole floats: an unaligned view is undefined behaviour in C
+        raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
+                         % (name, _desc(a)))
     return 0
 
 
@@ -294,8 +298,9 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
         if cnp.PyArray_NDIM(<cnp.ndarray>mask) > nd:
             raise ValueError("mask of shape %s cannot be broadcast to the shape of x %s"
                              % (_shp(mask), shape))
-        if mask.dtype != np.float32 or not mask.dtype.isnative:
-            mask = mask.astype(np.float32)
+        if (mask.dtype != np.float32 or not mask.dtype.isnative
+                or not cnp.PyArray_ISALIGNED(<cnp.ndarray>mask)):
+            mask = mask.astype(np.float32)     # a copy: native, aligned
         mb = broadcast_last_unit(mask, shape, "mask", np.float32, 4)
     kb = None
     if key_padding_mask is not None:
@@ -411,6 +416,8 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
             raise ValueError("bias must have shape (%d,) (the last axis of x), got shape %s"
                              % (n, _shp(bias)))
         ba_obj = np.ascontiguousarray(bias, dtype=np.float32)
+        if not cnp.PyArray_ISALIGNED(<cnp.ndarray>ba_obj):
+            ba_obj = ba_obj.copy()             # the kernels load whole floats
     if residual is not None:
         check_f32(residual, "residual")
         residual = plain(residual, "residual")

@@ -401,6 +401,32 @@ def test_outputs_with_internally_overlapping_elements_are_refused():
                                   np.maximum(x.T, 0))
 
 
+def test_unaligned_float32_views_are_refused_by_every_kernel():
+    """Found by the fuzzer under UBSan (misaligned float loads in the ops kernels): the ops
+    now refuse unaligned views as the norm kernels always did."""
+    raw = np.zeros(4 * 12 + 1, np.uint8)
+    xu = raw[1:].view(F32).reshape(3, 4)
+    assert not xu.flags.aligned
+    x = np.ones((3, 4), F32)
+    for call in (lambda: normcy.relu(xu), lambda: normcy.gelu(x, out=xu),
+                 lambda: normcy.softmax(xu), lambda: normcy.bias_add(xu, np.zeros(4)),
+                 lambda: normcy.bias_activation(x, None, "relu", residual=xu),
+                 lambda: normcy.layer_norm(xu), lambda: normcy.rms_norm(x, out=xu),
+                 lambda: normcy.batch_norm(xu, np.zeros(4), np.ones(4), axis=-1)):
+        with pytest.raises(ValueError, match="must be aligned"):
+            call()
+    # small parameters (bias, weight, mask) are copied to aligned memory instead
+    bu = np.zeros(4 * 4 + 1, np.uint8)[1:].view(F32)
+    bu[:] = [1.0, -2.0, 3.0, 0.5]
+    assert not bu.flags.aligned
+    want = x + np.array([1.0, -2.0, 3.0, 0.5], F32)
+    np.testing.assert_array_equal(normcy.bias_add(x, bu), want)
+    np.testing.assert_array_equal(normcy.layer_norm(x, bu, bu),
+                                  normcy.layer_norm(x, bu.copy(), bu.copy()))
+    np.testing.assert_array_equal(normcy.softmax(x, mask=bu),
+                                  normcy.softmax(x, mask=bu.copy()))
+
+
 # --------------------------------------------------------------------------- issue 9, item 4
 def _x():
     return np.random.default_rng(0).standard_normal((64, 40)).astype(F32)

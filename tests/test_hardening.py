@@ -574,3 +574,43 @@ def test_validate_helpers_name_the_argument():
     assert math.isfinite(_validate.as_float(3.4e38, "bar", float32=True))
     with pytest.raises(ValueError, match="bar must be finite in float32"):
         _validate.as_float(3.5e38, "bar", float32=True)
+
+
+# --------------------------------------------------------------------------- memory bounds
+def test_temporary_memory_is_bounded():
+    """NumPy temporaries a kernel call allocates (tracemalloc sees NumPy's allocations, not the
+    norm kernels' C scratch of at most 3 rows per thread): none beyond O(features) for
+    operands with a unit-stride last axis and an out; at most one copy per strided operand."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((512, 512)).astype(F32)
+    xs = rng.standard_normal((512, 1024)).astype(F32)[:, ::2]     # strided last axis
+    out = np.empty_like(x)
+    outT = np.empty_like(x).T.copy().T                               # F-ordered out
+    w = np.ones(512, F32)
+    calls = {
+        "layer_norm": lambda x, **k: normcy.layer_norm(x, w, w, **k),
+        "add_layer_norm": lambda x, **k: normcy.add_layer_norm(x, x, w, w, **k),
+        "rms_norm": lambda x, **k: normcy.rms_norm(x, w, **k),
+        "add_rms_norm": lambda x, **k: normcy.add_rms_norm(x, x, w, **k),
+        "batch_norm": lambda x, **k: normcy.batch_norm(x, w, w, axis=-1, **k),
+        "softmax": lambda x, **k: normcy.softmax(x, **k),
+        "gelu": lambda x, **k: normcy.gelu(x, **k),
+        "relu": lambda x, **k: normcy.relu(x, **k),
+        "bias_activation": lambda x, **k: normcy.bias_activation(x, w, "gelu", residual=x, **k),
+        "bias_add": lambda x, **k: normcy.bias_add(x, w, **k),
+    }
+    small = 64 * 1024
+    for name, call in sorted(calls.items()):
+        call(x, out=out)          # warm up (first-call allocations, caches)
+        copies = 2 if name in ("bias_activation", "batch_norm") else 1
+        for xin, o, bound in ((x, out, small), (xs, out, copies * x.nbytes + small),
+                              (x, outT, x.nbytes + small)):
+            tracemalloc.start()
+            try:
+                call(xin, out=o)
+                peak = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+            assert peak <= bound, (name, xin.strides, o.strides, peak, bound)

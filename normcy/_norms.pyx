@@ -760,7 +760,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     if c == 0:
         raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
     scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
-    oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out") if out is not None else np.empty_like(xa)
+    if out is not None:
+        oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out")
+    else:
+        oa = np.empty_like(xa)
     if out is not None:
         check_overlap(oa, "out", xa, "x", True)
     outer = 1
@@ -770,6 +773,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     for k in range(ax + 1, nd):
         inner *= cnp.PyArray_DIMS(xa)[k]
     if outer * inner == 0:
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
         return oa if out_arg is None else out_arg
     if cnp.PyArray_IS_C_CONTIGUOUS(xa) and cnp.PyArray_IS_C_CONTIGUOUS(oa):
         xv, ov = xa, oa

@@ -320,6 +320,7 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     check_overlap(<cnp.ndarray>out, "out", mask, "mask", False)
     check_overlap(<cnp.ndarray>out, "out", key_padding_mask, "key_padding_mask", False)
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
         return out if out_arg is None else out_arg   # the caller's object, not its plain view
     # The row kernel wants unit stride along the last axis.
     xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
@@ -429,6 +430,7 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
     check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
     check_overlap(<cnp.ndarray>out, "out", bias, "bias", False)
     if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
         return out if out_arg is None else out_arg   # the caller's object, not its plain view
     xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
     rs = None

@@ -460,6 +460,16 @@ def test_num_threads_any_integer_type_and_size(name):
             call(x, num_threads=bad)
 
 
+@pytest.mark.parametrize("name", sorted(_NT_CALLS))
+def test_num_threads_validated_on_empty_input_too(name):
+    x = np.zeros((0, 40), F32)
+    assert _NT_CALLS[name](x, num_threads=2).shape == (0, 40)
+    with pytest.raises(ValueError, match="num_threads"):
+        _NT_CALLS[name](x, num_threads=0)
+    with pytest.raises(TypeError, match="num_threads"):
+        _NT_CALLS[name](x, num_threads="2")
+
+
 def test_set_num_threads_same_rules(restore_num_threads):
     normcy.set_num_threads(10 ** 30)
     assert normcy.get_num_threads() == 4096       # the documented cap

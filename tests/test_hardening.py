@@ -524,6 +524,18 @@ def test_transformer_layer_norm_eps_value_is_used():
             normcy.TransformerEncoderLayer(*args)
 
 
+def test_transformer_encoder_final_norm_eps_parsing():
+    layer = normcy.TransformerEncoderLayer(8, 2, 16)
+    w, b = np.ones(8, F32), np.zeros(8, F32)
+    enc = normcy.TransformerEncoder([layer],
+                                    norm={"weight": w, "bias": b, "eps": np.float32(1e-3)})
+    assert enc.norm[2] == float(np.float32(1e-3))
+    for bad, exc in (("1e-5", TypeError), (True, TypeError), (10 ** 400, ValueError),
+                     (-1.0, ValueError), (float("nan"), ValueError)):
+        with pytest.raises(exc, match="final norm eps"):
+            normcy.TransformerEncoder([layer], norm={"weight": w, "bias": b, "eps": bad})
+
+
 def test_softmax_scale_parsing():
     x = _x()
     want = normcy.softmax(x, scale=2.0)

@@ -30,7 +30,8 @@ cdef inline tuple _shp(object a):
 
 cdef inline str _desc(object a):
     if isinstance(a, cnp.ndarray):
-        return "array of shape %s and dtype %s" % (_shp(a), <object>cnp.PyArray_DESCR(<cnp.ndarray>a))
+        return "array of shape %s and dtype %s" % (_shp(a),
+                                                  <object>cnp.PyArray_DESCR(<cnp.ndarray>a))
     return "object of type %s" % type(a).__name__
 
 

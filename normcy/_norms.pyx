@@ -657,13 +657,12 @@ cdef tuple _fold_fast(object running_mean, object running_var, object weight, ob
     if not (_is_f32_vec(running_mean, c) and _is_f32_vec(running_var, c)
             and (weight is None or _is_f32_vec(weight, c))
             and (bias is None or _is_f32_vec(bias, c))):
+        # each parameter converted once (an object's __array__ is not asked twice)
         mean = _param64(running_mean, "running_mean", c)
         var = _param64(running_var, "running_var", c)
-        if weight is not None:
-            _param64(weight, "weight", c)
-        if bias is not None:
-            _param64(bias, "bias", c)
-        return fold_batch_norm(mean, var, weight, bias, eps)
+        w64 = _param64(weight, "weight", c) if weight is not None else None
+        b64 = _param64(bias, "bias", c) if bias is not None else None
+        return fold_batch_norm(mean, var, w64, b64, eps)
     e = check_eps(eps)
     m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
     v = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_var)

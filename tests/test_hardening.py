@@ -578,6 +578,29 @@ def test_fold_into_linear_refuses_complex_and_bool_parameters(arg, bad):
         normcy.fold_batch_norm(np.zeros(3), np.ones(3), None, bad)
 
 
+def test_fold_into_linear_required_and_odd_parameters():
+    W = np.ones((3, 2), F32)
+    for arg in ("running_mean", "running_var"):
+        kw = dict(weight=W, bias=None, running_mean=np.zeros(3), running_var=np.ones(3))
+        kw[arg] = None
+        with pytest.raises(TypeError, match=arg):
+            normcy.fold_batch_norm_into_linear(**kw)
+    with pytest.raises((TypeError, ValueError), match="bias"):
+        normcy.fold_batch_norm_into_linear(W, [[1.0], [1.0, 2.0], 3.0], np.zeros(3), np.ones(3))
+
+    class Flaky:
+        """__array__ answers (3,) the first time and (5,) afterwards."""
+        calls = 0
+
+        def __array__(self, dtype=None, copy=None):
+            Flaky.calls += 1
+            return np.ones(3 if Flaky.calls == 1 else 5, dtype or np.float64)
+
+    Wf, bf = normcy.fold_batch_norm_into_linear(W, Flaky(), np.zeros(3), np.ones(3), eps=0.0)
+    np.testing.assert_array_equal(bf, np.ones(3, F32))
+    np.testing.assert_array_equal(Wf, W)
+
+
 def test_fold_into_linear_weight_dtype_is_a_type_error():
     for bad in (np.ones((3, 2), complex), np.ones((3, 2), bool)):
         with pytest.raises(TypeError, match="weight must be a float array"):

@@ -13,6 +13,7 @@ Calls that could corrupt memory if the boundary were wrong run in a child proces
 regression fails the test instead of crashing the test run.
 """
 import math
+import os
 import subprocess
 import sys
 import textwrap
@@ -223,9 +224,14 @@ KERNELS = ("layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm", "batch_no
 def run_child(body, timeout=120):
     """Run the prelude + `body` in a fresh interpreter; it must print OK and exit 0."""
     code = _PRELUDE + textwrap.dedent(body)
+    # the very same normcy as this process (not a source tree in the current directory)
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
+                                      if env.get("PYTHONPATH") else "")
     try:
         p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                           timeout=timeout)
+                           timeout=timeout, env=env, cwd=os.path.dirname(os.path.abspath(__file__)))
     except subprocess.TimeoutExpired as e:  # pragma: no cover - a hang is the failure
         pytest.fail("child hung for %d s: %s" % (timeout, e))
     assert p.returncode == 0 and p.stdout.strip().endswith("OK"), (

@@ -121,9 +121,16 @@ def _child(seed, start, count, only, low_thresholds, timeout):
         cmd += ["--only", ",".join(only)]
     if not low_thresholds:
         cmd += ["--default-thresholds"]
+    # children import the very same normcy as this process
+    import normcy
+    env = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"]
+                                      if env.get("PYTHONPATH") else "")
     t0 = time.monotonic()
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env,
+                           cwd=HERE)
         out, err, rc, hung = p.stdout, p.stderr, p.returncode, False
     except subprocess.TimeoutExpired as e:
         out = e.stdout.decode() if isinstance(e.stdout, bytes) else (e.stdout or "")

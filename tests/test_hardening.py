@@ -241,10 +241,10 @@ def run_child(body, timeout=120):
 
 
 def test_every_public_kernel_is_covered():
+    """Every public array function (classes are covered by the fuzzer's targets)."""
     public = {n for n in normcy.__all__ if callable(getattr(normcy, n))
-              and n not in ("get_num_threads", "set_num_threads", "fork_serial", "show_config",
-                            "TransformerEncoderLayer", "TransformerEncoder", "BertModel",
-                            "SentenceEncoder")}
+              and not isinstance(getattr(normcy, n), type)
+              and n not in ("get_num_threads", "set_num_threads", "fork_serial", "show_config")}
     assert public == set(KERNELS)
 
 

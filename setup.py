@@ -6,6 +6,12 @@ NORMCY_NATIVE=1          compile for this CPU only (``-march=native``); the defa
                          is portable and picks the widest SIMD kernels at run time.
 NORMCY_REQUIRE_OPENMP=1  fail the build if OpenMP cannot be compiled, linked and run.
 NORMCY_DISABLE_OPENMP=1  build serial kernels on purpose.
+NORMCY_SANITIZE=address,undefined
+                         instrument the extensions with these sanitizers (gcc/clang
+                         ``-fsanitize=...``, frame pointers, debug info, -O1, any UBSan
+                         finding fatal).  Testing only: run Python with the ASan runtime
+                         preloaded, e.g. ``LD_PRELOAD=$(gcc -print-file-name=libasan.so)
+                         ASAN_OPTIONS=detect_leaks=0 pytest ...`` (.ci/run, stage 3).
 """
 import glob
 import os
@@ -94,6 +100,7 @@ def _supports_flag(flag):
 
 
 native = _env_flag("NORMCY_NATIVE")
+sanitize = [v.strip() for v in os.environ.get("NORMCY_SANITIZE", "").split(",") if v.strip()]
 require_omp = _env_flag("NORMCY_REQUIRE_OPENMP")
 disable_omp = _env_flag("NORMCY_DISABLE_OPENMP")
 
@@ -125,6 +132,16 @@ if sys.platform != "win32":
 if omp_ok:
     compile_args += omp_flags[0]
     link_args += omp_flags[1]
+if sanitize:
+    if sys.platform == "win32":
+        raise SystemExit("normcy: NORMCY_SANITIZE is supported with gcc/clang only")
+    san = "-fsanitize=" + ",".join(sanitize)
+    # -O1: the sanitizers' usual level (fast enough, accurate stacks); the later -O1
+    # overrides the -O3 above
+    compile_args += [san, "-fno-omit-frame-pointer", "-g", "-O1"]
+    if "undefined" in sanitize:
+        compile_args.append("-fno-sanitize-recover=undefined")
+    link_args += [san]
 
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 if native:
@@ -137,6 +154,7 @@ with open(os.path.join(HERE, "normcy", "_build_info.py"), "w") as f:
     f.write("openmp_runtime = %r\n" % (omp_runtime if omp_ok else None))
     f.write("openmp_detail = %r\n" % omp_detail)
     f.write("native = %r\n" % bool(native))
+    f.write("sanitize = %r\n" % (sanitize,))
     f.write("compile_args = %r\n" % compile_args)
     f.write("link_args = %r\n" % link_args)
     f.write("compiler = %r\n" % " ".join(_compiler()))

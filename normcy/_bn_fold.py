@@ -1,7 +1,8 @@
 """Fold an inference-mode BatchNorm into the linear / 1x1 convolution layer before it."""
 import numpy as np
 
-from normcy._norms import fold_batch_norm
+from normcy._norms import _param64, fold_batch_norm
+from normcy._validate import as_float
 
 
 def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weight=None,
@@ -29,24 +30,46 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
         The folded parameters, in ``weight``'s floating dtype (float32 for integer input);
         computed in float64.
     """
-    w = np.asarray(weight)
-    if w.dtype.kind not in "fiu" or w.ndim < 2:
+    try:
+        w = np.asarray(weight)
+    except Exception as exc:
+        raise TypeError("weight must be a float array of shape (out_features, ...), got %s"
+                        % type(weight).__name__) from exc
+    if w.dtype.kind not in "fiu":
+        raise TypeError("weight must be a float array of shape (out_features, ...), got "
+                        "shape %s dtype %s" % (w.shape, w.dtype))
+    if w.ndim < 2:
         raise ValueError("weight must be a float array of shape (out_features, ...), got "
                          "shape %s dtype %s" % (w.shape, w.dtype))
     cout = w.shape[0]
+    # Every per-channel parameter is converted once (an object's __array__ is not asked
+    # twice) with fold_batch_norm's rules: a real float/int array of shape (out_features,);
+    # complex and bool are refused, never silently cast; the error names the argument.
+    p64 = {}
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bias", bias)):
-        if p is not None and np.shape(p) != (cout,):
-            raise ValueError("%s must have shape (%d,) to match weight of shape %s, got %s"
-                             % (name, cout, w.shape, np.shape(p)))
-    # validates eps, dtypes and running_var >= 0 the same way batch_norm does
-    fold_batch_norm(running_mean, running_var, bn_weight, bn_bias, eps)
-    scale64 = np.asarray(bn_weight if bn_weight is not None else np.ones(cout), np.float64)
-    scale64 = scale64 / np.sqrt(np.asarray(running_var, np.float64) + float(eps))
-    b64 = np.zeros(cout) if bias is None else np.asarray(bias, np.float64)
-    shift = (b64 - np.asarray(running_mean, np.float64)) * scale64
+        if p is None and name in ("running_mean", "running_var"):
+            _param64(p, name, cout)        # TypeError naming the argument
+        if p is not None:
+            try:
+                a = np.asarray(p)
+            except Exception as exc:
+                raise TypeError("%s must be a 1-d float array, got %s"
+                                % (name, type(p).__name__)) from exc
+            if a.shape != (cout,):
+                raise ValueError("%s must have shape (%d,) to match weight of shape %s, got %s"
+                                 % (name, cout, w.shape, a.shape))
+            p64[name] = _param64(a, name, cout)
+    eps = as_float(eps, "eps", minimum=0.0)
+    # validates eps and running_var >= 0 the same way batch_norm does
+    fold_batch_norm(p64["running_mean"], p64["running_var"], p64.get("bn_weight"),
+                    p64.get("bn_bias"), eps)
+    scale64 = p64["bn_weight"] if bn_weight is not None else np.ones(cout)
+    scale64 = scale64 / np.sqrt(p64["running_var"] + eps)
+    b64 = np.zeros(cout) if bias is None else p64["bias"]
+    shift = (b64 - p64["running_mean"]) * scale64
     if bn_bias is not None:
-        shift = shift + np.asarray(bn_bias, np.float64)
+        shift = shift + p64["bn_bias"]
     out_dtype = w.dtype if w.dtype.kind == "f" else np.dtype(np.float32)
     w_new = w.astype(np.float64) * scale64.reshape((cout,) + (1,) * (w.ndim - 1))
     return w_new.astype(out_dtype), shift.astype(out_dtype)

@@ -16,7 +16,8 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport _shp, _desc, extent, identical_view, check_overlap
+from normcy._arraychecks cimport (_shp, _desc, extent, identical_view, check_overlap, plain,
+                                  parse_eps, check_no_self_overlap)
 
 cnp.import_array()
 
@@ -342,6 +343,7 @@ cdef int check_f32_array(object a, str name) except -1:
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
         raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
                          % (name, _desc(a)))
+    plain(a, name)   # refuses numpy.ma.MaskedArray (other subclasses: C-level fields only)
     return 0
 
 
@@ -361,6 +363,7 @@ cdef int check_same_shape(cnp.ndarray a, cnp.ndarray ref, str name, str refname)
 cdef int check_writeable(cnp.ndarray a, str name) except -1:
     if not cnp.PyArray_ISWRITEABLE(a):
         raise ValueError("%s is read-only (%s); pass a writeable array" % (name, _desc(a)))
+    check_no_self_overlap(a, name)
     return 0
 
 
@@ -381,20 +384,16 @@ cdef object as_param(object p, Py_ssize_t n, str name):
         if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
             raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(arr)))
         a = np.ascontiguousarray(arr, dtype=np.float32)
+        if not cnp.PyArray_ISALIGNED(a):
+            a = a.copy()                       # the kernels load whole floats
     if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != n:
         raise ValueError("%s must have shape (%d,), got shape %s" % (name, n, _shp(a)))
     return a
 
 
 cdef double check_eps(object eps) except? -1.0:
-    cdef double e
-    try:
-        e = eps
-    except TypeError:
-        raise TypeError("eps must be a real number, got %s" % type(eps).__name__) from None
-    if not isfinite(e) or e < 0.0:
-        raise ValueError("eps must be finite and >= 0, got %r" % (eps,))
-    return e
+    """normcy._validate.as_float(eps, "eps", minimum=0) (plain floats checked inline)."""
+    return parse_eps(eps, "eps")
 
 
 cdef cnp.ndarray check_x(object x, str name):
@@ -669,13 +668,12 @@ cdef tuple _fold_fast(object running_mean, object running_var, object weight, ob
     if not (_is_f32_vec(running_mean, c) and _is_f32_vec(running_var, c)
             and (weight is None or _is_f32_vec(weight, c))
             and (bias is None or _is_f32_vec(bias, c))):
+        # each parameter converted once (an object's __array__ is not asked twice)
         mean = _param64(running_mean, "running_mean", c)
         var = _param64(running_var, "running_var", c)
-        if weight is not None:
-            _param64(weight, "weight", c)
-        if bias is not None:
-            _param64(bias, "bias", c)
-        return fold_batch_norm(mean, var, weight, bias, eps)
+        w64 = _param64(weight, "weight", c) if weight is not None else None
+        b64 = _param64(bias, "bias", c) if bias is not None else None
+        return fold_batch_norm(mean, var, w64, b64, eps)
     e = check_eps(eps)
     m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
     v = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_var)
@@ -752,23 +750,30 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     cdef BNJob j
     cdef int nd, ax, nt
     cdef Py_ssize_t c, k, outer, inner, items, work
+    cdef object out_arg = out
     check_f32_array(x, "x")
-    xa = <cnp.ndarray>x
+    # a subclass is used as its buffer: no later NumPy call (moveaxis, empty_like, ...) may
+    # dispatch to subclass code
+    xa = <cnp.ndarray>plain(x, "x")
     nd = cnp.PyArray_NDIM(xa)
     if nd == 0:
         raise ValueError("x must have at least 1 dimension, got a 0-d array")
-    if isinstance(axis, bool) or not isinstance(axis, (int, np.integer)):
-        raise TypeError("axis must be an int, got %s" % type(axis).__name__)
+    if type(axis) is not int:
+        from normcy._validate import as_int
+        axis = as_int(axis, "axis")
+    if axis < -nd or axis >= nd:
+        raise ValueError("axis %d is out of range for x of shape %s" % (axis, _shp(xa)))
     ax = axis
-    if ax < -nd or ax >= nd:
-        raise ValueError("axis %d is out of range for x of shape %s" % (ax, _shp(xa)))
     if ax < 0:
         ax += nd
     c = cnp.PyArray_DIMS(xa)[ax]
     if c == 0:
         raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
     scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
-    oa = prepare_out(out, xa, "out") if out is not None else np.empty_like(xa)
+    if out is not None:
+        oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out")
+    else:
+        oa = np.empty_like(xa)
     if out is not None:
         check_overlap(oa, "out", xa, "x", True)
     outer = 1
@@ -778,7 +783,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     for k in range(ax + 1, nd):
         inner *= cnp.PyArray_DIMS(xa)[k]
     if outer * inner == 0:
-        return oa
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
+        return oa if out_arg is None else out_arg
     if cnp.PyArray_IS_C_CONTIGUOUS(xa) and cnp.PyArray_IS_C_CONTIGUOUS(oa):
         xv, ov = xa, oa
         j.rows = inner == 1
@@ -794,7 +800,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             tmp = batch_norm(np.ascontiguousarray(xa), running_mean, running_var, weight, bias,
                              eps, axis=ax, num_threads=num_threads)
             np.copyto(oa, tmp)
-            return oa
+            return oa if out_arg is None else out_arg
     j.x = <const char *>cnp.PyArray_DATA(xv)
     j.y = <char *>cnp.PyArray_DATA(ov)
     j.a = <const float *>cnp.PyArray_DATA(<cnp.ndarray>scale)
@@ -806,7 +812,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     work = outer * c * inner
     nt = resolve_threads(num_threads, work, items)
     _run_bn(&j, items, nt)
-    return oa
+    return oa if out_arg is None else out_arg
 
 
 cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:

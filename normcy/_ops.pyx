@@ -16,7 +16,8 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport _desc, extent, identical_view, check_overlap
+from normcy._arraychecks cimport (_desc, _shp, extent, identical_view, check_overlap, plain,
+                                  same_shape, parse_f32_real, check_no_self_overlap)
 
 cnp.import_array()
 nc_stream_init()
@@ -125,6 +126,10 @@ cdef int check_f32(object a, str name) except -1:
     if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
         raise TypeError("%s must have dtype float32 (native byte order), got %s; "
                         "normcy does not cast activations" % (name, _desc(a)))
+    if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
+        # the row kernels load whole floats: an unaligned view is undefined behaviour in C
+        raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
+                         % (name, _desc(a)))
     return 0
 
 
@@ -134,7 +139,7 @@ cdef int check_x(object x) except -1:
         raise ValueError("x must have at least one dimension, got a 0-d array")
     cdef cnp.ndarray xa = <cnp.ndarray>x
     if cnp.PyArray_DIMS(xa)[cnp.PyArray_NDIM(xa) - 1] == 0:
-        raise ValueError("x must have a non-empty last axis, got shape %s" % (tuple(x.shape),))
+        raise ValueError("x must have a non-empty last axis, got shape %s" % (_shp(x),))
     if cnp.PyArray_NDIM(<cnp.ndarray>x) > MAXD:
         raise ValueError("x has %d dimensions; at most %d are supported"
                          % (cnp.PyArray_NDIM(<cnp.ndarray>x), MAXD))
@@ -142,14 +147,18 @@ cdef int check_x(object x) except -1:
 
 
 cdef object prepare_out(object out, object x):
+    """The output as a plain ndarray (see _arraychecks.plain), checked against x (C-level
+    shapes); a new C-contiguous array when out is None."""
+    cdef cnp.ndarray xa = <cnp.ndarray>x
     if out is None:
-        return np.empty(x.shape, dtype=np.float32)
+        return cnp.PyArray_EMPTY(cnp.PyArray_NDIM(xa), cnp.PyArray_DIMS(xa), cnp.NPY_FLOAT32, 0)
     check_f32(out, "out")
-    if tuple(out.shape) != tuple(x.shape):
-        raise ValueError("out must have the shape of x %s, got shape %s"
-                         % (tuple(x.shape), tuple(out.shape)))
+    out = plain(out, "out")
+    if not same_shape(<cnp.ndarray>out, xa):
+        raise ValueError("out must have the shape of x %s, got shape %s" % (_shp(x), _shp(out)))
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
         raise ValueError("out is read-only (%s); pass a writeable array" % _desc(out))
+    check_no_self_overlap(<cnp.ndarray>out, "out")
     return out
 
 
@@ -159,17 +168,17 @@ cdef inline bint unit_last(cnp.ndarray a) noexcept:
 
 
 cdef object broadcast_last_unit(object m, tuple shape, str name, object dtype, int itemsize):
-    """Broadcast a mask to `shape` such that its last axis has unit stride."""
+    """Broadcast a mask (a plain ndarray) to `shape` such that its last axis has unit stride."""
     cdef int nd = len(shape)
     try:
         mb = np.broadcast_to(m, shape)
     except ValueError:
         raise ValueError("%s of shape %s cannot be broadcast to the shape of x %s"
-                         % (name, tuple(m.shape), shape)) from None
-    if mb.strides[nd - 1] != itemsize and shape[nd - 1] > 1:
+                         % (name, _shp(m), shape)) from None
+    if cnp.PyArray_STRIDES(<cnp.ndarray>mb)[nd - 1] != itemsize and shape[nd - 1] > 1:
         # materialize only the mask's own extent along the last axis
-        m2 = m.reshape((1,) * (nd - m.ndim) + tuple(m.shape))
-        m2 = np.ascontiguousarray(np.broadcast_to(m2, tuple(m2.shape)[:nd - 1] + (shape[nd - 1],)),
+        m2 = m.reshape((1,) * (nd - cnp.PyArray_NDIM(<cnp.ndarray>m)) + _shp(m))
+        m2 = np.ascontiguousarray(np.broadcast_to(m2, _shp(m2)[:nd - 1] + (shape[nd - 1],)),
                                   dtype=dtype)
         mb = np.broadcast_to(m2, shape)
     return mb
@@ -270,18 +279,12 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     cdef SoftmaxJob j
     cdef double s
     cdef int nt
+    cdef object out_arg = out
     check_x(x)
-    cdef tuple shape = tuple(x.shape)
+    x = plain(x, "x")
+    cdef tuple shape = _shp(x)
     cdef int nd = len(shape)
-    if scale is None:
-        s = 1.0
-    else:
-        try:
-            s = scale
-        except TypeError:
-            raise TypeError("scale must be a real number, got %s" % type(scale).__name__) from None
-        if not isfinite(s) or not isfinite(<float>s):
-            raise ValueError("scale must be finite, got %r" % (scale,))
+    s = 1.0 if scale is None else parse_f32_real(scale, "scale")
     causal = bool(is_causal)
     if causal and nd < 2:
         raise ValueError("is_causal=True needs x with at least 2 dimensions (queries, keys), "
@@ -290,33 +293,37 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     if mask is not None:
         if not isinstance(mask, np.ndarray):
             raise TypeError("mask must be a float numpy.ndarray, got %s" % _desc(mask))
+        mask = plain(mask, "mask")
         if mask.dtype.kind != "f":
             raise TypeError("mask must be a floating-point array (additive mask), got %s; "
                             "use key_padding_mask for a boolean mask" % _desc(mask))
-        if mask.ndim > nd:
+        if cnp.PyArray_NDIM(<cnp.ndarray>mask) > nd:
             raise ValueError("mask of shape %s cannot be broadcast to the shape of x %s"
-                             % (tuple(mask.shape), shape))
-        if mask.dtype != np.float32 or not mask.dtype.isnative:
-            mask = mask.astype(np.float32)
+                             % (_shp(mask), shape))
+        if (mask.dtype != np.float32 or not mask.dtype.isnative
+                or not cnp.PyArray_ISALIGNED(<cnp.ndarray>mask)):
+            mask = mask.astype(np.float32)     # a copy: native, aligned
         mb = broadcast_last_unit(mask, shape, "mask", np.float32, 4)
     kb = None
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, np.ndarray):
             raise TypeError("key_padding_mask must be a bool numpy.ndarray, got %s"
                             % _desc(key_padding_mask))
+        key_padding_mask = plain(key_padding_mask, "key_padding_mask")
         if key_padding_mask.dtype != np.bool_:
             raise TypeError("key_padding_mask must have dtype bool (True = masked out), got %s"
                             % _desc(key_padding_mask))
-        if key_padding_mask.ndim > nd:
+        if cnp.PyArray_NDIM(<cnp.ndarray>key_padding_mask) > nd:
             raise ValueError("key_padding_mask of shape %s cannot be broadcast to the shape of "
-                             "x %s" % (tuple(key_padding_mask.shape), shape))
+                             "x %s" % (_shp(key_padding_mask), shape))
         kb = broadcast_last_unit(key_padding_mask, shape, "key_padding_mask", np.bool_, 1)
     out = prepare_out(out, x)
     check_overlap(<cnp.ndarray>out, "out", x, "x", True)
     check_overlap(<cnp.ndarray>out, "out", mask, "mask", False)
     check_overlap(<cnp.ndarray>out, "out", key_padding_mask, "key_padding_mask", False)
-    if x.size == 0:
-        return out
+    if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
+        return out if out_arg is None else out_arg   # the caller's object, not its plain view
     # The row kernel wants unit stride along the last axis.
     xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
     target = out
@@ -336,15 +343,15 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     else:
         it_operand(&j.it, 3, <cnp.ndarray>xs)
     j.n = shape[nd - 1]
-    j.nrows = x.size // j.n
+    j.nrows = cnp.PyArray_SIZE(<cnp.ndarray>x) // j.n
     j.scale = <float>s
     j.causal = causal
-    nt = resolve_threads(num_threads, x.size, j.nrows)
+    nt = resolve_threads(num_threads, cnp.PyArray_SIZE(<cnp.ndarray>x), j.nrows)
     with nogil:
         run_chunks(softmax_body, &j, j.nrows, nt)
     if target is not out:
         np.copyto(out, target)
-    return out
+    return out if out_arg is None else out_arg
 
 
 # ----------------------------------------------------------------------------------
@@ -393,8 +400,10 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
     cdef ActJob j
     cdef int nt
     cdef cnp.ndarray ba
+    cdef object out_arg = out
     check_x(x)
-    cdef tuple shape = tuple(x.shape)
+    x = plain(x, "x")
+    cdef tuple shape = _shp(x)
     cdef Py_ssize_t n = shape[len(shape) - 1]
     ba_obj = None
     if bias is not None:
@@ -403,23 +412,28 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
                 bias = np.asarray(bias)
             except Exception:
                 raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias)) from None
+        bias = plain(bias, "bias")
         if bias.dtype.kind not in "fiu" or bias.dtype == np.bool_:
             raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias))
-        if bias.ndim != 1 or bias.shape[0] != n:
+        if cnp.PyArray_NDIM(<cnp.ndarray>bias) != 1 or cnp.PyArray_DIMS(<cnp.ndarray>bias)[0] != n:
             raise ValueError("bias must have shape (%d,) (the last axis of x), got shape %s"
-                             % (n, tuple(bias.shape)))
+                             % (n, _shp(bias)))
         ba_obj = np.ascontiguousarray(bias, dtype=np.float32)
+        if not cnp.PyArray_ISALIGNED(<cnp.ndarray>ba_obj):
+            ba_obj = ba_obj.copy()             # the kernels load whole floats
     if residual is not None:
         check_f32(residual, "residual")
-        if tuple(residual.shape) != shape:
+        residual = plain(residual, "residual")
+        if not same_shape(<cnp.ndarray>residual, <cnp.ndarray>x):
             raise ValueError("residual must have the shape of x %s, got shape %s"
-                             % (shape, tuple(residual.shape)))
+                             % (shape, _shp(residual)))
     out = prepare_out(out, x)
     check_overlap(<cnp.ndarray>out, "out", x, "x", True)
     check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
     check_overlap(<cnp.ndarray>out, "out", bias, "bias", False)
-    if x.size == 0:
-        return out
+    if cnp.PyArray_SIZE(<cnp.ndarray>x) == 0:
+        resolve_threads(num_threads, 0, 0)    # validates num_threads
+        return out if out_arg is None else out_arg   # the caller's object, not its plain view
     xs = x if unit_last(<cnp.ndarray>x) else np.ascontiguousarray(x)
     rs = None
     if residual is not None:
@@ -438,16 +452,16 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
     else:
         j.bias = NULL
     j.n = n
-    j.nrows = x.size // n
+    j.nrows = cnp.PyArray_SIZE(<cnp.ndarray>x) // n
     j.segs = (n + SEG - 1) // SEG
     j.ntasks = j.nrows * j.segs
     j.act = act
-    nt = resolve_threads(num_threads, x.size, j.ntasks)
+    nt = resolve_threads(num_threads, cnp.PyArray_SIZE(<cnp.ndarray>x), j.ntasks)
     with nogil:
         run_chunks(act_body, &j, j.ntasks, nt)
     if target is not out:
         np.copyto(out, target)
-    return out
+    return out if out_arg is None else out_arg
 
 
 def bias_activation(x, bias=None, activation="identity", *, residual=None, out=None,
@@ -534,16 +548,17 @@ def _exp(x, *, out=None):
     """The vectorized float32 exp used by softmax and GELU (exposed for accuracy tests)."""
     cdef RowIter it
     check_x(x)
+    x = plain(x, "x")
     xs = np.ascontiguousarray(x).reshape(-1)
-    res = np.empty(xs.shape, dtype=np.float32)
+    res = np.empty(_shp(xs), dtype=np.float32)
     cdef float *src = <float *>cnp.PyArray_DATA(<cnp.ndarray>xs)
     cdef float *dst = <float *>cnp.PyArray_DATA(<cnp.ndarray>res)
-    cdef Py_ssize_t n = xs.shape[0]
+    cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>xs)
     with nogil:
         nc_ops_exp_row(src, dst, n)
-    res = res.reshape(x.shape)
+    res = res.reshape(_shp(x))
     if out is not None:
-        out[...] = res
+        plain(out, "out")[...] = res
         return out
     return res
 
@@ -585,7 +600,9 @@ def _split_heads(qkv, bq, q, kt, v, Py_ssize_t nseq, Py_ssize_t S, Py_ssize_t nh
     when it is a row slice); bq : (H,) added to q.  Writes q (nseq, h, S, dh),
     kt (nseq, h, dh, S) (keys transposed) and v (nseq, h, S, dh), all C-contiguous.
     """
-    cdef cnp.ndarray a = <cnp.ndarray>qkv
+    if not cnp.PyArray_Check(qkv) or cnp.PyArray_NDIM(<cnp.ndarray>qkv) != 2 or nhead < 1:
+        raise ValueError("_split_heads: bad qkv %s" % _desc(qkv))
+    cdef cnp.ndarray a = <cnp.ndarray>plain(qkv, "qkv")
     cdef Py_ssize_t H = a.shape[1] // 3
     cdef Py_ssize_t dh = H // nhead
     cdef Py_ssize_t ld = a.strides[0] // 4
@@ -595,7 +612,7 @@ def _split_heads(qkv, bq, q, kt, v, Py_ssize_t nseq, Py_ssize_t S, Py_ssize_t nh
     for name, arr, shp in (("q", q, (nseq, nhead, S, dh)), ("kt", kt, (nseq, nhead, dh, S)),
                            ("v", v, (nseq, nhead, S, dh)), ("bq", bq, (H,))):
         if (not isinstance(arr, np.ndarray) or arr.dtype != np.float32
-                or tuple(arr.shape) != shp or not arr.flags.c_contiguous):
+                or _shp(arr) != shp or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr)):
             raise ValueError("_split_heads: %s must be C-contiguous float32 %s, got %s"
                              % (name, shp, _desc(arr)))
     cdef const float *src = <const float *>cnp.PyArray_DATA(a)

@@ -11,6 +11,8 @@ DEF_MIN_PARALLEL_WORK = 20000
 # Each extra thread must get at least this much work.
 DEF_MIN_WORK_PER_THREAD = 10000
 
+# Thread counts above this are capped (set_num_threads and per-call num_threads alike).
+cdef int _MAX_THREADS = 4096
 cdef Py_ssize_t _min_parallel_work = DEF_MIN_PARALLEL_WORK
 cdef Py_ssize_t _min_work_per_thread = DEF_MIN_WORK_PER_THREAD
 cdef int _default_threads = 1
@@ -105,17 +107,9 @@ def set_num_threads(n):
         accepted and ignored (kernels run serially).
     """
     global _default_threads
-    if isinstance(n, bool) or not isinstance(n, int):
-        try:
-            import operator
-            if isinstance(n, bool):
-                raise TypeError
-            n = operator.index(n)
-        except TypeError:
-            raise TypeError("num_threads must be an int, got %s" % type(n).__name__) from None
-    if n < 1:
-        raise ValueError("num_threads must be >= 1, got %d" % n)
-    _default_threads = <int>min(n, 4096)
+    from normcy._validate import as_int
+    n = as_int(n, "num_threads", minimum=1)
+    _default_threads = <int>min(n, _MAX_THREADS)
 
 
 def fork_serial():
@@ -159,13 +153,14 @@ cdef int resolve_threads(object num_threads, Py_ssize_t work, Py_ssize_t max_par
     if num_threads is None:
         nt = _default_threads
     else:
+        # normcy._validate.as_int rules (any integer type but bool, >= 1), the plain-int
+        # case inline; a count above _MAX_THREADS is the cap (it is only an upper bound)
         if type(num_threads) is not int:
-            if isinstance(num_threads, bool) or not isinstance(num_threads, int):
-                raise TypeError("num_threads must be an int or None, got %s"
-                                % type(num_threads).__name__)
-        nt = num_threads
-        if nt < 1:
-            raise ValueError("num_threads must be >= 1 or None, got %d" % nt)
+            from normcy._validate import as_int
+            num_threads = as_int(num_threads, "num_threads", minimum=1)
+        if num_threads < 1:
+            raise ValueError("num_threads must be >= 1 or None, got %d" % num_threads)
+        nt = _MAX_THREADS if num_threads > _MAX_THREADS else num_threads
     if nt <= 1 or _fork_serial or not NC_HAVE_OPENMP:
         return 1
     if work < _min_parallel_work:
@@ -177,12 +172,10 @@ cdef int resolve_threads(object num_threads, Py_ssize_t work, Py_ssize_t max_par
         nt = max_parallel
     if nt <= 1:
         return 1
-    if nt > 4096:
-        nt = 4096
     _omp_used = 1
     return <int>nt
 
 
-_default_threads = <int>min(_initial_threads(), 4096)
+_default_threads = <int>min(_initial_threads(), _MAX_THREADS)
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -33,6 +33,7 @@ import numpy as np
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
 from normcy._gemm import PackedLinear, _attention
+from normcy._validate import as_float, as_int
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
@@ -57,12 +58,8 @@ def _as_param(value, name, shape):
     return a
 
 
-def _check_int(v, name, minimum=1):
-    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-        raise TypeError("%s must be an int, got %s" % (name, type(v).__name__))
-    if v < minimum:
-        raise ValueError("%s must be >= %d, got %d" % (name, minimum, v))
-    return int(v)
+def _check_int(v, name, minimum=1, maximum=2 ** 31 - 1):
+    return as_int(v, name, minimum=minimum, maximum=maximum)
 
 
 class TransformerEncoderLayer:
@@ -110,13 +107,7 @@ class TransformerEncoderLayer:
             raise ValueError("activation must be one of %s, got %r" % (_ACTIVATIONS, activation))
         if norm not in _NORMS:
             raise ValueError("norm must be 'layer' or 'rms', got %r" % (norm,))
-        try:
-            eps = float(layer_norm_eps)
-        except (TypeError, ValueError):
-            raise TypeError("layer_norm_eps must be a real number, got %r"
-                            % (layer_norm_eps,)) from None
-        if not math.isfinite(eps) or eps < 0:
-            raise ValueError("layer_norm_eps must be finite and >= 0, got %r" % (layer_norm_eps,))
+        eps = as_float(layer_norm_eps, "layer_norm_eps", minimum=0.0)
         self.d_model = d_model
         self.nhead = nhead
         self.head_dim = d_model // nhead
@@ -551,7 +542,5 @@ def _final_norm(norm, d):
     b = None if b is None else _as_param(b, "norm.bias", (d,))
     if kind == "rms" and b is not None:
         raise ValueError("an RMS final norm has no bias")
-    eps = float(eps)
-    if not math.isfinite(eps) or eps < 0:
-        raise ValueError("final norm eps must be finite and >= 0, got %r" % (eps,))
+    eps = as_float(eps, "final norm eps", minimum=0.0)
     return (w, b, eps, kind)

@@ -20,7 +20,7 @@ import numpy as np
 import operator
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport _desc, check_overlap
+from normcy._arraychecks cimport _desc, _shp, check_no_self_overlap, check_overlap, plain
 
 cnp.import_array()
 
@@ -173,6 +173,8 @@ cdef class PackedLinear:
     cdef Py_ssize_t _nr
 
     def __init__(self, weight, bias=None):
+        weight = plain(weight, "weight")
+        bias = plain(bias, "bias")
         if not isinstance(weight, np.ndarray):
             raise TypeError("weight must be a numpy.ndarray, got %s" % type(weight).__name__)
         if weight.dtype != np.float32:
@@ -253,6 +255,10 @@ cdef class PackedLinear:
             `out`, or a new C-contiguous array.
         """
         cdef int act = _act_code(activation)
+        cdef object caller_out = out
+        x = plain(x, "x")
+        residual = plain(residual, "residual")
+        out = plain(out, "out")
         if not isinstance(x, np.ndarray):
             raise TypeError("x must be a numpy.ndarray, got %s" % type(x).__name__)
         if (<cnp.ndarray>x).dtype != np.float32:
@@ -260,8 +266,7 @@ cdef class PackedLinear:
         cdef int nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
         if nd < 1 or cnp.PyArray_DIMS(<cnp.ndarray>x)[nd - 1] != self.in_features:
             raise ValueError("x must have shape (..., %d), got %s" % (self.in_features, _desc(x)))
-        cdef tuple lead = tuple([cnp.PyArray_DIMS(<cnp.ndarray>x)[k] for k in range(nd - 1)])
-        cdef tuple oshape = lead + (self.out_features,)
+        cdef tuple oshape = _shp(x)[:nd - 1] + (self.out_features,)
         cdef Py_ssize_t M = 1, k
         for k in range(nd - 1):
             M *= cnp.PyArray_DIMS(<cnp.ndarray>x)[k]
@@ -271,7 +276,7 @@ cdef class PackedLinear:
                                 % type(residual).__name__)
             if (<cnp.ndarray>residual).dtype != np.float32:
                 raise TypeError("residual must be float32, got %s" % _desc(residual))
-            if tuple(np.shape(residual)) != oshape:
+            if _shp(residual) != oshape:
                 raise ValueError("residual must have shape %s, got %s" % (oshape, _desc(residual)))
         if out is None:
             out = np.empty(oshape, dtype=np.float32)
@@ -280,14 +285,15 @@ cdef class PackedLinear:
                 raise TypeError("out must be a numpy.ndarray or None, got %s" % type(out).__name__)
             if (<cnp.ndarray>out).dtype != np.float32:
                 raise TypeError("out must be float32, got %s" % _desc(out))
-            if tuple(np.shape(out)) != oshape:
+            if _shp(out) != oshape:
                 raise ValueError("out must have shape %s, got %s" % (oshape, _desc(out)))
-            if not (<cnp.ndarray>out).flags.writeable:
-                raise ValueError("out must be writeable")
+            if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
+                raise ValueError("out must be writeable, got a read-only %s" % _desc(out))
+            check_no_self_overlap(<cnp.ndarray>out, "out")
             check_overlap(<cnp.ndarray>out, "out", x, "x", False)
             check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
         if M == 0:
-            return out
+            return out if caller_out is None else caller_out
         cdef cnp.ndarray xr = _as_rows(x, self.in_features)
         cdef cnp.ndarray rr = _as_rows(residual, self.out_features) if residual is not None else None
         cdef object yv = _rows_view_or_none(<cnp.ndarray>out, M, self.out_features)
@@ -328,7 +334,7 @@ cdef class PackedLinear:
             gemm_exec(&j, nt)
         if copy_back:
             np.copyto(out, yr.reshape(oshape))
-        return out
+        return out if caller_out is None else caller_out
 
 
 cdef struct AttnJob:

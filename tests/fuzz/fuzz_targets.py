@@ -661,3 +661,43 @@ def _layer(c):
         y = layer(x)
         assert y.shape == x.shape and np.all(np.isfinite(y))
     return c.call(normcy.TransformerEncoderLayer, (d, nhead, f), kw, check)
+
+
+@target("PackedLinear")
+def _packed_linear(c):
+    """PackedLinear(weight, bias)(x, activation=, residual=, out=, num_threads=)."""
+    shape = c.shape()
+    k = shape[-1]
+    n = c.dim()
+    oshape = tuple(shape[:-1]) + (n,)
+    w = c.maybe("weight", c.f32((n, k)), _bad_arrays(c, (n, k)))
+    b = c.maybe("bias", c.vec(n), _bad_vecs(c, n))
+    x = c.maybe("x", c.f32(shape), _bad_arrays(c, shape))
+    out = c.f32(oshape, writable=True) if c.rng.random() < 0.4 else None
+    out = c.maybe("out", out, _bad_arrays(c, oshape, True))
+    residual = c.f32(oshape) if c.rng.random() < 0.4 else None
+    if out is not None and residual is None and c.rng.random() < 0.3:
+        residual = out                      # in place into the residual: allowed
+    residual = c.maybe("residual", residual, _bad_arrays(c, oshape))
+    activation = c.maybe("activation", c.pick(list(ACTS)), BAD_CHOICE)
+    nt = c.maybe("num_threads", c.threads(), BAD_THREADS)
+    ws, bs, xs, rs = snap(w), snap(b), snap(x), snap(residual)
+
+    def run(weight, bias, x, *, activation, residual, out, num_threads):
+        return normcy.PackedLinear(weight, bias)(x, activation=activation, residual=residual,
+                                                 out=out, num_threads=num_threads)
+
+    def check(y):
+        xw = f64(xs) @ f64(ws).T
+        # a float32 dot product of length k: |error| <= k eps sum |x_i w_i| (fixed order)
+        mag = np.abs(f64(xs)) @ np.abs(f64(ws)).T
+        v = xw if bs is None else xw + f64(np.asarray(bs, F32))
+        act = ACTS.get(activation) if isinstance(activation, (str, type(None))) else None
+        a = ref_act(v, act)
+        tol = act_tol(v, a, act) + 1.2 * (k + 2) * 6e-8 * (mag + np.abs(v)) + 1e-30
+        if rs is not None:
+            a = a + f64(rs)
+            tol = tol + 2.4e-7 * (np.abs(a) + np.abs(f64(rs)))
+        assert_result(y, a, tol, out=out)
+    return c.call(run, (w, b, x), {"activation": activation, "residual": residual, "out": out,
+                                   "num_threads": nt}, check)

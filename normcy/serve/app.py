@@ -320,7 +320,7 @@ _OPEN_ROUTES = {"/health", "/metrics"}
 
 
 def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Optional[int] = None,
-               config: Optional[ServeConfig] = None,
+               loader: Optional[Callable[[], Any]] = None, config: Optional[ServeConfig] = None,
                on_load_error: Optional[Callable[[BaseException], None]] = None,
                **limits) -> Starlette:
     """Build the embedding service as an ASGI app (to run with uvicorn or mount).
@@ -336,6 +336,9 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
         all-MiniLM-L6-v2).
     num_threads : int, optional
         ``num_threads`` for the loader.
+    loader : callable, optional
+        Called without arguments in a thread at startup to make the encoder, instead of
+        ``from_pretrained(model, ...)`` (for an encoder that is built differently).
     config : ServeConfig, optional
         Limits and options; keyword arguments (``max_batch_tokens=...``, ``api_key=...``,
         any :class:`ServeConfig` field) override its fields.
@@ -363,8 +366,9 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
             raise TypeError("create_app() got an unexpected keyword argument %r" % k)
         setattr(cfg, k, v)
     cfg.validate()
-    loader = None
-    if encoder is None:
+    if encoder is not None and loader is not None:
+        raise TypeError("give either an encoder or a loader, not both")
+    if encoder is None and loader is None:
         def loader():
             from normcy.sentence import SentenceEncoder
 

@@ -475,7 +475,7 @@ def test_overload_429_and_nothing_lost(enc, bitwise):
         # and it serves again once the load is gone
         assert httpx.post(srv.url + "/embed", json={"inputs": "after"}).status_code == 200
     finally:
-        assert srv.stop() == 0
+        assert srv.stop(signal.SIGINT) == 0     # Ctrl-C is a graceful shutdown too
 
 
 def test_sigterm_finishes_accepted_requests(enc, bitwise):
@@ -519,6 +519,16 @@ def test_sigterm_finishes_accepted_requests(enc, bitwise):
     with pytest.raises(httpx.TransportError):
         httpx.get(srv.url + "/health", timeout=5)
     assert any("Shutting down" in ln for ln in srv.output)
+
+
+def test_cli_refuses_a_missing_model_directory(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _PKG_PARENT
+    r = subprocess.run([sys.executable, "-m", "normcy", "serve", "--model",
+                        str(tmp_path / "nope"), "--port", "0"], capture_output=True,
+                       env=env, cwd=_PKG_PARENT, timeout=120)
+    assert r.returncode == 2
+    assert b"does not exist" in r.stderr
 
 
 # --------------------------------------------------------------------- in-process

@@ -571,6 +571,26 @@ def test_health_states_in_process(enc):
                                          ).json()["error"]["message"]
 
 
+def test_create_app_checks_its_limits(enc):
+    from starlette.testclient import TestClient
+
+    from normcy.serve import create_app
+
+    with pytest.raises(ValueError, match="max_batch_tokens"):
+        create_app(enc, max_batch_tokens=enc.max_seq_length - 1)
+    with pytest.raises(ValueError, match="max_client_batch_size"):
+        create_app(enc, max_client_batch_size=0)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        create_app(enc, max_batch=3)
+    # a loaded model that does not fit the limits leaves the app unhealthy, with the reason
+    with TestClient(create_app(loader=lambda: enc, max_batch_tokens=100)) as c:
+        deadline = time.monotonic() + 30
+        while c.get("/health").json()["status"] == "loading" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        r = c.post("/embed", json={"inputs": "x"})
+        assert r.status_code == 503 and "max_batch_tokens" in r.json()["error"]
+
+
 def test_batch_plan_respects_budget_and_groups_by_length(enc):
     from normcy.serve.batcher import Batcher, Tokens, _Job
 

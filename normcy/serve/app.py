@@ -186,17 +186,16 @@ class _Service:
     async def _load(self) -> None:
         t0 = time.perf_counter()
         try:
-            enc = await run_in_threadpool(self.loader)
-        except BaseException as exc:  # noqa: BLE001 - reported, the app stays unhealthy
+            self.encoder = await run_in_threadpool(self.loader)
+            self._ready()
+        except Exception as exc:  # noqa: BLE001 - reported, the app stays unhealthy
             self.state = "failed"
             self.load_error = exc
             _log.error("cannot load the model: %s: %s", type(exc).__name__, exc)
             if self.on_load_error is not None:
                 self.on_load_error(exc)
             return
-        self.encoder = enc
-        self._ready()
-        _log.info("model loaded in %.1f s: %r", time.perf_counter() - t0, enc)
+        _log.info("model loaded in %.1f s: %r", time.perf_counter() - t0, self.encoder)
 
     def _ready(self) -> None:
         enc = self.encoder
@@ -368,6 +367,9 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
     cfg.validate()
     if encoder is not None and loader is not None:
         raise TypeError("give either an encoder or a loader, not both")
+    if encoder is not None and cfg.max_batch_tokens < encoder.max_seq_length:
+        raise ValueError("max_batch_tokens (%d) must be at least the model's max_seq_length "
+                         "(%d)" % (cfg.max_batch_tokens, encoder.max_seq_length))
     if encoder is None and loader is None:
         def loader():
             from normcy.sentence import SentenceEncoder

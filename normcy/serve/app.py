@@ -204,7 +204,8 @@ class _Service:
                              "(%d)" % (self.config.max_batch_tokens, enc.max_seq_length))
         if self.config.model_id is None:
             self.config.model_id = _model_name(getattr(enc, "path", None))
-        self.batcher = Batcher(enc, self.config.max_batch_tokens, self.metrics)
+        self.batcher = Batcher(enc, self.config.max_batch_tokens, self.metrics,
+                               max_batch_wait=self.config.max_batch_wait_ms / 1e3)
         self.batcher.start()
         self.vocab_size = int(enc.tokenizer.get_vocab_size(with_added_tokens=True))
         self.dim = int(enc.get_sentence_embedding_dimension())
@@ -603,6 +604,7 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
             "max_concurrent_requests": cfg.max_concurrent_requests,
             "max_input_chars": cfg.max_input_chars,
             "max_body_bytes": cfg.max_body_bytes,
+            "max_batch_wait_ms": cfg.max_batch_wait_ms,
             "auth": cfg.api_key is not None,
             "version": __version__,
             "backend": "normcy",

@@ -1,10 +1,11 @@
 """Dynamic batching: the inputs of concurrent requests run together, off the event loop.
 
 Requests hand over tokenized inputs (:meth:`Batcher.embed`); a scheduler task on the event
-loop gathers everything waiting into a *round*, sorts the round's sequences by length
-(longest first, as ``SentenceEncoder.encode`` does), cuts it into batches whose padded
-size (sequences x longest sequence) stays within ``max_batch_tokens``, and runs the
-batches one after the other on a single compute thread. Requests that arrive meanwhile
+loop gathers everything waiting into a *round* (when the previous round has just ended,
+after a moment's wait for requests on their way: ``max_batch_wait``), sorts the round's
+sequences by length (longest first, as ``SentenceEncoder.encode`` does), cuts it into
+batches whose padded size (sequences x longest sequence) stays within ``max_batch_tokens``,
+and runs the batches one after the other on a single compute thread. Requests that arrive meanwhile
 wait for the next round, so every accepted sequence runs within two rounds (no
 starvation) and the event loop keeps serving HTTP while the model computes.
 
@@ -81,6 +82,13 @@ class Batcher:
         longer than the budget still runs, alone.
     metrics : normcy.serve.metrics.Metrics, optional
         Where to record queue depth and batch sizes.
+    max_batch_wait : float, default 0.005
+        When a round ends with requests already waiting, the next round starts after
+        giving the clients just answered a moment to send their next requests: it waits
+        while new inputs keep arriving (in 0.5 ms steps, at least 1 ms), at most this many
+        seconds and at most a tenth of the last round's compute time, and never beyond the
+        token budget of one batch. A request arriving at an idle batcher never waits.
+        0 disables it.
 
     Notes
     -----
@@ -88,11 +96,15 @@ class Batcher:
     the scheduler after the work already accepted is done.
     """
 
-    def __init__(self, encoder, max_batch_tokens: int, metrics=None):
+    def __init__(self, encoder, max_batch_tokens: int, metrics=None,
+                 max_batch_wait: float = 0.005):
         if int(max_batch_tokens) < 1:
             raise ValueError("max_batch_tokens must be >= 1, got %r" % (max_batch_tokens,))
+        if not max_batch_wait >= 0:
+            raise ValueError("max_batch_wait must be >= 0, got %r" % (max_batch_wait,))
         self.encoder = encoder
         self.max_batch_tokens = int(max_batch_tokens)
+        self.max_batch_wait = float(max_batch_wait)
         self.metrics = metrics
         self.dim = int(encoder.get_sentence_embedding_dimension())
         self._pending: List[Tuple[_Job, int, int]] = []   # (job, row, length)
@@ -197,17 +209,37 @@ class Batcher:
                            normalize_embeddings=normalize, truncate_dim=truncate_dim,
                            prompt="")
 
+    async def _gather(self, last_round_s: float) -> None:
+        """Let inputs on their way join the waiting ones (see ``max_batch_wait``)."""
+        cap = min(self.max_batch_wait, 0.1 * last_round_s)
+        t0 = time.perf_counter()
+        n = len(self._pending)
+        while not self._closing:
+            longest = max(it[2] for it in self._pending)
+            left = cap - (time.perf_counter() - t0)
+            if left <= 0 or len(self._pending) * longest >= self.max_batch_tokens:
+                return
+            await asyncio.sleep(min(0.0005, left))
+            if len(self._pending) == n and time.perf_counter() - t0 >= 0.001:
+                return
+            n = len(self._pending)
+
     async def _schedule(self) -> None:
         loop = asyncio.get_running_loop()
         m = self.metrics
+        last_round_s = 0.0
         while True:
             if not self._pending:
+                last_round_s = 0.0
                 if self._closing:
                     return
                 await self._wakeup.wait()
                 self._wakeup.clear()
                 continue
+            if last_round_s > 0 and self.max_batch_wait > 0:
+                await self._gather(last_round_s)
             round_items, self._pending = self._pending, []
+            t_round = time.perf_counter()
             for batch in self.plan(round_items):
                 key = batch[0][0].key
                 t0 = time.perf_counter()
@@ -236,3 +268,4 @@ class Batcher:
                         job.t_end = t1
                         if not job.future.done():
                             job.future.set_result(None)
+            last_round_s = time.perf_counter() - t_round

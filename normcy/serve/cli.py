@@ -83,6 +83,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"),
                    default=d.max_body_bytes, metavar="N",
                    help="largest request body (default %d)" % d.max_body_bytes)
+    s.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,
+                   metavar="MS", help="after a busy batch, wait up to this long (and at most "
+                   "a tenth of that batch's time) for more requests to join the next one "
+                   "(default %g; 0: never wait)" % d.max_batch_wait_ms)
     s.add_argument("--api-key", default=os.environ.get("NORMCY_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $NORMCY_API_KEY; "
                         "/health and /metrics stay open)")
@@ -196,6 +200,7 @@ def run(args, stdin, stdout, stderr) -> int:
                          max_concurrent_requests=args.max_concurrent_requests,
                          max_input_chars=args.max_input_chars,
                          max_body_bytes=args.max_body_bytes, api_key=args.api_key,
+                         max_batch_wait_ms=args.max_batch_wait_ms,
                          model_id=args.model_id)
     except ValueError as exc:
         raise CLIError(str(exc))

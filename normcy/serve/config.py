@@ -32,6 +32,9 @@ class ServeConfig:
         Name reported in responses and ``/info`` (default: the model directory's name).
     retry_after : int, default 1
         Seconds in the ``Retry-After`` header of a 429.
+    max_batch_wait_ms : float, default 5.0
+        Longest wait for more inputs before a batch that follows a busy one (see
+        :class:`normcy.serve.batcher.Batcher`); 0 disables it.
     """
 
     max_batch_tokens: int = 16384
@@ -42,6 +45,7 @@ class ServeConfig:
     api_key: Optional[str] = None
     model_id: Optional[str] = None
     retry_after: int = 1
+    max_batch_wait_ms: float = 5.0
 
     def validate(self) -> None:
         """Raise ValueError for a limit that is not a positive integer."""
@@ -50,5 +54,8 @@ class ServeConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ValueError("%s must be a positive integer, got %r" % (name, v))
+        w = self.max_batch_wait_ms
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1000:
+            raise ValueError("max_batch_wait_ms must be a number from 0 to 1000, got %r" % (w,))
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")

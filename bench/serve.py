@@ -14,7 +14,11 @@ request, and 32 sentences per request, drawn in turn from ``bench/sentences.txt`
 Reported per cell: p50/p99 latency, requests/s, sentences/s, the server process's CPU
 seconds per sentence (from /proc, own server only) and the load generator's own CPU use
 (it shares the machine's cores with the server). The speed targets of the serve issue are
-evaluated at the end. The client is a minimal HTTP/1.1 keep-alive client on asyncio
+evaluated at the end against baselines taken at the same moment, so that a machine whose
+load drifts (a shared one) compares like with like: at concurrency 1 each HTTP request
+alternates with in-process ``encode([s])`` of the same sentence (its requests/s is then
+1 / mean latency), and the concurrency-32 single-sentence cell is bracketed by in-process
+``encode(batch_size=32)`` runs just before and after it. The client is a minimal HTTP/1.1 keep-alive client on asyncio
 streams: an HTTP library would spend more of the shared cores than the server's own
 HTTP layer does, and that would be charged to the server's latency.
 """
@@ -414,8 +418,11 @@ def plot(cells, b_tput, b_p50, path):
     if b_p50:
         ax1.axhline(b_p50 * 1e3, color="gray", lw=0.8, ls=":", label="encode one sentence p50")
     ax2.axhline(b_tput, color="gray", lw=0.8, ls=":", label="in-process encode(batch_size=32)")
+    xs = sorted({c["concurrency"] for c in cells})
     for ax in (ax1, ax2):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(xs)
+        ax.set_xticklabels([str(x) for x in xs])
         ax.set_xlabel("offered load: concurrent clients")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

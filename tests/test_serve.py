@@ -616,3 +616,54 @@ def test_batch_plan_respects_budget_and_groups_by_length(enc):
     other = _Job([Tokens([0, 1], [0, 0])], (False, None), None, 384)
     batches = b.plan(items[:5] + [(other, 0, 2)])
     assert all(len({it[0].key for it in batch}) == 1 for batch in batches)
+
+
+class _CountingEncoder:
+    """Stands in for SentenceEncoder in the batcher: records batch sizes, takes ~50 ms."""
+
+    def __init__(self):
+        self.batches = []
+        self.tokenizer = None
+        self.normalize_module = True
+
+    def get_sentence_embedding_dimension(self):
+        return 4
+
+    def encode(self, texts, batch_size=32, normalize_embeddings=True, truncate_dim=None,
+               prompt=None):
+        time.sleep(0.05)
+        rows = [self.tokenizer.encode_batch([t])[0] for t in texts]
+        self.batches.append(len(texts))
+        return np.array([[r.ids[0], len(r.ids), 0, 1] for r in rows], dtype=np.float32)
+
+
+@pytest.mark.parametrize("wait", [0.0, 0.05])
+def test_batcher_waits_only_after_a_busy_round(wait):
+    """A closed-loop client answered by round 1 sends again at once: with a batch wait its
+    request joins the one that waited during round 1; an idle batcher never waits."""
+    from normcy.serve.batcher import Batcher, Tokens
+
+    async def go():
+        enc = _CountingEncoder()
+        b = Batcher(enc, max_batch_tokens=1000, max_batch_wait=wait)
+
+        async def client_then_again():
+            r = await b.embed([Tokens([1, 2], [0, 0])])
+            r2 = await b.embed([Tokens([3, 4, 5], [0, 0, 0])])
+            return r, r2
+
+        t0 = time.perf_counter()
+        first = asyncio.ensure_future(client_then_again())
+        await asyncio.sleep(0.01)                      # round 1 is computing
+        second = await b.embed([Tokens([7], [0])])
+        r1, r3 = await first
+        await b.close()
+        return enc.batches, r1, second, r3, time.perf_counter() - t0
+
+    batches, r1, r2, r3, elapsed = asyncio.run(asyncio.wait_for(go(), 60))
+    # every request got its own rows
+    assert r1.embeddings.tolist() == [[1, 2, 0, 1]]
+    assert r2.embeddings.tolist() == [[7, 1, 0, 1]]
+    assert r3.embeddings.tolist() == [[3, 3, 0, 1]]
+    assert batches == ([1, 2] if wait else [1, 1, 1])
+    assert r1.queue_s < 0.04                            # the first, idle round did not wait

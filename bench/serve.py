@@ -18,9 +18,9 @@ evaluated at the end against baselines taken at the same moment, so that a machi
 load drifts (a shared one) compares like with like: at concurrency 1 each HTTP request
 alternates with in-process ``encode([s])`` of the same sentence (its requests/s is then
 1 / mean latency), and the concurrency-32 single-sentence cell is bracketed by in-process
-``encode(batch_size=32)`` runs just before and after it. The client is a minimal HTTP/1.1 keep-alive client on asyncio
-streams: an HTTP library would spend more of the shared cores than the server's own
-HTTP layer does, and that would be charged to the server's latency.
+``encode(batch_size=32)`` runs just before and after it. The client is a minimal HTTP/1.1
+keep-alive client on asyncio streams: an HTTP library would spend more of the shared cores
+than the server's own HTTP layer does, and that would be charged to the server's latency.
 """
 import argparse
 import asyncio

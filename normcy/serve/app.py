@@ -256,11 +256,15 @@ class _Service:
                 if not ids:
                     raise _bad("'%s[%d]' is an empty list of token ids" % (param, i), param,
                                400, "empty")
-                bad = [t for t in ids if t < 0 or t >= self.vocab_size]
-                if bad:
+                try:
+                    arr = np.asarray(ids, dtype=np.int64)
+                    bad = np.flatnonzero((arr < 0) | (arr >= self.vocab_size))
+                except OverflowError:
+                    bad = [next(k for k, t in enumerate(ids) if not -2**63 <= t < 2**63)]
+                if len(bad):
                     raise _bad("'%s[%d]' holds token id %d, outside the model's vocabulary "
-                               "[0, %d)" % (param, i, bad[0], self.vocab_size), param, 422,
-                               "tokenizer")
+                               "[0, %d)" % (param, i, ids[int(bad[0])], self.vocab_size),
+                               param, 422, "tokenizer")
                 if len(ids) > limit:
                     if not truncate:
                         raise _too_long(param, i, "%d tokens" % len(ids), limit)

@@ -427,18 +427,23 @@ def test_metrics_count_what_was_sent(server, client, enc):
     assert after["normcy_requests_in_flight"] == 0
 
 
-def test_access_log_json(server, client):
-    client.post("/embed", json={"inputs": ["log me", "twice"]}, headers={"X-Test": "log"})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
+def test_access_log_json(server, client, enc):
+    def records():
         recs = [json.loads(ln) for ln in list(server.output) if ln.startswith("{")]
-        acc = [r for r in recs if r.get("logger") == "normcy.serve.access"
-               and r.get("path") == "/embed" and r.get("inputs") == 2]
-        if acc:
-            break
+        return [r for r in recs if r.get("logger") == "normcy.serve.access"
+                and r.get("path") == "/embed" and r.get("inputs") == 5]
+
+    before = len(records())
+    texts = ["log me", "five", "inputs", "in one", "request"]
+    assert client.post("/embed", json={"inputs": texts}).status_code == 200
+    deadline = time.monotonic() + 10
+    while len(records()) == before and time.monotonic() < deadline:
         time.sleep(0.1)
-    rec = acc[-1]
-    assert rec["status"] == 200 and rec["method"] == "POST" and rec["tokens"] == 7
+    new = records()[before:]
+    assert len(new) == 1, "".join(server.output[-10:])
+    rec = new[0]
+    assert rec["status"] == 200 and rec["method"] == "POST"
+    assert rec["tokens"] == n_tokens(enc, texts)
     for k in ("duration_ms", "tokenization_ms", "queue_ms", "inference_ms"):
         assert rec[k] >= 0
 

@@ -10,6 +10,8 @@ Commands
     ``--output FILE`` as ``.npy`` (float32, ``(n, dim)``) or JSON lines.
 ``normcy info``
     Print the build and runtime configuration (:func:`normcy.show_config`).
+``normcy serve [--model DIR] [--host H] [--port P] ...``
+    Serve embeddings over HTTP (OpenAI- and TEI-compatible; :mod:`normcy.serve`).
 
 Exit status: 0 on success, 2 for bad arguments or unusable input, 1 for other errors.
 """
@@ -102,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("info", help="print normcy's build and runtime configuration",
                        description="Print normcy's build and runtime configuration.")
     i.set_defaults(func=_cmd_info)
+
+    from normcy.serve.cli import add_parser as add_serve_parser  # argparse only, no deps
+
+    add_serve_parser(sub)
     return p
 
 

@@ -13,10 +13,15 @@ from normcy import _norms
 
 
 def _run(code, **env):
+    """A child interpreter importing the very same normcy, started outside the source tree
+    (from the tests folder) so that a checkout's uncompiled normcy/ cannot shadow it."""
     e = dict(os.environ)
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+    e["PYTHONPATH"] = pkg_parent + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    e.pop("NORMCY_MAX_ISA", None)
     e.update(env)
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
-                       timeout=120)
+                       timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
     return r
 
 

@@ -20,6 +20,15 @@ for isa in $($PY -c "import normcy._norms as n; print(' '.join(n._isa_info()['su
   NORMCY_MAX_ISA=$isa timeout 300 $PY -m pytest -q -x -p no:cacheprovider $KT 2>&1 | tail -2
 done
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
-timeout 420 $PY bench/run.py --quick --only 'gemm,encoder,add_layer_norm,layer_norm' \
-  --threads "1,4,$(nproc)" --no-progress --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.out" 2>&1
-echo "bench rc=$?"; tail -60 "$OUT/bench.md"
+ONLY="${BENCH_ONLY:-ops,gemm,encoder,add_layer_norm,layer_norm,rms_norm,batch_norm}"
+THREADS="${BENCH_THREADS:-1,2,$(nproc)}"
+timeout 300 $PY bench/run.py --quick --only "$ONLY" --threads "$THREADS" --no-progress \
+  --json "$OUT/bench.json" --md "$OUT/bench.md" > "$OUT/bench.out" 2>&1
+echo "bench rc=$?"
+# the AVX2 variant on the same CPU (a proxy for its register pressure, not for AMD timings)
+if $PY -c "import normcy._norms as n, sys; sys.exit('avx512' not in n._isa_info()['supported'])"; then
+  NORMCY_MAX_ISA=avx2 timeout 150 $PY bench/run.py --quick --only gemm,encoder --threads "1,$(nproc)" \
+    --no-progress --json "$OUT/bench-avx2.json" --md "$OUT/bench-avx2.md" > "$OUT/bench-avx2.out" 2>&1
+  echo "bench (avx2 variant) rc=$?"
+fi
+grep -A200 "speed targets\|Issue-3 targets" "$OUT/bench.md" | head -80

@@ -217,8 +217,11 @@ def _progress(args, stderr, total: Optional[int], initial: int = 0):
         return None
     if show is None and total is not None and total < PROGRESS_MIN_INPUTS:
         return None
-    from tqdm import tqdm
-
+    try:
+        from tqdm import tqdm
+    except ImportError:
+        stderr.write("normcy embed: no progress shown: it needs tqdm (`pip install tqdm`)\n")
+        return None
     tty = hasattr(stderr, "isatty") and stderr.isatty()
     return tqdm(total=total, initial=initial, unit=" sentences", desc="Embedding", dynamic_ncols=tty,
                 file=stderr if tty else _LineStream(stderr), ascii=not tty,

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import sys
 import threading
 import warnings
 from typing import Any, Dict, List, Optional
@@ -223,8 +222,8 @@ def _progress(args, stderr, total: Optional[int], initial: int = 0):
         stderr.write("normcy embed: no progress shown: it needs tqdm (`pip install tqdm`)\n")
         return None
     tty = hasattr(stderr, "isatty") and stderr.isatty()
-    return tqdm(total=total, initial=initial, unit=" sentences", desc="Embedding", dynamic_ncols=tty,
-                file=stderr if tty else _LineStream(stderr), ascii=not tty,
+    return tqdm(total=total, initial=initial, unit=" sentences", desc="Embedding",
+                dynamic_ncols=tty, file=stderr if tty else _LineStream(stderr), ascii=not tty,
                 mininterval=0.2 if tty else 10.0, delay=0 if show else 1.0,
                 smoothing=0.1)
 

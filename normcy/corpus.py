@@ -757,12 +757,13 @@ def embed_records(records: Iterable[Record], encode: Callable[[List[str]], np.nd
 
     Returns
     -------
-    (records, embedded, skipped) : tuple of int
-        Counts over the whole input (finished shards included) and the number of shards.
+    (records, embedded, shards) : tuple of int
+        Records read (finished shards included), records embedded in this run, and the
+        number of shards the output has (0 without ``shard_size``).
     """
     sharded = shard_size is not None
     skip_upto = start_shard * shard_size if sharded else 0
-    n_rec = n_emb = n_skip = 0
+    n_rec = n_emb = 0
     cur_shard = None
     buf_ids: List[Any] = []
     buf_txt: List[str] = []
@@ -799,7 +800,6 @@ def embed_records(records: Iterable[Record], encode: Callable[[List[str]], np.nd
             if rec.error is not None:
                 if on_error == "stop":
                     raise rec.error
-                n_skip += 1
                 if sharded:
                     sink.skip(rec.error)
                 elif skip_log is not None:

@@ -58,10 +58,6 @@ def _write_jsonl(path, texts, ids=None):
 def cli(args, stdin=b""):
     """Run the command in-process; returns (status, stdout bytes, stderr str)."""
     out, err = io.BytesIO(), io.StringIO()
-
-    class Out(io.TextIOWrapper):
-        pass
-
     so = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
     si = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
     rc = main(list(args), stdin=si, stdout=so, stderr=err)

@@ -452,3 +452,25 @@ def test_uncompiled_source_folder_gives_a_clear_import_error(tmp_path):
     assert r.returncode == 1 and "ImportError: normcy's compiled extensions are missing" in err
     assert "pip install ." in err and "outside the checkout" in err
     assert "ModuleNotFoundError" not in err
+
+
+def test_parquet_input_errors_name_file_row_and_column(tmp_path, model):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"text": ["a", None, "c"], "n": [1, 2, 3]}), src)
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "%s, row 2: text is null" % src in err, err
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "body",
+                      "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "Parquet file %r has no column 'body' (columns: text, n)" % src in err
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "n",
+                      "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "text column 'n' has type int64, not string" in err, err
+    out = tmp_path / "o.jsonl"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "-o", str(out), "--on-error", "skip"])
+    assert rc == 0, err
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 2]
+    skipped = [json.loads(x) for x in (tmp_path / "o.jsonl.skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["line"]) for s in skipped] == [(1, 2)]

@@ -14,8 +14,6 @@ from __future__ import annotations
 import os
 from typing import Any, Optional
 
-import numpy as np
-
 __all__ = ["Embedder"]
 
 
@@ -111,6 +109,3 @@ def _limit_blas(n: int) -> None:
         os.environ.setdefault("OPENBLAS_NUM_THREADS", str(n))  # effective only before NumPy
         return
     threadpool_limits(limits=n, user_api="blas")
-
-
-_ = np  # NumPy arrays are what Ray hands over by default

@@ -14,7 +14,7 @@ from normcy import corpus
 #: --progress/--no-progress say otherwise.
 PROGRESS_MIN_INPUTS = 256
 DEFAULT_SHARD_SIZE = 10000
-WINDOW_BATCHES = 32
+WINDOW_BATCHES = 128
 
 
 class CLIError(Exception):

@@ -42,7 +42,17 @@ def _tune_libgomp_wait():
 _omp_wait_note = _tune_libgomp_wait()
 
 from normcy._version import __version__
-from normcy._parallel import get_num_threads, set_num_threads, fork_serial
+try:
+    from normcy._parallel import get_num_threads, set_num_threads, fork_serial
+except ModuleNotFoundError as _exc:  # pragma: no cover - exercised in a subprocess test
+    if _exc.name != "normcy._parallel":
+        raise
+    raise ImportError(
+        "normcy's compiled extensions are missing in %s: this is the uncompiled source "
+        "folder. Install normcy (`pip install .` in the checkout; a C compiler with OpenMP "
+        "is needed) and run Python from outside the checkout, or build in place with "
+        "`python setup.py build_ext --inplace`." % _os.path.dirname(_os.path.abspath(__file__))
+    ) from None
 from normcy._norms import (
     layer_norm,
     add_layer_norm,

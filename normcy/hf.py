@@ -66,7 +66,8 @@ def _require_module(name: str, purpose: str):
         pkg = name.split(".")[0]
         raise ImportError(
             "normcy needs the optional package %r to %s; install it with "
-            "`pip install %s` or `pip install normcy[model]`" % (pkg, purpose, pkg)
+            "`pip install %s` (the whole [model] extra: `pip install \"safetensors>=0.4\" "
+            "\"tokenizers>=0.15\"`)" % (pkg, purpose, pkg)
         ) from exc
 
 

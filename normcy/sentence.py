@@ -50,6 +50,12 @@ _LEGACY_POOLING_KEYS = {
     "pooling_mode_weightedmean_tokens": "weightedmean",
     "pooling_mode_lasttoken": "lasttoken",
 }
+#: Inputs longer than ``max_seq_length * CUT_CHARS_PER_TOKEN`` characters are cut before
+#: tokenization (and the cut grown while it could change the kept tokens); see
+#: :meth:`SentenceEncoder._encodings`.
+CUT_CHARS_PER_TOKEN = 12
+_CUT_GROWTH = 4
+
 _ACTIVATIONS = {
     "torch.nn.modules.linear.Identity": None,
     "torch.nn.modules.activation.Tanh": np.tanh,
@@ -186,8 +192,10 @@ class _Progress:
         el = time.perf_counter() - self.t0
         rate = self.n / el if el > 0 else 0.0
         pct = 100.0 * self.n / self.total if self.total else 100.0
-        line = "\r%s: %d/%d %s (%3.0f%%) %.1f %s/s" % (self.desc, self.n, self.total, self.unit,
-                                                     pct, rate, self.unit[:4])
+        eta = (self.total - self.n) / rate if rate > 0 else float("nan")
+        eta_s = "--:--" if not math.isfinite(eta) else "%d:%02d" % divmod(int(eta + 0.5), 60)
+        line = "\r%s: %d/%d %s (%3.0f%%) %.1f %s/s, ETA %s" % (
+            self.desc, self.n, self.total, self.unit, pct, rate, self.unit[:4], eta_s)
         try:
             self.stream.write(line + ("\n" if final else ""))
             self.stream.flush()
@@ -449,12 +457,35 @@ class SentenceEncoder:
         pad_id = config.get("pad_token_id")
         if pad_id is None:
             pad_id = tokenizer.token_to_id("[PAD]") or 0
-        return cls(model, tokenizer, max_seq_length, pooling_modes=pooling_modes,
-                   normalize_module=normalize, dense=dense,
-                   do_lower_case=bool(st_cfg.get("do_lower_case", False)),
-                   pad_token_id=int(pad_id), prompts=prompts or {},
-                   default_prompt_name=default_prompt_name, include_prompt=include_prompt,
-                   hidden_size=int(config["hidden_size"]), path=root)
+        enc = cls(model, tokenizer, max_seq_length, pooling_modes=pooling_modes,
+                  normalize_module=normalize, dense=dense,
+                  do_lower_case=bool(st_cfg.get("do_lower_case", False)),
+                  pad_token_id=int(pad_id), prompts=prompts or {},
+                  default_prompt_name=default_prompt_name, include_prompt=include_prompt,
+                  hidden_size=int(config["hidden_size"]), path=root)
+        enc._load_options = {"num_threads": num_threads}
+        return enc
+
+    # ----------------------------------------------------------------- pickling
+    def __reduce__(self):
+        """Pickle by reference: the model directory and the options, never the weights.
+
+        The unpickled encoder is loaded with :meth:`from_pretrained` from the same directory
+        (which must exist where it is unpickled), with the same ``num_threads``,
+        ``max_seq_length``, ``normalize_module`` and ``default_prompt_name``. Within one
+        process, unpickled copies with equal settings share one loaded model (loaded on
+        first use), so a Dask or multiprocessing worker loads it once however many tasks it
+        runs. Encoders not made by :meth:`from_pretrained` cannot be pickled.
+        """
+        opts = getattr(self, "_load_options", None)
+        if opts is None or self.path is None:
+            import pickle
+
+            raise pickle.PicklingError(
+                "this SentenceEncoder was not made by SentenceEncoder.from_pretrained(), so it "
+                "cannot be pickled by reference (normcy never pickles model weights)")
+        return (_from_reference, (self.path, opts.get("num_threads"), self._max_seq_length,
+                                  self.normalize_module, self.default_prompt_name))
 
     # ------------------------------------------------------------ tokenization
     def _configure_tokenizer(self) -> None:
@@ -503,8 +534,64 @@ class SentenceEncoder:
 
     get_embedding_dimension = get_sentence_embedding_dimension
 
+    def _encode_batch(self, texts: List[str]):
+        try:
+            return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        except TypeError:
+            # tokenizers rejects strings that are not valid Unicode with an opaque message
+            # ("TextEncodeInput must be Union[...]"): name the input and the position.
+            for i, t in enumerate(texts):
+                try:
+                    t.encode("utf-8")
+                except UnicodeEncodeError as exc:
+                    raise ValueError(
+                        "sentences[%d] contains a lone surrogate %r at position %d, which is not "
+                        "valid Unicode text (was it decoded with errors='surrogateescape' or "
+                        "from a JSON \\u escape?)" % (i, t[exc.start], exc.start)) from None
+            raise
+
+    @staticmethod
+    def _cut_is_exact(enc) -> bool:
+        """Whether the tokens kept from a cut text are those of the whole text.
+
+        True when truncation dropped tokens and none of the kept tokens comes from the cut
+        text's last pre-tokenized word: the cut can only change that last word (normalizers
+        and pre-tokenizers act within words), so the kept tokens are the whole text's.
+        """
+        if not enc.overflowing:
+            return False
+        kept = max((w for w in enc.word_ids if w is not None), default=-1)
+        last = kept
+        for o in enc.overflowing:
+            last = max(last, max((w for w in o.word_ids if w is not None), default=-1))
+        return kept < last
+
     def _encodings(self, texts: List[str]):
-        return self.tokenizer.encode_batch(texts, add_special_tokens=True)
+        """Tokenize with truncation, without tokenizing more of a long text than needed.
+
+        A text longer than ``max_seq_length * CUT_CHARS_PER_TOKEN`` characters is cut there
+        first; if the cut could have changed the kept tokens (see :meth:`_cut_is_exact`) the
+        cut is grown ``_CUT_GROWTH``-fold, up to the whole text. The result is always exactly
+        the tokenization of the whole texts; the work is bounded by the model's maximum length
+        for ordinary text (a 100 MB line costs what a few kB do).
+        """
+        limit = self._max_seq_length * CUT_CHARS_PER_TOKEN
+        long_idx = [i for i, t in enumerate(texts) if len(t) > limit]
+        if not long_idx:
+            return self._encode_batch(texts)
+        cut = list(texts)
+        for i in long_idx:
+            cut[i] = texts[i][:limit]
+        encs = self._encode_batch(cut)
+        for i in long_idx:
+            bound = limit
+            while not self._cut_is_exact(encs[i]):
+                bound *= _CUT_GROWTH
+                whole = bound >= len(texts[i])
+                encs[i] = self._encode_batch([texts[i] if whole else texts[i][:bound]])[0]
+                if whole:
+                    break
+        return encs
 
     def tokenize(self, sentences: Union[str, Sequence[str]]) -> Dict[str, np.ndarray]:
         """Tokenize as sentence-transformers does, padded to the longest input.
@@ -605,6 +692,11 @@ class SentenceEncoder:
             float32, ``(dim,)`` for a single string, else ``(n, dim)``.
         """
         texts, single = self._check_sentences(sentences)
+        if show_progress_bar and progress_stream is not None \
+                and not callable(getattr(progress_stream, "write", None)):
+            raise TypeError("progress_stream must be a writable text stream (an object with a "
+                            "write() method, e.g. sys.stderr), got %s"
+                            % type(progress_stream).__name__)
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
                 or batch_size < 1:
             raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
@@ -699,3 +791,23 @@ class SentenceEncoder:
         return ("SentenceEncoder(path=%r, max_seq_length=%d, pooling=%s, normalize=%s, dim=%s)"
                 % (self.path, self._max_seq_length, "+".join(self.pooling_modes),
                    self.normalize_module, self.get_sentence_embedding_dimension()))
+
+
+_REFERENCE_CACHE: Dict[tuple, "SentenceEncoder"] = {}
+_REFERENCE_LOCK = threading.Lock()
+
+
+def _from_reference(path, num_threads, max_seq_length, normalize_module, default_prompt_name):
+    """Unpickle a :class:`SentenceEncoder`: load it once per process and settings."""
+    key = (path, num_threads, max_seq_length, normalize_module, default_prompt_name)
+    with _REFERENCE_LOCK:
+        enc = _REFERENCE_CACHE.get(key)
+        if enc is None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # warned about where it was first loaded
+                enc = SentenceEncoder.from_pretrained(path, num_threads=num_threads,
+                                                      max_seq_length=max_seq_length)
+            enc.normalize_module = normalize_module
+            enc.default_prompt_name = default_prompt_name
+            _REFERENCE_CACHE[key] = enc
+        return enc

@@ -80,7 +80,8 @@ def test_embed_stdin_to_npy_stdout(ref):
     assert arr.shape == (4, 384) and arr.dtype == np.float32
     for i, s in enumerate(lines):
         _close(arr[i], ref["emb"][s])
-    assert b"4/4" in r.stderr  # --progress forces the progress line
+    # --progress forces the progress line; standard input is streamed: no total, a rate
+    assert b"4 sentences" in r.stderr and b"sentences/s" in r.stderr
 
 
 def test_embed_dash_reads_stdin_between_args(ref):
@@ -132,7 +133,7 @@ def test_embed_input_file_to_npy_and_jsonl(tmp_path, ref):
      "output directory '/nonexistent/dir' does not exist"),
     (["embed", "--progress", "--no-progress", "x"], b"", "not allowed with argument"),
     (["embed", "-", "-"], b"a\n", "standard input ('-') can be read only once"),
-    (["embed", "-i", "-"], b"\xff\xfe bad", "standard input is not valid UTF-8"),
+    (["embed", "-i", "-"], b"\xff\xfe bad", "standard input, line 1: invalid UTF-8"),
     (["frobnicate"], b"", "invalid choice: 'frobnicate'"),
     ([], b"", "required: COMMAND"),
 ])

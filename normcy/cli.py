@@ -33,10 +33,6 @@ __all__ = ["main", "build_parser"]
 _PROG = "normcy"
 
 
-def _positive_int(name):
-    return _embed_cmd.positive_int(name)
-
-
 def build_parser() -> argparse.ArgumentParser:
     from normcy._version import __version__
 

@@ -13,19 +13,9 @@ import os
 import signal
 import time
 
+from normcy._embed_cmd import positive_int
+
 __all__ = ["add_parser", "run", "JSONFormatter"]
-
-
-def _positive(name):
-    def conv(s):
-        try:
-            v = int(s)
-        except ValueError:
-            raise argparse.ArgumentTypeError("%s must be a positive integer, got %r" % (name, s))
-        if v < 1:
-            raise argparse.ArgumentTypeError("%s must be a positive integer, got %r" % (name, s))
-        return v
-    return conv
 
 
 def _port(s):
@@ -65,22 +55,22 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         "all-MiniLM-L6-v2)")
     s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any)")
-    s.add_argument("-t", "--threads", type=_positive("--threads"), default=None, metavar="N",
+    s.add_argument("-t", "--threads", type=positive_int("--threads"), default=None, metavar="N",
                    help="threads for the model (default: normcy.get_num_threads())")
-    s.add_argument("--max-batch-tokens", type=_positive("--max-batch-tokens"),
+    s.add_argument("--max-batch-tokens", type=positive_int("--max-batch-tokens"),
                    default=d.max_batch_tokens, metavar="N",
                    help="padded tokens per model batch (default %d)" % d.max_batch_tokens)
-    s.add_argument("--max-client-batch-size", type=_positive("--max-client-batch-size"),
+    s.add_argument("--max-client-batch-size", type=positive_int("--max-client-batch-size"),
                    default=d.max_client_batch_size, metavar="N",
                    help="most inputs per request (default %d)" % d.max_client_batch_size)
-    s.add_argument("--max-concurrent-requests", type=_positive("--max-concurrent-requests"),
+    s.add_argument("--max-concurrent-requests", type=positive_int("--max-concurrent-requests"),
                    default=d.max_concurrent_requests, metavar="N",
                    help="requests in flight before answering 429 (default %d)"
                         % d.max_concurrent_requests)
-    s.add_argument("--max-input-chars", type=_positive("--max-input-chars"),
+    s.add_argument("--max-input-chars", type=positive_int("--max-input-chars"),
                    default=d.max_input_chars, metavar="N",
                    help="longest input string in characters (default %d)" % d.max_input_chars)
-    s.add_argument("--max-body-bytes", type=_positive("--max-body-bytes"),
+    s.add_argument("--max-body-bytes", type=positive_int("--max-body-bytes"),
                    default=d.max_body_bytes, metavar="N",
                    help="largest request body (default %d)" % d.max_body_bytes)
     s.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,

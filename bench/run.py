@@ -328,7 +328,7 @@ def targets_table(targets):
         goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.2g×" % t["goal"]
         met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
         body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t["note"] else "")])
-    return "### Issue-3 targets (all cores, this run)\n\n" + md_table(
+    return "### Norm and BatchNorm kernel targets (all cores, this run)\n\n" + md_table(
         ["target", "measured", "goal", "met"], body)
 
 

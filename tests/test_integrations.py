@@ -7,6 +7,7 @@ so that they do not depend on how an engine groups rows; the model is the small 
 _small_model.py, to keep these tests to seconds.
 """
 import os
+import tempfile
 import sys
 
 import numpy as np
@@ -56,8 +57,21 @@ def _check(ids, embs, reference):
 def ray_local():
     ray = pytest.importorskip("ray")
     pytest.importorskip("ray.data")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
-             configure_logging=False)
+    # Ray puts the driver's working directory on its workers' sys.path: started inside a
+    # source checkout, they would import the uncompiled ./normcy folder instead of the
+    # installed package.  Start the workers from a neutral directory, with the tested
+    # normcy's parent directory first on their path.
+    import normcy
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+    here = os.getcwd()
+    neutral = tempfile.mkdtemp(prefix="normcy-ray-")
+    os.chdir(neutral)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False,
+                 configure_logging=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": pkg_parent}})
+    finally:
+        os.chdir(here)
     try:
         yield ray
     finally:

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 
 import normcy
@@ -13,16 +12,12 @@ from normcy import _norms
 
 
 def _run(code, **env):
-    """A child interpreter importing the very same normcy, started outside the source tree
-    (from the tests folder) so that a checkout's uncompiled normcy/ cannot shadow it."""
-    e = dict(os.environ)
-    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
-    e["PYTHONPATH"] = pkg_parent + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
-    e.pop("NORMCY_MAX_ISA", None)
-    e.update(env)
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
-                       timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
-    return r
+    """A child interpreter importing the very same normcy (conftest's environment helper),
+    started from the tests folder so that a checkout's uncompiled normcy/ cannot shadow it."""
+    from conftest import normcy_pythonpath_env
+    e = normcy_pythonpath_env(extra=env, drop=("NORMCY_MAX_ISA",))
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=e,
+                          timeout=120, cwd=os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_isa_info_consistent():

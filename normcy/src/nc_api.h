@@ -148,7 +148,7 @@ typedef struct nc_ktable {
 #endif
 #if NC_FAMILIES & NC_F_GEMM
 #define NC_TABLE_GEMM(S) nc_gemm_run_##S, nc_gemm_pack_##S, nc_gemm_nr_##S, nc_gemm_mr_##S, \
-     nc_attention_head_##S, nc_fma_loop_##S, nc_gemm_kc_of_##S
+     nc_attention_head_##S, nc_fma_loop_##S, nc_gemm_kc_##S
 #else
 #define NC_TABLE_GEMM(S) 0, 0, 0, 0, 0, 0, 0
 #endif

@@ -297,7 +297,6 @@ static double NC_FN(nc_fma_loop)(nc_int iters)
 }
 
 static nc_int NC_FN(nc_gemm_nr)(void) { return NC_NR; }
-static nc_int NC_FN(nc_gemm_kc_of)(nc_int K) { return NC_FN(nc_gemm_kc)(K); }
 static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
 
 /*

@@ -17,7 +17,11 @@ class PackedLinear:
     @property
     def bias(self) -> Optional[_F32]: ...
     def __call__(self, x: _F32, *, activation: _Activation = ..., residual: Optional[_F32] = ...,
-                 out: Optional[_F32] = ..., num_threads: Optional[int] = ...) -> _F32: ...
+                 norm: Optional[Literal["layer_norm", "rms_norm"]] = ...,
+                 norm_weight: Optional[npt.ArrayLike] = ...,
+                 norm_bias: Optional[npt.ArrayLike] = ..., eps: float = ...,
+                 sum_out: Optional[_F32] = ..., out: Optional[_F32] = ...,
+                 num_threads: Optional[int] = ...) -> _F32: ...
 
 def _attention(qkv: _F32, bq: _F32, ctx: _F32, nseq: int, L: int, nhead: int, *,
                mask: Optional[_F32] = ..., key_padding_mask: Optional[npt.NDArray[np.bool_]] = ...,

@@ -14,13 +14,16 @@ bit-identical for every thread count and every batch composition.
 """
 from libc.stdlib cimport malloc, free
 from libc.stdint cimport uint8_t, uintptr_t
-from cython.parallel cimport prange
+from cython.parallel cimport prange, parallel
 cimport numpy as cnp
 import numpy as np
 import operator
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport _desc, _shp, check_no_self_overlap, check_overlap, plain
+from normcy._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num, nc_omp_barrier
+from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
+from normcy._arraychecks cimport (_desc, _shp, check_no_self_overlap, check_overlap, plain,
+                                  parse_eps)
 
 cnp.import_array()
 
@@ -35,6 +38,7 @@ cdef extern from "nc_api_gemm.h" nogil:
     Py_ssize_t nc_gemm_mr()
     double nc_fma_loop(Py_ssize_t iters)
     Py_ssize_t nc_gemm_kc(Py_ssize_t K)
+    Py_ssize_t nc_gemm_mc(Py_ssize_t K)
     void nc_attention_head(const float *q, Py_ssize_t ldq, const float *kt, Py_ssize_t ldk,
                            const float *v, Py_ssize_t ldv, float *out, Py_ssize_t ldo,
                            Py_ssize_t L, Py_ssize_t dh, Py_ssize_t klen, int causal,
@@ -109,39 +113,79 @@ cdef struct GemmJob:
     Py_ssize_t M
     Py_ssize_t npanels
     Py_ssize_t mr
-    int nt
     bint by_rows
+    # fused norm epilogue (norm < 0: none): rows of y normalized into z
+    int norm
+    const float *nw
+    const float *nb
+    double eps
+    float *z
+    Py_ssize_t ldz
 
 
-cdef void gemm_part(const GemmJob *j, Py_ssize_t t) noexcept nogil:
+cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
+    """Rows [a, b), every panel; with the norm epilogue, row block by row block (each block
+    normalized while it is still in cache: nc_gemm_mc rows, the GEMM's own row block)."""
+    cdef Py_ssize_t c, e, mc
+    if j.norm < 0:
+        nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                    j.act, a, b, 0, j.npanels)
+        return
+    mc = nc_gemm_mc(j.K)
+    c = a
+    while c < b:
+        e = c + mc if c + mc < b else b
+        nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                    j.act, c, e, 0, j.npanels)
+        norm_rows(j.norm, j.y + c * j.ldy, j.ldy, j.z + c * j.ldz, j.ldz, e - c, j.N,
+                  j.nw, j.nb, j.eps)
+        c = e
+
+
+cdef void gemm_part(const GemmJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
+    """Thread t of nt: whole rows (by_rows; the norm epilogue included) or a range of
+    column panels for every row (the norm epilogue then runs after a barrier)."""
     cdef Py_ssize_t a, b, units
     if j.by_rows:
         # row ranges in whole micro-tiles
         units = (j.M + j.mr - 1) // j.mr
-        a = units * t // j.nt * j.mr
-        b = units * (t + 1) // j.nt * j.mr
+        a = units * t // nt * j.mr
+        b = units * (t + 1) // nt * j.mr
         if b > j.M:
             b = j.M
         if a < b:
-            nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
-                        j.act, a, b, 0, j.npanels)
+            gemm_rows(j, a, b)
     else:
-        a = j.npanels * t // j.nt
-        b = j.npanels * (t + 1) // j.nt
+        a = j.npanels * t // nt
+        b = j.npanels * (t + 1) // nt
         if a < b:
             nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
                         j.act, 0, j.M, a, b)
 
 
 cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
-    cdef Py_ssize_t t
-    j.nt = nt
+    cdef Py_ssize_t t, n, a, b
     if nt <= 1:
-        j.nt = 1
-        gemm_part(j, 0)
+        j.by_rows = True
+        gemm_rows(j, 0, j.M)
         return
-    for t in prange(nt, schedule='static', num_threads=nt):
-        gemm_part(j, t)
+    if j.norm < 0 or j.by_rows:
+        for t in prange(nt, schedule='static', num_threads=nt):
+            gemm_part(j, t, nt)
+        return
+    # few rows, split by panels: every panel of a row must be done before it is
+    # normalized, so the norm runs after a barrier, rows split among the same team
+    # (one parallel region for both)
+    with parallel(num_threads=nt):
+        n = omp_get_num_threads()
+        t = omp_get_thread_num()
+        gemm_part(j, t, n)
+        nc_omp_barrier()
+        a = j.M * t // n
+        b = j.M * (t + 1) // n
+        if a < b:
+            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
+                      j.nw, j.nb, j.eps)
 
 
 cdef class PackedLinear:
@@ -232,8 +276,9 @@ cdef class PackedLinear:
     def __reduce__(self):
         return (PackedLinear, (self._weight, self.bias))
 
-    def __call__(self, x, *, activation=None, residual=None, out=None, num_threads=None):
-        """``act(x @ weight.T + bias) (+ residual)``.
+    def __call__(self, x, *, activation=None, residual=None, norm=None, norm_weight=None,
+                 norm_bias=None, eps=1e-5, sum_out=None, out=None, num_threads=None):
+        """``act(x @ weight.T + bias) (+ residual)``, optionally normalized row by row.
 
         Parameters
         ----------
@@ -244,6 +289,20 @@ cdef class PackedLinear:
         residual : numpy.ndarray, optional
             float32, shape (..., out_features) (same leading shape as x), added after the
             activation.
+        norm : {None, 'layer_norm', 'rms_norm'}
+            Fused epilogue: the rows ``s = act(x @ weight.T + bias) (+ residual)`` are
+            normalized over their out_features values while they are in cache, exactly as
+            :func:`normcy.layer_norm` / :func:`normcy.rms_norm` would normalize ``s`` (the
+            same bits), so ``out = layer_norm(s, norm_weight, norm_bias, eps)``: a post-LN
+            Transformer's ``LN(x + F(x))`` in one call.
+        norm_weight, norm_bias : array_like, shape (out_features,), optional
+            The norm's scale and shift (``norm_bias`` only for 'layer_norm'); None for none.
+        eps : float, default 1e-5
+            The norm's epsilon (inside the square root).
+        sum_out : numpy.ndarray, optional
+            float32, shape (..., out_features): receives ``s`` before the norm (what a
+            pre-LN model carries on as its residual stream).  Only with `norm`; must not
+            overlap x or out.
         out : numpy.ndarray, optional
             float32, shape (..., out_features); may be `residual` itself, must not overlap x.
         num_threads : int, optional
@@ -256,9 +315,30 @@ cdef class PackedLinear:
         """
         cdef int act = _act_code(activation)
         cdef object caller_out = out
+        cdef int nkind = -1
+        cdef double neps = 0.0
+        cdef object nw = None, nb = None
         x = plain(x, "x")
         residual = plain(residual, "residual")
         out = plain(out, "out")
+        sum_out = plain(sum_out, "sum_out")
+        if norm is not None:
+            if norm == "layer_norm":
+                nkind = KIND_LN
+            elif norm == "rms_norm":
+                nkind = KIND_RMS
+            else:
+                raise ValueError("norm must be None, 'layer_norm' or 'rms_norm', got %r"
+                                 % (norm,))
+            neps = parse_eps(eps, "eps")
+            nw = as_param(norm_weight, self.out_features, "norm_weight")
+            nb = as_param(norm_bias, self.out_features, "norm_bias")
+            if nb is not None and nkind == KIND_RMS:
+                raise ValueError("norm_bias is only for norm='layer_norm' (rms_norm has no "
+                                 "shift)")
+        elif norm_weight is not None or norm_bias is not None or sum_out is not None:
+            raise ValueError("norm_weight, norm_bias and sum_out need norm='layer_norm' or "
+                             "'rms_norm'")
         if not isinstance(x, np.ndarray):
             raise TypeError("x must be a numpy.ndarray, got %s" % type(x).__name__)
         if (<cnp.ndarray>x).dtype != np.float32:
@@ -292,21 +372,53 @@ cdef class PackedLinear:
             check_no_self_overlap(<cnp.ndarray>out, "out")
             check_overlap(<cnp.ndarray>out, "out", x, "x", False)
             check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
+        if sum_out is not None:
+            if not isinstance(sum_out, np.ndarray):
+                raise TypeError("sum_out must be a numpy.ndarray or None, got %s"
+                                % type(sum_out).__name__)
+            if (<cnp.ndarray>sum_out).dtype != np.float32:
+                raise TypeError("sum_out must be float32, got %s" % _desc(sum_out))
+            if _shp(sum_out) != oshape:
+                raise ValueError("sum_out must have shape %s, got %s"
+                                 % (oshape, _desc(sum_out)))
+            if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>sum_out):
+                raise ValueError("sum_out must be writeable, got a read-only %s"
+                                 % _desc(sum_out))
+            check_no_self_overlap(<cnp.ndarray>sum_out, "sum_out")
+            check_overlap(<cnp.ndarray>sum_out, "sum_out", x, "x", False)
+            check_overlap(<cnp.ndarray>sum_out, "sum_out", residual, "residual", True)
+            check_overlap(<cnp.ndarray>sum_out, "sum_out", out, "out", False)
+        if nkind >= 0:
+            check_overlap(<cnp.ndarray>out, "out", nw, "norm_weight", False)
+            check_overlap(<cnp.ndarray>out, "out", nb, "norm_bias", False)
+            if sum_out is not None:
+                check_overlap(<cnp.ndarray>sum_out, "sum_out", nw, "norm_weight", False)
+                check_overlap(<cnp.ndarray>sum_out, "sum_out", nb, "norm_bias", False)
         if M == 0:
             return out if caller_out is None else caller_out
         cdef cnp.ndarray xr = _as_rows(x, self.in_features)
         cdef cnp.ndarray rr = _as_rows(residual, self.out_features) if residual is not None else None
         cdef object yv = _rows_view_or_none(<cnp.ndarray>out, M, self.out_features)
-        cdef cnp.ndarray yr
-        cdef bint copy_back = False
+        cdef cnp.ndarray yr, sr = None
+        cdef bint copy_back = False, sum_back = False
         if yv is not None:
             yr = <cnp.ndarray>yv
         else:
             # no (M, N) view with unit last stride: compute into a temporary
             copy_back = True
             yr = <cnp.ndarray>np.empty((M, self.out_features), dtype=np.float32)
+        if sum_out is not None:
+            sv = _rows_view_or_none(<cnp.ndarray>sum_out, M, self.out_features)
+            if sv is not None:
+                sr = <cnp.ndarray>sv
+            else:
+                sum_back = True
+                sr = <cnp.ndarray>np.empty((M, self.out_features), dtype=np.float32)
+        # the GEMM writes s into sum_out when there is one (the norm then reads it from
+        # there into out), else into out (normalized in place)
+        cdef cnp.ndarray gr = sr if sr is not None else yr
         if (rr is not None and nc_gemm_kc(self.in_features) < self.in_features
-                and np.may_share_memory(rr, yr)):
+                and np.may_share_memory(rr, gr)):
             # partial sums of the K blocks go through the output: keep the residual apart
             rr = <cnp.ndarray>np.array(rr, copy=True)
         cdef GemmJob j
@@ -318,9 +430,15 @@ cdef class PackedLinear:
         j.bias = <const float *>cnp.PyArray_DATA(self._bias) if self._bias is not None else NULL
         j.res = <const float *>cnp.PyArray_DATA(rr) if rr is not None else NULL
         j.ldr = cnp.PyArray_STRIDES(rr)[0] // 4 if rr is not None else 0
-        j.y = <float *>cnp.PyArray_DATA(yr)
-        j.ldy = cnp.PyArray_STRIDES(yr)[0] // 4
+        j.y = <float *>cnp.PyArray_DATA(gr)
+        j.ldy = cnp.PyArray_STRIDES(gr)[0] // 4
         j.act = act
+        j.norm = nkind
+        j.nw = <const float *>cnp.PyArray_DATA(nw) if nw is not None else NULL
+        j.nb = <const float *>cnp.PyArray_DATA(nb) if nb is not None else NULL
+        j.eps = neps
+        j.z = <float *>cnp.PyArray_DATA(yr)
+        j.ldz = cnp.PyArray_STRIDES(yr)[0] // 4
         j.M = M
         j.npanels = (self.out_features + self._nr - 1) // self._nr
         j.mr = nc_gemm_mr()
@@ -334,6 +452,8 @@ cdef class PackedLinear:
             gemm_exec(&j, nt)
         if copy_back:
             np.copyto(out, yr.reshape(oshape))
+        if sum_back:
+            np.copyto(sum_out, sr.reshape(oshape))
         return out if caller_out is None else caller_out
 
 

@@ -68,10 +68,7 @@ def _set_streaming_threshold(nbytes):
     _stream_min_bytes = max(0, int(nbytes))
     return old
 
-cdef enum:
-    KIND_LN = 0
-    KIND_LN_ANNOTATED = 1
-    KIND_RMS = 2
+# KIND_LN, KIND_LN_ANNOTATED, KIND_RMS: declared in _norms.pxd
 
 # ----------------------------------------------------------------------------------
 # Array descriptors
@@ -262,6 +259,27 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
         cs = j.so.cstride
         for k in range(n):
             (<float *>(<char *>sp + k * cs))[0] = gd[k]
+
+
+cdef void norm_rows(int kind, const float *src, Py_ssize_t lds, float *dst, Py_ssize_t ldd,
+                    Py_ssize_t nrows, Py_ssize_t n, const float *w, const float *b,
+                    double eps) noexcept nogil:
+    """Rows i < nrows of src (row stride lds floats, unit element stride) normalized into
+    dst (stride ldd; dst may equal src), as layer_norm / rms_norm compute them."""
+    cdef NormJob j
+    cdef RowState st
+    cdef Py_ssize_t i
+    j.kind = kind
+    j.xb = NULL
+    j.w = w
+    j.b = b
+    j.n = n
+    j.eps = eps
+    j.has_r = 0
+    j.has_so = 0
+    for i in range(nrows):
+        row_stats(&j, src + i * lds, NULL, NULL, dst + i * ldd, &st)
+        row_apply(&j, &st, 0, n, dst + i * ldd)
 
 
 cdef void pair_rows(const NormJob *j, Py_ssize_t i, Py_ssize_t nrows) noexcept nogil:

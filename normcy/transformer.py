@@ -316,22 +316,39 @@ class TransformerEncoderLayer:
         else:
             self._lin_qkv(x, out=qkv, num_threads=nt)
         self._attention(qkv, ctx, plan)
-        self._lin_o(ctx, out=proj, num_threads=nt)
+        # The residual add + norm after each sub-layer runs in the GEMM's epilogue (the
+        # same bits as add_layer_norm / add_rms_norm), except after an attention with dead
+        # rows: their folded value bias must come off before the residual is added.
+        n_o = self._n2 if self.norm_first else self._n1
         if plan.dead is not None:
+            self._lin_o(ctx, out=proj, num_threads=nt)
             proj[plan.dead] -= self._o_bv
         if self.norm_first:
             s = ws.get("sum", (n, d))
             # s = x + attn ; xn = norm2(s)
-            self._add_norm(proj, x, self._n2, None, out=xn, sum_out=s)
+            if plan.dead is not None:
+                self._add_norm(proj, x, n_o, None, out=xn, sum_out=s)
+            else:
+                self._lin_o(ctx, residual=x, out=xn, sum_out=s, num_threads=nt,
+                            **self._epilogue(n_o))
             self._lin_1(xn, activation=self.activation, out=hid, num_threads=nt)
             self._lin_2(hid, residual=s, out=out, num_threads=nt)
         else:
             x1 = ws.get("x1", (n, d))
-            self._add_norm(proj, x, self._n1, None, out=x1)
+            if plan.dead is not None:
+                self._add_norm(proj, x, n_o, None, out=x1)
+            else:
+                self._lin_o(ctx, residual=x, out=x1, num_threads=nt, **self._epilogue(n_o))
             self._lin_1(x1, activation=self.activation, out=hid, num_threads=nt)
-            self._lin_2(hid, out=proj, num_threads=nt)
-            self._add_norm(proj, x1, self._n2, None, out=out)
+            self._lin_2(hid, residual=x1, out=out, num_threads=nt, **self._epilogue(self._n2))
         return out
+
+    def _epilogue(self, params):
+        """PackedLinear keyword arguments of the fused residual + norm epilogue."""
+        if self.norm == "layer":
+            return {"norm": "layer_norm", "norm_weight": params[0], "norm_bias": params[1],
+                    "eps": self.layer_norm_eps}
+        return {"norm": "rms_norm", "norm_weight": params[0], "eps": self.layer_norm_eps}
 
     # ------------------------------------------------------------------ public call
     def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None):

@@ -151,6 +151,102 @@ def test_bitwise_thread_and_batch_invariance(n, k):
         assert np.array_equal(lin(x[i:i + 1], activation="gelu")[0], full[i]), m
 
 
+def _norm_ref(s, kind, g, b, eps):
+    s = s.astype(np.float64)
+    if kind == "layer_norm":
+        mu = s.mean(-1, keepdims=True)
+        y = (s - mu) / np.sqrt(((s - mu) ** 2).mean(-1, keepdims=True) + eps)
+    else:
+        y = s / np.sqrt((s * s).mean(-1, keepdims=True) + eps)
+    y = y * g
+    return y + b if b is not None else y
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "rms_norm"])
+@pytest.mark.parametrize("n,k", [(384, 384), (384, 1536), (17, 5), (385, 383)])
+def test_fused_residual_norm_epilogue(kind, n, k):
+    """s = x W^T + b + r, then the row norm, in one call: within float32 rounding of the
+    float64 reference, and bit for bit what the separate norm kernels give on s, for every
+    thread count and row count (by panels with few rows, by rows with many)."""
+    w = (RNG.standard_normal((n, k)) / math.sqrt(k)).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    lin = PackedLinear(w, b)
+    g = RNG.standard_normal(n).astype(F32)
+    beta = RNG.standard_normal(n).astype(F32) if kind == "layer_norm" else None
+    eps = 1e-5
+    for m in (1, 2, 7, 20, 70, 300):
+        x = RNG.standard_normal((m, k)).astype(F32)
+        r = RNG.standard_normal((m, n)).astype(F32)
+        s_sep = lin(x, residual=r)
+        if kind == "layer_norm":
+            sep = normcy.layer_norm(s_sep, g, beta, eps)
+        else:
+            sep = normcy.rms_norm(s_sep, g, eps)
+        ref = _norm_ref(_ref(x, w, b, res=r), kind, g, beta, eps)
+        for nt in (1, 2, 3):
+            so = np.full((m, n), np.nan, F32)
+            y = lin(x, residual=r, norm=kind, norm_weight=g, norm_bias=beta, eps=eps,
+                    sum_out=so, num_threads=nt)
+            assert np.array_equal(so, s_sep), (m, nt)
+            assert np.array_equal(y, sep), (m, nt)
+            y2 = lin(x, residual=r, norm=kind, norm_weight=g, norm_bias=beta, eps=eps,
+                     num_threads=nt)
+            assert np.array_equal(y2, sep), (m, nt)
+        # against float64: the error of s (dot-product rounding bound + the sum's
+        # rounding) divided by the row's scale (std, or rms), plus float32 rounding
+        s64 = _ref(x, w, b, res=r)
+        err_s = (_tol(x, w) + 2 * np.finfo(F32).eps * np.abs(s64)).max(-1, keepdims=True)
+        if kind == "layer_norm":
+            scale = s64.std(-1, keepdims=True)
+        else:
+            scale = np.sqrt((s64 * s64).mean(-1, keepdims=True))
+        err = np.abs(y.astype(np.float64) - ref)
+        assert np.all(err <= np.abs(g) * (3 * err_s / scale + 1e-6) + 1e-6 * np.abs(ref))
+
+
+def test_fused_norm_in_place_and_strided():
+    n, k = 64, 48
+    w = RNG.standard_normal((n, k)).astype(F32)
+    lin = PackedLinear(w, RNG.standard_normal(n).astype(F32))
+    g = RNG.standard_normal(n).astype(F32)
+    x = RNG.standard_normal((3, 5, k)).astype(F32)
+    r = RNG.standard_normal((3, 5, n)).astype(F32)
+    want = normcy.layer_norm(lin(x, residual=r), g, None, 1e-6)
+    # out is the residual itself
+    rr = r.copy()
+    got = lin(x, residual=rr, norm="layer_norm", norm_weight=g, eps=1e-6, out=rr)
+    assert got is rr and np.array_equal(rr, want)
+    # strided out and sum_out (no (rows, n) view): computed aside, copied back
+    big = np.zeros((3, 5, 2 * n), F32)
+    sbig = np.zeros((3, 5, 2 * n), F32)
+    got = lin(x, residual=r, norm="layer_norm", norm_weight=g, eps=1e-6,
+              out=big[..., ::2], sum_out=sbig[..., 1::2])
+    assert np.array_equal(big[..., ::2], want) and np.all(big[..., 1::2] == 0)
+    assert np.array_equal(sbig[..., 1::2], lin(x, residual=r))
+
+
+def test_fused_norm_bad_arguments():
+    lin = PackedLinear(np.ones((4, 3), F32))
+    x = np.ones((2, 3), F32)
+    with pytest.raises(ValueError, match="norm must be"):
+        lin(x, norm="batch_norm")
+    with pytest.raises(ValueError, match="norm_weight must have shape \\(4,\\)"):
+        lin(x, norm="layer_norm", norm_weight=np.ones(3, F32))
+    with pytest.raises(ValueError, match="norm_bias"):
+        lin(x, norm="rms_norm", norm_bias=np.ones(4, F32))
+    with pytest.raises(ValueError, match="need norm"):
+        lin(x, sum_out=np.empty((2, 4), F32))
+    with pytest.raises(ValueError, match="eps"):
+        lin(x, norm="layer_norm", eps=-1.0)
+    with pytest.raises(ValueError, match="sum_out must have shape"):
+        lin(x, norm="layer_norm", sum_out=np.empty((2, 3), F32))
+    o = np.empty((2, 4), F32)
+    with pytest.raises(ValueError, match="sum_out"):
+        lin(x, norm="layer_norm", out=o, sum_out=o)
+    with pytest.raises(TypeError, match="sum_out"):
+        lin(x, norm="layer_norm", sum_out=np.empty((2, 4)))
+
+
 def test_bad_arguments():
     w = np.ones((4, 3), F32)
     with pytest.raises(TypeError, match="weight"):

@@ -80,6 +80,7 @@ typedef struct nc_ktable {
                            const float *, ptrdiff_t, const uint8_t *, float *);
     double (*fma_loop)(ptrdiff_t);
     ptrdiff_t (*gemm_kc)(ptrdiff_t);
+    ptrdiff_t (*gemm_mc)(ptrdiff_t);
 } nc_ktable;
 
 /* ------------------------------------------------------------- the variants */
@@ -148,9 +149,10 @@ typedef struct nc_ktable {
 #endif
 #if NC_FAMILIES & NC_F_GEMM
 #define NC_TABLE_GEMM(S) nc_gemm_run_##S, nc_gemm_pack_##S, nc_gemm_nr_##S, nc_gemm_mr_##S, \
-     nc_attention_head_##S, nc_fma_loop_##S, nc_gemm_kc_##S
+     nc_attention_head_##S, nc_fma_loop_##S, nc_gemm_kc_##S, \
+     nc_gemm_mc_##S
 #else
-#define NC_TABLE_GEMM(S) 0, 0, 0, 0, 0, 0, 0
+#define NC_TABLE_GEMM(S) 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #define NC_TABLE(S, NAME, DETAIL, VB) \
     {NAME, DETAIL, VB, NC_TABLE_NORM(S), NC_TABLE_OPS(S), NC_TABLE_GEMM(S)}
@@ -288,6 +290,7 @@ static inline void nc_gemm_pack(const float *w, ptrdiff_t ldw, ptrdiff_t N, ptrd
 static inline ptrdiff_t nc_gemm_nr(void) { return nc_kt->gemm_nr(); }
 static inline double nc_fma_loop(ptrdiff_t iters) { return nc_kt->fma_loop(iters); }
 static inline ptrdiff_t nc_gemm_kc(ptrdiff_t K) { return nc_kt->gemm_kc(K); }
+static inline ptrdiff_t nc_gemm_mc(ptrdiff_t K) { return nc_kt->gemm_mc(K); }
 static inline ptrdiff_t nc_gemm_mr(void) { return nc_kt->gemm_mr(); }
 static inline void nc_attention_head(const float *q, ptrdiff_t ldq, const float *kt,
                                      ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *out,

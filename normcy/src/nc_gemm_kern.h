@@ -206,6 +206,15 @@ static nc_int NC_FN(nc_gemm_kc)(nc_int K)
     return (kc + 7) & ~(nc_int)7;
 }
 
+/* The row block MC: MC x K floats of x in ~256 KB of L2 (see the header), whole
+   micro-tiles.  Callers that post-process rows (the fused norm epilogue) work in row
+   blocks of this size so that a block is still in cache when they come back to it. */
+static nc_int NC_FN(nc_gemm_mc)(nc_int K)
+{
+    nc_int mc = ((nc_int)65536 / (K > 0 ? K : 1)) / NC_MR * NC_MR;
+    return mc < NC_MR ? NC_MR : mc;
+}
+
 /* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r).  y must not alias r when
    K > nc_gemm_kc(K) (the caller copies r then): partial sums go through y. */
 static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_int N,
@@ -214,9 +223,7 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                                nc_int p0, nc_int p1)
 {
     const nc_int kcb = NC_FN(nc_gemm_kc)(K);
-    /* row block: MC x K floats of x in ~256 KB of L2 (see the header) */
-    nc_int mc = ((nc_int)65536 / K) / NC_MR * NC_MR;
-    if (mc < NC_MR) mc = NC_MR;
+    const nc_int mc = NC_FN(nc_gemm_mc)(K);
     for (nc_int i0 = m0; i0 < m1; i0 += mc) {
         nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
         nc_int pstart = p0;

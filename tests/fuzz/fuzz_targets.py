@@ -701,3 +701,47 @@ def _packed_linear(c):
         assert_result(y, a, tol, out=out)
     return c.call(run, (w, b, x), {"activation": activation, "residual": residual, "out": out,
                                    "num_threads": nt}, check)
+
+
+@target("PackedLinear.norm")
+def _packed_linear_norm(c):
+    """PackedLinear(...)(x, residual=, norm=, norm_weight=, norm_bias=, eps=, sum_out=, out=):
+    the fused residual + norm epilogue gives the bits of the separate kernels."""
+    shape = c.shape()
+    k = shape[-1]
+    n = c.dim()
+    oshape = tuple(shape[:-1]) + (n,)
+    w = c.f32((n, k))
+    b = c.f32((n,)) if c.rng.random() < 0.7 else None
+    x = c.f32(shape)
+    kind = c.maybe("norm", c.pick(["layer_norm", "rms_norm"]), BAD_CHOICE)
+    g = c.maybe("norm_weight", c.vec(n), _bad_vecs(c, n))
+    beta = c.maybe("norm_bias", c.vec(n) if kind == "layer_norm" else None, _bad_vecs(c, n))
+    eps = c.maybe("eps", c.eps(), BAD_EPS)
+    residual = c.maybe("residual", c.f32(oshape) if c.rng.random() < 0.7 else None,
+                       _bad_arrays(c, oshape))
+    out = c.maybe("out", c.f32(oshape, writable=True) if c.rng.random() < 0.5 else None,
+                  _bad_arrays(c, oshape, True))
+    sum_out = c.maybe("sum_out", c.f32(oshape, writable=True) if c.rng.random() < 0.4
+                      else None, _bad_arrays(c, oshape, True))
+    nt = c.maybe("num_threads", c.threads(), BAD_THREADS)
+    ws, bs, xs, rs, gs, betas = snap(w), snap(b), snap(x), snap(residual), snap(g), snap(beta)
+    lin = normcy.PackedLinear(w, b)
+
+    def run(x, *, residual, norm, norm_weight, norm_bias, eps, sum_out, out, num_threads):
+        return lin(x, residual=residual, norm=norm, norm_weight=norm_weight,
+                   norm_bias=norm_bias, eps=eps, sum_out=sum_out, out=out,
+                   num_threads=num_threads)
+
+    def check(y):
+        s = normcy.PackedLinear(ws, bs)(xs, residual=rs)
+        if sum_out is not None:
+            assert np.array_equal(np.asarray(sum_out), s, equal_nan=True), "sum_out != s"
+        if kind == "layer_norm":
+            ref = normcy.layer_norm(s, gs, betas, float(eps))
+        else:
+            ref = normcy.rms_norm(s, gs, float(eps))
+        assert np.array_equal(np.asarray(y), ref, equal_nan=True), "fused norm != separate"
+    return c.call(run, (x,), {"residual": residual, "norm": kind, "norm_weight": g,
+                              "norm_bias": beta, "eps": eps, "sum_out": sum_out, "out": out,
+                              "num_threads": nt}, check)

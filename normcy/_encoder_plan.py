@@ -18,6 +18,22 @@ __all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "dea
 _F32 = np.float32
 
 
+def _capacity(n):
+    """Buffer size for n floats: the next of 2^k, 1.5 * 2^k (at least 1024).
+
+    Grow-only buffers sized exactly to the largest request so far are reallocated every
+    time a batch is a little larger than all before it (a corpus's longest batch creeps up
+    with its size); with these steps a buffer is reallocated O(log) times, and since only
+    touched pages count in the resident set, the headroom costs address space, not memory.
+    """
+    c = 1024
+    while c < n:
+        if c + c // 2 >= n:
+            return c + c // 2
+        c *= 2
+    return c
+
+
 class Workspace:
     """Named, grow-only float32 buffers handed out as reshaped views (one per thread)."""
 
@@ -32,7 +48,7 @@ class Workspace:
             n *= s
         buf = self._bufs.get(name)
         if buf is None or buf.size < n:
-            buf = np.empty(max(n, 1), dtype=_F32)
+            buf = np.empty(_capacity(n), dtype=_F32)
             self._bufs[name] = buf
         return buf[:n].reshape(shape)
 

@@ -274,3 +274,24 @@ def test_encoder_errors_and_construction():
     np.testing.assert_allclose(TransformerEncoder(layers)(x), manual, rtol=0, atol=1e-6)
 
 
+
+
+def test_workspace_grows_in_coarse_steps():
+    """Buffers grow to the next 2^k or 1.5 * 2^k floats: a batch slightly larger than
+    every one before mostly reuses the buffer, growing 4x takes at most 4 reallocations,
+    and the views have the exact size asked for."""
+    from normcy._encoder_plan import Workspace
+
+    def base(a):
+        return a.base if a.base is not None else a
+
+    ws = Workspace()
+    bufs = []
+    for rows in range(1000, 4001, 7):
+        v = ws.get("h", (rows, 384))
+        assert v.shape == (rows, 384) and v.dtype == np.float32
+        assert base(v).size <= max(1024, 1.5 * v.size)
+        if not bufs or base(v) is not bufs[-1]:
+            bufs.append(base(v))
+    assert len(bufs) <= 5
+    assert ws.nbytes() == bufs[-1].nbytes

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -135,11 +136,23 @@ def main():
     a = ap.parse_args()
 
     import normcy
-    from normcy.sentence import SentenceEncoder, default_model_path
+    from normcy.sentence import default_model_path
 
     model = a.model or default_model_path()
     res = {"lines": a.lines, "model": model, "threads": a.threads or normcy.get_num_threads()}
     tmp = tempfile.mkdtemp(prefix="normcy-bench-corpus.")
+    try:
+        _measure(a, model, res, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)   # corpora and outputs: GBs at 200k lines
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+def _measure(a, model, res, tmp):
+    from normcy.sentence import SentenceEncoder
+
     corpus = os.path.join(tmp, "corpus.txt")
     make_corpus(corpus, a.lines)
     with open(corpus, encoding="utf-8") as f:
@@ -189,9 +202,6 @@ def main():
         print("Ray Data 2 workers x 1 thread: %.1f sentences/s vs one process x 2 threads "
               "%.1f (%.0f%%); %.1f sentences/s counting worker start-up and model loads"
               % (ray_sps, single, 100 * ray_sps / single, ray_wall))
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -52,6 +52,11 @@
 #define NC_MR 6
 #endif
 
+/* software prefetch distance along a packed panel (bytes) */
+#ifndef NC_PF_BYTES
+#define NC_PF_BYTES 1024
+#endif
+
 #define nc_gemm_epi NC_FN(nc_gemm_epi)
 
 /* y = act(acc + bias) (+ res) for one vector of one row; nv = valid lanes (< NC_VW: tail) */
@@ -82,8 +87,9 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
  * stride ldo; may be cin).  Instantiated as one small non-inlined function per MR so that
  * the register allocator sees only the k loop (2 * MR accumulators stay in registers).
  */
-NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const float *a, nc_int lda, const float *bp,
-                             nc_int kc, const float *cin, nc_int ldi, float *cout, nc_int ldo)
+NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, nc_int lda,
+                                    const float *bp, nc_int kc, const float *cin, nc_int ldi,
+                                    float *cout, nc_int ldo)
 {
     ncv c0[NC_MR], c1[NC_MR];
 #pragma GCC unroll 16
@@ -93,6 +99,15 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const float *a, nc_int lda, co
     }
     for (nc_int k = 0; k < kc; k++) {
         const ncv b0 = ncv_ld(bp + k * NC_NR), b1 = ncv_ld(bp + k * NC_NR + NC_VW);
+        if (PF) {
+            /* the first tile of a panel block meets the panel cold (from memory or L3:
+               with few rows the weights are the traffic): fetch it NC_PF_BYTES ahead, a
+               cache line per line consumed; the tiles after it find the block in L1 */
+            __builtin_prefetch(bp + k * NC_NR + NC_PF_BYTES / 4, 0, 3);
+#if NC_NR * 4 > 64
+            __builtin_prefetch(bp + k * NC_NR + NC_PF_BYTES / 4 + 16, 0, 3);
+#endif
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
             const ncv av = ncv_set1(a[r * lda + k]);
@@ -111,7 +126,11 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const float *a, nc_int lda, co
     static __attribute__((noinline)) void NC_FN(nc_gemm_k##R)(                            \
         const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
         nc_int ldi, float *cout, nc_int ldo)                                              \
-    { NC_FN(nc_gemm_kloop)(R, a, lda, bp, kc, cin, ldi, cout, ldo); }
+    { NC_FN(nc_gemm_kloop)(R, 0, a, lda, bp, kc, cin, ldi, cout, ldo); }                  \
+    static __attribute__((noinline)) void NC_FN(nc_gemm_kp##R)(                           \
+        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
+        nc_int ldi, float *cout, nc_int ldo)                                              \
+    { NC_FN(nc_gemm_kloop)(R, 1, a, lda, bp, kc, cin, ldi, cout, ldo); }
 NC_GEMM_KDEF(1) NC_GEMM_KDEF(2) NC_GEMM_KDEF(3) NC_GEMM_KDEF(4) NC_GEMM_KDEF(5)
 NC_GEMM_KDEF(6)
 #if NC_MR > 6
@@ -130,15 +149,22 @@ typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
 static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const float *bp,
                                        nc_int kc, const float *bias, const float *res,
                                        nc_int ldr, float *y, nc_int ldy, nc_int nv, int act,
-                                       int first, int last)
+                                       int first, int last, int pf)
 {
-    static const NC_FN(nc_gemm_kfn) kf[NC_MR + 1] = {
-        0, NC_FN(nc_gemm_k1), NC_FN(nc_gemm_k2), NC_FN(nc_gemm_k3), NC_FN(nc_gemm_k4),
-        NC_FN(nc_gemm_k5), NC_FN(nc_gemm_k6),
+    static const NC_FN(nc_gemm_kfn) kfs[2][NC_MR + 1] = {
+        {0, NC_FN(nc_gemm_k1), NC_FN(nc_gemm_k2), NC_FN(nc_gemm_k3), NC_FN(nc_gemm_k4),
+         NC_FN(nc_gemm_k5), NC_FN(nc_gemm_k6),
 #if NC_MR > 6
-        NC_FN(nc_gemm_k7), NC_FN(nc_gemm_k8),
+         NC_FN(nc_gemm_k7), NC_FN(nc_gemm_k8),
 #endif
-    };
+        },
+        {0, NC_FN(nc_gemm_kp1), NC_FN(nc_gemm_kp2), NC_FN(nc_gemm_kp3), NC_FN(nc_gemm_kp4),
+         NC_FN(nc_gemm_kp5), NC_FN(nc_gemm_kp6),
+#if NC_MR > 6
+         NC_FN(nc_gemm_kp7), NC_FN(nc_gemm_kp8),
+#endif
+        }};
+    const NC_FN(nc_gemm_kfn) *kf = kfs[pf != 0];
     float buf[NC_MR * NC_NR] __attribute__((aligned(64)));
     if (nv == NC_NR && !last) {
         /* whole panel, partial sums straight in y */
@@ -257,7 +283,7 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                     nc_int i = i0 + len * t / ntl, ie = i0 + len * (t + 1) / ntl;
                     NC_FN(nc_gemm_tile)((int)(ie - i), x + i * ldx + k0, ldx, bp, kc, bj,
                                         res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0,
-                                        ldy, nv, act, first, last);
+                                        ldy, nv, act, first, last, t == 0);
                 }
             }
         }

@@ -729,6 +729,39 @@ class ShardSink:
         return count
 
 
+# ------------------------------------------------------------------------- memory
+_TRIM = None
+
+
+def release_free_memory() -> None:
+    """Give the allocator's free pages back to the OS (glibc ``malloc_trim(0)``; no-op
+    elsewhere).
+
+    Called once per window: each window's batches allocate arrays of other sizes (their
+    longest sequence), and glibc keeps the freed pages inside its heaps, so without this
+    the resident set creeps up with the number of windows seen (+27 MiB from 20,000 to
+    200,000 lines) rather than staying bounded by one window's working set.
+    """
+    global _TRIM
+    if _TRIM is None:
+        _TRIM = False
+        try:
+            import ctypes
+            import ctypes.util
+
+            name = ctypes.util.find_library("c")
+            if name and os.uname().sysname == "Linux":
+                fn = getattr(ctypes.CDLL(name), "malloc_trim", None)
+                if fn is not None:
+                    fn.argtypes = [ctypes.c_size_t]
+                    fn.restype = ctypes.c_int
+                    _TRIM = fn
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            _TRIM = False
+    if _TRIM:
+        _TRIM(0)
+
+
 # ------------------------------------------------------------------------- pipeline
 def embed_records(records: Iterable[Record], encode: Callable[[List[str]], np.ndarray], sink, *,
                   window: int, on_error: str = "stop", skip_log: Optional[SkipLog] = None,
@@ -774,10 +807,12 @@ def embed_records(records: Iterable[Record], encode: Callable[[List[str]], np.nd
             emb = encode(buf_txt)
             sink.write(buf_ids, buf_txt, emb)
             n_emb += len(buf_txt)
+            del emb
         if progress is not None:
             progress.update(pending[0])
         pending[0] = 0
         del buf_ids[:], buf_txt[:]
+        release_free_memory()
 
     pending = [0]
     try:

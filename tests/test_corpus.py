@@ -479,3 +479,13 @@ def test_parquet_input_errors_name_file_row_and_column(tmp_path, model):
     assert [json.loads(x)["index"] for x in out.read_text().splitlines()] == [0, 2]
     skipped = [json.loads(x) for x in (tmp_path / "o.jsonl.skipped.jsonl").read_text().splitlines()]
     assert [(s["index"], s["line"]) for s in skipped] == [(1, 2)]
+
+
+def test_release_free_memory_is_safe_to_call():
+    """glibc malloc_trim(0) where there is one, a no-op elsewhere; never raises."""
+    from normcy.corpus import release_free_memory
+
+    junk = [bytearray(100000) for _ in range(50)]
+    del junk
+    release_free_memory()
+    release_free_memory()

@@ -71,6 +71,22 @@ cdef int _act_code(object activation) except -1:
                          % (activation,)) from None
 
 
+cdef int _check_operand(object a, str name, tuple shape, bint output) except -1:
+    """A float32 ndarray of the given shape; an output must be writeable and must not
+    overlap itself."""
+    if not isinstance(a, np.ndarray):
+        raise TypeError("%s must be a numpy.ndarray or None, got %s" % (name, type(a).__name__))
+    if (<cnp.ndarray>a).dtype != np.float32:
+        raise TypeError("%s must be float32, got %s" % (name, _desc(a)))
+    if _shp(a) != shape:
+        raise ValueError("%s must have shape %s, got %s" % (name, shape, _desc(a)))
+    if output:
+        if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+            raise ValueError("%s must be writeable, got a read-only %s" % (name, _desc(a)))
+        check_no_self_overlap(<cnp.ndarray>a, name)
+    return 0
+
+
 cdef inline bint _rows_view_ok(cnp.ndarray a) noexcept:
     """2-D with unit stride along the last axis and a non-negative row stride."""
     return (cnp.PyArray_NDIM(a) == 2 and
@@ -351,40 +367,15 @@ cdef class PackedLinear:
         for k in range(nd - 1):
             M *= cnp.PyArray_DIMS(<cnp.ndarray>x)[k]
         if residual is not None:
-            if not isinstance(residual, np.ndarray):
-                raise TypeError("residual must be a numpy.ndarray or None, got %s"
-                                % type(residual).__name__)
-            if (<cnp.ndarray>residual).dtype != np.float32:
-                raise TypeError("residual must be float32, got %s" % _desc(residual))
-            if _shp(residual) != oshape:
-                raise ValueError("residual must have shape %s, got %s" % (oshape, _desc(residual)))
+            _check_operand(residual, "residual", oshape, False)
         if out is None:
             out = np.empty(oshape, dtype=np.float32)
         else:
-            if not isinstance(out, np.ndarray):
-                raise TypeError("out must be a numpy.ndarray or None, got %s" % type(out).__name__)
-            if (<cnp.ndarray>out).dtype != np.float32:
-                raise TypeError("out must be float32, got %s" % _desc(out))
-            if _shp(out) != oshape:
-                raise ValueError("out must have shape %s, got %s" % (oshape, _desc(out)))
-            if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
-                raise ValueError("out must be writeable, got a read-only %s" % _desc(out))
-            check_no_self_overlap(<cnp.ndarray>out, "out")
+            _check_operand(out, "out", oshape, True)
             check_overlap(<cnp.ndarray>out, "out", x, "x", False)
             check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
         if sum_out is not None:
-            if not isinstance(sum_out, np.ndarray):
-                raise TypeError("sum_out must be a numpy.ndarray or None, got %s"
-                                % type(sum_out).__name__)
-            if (<cnp.ndarray>sum_out).dtype != np.float32:
-                raise TypeError("sum_out must be float32, got %s" % _desc(sum_out))
-            if _shp(sum_out) != oshape:
-                raise ValueError("sum_out must have shape %s, got %s"
-                                 % (oshape, _desc(sum_out)))
-            if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>sum_out):
-                raise ValueError("sum_out must be writeable, got a read-only %s"
-                                 % _desc(sum_out))
-            check_no_self_overlap(<cnp.ndarray>sum_out, "sum_out")
+            _check_operand(sum_out, "sum_out", oshape, True)
             check_overlap(<cnp.ndarray>sum_out, "sum_out", x, "x", False)
             check_overlap(<cnp.ndarray>sum_out, "sum_out", residual, "residual", True)
             check_overlap(<cnp.ndarray>sum_out, "sum_out", out, "out", False)

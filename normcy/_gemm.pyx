@@ -208,8 +208,10 @@ cdef class PackedLinear:
     """A linear layer whose weight is packed once for normcy's GEMM micro-kernel.
 
     ``y = act(x @ weight.T + bias) (+ residual)``, with the weight in ``torch.nn.Linear``
-    layout.  The packing happens here, once (for the SIMD variant chosen at import); calls
-    stream the packed panels.
+    layout, optionally followed by a LayerNorm or RMSNorm of each output row in the same
+    call (``norm=``: a Transformer sub-layer's residual add + norm, computed while the rows
+    are in cache).  The packing happens here, once (for the SIMD variant chosen at import);
+    calls stream the packed panels.
 
     Parameters
     ----------

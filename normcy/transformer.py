@@ -260,6 +260,10 @@ class TransformerEncoderLayer:
         self._lin_2 = PackedLinear(sd["linear2.weight"], sd["linear2.bias"])
         self._n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
         self._n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
+        # PackedLinear keyword arguments of the fused residual + norm epilogues (built once:
+        # they are passed on every forward)
+        self._epi1 = self._epilogue(self._n1)
+        self._epi2 = self._epilogue(self._n2)
 
     # ------------------------------------------------------------------ kernels
     def _norm(self, x, params, out):
@@ -319,7 +323,7 @@ class TransformerEncoderLayer:
         # The residual add + norm after each sub-layer runs in the GEMM's epilogue (the
         # same bits as add_layer_norm / add_rms_norm), except after an attention with dead
         # rows: their folded value bias must come off before the residual is added.
-        n_o = self._n2 if self.norm_first else self._n1
+        n_o, epi_o = (self._n2, self._epi2) if self.norm_first else (self._n1, self._epi1)
         if plan.dead is not None:
             self._lin_o(ctx, out=proj, num_threads=nt)
             proj[plan.dead] -= self._o_bv
@@ -330,7 +334,7 @@ class TransformerEncoderLayer:
                 self._add_norm(proj, x, n_o, None, out=xn, sum_out=s)
             else:
                 self._lin_o(ctx, residual=x, out=xn, sum_out=s, num_threads=nt,
-                            **self._epilogue(n_o))
+                            **epi_o)
             self._lin_1(xn, activation=self.activation, out=hid, num_threads=nt)
             self._lin_2(hid, residual=s, out=out, num_threads=nt)
         else:
@@ -338,9 +342,9 @@ class TransformerEncoderLayer:
             if plan.dead is not None:
                 self._add_norm(proj, x, n_o, None, out=x1)
             else:
-                self._lin_o(ctx, residual=x, out=x1, num_threads=nt, **self._epilogue(n_o))
+                self._lin_o(ctx, residual=x, out=x1, num_threads=nt, **epi_o)
             self._lin_1(x1, activation=self.activation, out=hid, num_threads=nt)
-            self._lin_2(hid, residual=x1, out=out, num_threads=nt, **self._epilogue(self._n2))
+            self._lin_2(hid, residual=x1, out=out, num_threads=nt, **self._epi2)
         return out
 
     def _epilogue(self, params):

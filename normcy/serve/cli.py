@@ -57,22 +57,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=8080, help="port (default 8080; 0: any)")
     s.add_argument("-t", "--threads", type=positive_int("--threads"), default=None, metavar="N",
                    help="threads for the model (default: normcy.get_num_threads())")
-    s.add_argument("--max-batch-tokens", type=positive_int("--max-batch-tokens"),
-                   default=d.max_batch_tokens, metavar="N",
-                   help="padded tokens per model batch (default %d)" % d.max_batch_tokens)
-    s.add_argument("--max-client-batch-size", type=positive_int("--max-client-batch-size"),
-                   default=d.max_client_batch_size, metavar="N",
-                   help="most inputs per request (default %d)" % d.max_client_batch_size)
-    s.add_argument("--max-concurrent-requests", type=positive_int("--max-concurrent-requests"),
-                   default=d.max_concurrent_requests, metavar="N",
-                   help="requests in flight before answering 429 (default %d)"
-                        % d.max_concurrent_requests)
-    s.add_argument("--max-input-chars", type=positive_int("--max-input-chars"),
-                   default=d.max_input_chars, metavar="N",
-                   help="longest input string in characters (default %d)" % d.max_input_chars)
-    s.add_argument("--max-body-bytes", type=positive_int("--max-body-bytes"),
-                   default=d.max_body_bytes, metavar="N",
-                   help="largest request body (default %d)" % d.max_body_bytes)
+    for flag, what in (("--max-batch-tokens", "padded tokens per model batch"),
+                       ("--max-client-batch-size", "most inputs per request"),
+                       ("--max-concurrent-requests", "requests in flight before answering 429"),
+                       ("--max-input-chars", "longest input string in characters"),
+                       ("--max-body-bytes", "largest request body")):
+        default = getattr(d, flag[2:].replace("-", "_"))
+        s.add_argument(flag, type=positive_int(flag), default=default, metavar="N",
+                       help="%s (default %d)" % (what, default))
     s.add_argument("--max-batch-wait-ms", type=float, default=d.max_batch_wait_ms,
                    metavar="MS", help="after a busy batch, wait up to this long (and at most "
                    "a tenth of that batch's time) for more requests to join the next one "

@@ -25,8 +25,9 @@
  * GELU (tanh)  : 0.5 x (1 + tanh(u)) rewritten exactly as x / (1 + exp(-2u)),
  *                u = sqrt(2/pi) (x + 0.044715 x^3); no cancellation: relative error
  *                <= 4e-7 * max(5, 2|u|) (1.2e-7 for x > 0, 1.2e-6 at x = -4).
- * softmax      : max-subtracted, float32 lane sums (16 partial sums then a fixed-order
- *                reduction), multiply by the reciprocal of the sum: relative error
+ * softmax      : max-subtracted, float32 lane sums (four vector accumulators, i.e.
+ *                4 x lanes partial sums, then a fixed-order reduction that depends on the
+ *                row length only), multiply by the reciprocal of the sum: relative error
  *                <= 1e-6 + 1e-9 n, plus the inherent 6e-8 |logit| of rounding the scaled
  *                logits to float32.
  *                Positions masked out (bool mask, causal, or additive -inf) give exactly 0;
@@ -226,14 +227,59 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
 {
     const ncv ninf = ncv_set1(-INFINITY);
     const ncv vscale = ncv_set1(scale);
-    ncv vmax = ninf;
-    nc_int j = 0;
+    nc_int j;
     if (limit > n) limit = n;
     if (limit < 0) limit = 0;
     const nciv iota = ncv_iota();
+    /* vectors [0, nfull) lie wholly inside the row */
+    const nc_int nfull = n - n % NC_VW;
 
-    /* pass 1: scaled + masked logits into out, running max */
-    for (j = 0; j < n; j += NC_VW) {
+    /* pass 1: scaled + masked logits into out, running max.  Max is exact whatever the
+       order, so the common case (no per-position deaths among the whole vectors) keeps four
+       independent maxima in flight. */
+    ncv m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+    j = 0;
+    if (!kpm && limit >= nfull) {
+        if (mask) {
+            for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
+                ncv v0 = ncv_ld(x + j) * vscale + ncv_ld(mask + j);
+                ncv v1 = ncv_ld(x + j + NC_VW) * vscale + ncv_ld(mask + j + NC_VW);
+                ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale + ncv_ld(mask + j + 2 * NC_VW);
+                ncv v3 = ncv_ld(x + j + 3 * NC_VW) * vscale + ncv_ld(mask + j + 3 * NC_VW);
+                ncv_st(out + j, v0);
+                ncv_st(out + j + NC_VW, v1);
+                ncv_st(out + j + 2 * NC_VW, v2);
+                ncv_st(out + j + 3 * NC_VW, v3);
+                m0 = ncv_max(v0, m0); m1 = ncv_max(v1, m1);
+                m2 = ncv_max(v2, m2); m3 = ncv_max(v3, m3);
+            }
+            for (; j < nfull; j += NC_VW) {
+                ncv v = ncv_ld(x + j) * vscale + ncv_ld(mask + j);
+                ncv_st(out + j, v);
+                m0 = ncv_max(v, m0);
+            }
+        } else {
+            for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
+                ncv v0 = ncv_ld(x + j) * vscale;
+                ncv v1 = ncv_ld(x + j + NC_VW) * vscale;
+                ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale;
+                ncv v3 = ncv_ld(x + j + 3 * NC_VW) * vscale;
+                ncv_st(out + j, v0);
+                ncv_st(out + j + NC_VW, v1);
+                ncv_st(out + j + 2 * NC_VW, v2);
+                ncv_st(out + j + 3 * NC_VW, v3);
+                m0 = ncv_max(v0, m0); m1 = ncv_max(v1, m1);
+                m2 = ncv_max(v2, m2); m3 = ncv_max(v3, m3);
+            }
+            for (; j < nfull; j += NC_VW) {
+                ncv v = ncv_ld(x + j) * vscale;
+                ncv_st(out + j, v);
+                m0 = ncv_max(v, m0);
+            }
+        }
+    }
+    /* the general case (and the partial last vector): per-position deaths */
+    for (; j < n; j += NC_VW) {
         nc_int m = n - j < NC_VW ? n - j : NC_VW;
         ncv v, mv = ncv_set1(0.0f);
         nciv dead;
@@ -263,7 +309,7 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
         if (j + NC_VW > limit)
             dead |= iota >= ncv_seti((int32_t)(limit > j ? limit - j : 0));
         v = ncv_sel(dead, ninf, v);
-        vmax = ncv_max(v, vmax);
+        m0 = ncv_max(v, m0);
         if (m == NC_VW) {
             ncv_st(out + j, v);
         } else {
@@ -272,25 +318,26 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
             memcpy(out + j, tv, m * sizeof(float));
         }
     }
-    float mx = ncv_hmax(vmax);
+    float mx = ncv_hmax(ncv_max(ncv_max(m0, m1), ncv_max(m2, m3)));
     if (mx == -INFINITY) {
         /* every position masked (or -inf): zeros; a NaN logit still gives NaN */
         for (j = 0; j < n; j++) out[j] = (out[j] != out[j]) ? out[j] : 0.0f;
         return;
     }
-    /* pass 2: exponentials and their sum */
+    /* pass 2: exponentials and their sum: four independent exponentials in flight and four
+       partial sums (vector k of each group of four goes to sum k; the rest to sum 0), added
+       in a fixed order, so the result depends on n only */
     const ncv vmx = ncv_set1(mx);
-    ncv vsum = ncv_set1(0.0f);
-    /* four independent exponentials in flight, summed in the same order as one at a time */
+    ncv s0 = ncv_set1(0.0f), s1 = s0, s2 = s0, s3 = s0;
     for (j = 0; j + 4 * NC_VW <= n; j += 4 * NC_VW) {
         ncv e0 = nco_exp_nonpos(ncv_ld(out + j) - vmx);
         ncv e1 = nco_exp_nonpos(ncv_ld(out + j + NC_VW) - vmx);
         ncv e2 = nco_exp_nonpos(ncv_ld(out + j + 2 * NC_VW) - vmx);
         ncv e3 = nco_exp_nonpos(ncv_ld(out + j + 3 * NC_VW) - vmx);
-        vsum += e0;
-        vsum += e1;
-        vsum += e2;
-        vsum += e3;
+        s0 += e0;
+        s1 += e1;
+        s2 += e2;
+        s3 += e3;
         ncv_st(out + j, e0);
         ncv_st(out + j + NC_VW, e1);
         ncv_st(out + j + 2 * NC_VW, e2);
@@ -298,7 +345,7 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
     }
     for (; j + NC_VW <= n; j += NC_VW) {
         ncv e = nco_exp_nonpos(ncv_ld(out + j) - vmx);
-        vsum += e;
+        s0 += e;
         ncv_st(out + j, e);
     }
     if (j < n) {
@@ -307,10 +354,11 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
         for (nc_int k = 0; k < NC_VW; k++) tv[k] = -INFINITY;
         memcpy(tv, out + j, m * sizeof(float));
         ncv e = nco_exp_nonpos(ncv_ld(tv) - vmx);
-        vsum += e;
+        s0 += e;
         ncv_st(tv, e);
         memcpy(out + j, tv, m * sizeof(float));
     }
+    ncv vsum = (s0 + s1) + (s2 + s3);
     float inv = 1.0f / (float)ncv_hsum(vsum);
     /* pass 3: normalize */
     const ncv vinv = ncv_set1(inv);

@@ -115,7 +115,20 @@ NC_INLINE nciv ncv_seti(int32_t a) { return a - (nciv){0}; }
 /* m lanes are all-ones (-1) or zero */
 NC_INLINE ncv ncv_sel(nciv m, ncv a, ncv b) { return (ncv)(((nciv)a & m) | ((nciv)b & ~m)); }
 NC_INLINE ncv ncv_abs(ncv a) { return (ncv)((nciv)a & ncv_seti(0x7fffffff)); }
-NC_INLINE ncv ncv_max(ncv a, ncv b) { return ncv_sel(a > b, a, b); }
+/* a > b ? a : b per lane (b where either is NaN): exactly the x86 MAXPS rule, which GCC
+   does not pattern-match for vectors, hence the intrinsics there */
+NC_INLINE ncv ncv_max(ncv a, ncv b)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    return (ncv)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__x86_64__) && NC_VW == 8
+    return (ncv)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__x86_64__) && NC_VW == 4
+    return (ncv)_mm_max_ps((__m128)a, (__m128)b);
+#else
+    return ncv_sel(a > b, a, b);
+#endif
+}
 
 /* Horizontal sum with a fixed tree order (halves, then pairs), returned in double.
    Deterministic for a given variant; short dependency chain. */

@@ -28,6 +28,10 @@ cdef extern from "nc_api_ops.h" nogil:
     void nc_ops_exp_row(const float *x, float *out, Py_ssize_t n)
     void nc_ops_softmax_row(const float *x, float *out, Py_ssize_t n, float scale,
                             const float *mask, const uint8_t *kpm, Py_ssize_t limit)
+    void nc_ops_softmax_row2(const float *x0, const float *x1, float *out0, float *out1,
+                             Py_ssize_t n, float scale, const float *mask0,
+                             const float *mask1, const uint8_t *kpm0, const uint8_t *kpm1,
+                             Py_ssize_t limit0, Py_ssize_t limit1)
     const char *nc_ops_isa()
     void nc_stream_init()
     int NCO_ACT_IDENTITY
@@ -226,14 +230,36 @@ cdef void softmax_rows(const SoftmaxJob *j, Py_ssize_t r0, Py_ssize_t r1) noexce
     cdef Py_ssize_t r, limit = j.n
     if r0 >= r1:
         return
+    cdef char *q[4]
+    cdef Py_ssize_t limit1 = j.n
     it_seek(&j.it, r0, idx, p)
-    for r in range(r0, r1):
+    r = r0
+    # rows in pairs: the two-row kernel overlaps one row's serial reductions with the other
+    # row's vector work (same results as one row at a time)
+    while r + 1 < r1:
+        if j.causal:
+            limit = idx[j.it.nlead - 1] + 1
+        q[0] = p[0]
+        q[1] = p[1]
+        q[2] = p[2]
+        q[3] = p[3]
+        it_next(&j.it, idx, p)
+        if j.causal:
+            limit1 = idx[j.it.nlead - 1] + 1
+        nc_ops_softmax_row2(<const float *>q[0], <const float *>p[0], <float *>q[1],
+                            <float *>p[1], j.n, j.scale,
+                            <const float *>q[2] if j.has_mask else NULL,
+                            <const float *>p[2] if j.has_mask else NULL,
+                            <const uint8_t *>q[3] if j.has_kpm else NULL,
+                            <const uint8_t *>p[3] if j.has_kpm else NULL, limit, limit1)
+        it_next(&j.it, idx, p)
+        r += 2
+    if r < r1:
         if j.causal:
             limit = idx[j.it.nlead - 1] + 1
         nc_ops_softmax_row(<const float *>p[0], <float *>p[1], j.n, j.scale,
                            <const float *>p[2] if j.has_mask else NULL,
                            <const uint8_t *>p[3] if j.has_kpm else NULL, limit)
-        it_next(&j.it, idx, p)
 
 
 cdef void softmax_body(const void *job, Py_ssize_t r0, Py_ssize_t r1) noexcept nogil:

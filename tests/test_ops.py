@@ -308,6 +308,34 @@ def test_softmax_nan_stays_in_its_row():
     assert not np.isnan(softmax(x, key_padding_mask=k)).any()
 
 
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8])
+@pytest.mark.parametrize("n", [1, 9, 32, 128, 131])
+def test_softmax_row_alone_equals_row_in_block(rows, n):
+    # rows go through the kernel in pairs (the two-row kernel) and a last one alone: a row's
+    # bits must not depend on its neighbour or on its place in the pairing
+    rng = np.random.default_rng(rows * 1000 + n)
+    x = (rng.standard_normal((rows, n)) * 3).astype(F32)
+    x[rows // 2, 0] = -np.inf
+    mask = rng.standard_normal((rows, n)).astype(F32)
+    mask[rows - 1] = -np.inf                                 # a fully masked last row
+    kpm = rng.random((rows, n)) < 0.25
+    for kw in (dict(), dict(mask=mask), dict(key_padding_mask=kpm), dict(is_causal=True),
+               dict(mask=mask, key_padding_mask=kpm, is_causal=True)):
+        whole = softmax(x, scale=0.7, **kw)
+        for r in range(rows):
+            part = {k: (v[r:r + 1] if isinstance(v, np.ndarray) else v) for k, v in kw.items()}
+            if kw.get("is_causal"):
+                # causal limit is the row's index along axis -2: keep the block, take row r
+                alone = softmax(x[:r + 1], scale=0.7,
+                                **{k: (v[:r + 1] if isinstance(v, np.ndarray) else v)
+                                   for k, v in kw.items()})[r]
+            else:
+                alone = softmax(x[r:r + 1], scale=0.7, **part)[0]
+            np.testing.assert_array_equal(whole[r], alone)
+        for nt in (1, 2, 3):
+            np.testing.assert_array_equal(softmax(x, scale=0.7, num_threads=nt, **kw), whole)
+
+
 @settings(max_examples=40, deadline=None)
 @given(shape=st.lists(st.integers(1, 9), min_size=1, max_size=3).map(tuple),
        n=st.integers(1, 70), scale=st.floats(0.01, 4.0), causal=st.booleans(),

@@ -68,6 +68,9 @@ typedef struct nc_ktable {
     void (*exp_row)(const float *, float *, ptrdiff_t);
     void (*softmax_row)(const float *, float *, ptrdiff_t, float, const float *,
                         const uint8_t *, ptrdiff_t);
+    void (*softmax_row2)(const float *, const float *, float *, float *, ptrdiff_t, float,
+                         const float *, const float *, const uint8_t *, const uint8_t *,
+                         ptrdiff_t, ptrdiff_t);
     /* packed GEMM and fused attention (nc_gemm_kern.h) */
     void (*gemm_run)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t,
                      const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int,
@@ -143,9 +146,10 @@ typedef struct nc_ktable {
 #define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_OPS
-#define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S
+#define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S, \
+    nc_ops_softmax_row2_##S
 #else
-#define NC_TABLE_OPS(S) 0, 0, 0
+#define NC_TABLE_OPS(S) 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_GEMM
 #define NC_TABLE_GEMM(S) nc_gemm_run_##S, nc_gemm_pack_##S, nc_gemm_nr_##S, nc_gemm_mr_##S, \
@@ -278,6 +282,13 @@ static inline void nc_ops_exp_row(const float *x, float *out, ptrdiff_t n)
 static inline void nc_ops_softmax_row(const float *x, float *out, ptrdiff_t n, float scale,
                                       const float *mask, const uint8_t *kpm, ptrdiff_t limit)
 { nc_kt->softmax_row(x, out, n, scale, mask, kpm, limit); }
+/* two rows of the same length at once (the same results as two nc_ops_softmax_row) */
+static inline void nc_ops_softmax_row2(const float *x0, const float *x1, float *out0,
+                                       float *out1, ptrdiff_t n, float scale,
+                                       const float *mask0, const float *mask1,
+                                       const uint8_t *kpm0, const uint8_t *kpm1,
+                                       ptrdiff_t limit0, ptrdiff_t limit1)
+{ nc_kt->softmax_row2(x0, x1, out0, out1, n, scale, mask0, mask1, kpm0, kpm1, limit0, limit1); }
 #define nc_ops_isa nc_isa
 static inline void nc_gemm_run(const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t N,
                                ptrdiff_t K, const float *bias, const float *res, ptrdiff_t ldr,

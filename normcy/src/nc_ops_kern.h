@@ -42,6 +42,9 @@
 #define nco_gelu_tanh NC_FN(nco_gelu_tanh)
 #define nco_relu NC_FN(nco_relu)
 #define nco_apply_act NC_FN(nco_apply_act)
+#define nco_softmax_logits NC_FN(nco_softmax_logits)
+#define nco_softmax_exp NC_FN(nco_softmax_exp)
+#define nco_softmax_scale NC_FN(nco_softmax_scale)
 
 /* exp(x), see the header comment for accuracy.  No operation ever sees or makes a subnormal
  * (those take microcode assists costing ~100 cycles each on x86): arguments below
@@ -222,8 +225,9 @@ static void NC_FN(nc_ops_exp_row)(const float *x, float *out, nc_int n)
  *   out[j] = exp(v[j] - max v) / sum exp(v - max v);  all -inf -> zeros.
  * mask (float) and kpm (bytes) are unit stride or NULL.
  */
-static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, float scale,
-                                      const float *mask, const uint8_t *kpm, nc_int limit)
+/* pass 1: out[j] = x[j] * scale (+ mask[j]), -inf where dead; returns the row maximum */
+NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float scale,
+                                   const float *mask, const uint8_t *kpm, nc_int limit)
 {
     const ncv ninf = ncv_set1(-INFINITY);
     const ncv vscale = ncv_set1(scale);
@@ -318,13 +322,20 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
             memcpy(out + j, tv, m * sizeof(float));
         }
     }
-    float mx = ncv_hmax(ncv_max(ncv_max(m0, m1), ncv_max(m2, m3)));
+    return ncv_hmax(ncv_max(ncv_max(m0, m1), ncv_max(m2, m3)));
+}
+
+/* pass 2, in place on the logits: out[j] = exp(out[j] - mx); returns 1 / sum, or 0 for a
+   row with every position masked (mx = -inf), which it sets to zeros (a NaN logit still
+   gives NaN) */
+NC_INLINE float nco_softmax_exp(float *out, nc_int n, float mx)
+{
+    nc_int j;
     if (mx == -INFINITY) {
-        /* every position masked (or -inf): zeros; a NaN logit still gives NaN */
         for (j = 0; j < n; j++) out[j] = (out[j] != out[j]) ? out[j] : 0.0f;
-        return;
+        return 0.0f;
     }
-    /* pass 2: exponentials and their sum: four independent exponentials in flight and four
+    /* exponentials and their sum: four independent exponentials in flight and four
        partial sums (vector k of each group of four goes to sum k; the rest to sum 0), added
        in a fixed order, so the result depends on n only */
     const ncv vmx = ncv_set1(mx);
@@ -359,11 +370,42 @@ static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, floa
         memcpy(out + j, tv, m * sizeof(float));
     }
     ncv vsum = (s0 + s1) + (s2 + s3);
-    float inv = 1.0f / (float)ncv_hsum(vsum);
-    /* pass 3: normalize */
+    return 1.0f / (float)ncv_hsum(vsum);
+}
+
+/* pass 3: out[j] *= inv (nothing for inv = 0: the row is all zeros already) */
+NC_INLINE void nco_softmax_scale(float *out, nc_int n, float inv)
+{
+    nc_int j;
+    if (inv == 0.0f) return;
     const ncv vinv = ncv_set1(inv);
     for (j = 0; j + NC_VW <= n; j += NC_VW) ncv_st(out + j, ncv_ld(out + j) * vinv);
     for (; j < n; j++) out[j] = out[j] * inv;
+}
+
+static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, float scale,
+                                      const float *mask, const uint8_t *kpm, nc_int limit)
+{
+    float mx = nco_softmax_logits(x, out, n, scale, mask, kpm, limit);
+    nco_softmax_scale(out, n, nco_softmax_exp(out, n, mx));
+}
+
+/* Two independent rows of the same length, with the same results as two calls of
+ * nc_ops_softmax_row: the passes of the two rows alternate, so that the out-of-order core
+ * overlaps one row's serial steps (the reductions to max and sum, the division) with the
+ * other row's vector work; one row at a time, those steps cost ~80 cycles per row. */
+static void NC_FN(nc_ops_softmax_row2)(const float *x0, const float *x1, float *out0,
+                                       float *out1, nc_int n, float scale,
+                                       const float *mask0, const float *mask1,
+                                       const uint8_t *kpm0, const uint8_t *kpm1,
+                                       nc_int limit0, nc_int limit1)
+{
+    float mx0 = nco_softmax_logits(x0, out0, n, scale, mask0, kpm0, limit0);
+    float mx1 = nco_softmax_logits(x1, out1, n, scale, mask1, kpm1, limit1);
+    float inv0 = nco_softmax_exp(out0, n, mx0);
+    float inv1 = nco_softmax_exp(out1, n, mx1);
+    nco_softmax_scale(out0, n, inv0);
+    nco_softmax_scale(out1, n, inv1);
 }
 
 

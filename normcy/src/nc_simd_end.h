@@ -31,3 +31,6 @@
 #undef nco_gelu_tanh
 #undef nco_relu
 #undef nco_apply_act
+#undef nco_softmax_logits
+#undef nco_softmax_exp
+#undef nco_softmax_scale

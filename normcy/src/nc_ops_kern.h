@@ -38,6 +38,7 @@
 #define nco_exp_reduced NC_FN(nco_exp_reduced)
 #define nco_exp NC_FN(nco_exp)
 #define nco_exp_nonpos NC_FN(nco_exp_nonpos)
+#define nco_exp_nonpos_2k NC_FN(nco_exp_nonpos_2k)
 #define nco_gelu_erf NC_FN(nco_gelu_erf)
 #define nco_gelu_tanh NC_FN(nco_gelu_tanh)
 #define nco_relu NC_FN(nco_relu)
@@ -93,13 +94,19 @@ NC_INLINE ncv nco_exp(ncv x)
  * erfc of GELU: the same results as nco_exp on that domain, minus the overflow handling.
  * n <= 1 here, so 2^n is one normal factor (n >= -125).  NaN propagates through the
  * arithmetic (y = NaN * 2^garbage = NaN). */
-NC_INLINE ncv nco_exp_nonpos(ncv x)
+NC_INLINE ncv nco_exp_nonpos_2k(ncv x, int k);
+NC_INLINE ncv nco_exp_nonpos(ncv x) { return nco_exp_nonpos_2k(x, 0); }
+
+/* exp(x) * 2^k for k in {0, -1}, x as for nco_exp_nonpos: the factor goes into the
+ * exponent of the final scaling (2^(n+k) stays normal: n + k >= -126 with y >= 1.15 there),
+ * so the result is exactly 2^k times nco_exp_nonpos(x) */
+NC_INLINE ncv nco_exp_nonpos_2k(ncv x, int k)
 {
     const ncv lo = ncv_set1(NCO_EXP_LO);
     nciv under = x < lo;
     nciv ni;
     ncv y = nco_exp_reduced(ncv_sel(under, lo, x), &ni);
-    y = y * (ncv)((ni + 127) << 23);
+    y = y * (ncv)((ni + (127 + k)) << 23);
     return ncv_sel(under, ncv_set1(0.0f), y);
 }
 
@@ -119,12 +126,15 @@ NC_INLINE ncv nco_gelu_erf(ncv x)
     p = p * t + ncv_set1(1.00002368f);
     p = p * t + ncv_set1(-1.26551223f);
     /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
-    ncv half_erfc = ncv_set1(0.5f) * t * nco_exp_nonpos(p - z * z);
-    nciv neg = x < ncv_set1(0.0f);
-    ncv phi = ncv_sel(neg, half_erfc, ncv_set1(1.0f) - half_erfc);
-    ncv y = x * phi;
-    /* -inf * 0 would be NaN; the limit is -0 */
-    return ncv_sel(x == ncv_set1(-INFINITY), ncv_set1(-0.0f), y);
+    /* erfc/2 = t * (exp(...) / 2), the halving exact in the exponent (the same bits as
+       (t / 2) * exp(...), one multiplication fewer) */
+    ncv half_erfc = t * nco_exp_nonpos_2k(p - z * z, -1);
+    /* Phi = erfc/2 for x < 0, 1 - erfc/2 otherwise, selected by the sign bit (x = -0 gives
+       1 - 0.5 = 0.5 = erfc(0)/2 either way) */
+    ncv phi = ncv_sel_sign(x, half_erfc, ncv_set1(1.0f) - half_erfc);
+    /* x = -inf: Phi = 0 and -inf * 0 would be NaN; the limit is -0, which -FLT_MAX * 0
+       gives (MAXPS(-FLT_MAX, x) keeps every other x, NaN included) */
+    return ncv_max(ncv_set1(-3.40282347e+38f), x) * phi;
 }
 
 /* x / (1 + exp(-2u)) == 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3) */

@@ -99,6 +99,7 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define ncv_sel NC_FN(ncv_sel)
 #define ncv_abs NC_FN(ncv_abs)
 #define ncv_max NC_FN(ncv_max)
+#define ncv_sel_sign NC_FN(ncv_sel_sign)
 #define ncv_hsum NC_FN(ncv_hsum)
 #define ncv_hmax NC_FN(ncv_hmax)
 #define ncv_ld_half_d NC_FN(ncv_ld_half_d)
@@ -127,6 +128,17 @@ NC_INLINE ncv ncv_max(ncv a, ncv b)
     return (ncv)_mm_max_ps((__m128)a, (__m128)b);
 #else
     return ncv_sel(a > b, a, b);
+#endif
+}
+
+/* a where the sign bit of s is set, else b (the sign of -0 and of NaNs counts): one
+   BLENDVPS on AVX/AVX2, which reads only the sign bits; a shift and a select elsewhere */
+NC_INLINE ncv ncv_sel_sign(ncv s, ncv a, ncv b)
+{
+#if defined(__x86_64__) && NC_VW == 8
+    return (ncv)_mm256_blendv_ps((__m256)b, (__m256)a, (__m256)s);
+#else
+    return ncv_sel((nciv)s >> 31, a, b);
 #endif
 }
 

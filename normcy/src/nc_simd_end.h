@@ -16,6 +16,7 @@
 #undef ncv_sel
 #undef ncv_abs
 #undef ncv_max
+#undef ncv_sel_sign
 #undef ncv_hsum
 #undef ncv_hmax
 #undef ncv_ld_half_d
@@ -27,6 +28,7 @@
 #undef nco_exp_reduced
 #undef nco_exp
 #undef nco_exp_nonpos
+#undef nco_exp_nonpos_2k
 #undef nco_gelu_erf
 #undef nco_gelu_tanh
 #undef nco_relu

@@ -1,5 +1,5 @@
 """Type stubs for normcy._gemm (packed-weight GEMM and fused attention)."""
-from typing import Literal, Optional, Tuple
+from typing import List, Literal, Optional, Tuple
 
 import numpy as np
 import numpy.typing as npt
@@ -26,5 +26,14 @@ class PackedLinear:
 def _attention(qkv: _F32, bq: _F32, ctx: _F32, nseq: int, L: int, nhead: int, *,
                mask: Optional[_F32] = ..., key_padding_mask: Optional[npt.NDArray[np.bool_]] = ...,
                is_causal: bool = ..., num_threads: Optional[int] = ...) -> None: ...
+class _EncoderLayerKernel:
+    def __init__(self, lin_qkv: PackedLinear, bq: _F32, lin_o: PackedLinear,
+                 lin_1: PackedLinear, lin_2: PackedLinear,
+                 norm1: Tuple[_F32, Optional[_F32]], norm2: Tuple[_F32, Optional[_F32]],
+                 eps: float, norm: str, activation: Optional[str], norm_first: bool,
+                 nhead: int) -> None: ...
+    def run(self, x: _F32, qkv: _F32, ctx: _F32, mid: _F32, hid: _F32, out: _F32,
+            groups: List[Tuple[int, int, int]], num_threads: Optional[int] = ...,
+            xn: Optional[_F32] = ...) -> _F32: ...
 def _kernel_shape() -> Tuple[int, int]: ...
 def _fma_peak(seconds: float = ...) -> float: ...

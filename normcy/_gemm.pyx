@@ -468,7 +468,6 @@ cdef struct AttnJob:
     const uint8_t *kpm
     Py_ssize_t k_ld
     Py_ssize_t nblk
-    int nt
 
 
 cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogil:
@@ -499,8 +498,9 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogi
                       L, dh, L, j.causal, mk, j.m_ld, kp, scores)
 
 
-cdef void attn_part(const AttnJob *j, Py_ssize_t t) noexcept nogil:
-    cdef Py_ssize_t a = j.nblk * t // j.nt, b = j.nblk * (t + 1) // j.nt, i
+cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
+    """Thread t of nt: its share of the (sequence, head) blocks."""
+    cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
     if a >= b:
         return
     cdef float *buf = <float *>malloc((3 * j.L * j.dh + j.L + 64) * sizeof(float))
@@ -571,14 +571,285 @@ def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     j.nblk = nseq * nhead
     cdef Py_ssize_t t
     cdef int nt = resolve_threads(num_threads, nseq * L * L * H // 8 + 1, j.nblk)
-    j.nt = nt
     with nogil:
         if nt <= 1:
-            j.nt = 1
-            attn_part(&j, 0)
+            attn_part(&j, 0, 1)
         else:
             for t in prange(nt, schedule='static', num_threads=nt):
-                attn_part(&j, t)
+                attn_part(&j, t, nt)
+
+
+# ----------------------------------------------------------------- one encoder layer
+cdef struct LayerJob:
+    # the four GEMMs (their fused epilogues included), in order
+    GemmJob qkv
+    GemmJob o
+    GemmJob f1
+    GemmJob f2
+    # pre-LN: x normalized into xn before the QKV projection (pre_kind < 0: post-LN)
+    int pre_kind
+    const float *x
+    float *xn
+    Py_ssize_t M
+    Py_ssize_t d
+    const float *pw
+    const float *pb
+    double eps
+    # attention, one job per group of equal-length sequences
+    AttnJob *attn
+    Py_ssize_t ngroups
+
+
+cdef void gemm_team(const GemmJob *j, int t, int nt) noexcept nogil:
+    """Thread t of a team of nt: its part of the GEMM; with the norm epilogue and a split
+    by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
+    cdef Py_ssize_t a, b
+    gemm_part(j, t, nt)
+    if j.norm >= 0 and not j.by_rows:
+        nc_omp_barrier()
+        a = j.M * t // nt
+        b = j.M * (t + 1) // nt
+        if a < b:
+            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
+                      j.nw, j.nb, j.eps)
+
+
+cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:
+    """Thread t of a team of nt: every stage of the layer, a barrier between stages (each
+    stage reads what the whole team wrote in the one before)."""
+    cdef Py_ssize_t a, b, g
+    if L.pre_kind >= 0:
+        a = L.M * t // nt
+        b = L.M * (t + 1) // nt
+        if a < b:
+            norm_rows(L.pre_kind, L.x + a * L.d, L.d, L.xn + a * L.d, L.d, b - a, L.d,
+                      L.pw, L.pb, L.eps)
+        nc_omp_barrier()
+    gemm_team(&L.qkv, t, nt)
+    nc_omp_barrier()
+    for g in range(L.ngroups):
+        attn_part(&L.attn[g], t, nt)
+    nc_omp_barrier()
+    gemm_team(&L.o, t, nt)
+    nc_omp_barrier()
+    gemm_team(&L.f1, t, nt)
+    nc_omp_barrier()
+    gemm_team(&L.f2, t, nt)
+
+
+cdef void gemm_job(GemmJob *j, PackedLinear lin, const float *x, Py_ssize_t M, int act,
+                   const float *res, float *y, int norm, const float *nw, const float *nb,
+                   double eps, float *z, int nt) noexcept:
+    """A job on C-contiguous (M, K) x and (M, N) res / y / z (z: the norm's output)."""
+    j.x = x
+    j.ldx = lin.in_features
+    j.wp = lin._wp
+    j.N = lin.out_features
+    j.K = lin.in_features
+    j.bias = <const float *>cnp.PyArray_DATA(lin._bias) if lin._bias is not None else NULL
+    j.res = res
+    j.ldr = lin.out_features
+    j.y = y
+    j.ldy = lin.out_features
+    j.act = act
+    j.M = M
+    j.npanels = (lin.out_features + lin._nr - 1) // lin._nr
+    j.mr = nc_gemm_mr()
+    j.by_rows = nt <= 1 or M >= <Py_ssize_t>ROWS_PER_THREAD * nt
+    j.norm = norm
+    j.nw = nw
+    j.nb = nb
+    j.eps = eps
+    j.z = z
+    j.ldz = lin.out_features
+
+
+cdef inline const float *_fptr(cnp.ndarray a) noexcept:
+    return NULL if a is None else <const float *>cnp.PyArray_DATA(a)
+
+
+cdef class _EncoderLayerKernel:
+    """One Transformer encoder layer (post-LN or pre-LN) in a single compiled call: the
+    QKV projection, the fused attention, the output projection with its residual + norm
+    epilogue, and the feed-forward GEMMs, all in one OpenMP parallel region with a barrier
+    between stages (private: normcy.transformer builds it from its prepared weights).
+
+    The operations and their order are exactly those of the layer's stage-by-stage path
+    (the same kernels on the same rows), so the results are the same bits.
+    """
+    cdef PackedLinear lqkv, lo, l1, l2
+    cdef cnp.ndarray bq, n1w, n1b, n2w, n2b
+    cdef int kind, act
+    cdef bint pre
+    cdef double eps
+    cdef Py_ssize_t d, f, nhead
+    cdef Py_ssize_t fmas_per_row
+
+    def __init__(self, PackedLinear lin_qkv, bq, PackedLinear lin_o, PackedLinear lin_1,
+                 PackedLinear lin_2, norm1, norm2, double eps, str norm, activation,
+                 bint norm_first, Py_ssize_t nhead):
+        cdef Py_ssize_t d = lin_o.out_features, f = lin_1.out_features
+        if (lin_qkv.in_features != d or lin_qkv.out_features != 3 * d
+                or lin_o.in_features != d or lin_1.in_features != d
+                or lin_2.in_features != f or lin_2.out_features != d
+                or nhead < 1 or d % nhead):
+            raise ValueError("_EncoderLayerKernel: inconsistent layer shapes")
+        self.lqkv, self.lo, self.l1, self.l2 = lin_qkv, lin_o, lin_1, lin_2
+        self.bq = <cnp.ndarray>np.ascontiguousarray(bq, dtype=np.float32)
+        if self.bq.shape[0] != d or self.bq.ndim != 1:
+            raise ValueError("_EncoderLayerKernel: bq must have shape (%d,)" % d)
+        if norm == "layer":
+            self.kind = KIND_LN
+        elif norm == "rms":
+            self.kind = KIND_RMS
+        else:
+            raise ValueError("_EncoderLayerKernel: norm must be 'layer' or 'rms'")
+        self.n1w = as_param(norm1[0], d, "norm1.weight")
+        self.n1b = as_param(norm1[1], d, "norm1.bias")
+        self.n2w = as_param(norm2[0], d, "norm2.weight")
+        self.n2b = as_param(norm2[1], d, "norm2.bias")
+        self.eps = eps
+        self.act = _act_code(activation)
+        self.pre = norm_first
+        self.d, self.f, self.nhead = d, f, nhead
+        self.fmas_per_row = d * (3 * d + d + 2 * f)
+
+    def run(self, x, qkv, ctx, mid, hid, out, list groups, num_threads=None, xn=None):
+        """x (M, d) -> out (M, d).  Workspaces (C-contiguous float32, distinct buffers):
+        qkv (M, 3d), ctx (M, d), hid (M, f), mid (M, d): post-LN x1 = norm1(x + attn),
+        pre-LN s = x + attn; pre-LN also xn (M, d) (norm1(x), then norm2(s)).  groups:
+        (row_offset, n_seq, seq_len) of the sequences (no masks: the caller falls back to
+        the stage-by-stage path for those)."""
+        cdef Py_ssize_t d = self.d, f = self.f, M, g, ng, off, nseq, L, dh = self.d // self.nhead
+        if not isinstance(x, np.ndarray) or (<cnp.ndarray>x).ndim != 2:
+            raise ValueError("_EncoderLayerKernel.run: x must be 2-D, got %s" % _desc(x))
+        M = (<cnp.ndarray>x).shape[0]
+        _layer_buf(x, "x", M, d, False)
+        _layer_buf(qkv, "qkv", M, 3 * d, True)
+        _layer_buf(ctx, "ctx", M, d, True)
+        _layer_buf(mid, "mid", M, d, True)
+        _layer_buf(hid, "hid", M, f, True)
+        _layer_buf(out, "out", M, d, True)
+        if self.pre:
+            _layer_buf(xn, "xn", M, d, True)
+        _layer_distinct((x, qkv, ctx, mid, hid, out, xn))
+        ng = len(groups)
+        cdef Py_ssize_t covered = 0
+        for g in range(ng):
+            off, nseq, L = groups[g]
+            if off != covered or nseq < 1 or L < 1 or nseq * L > M - off:
+                raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+                                 % (M, groups))
+            covered = off + nseq * L
+        if covered != M:
+            raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+                             % (M, groups))
+        if M == 0:
+            return out
+        cdef Py_ssize_t mr = nc_gemm_mr()
+        cdef Py_ssize_t units = max((self.l1.out_features + self.l1._nr - 1) // self.l1._nr,
+                                    (M + mr - 1) // mr)
+        cdef int nt = resolve_threads(num_threads, M * self.fmas_per_row // 8, units)
+        cdef const float *xp = <const float *>cnp.PyArray_DATA(<cnp.ndarray>x)
+        cdef float *qkvp = <float *>cnp.PyArray_DATA(<cnp.ndarray>qkv)
+        cdef float *ctxp = <float *>cnp.PyArray_DATA(<cnp.ndarray>ctx)
+        cdef float *midp = <float *>cnp.PyArray_DATA(<cnp.ndarray>mid)
+        cdef float *hidp = <float *>cnp.PyArray_DATA(<cnp.ndarray>hid)
+        cdef float *outp = <float *>cnp.PyArray_DATA(<cnp.ndarray>out)
+        cdef float *xnp = <float *>cnp.PyArray_DATA(<cnp.ndarray>xn) if self.pre else NULL
+        cdef LayerJob J
+        J.x = xp
+        J.xn = xnp
+        J.M = M
+        J.d = d
+        J.eps = self.eps
+        J.pre_kind = self.kind if self.pre else -1
+        J.pw = _fptr(self.n1w)
+        J.pb = _fptr(self.n1b)
+        if self.pre:
+            # xn = norm1(x); qkv = xn W; s = x + attn (mid), xn = norm2(s); hid = act(xn W1);
+            # out = s + hid W2
+            gemm_job(&J.qkv, self.lqkv, xnp, M, NCO_ACT_IDENTITY, NULL, qkvp, -1, NULL, NULL,
+                     0.0, NULL, nt)
+            gemm_job(&J.o, self.lo, ctxp, M, NCO_ACT_IDENTITY, xp, midp, self.kind,
+                     _fptr(self.n2w), _fptr(self.n2b), self.eps, xnp, nt)
+            gemm_job(&J.f1, self.l1, xnp, M, self.act, NULL, hidp, -1, NULL, NULL, 0.0, NULL,
+                     nt)
+            gemm_job(&J.f2, self.l2, hidp, M, NCO_ACT_IDENTITY, midp, outp, -1, NULL, NULL,
+                     0.0, NULL, nt)
+        else:
+            # qkv = x W; x1 = norm1(x + attn) (mid); hid = act(x1 W1); out = norm2(x1 + hid W2)
+            gemm_job(&J.qkv, self.lqkv, xp, M, NCO_ACT_IDENTITY, NULL, qkvp, -1, NULL, NULL,
+                     0.0, NULL, nt)
+            gemm_job(&J.o, self.lo, ctxp, M, NCO_ACT_IDENTITY, xp, midp, self.kind,
+                     _fptr(self.n1w), _fptr(self.n1b), self.eps, midp, nt)
+            gemm_job(&J.f1, self.l1, midp, M, self.act, NULL, hidp, -1, NULL, NULL, 0.0, NULL,
+                     nt)
+            gemm_job(&J.f2, self.l2, hidp, M, NCO_ACT_IDENTITY, midp, outp, self.kind,
+                     _fptr(self.n2w), _fptr(self.n2b), self.eps, outp, nt)
+        J.ngroups = ng
+        J.attn = <AttnJob *>malloc(ng * sizeof(AttnJob))
+        if J.attn == NULL:
+            raise MemoryError()
+        cdef int t, n
+        try:
+            for g in range(ng):
+                off, nseq, L = groups[g]
+                J.attn[g].qkv = qkvp + off * 3 * d
+                J.attn[g].ld = 3 * d
+                J.attn[g].bq = <const float *>cnp.PyArray_DATA(self.bq)
+                J.attn[g].ctx = ctxp + off * d
+                J.attn[g].ldc = d
+                J.attn[g].L = L
+                J.attn[g].H = d
+                J.attn[g].nhead = self.nhead
+                J.attn[g].dh = dh
+                J.attn[g].causal = 0
+                J.attn[g].mask = NULL
+                J.attn[g].m_sb = J.attn[g].m_sh = J.attn[g].m_ld = J.attn[g].k_ld = 0
+                J.attn[g].kpm = NULL
+                J.attn[g].nblk = nseq * self.nhead
+            with nogil:
+                if nt <= 1:
+                    layer_team(&J, 0, 1)
+                else:
+                    with parallel(num_threads=nt):
+                        layer_team(&J, omp_get_thread_num(), omp_get_num_threads())
+        finally:
+            free(J.attn)
+        return out
+
+
+cdef int _layer_buf(object a, str name, Py_ssize_t rows, Py_ssize_t cols,
+                    bint output) except -1:
+    """A C-contiguous float32 (rows, cols) array (writeable if an output)."""
+    if (not isinstance(a, np.ndarray) or (<cnp.ndarray>a).dtype != np.float32
+            or _shp(a) != (rows, cols) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            or (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>a)) % 4 != 0):
+        raise ValueError("_EncoderLayerKernel.run: %s must be a C-contiguous float32 array "
+                         "of shape (%d, %d), got %s" % (name, rows, cols, _desc(a)))
+    if output and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
+        raise ValueError("_EncoderLayerKernel.run: %s must be writeable" % name)
+    return 0
+
+
+cdef int _layer_distinct(tuple bufs) except -1:
+    """The (contiguous) buffers must not overlap one another."""
+    cdef Py_ssize_t i, k, n = len(bufs)
+    cdef uintptr_t a0, a1, b0, b1
+    for i in range(n):
+        if bufs[i] is None:
+            continue
+        a0 = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>bufs[i])
+        a1 = a0 + <uintptr_t>cnp.PyArray_NBYTES(<cnp.ndarray>bufs[i])
+        for k in range(i + 1, n):
+            if bufs[k] is None:
+                continue
+            b0 = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
+            b1 = b0 + <uintptr_t>cnp.PyArray_NBYTES(<cnp.ndarray>bufs[k])
+            if a0 < b1 and b0 < a1:
+                raise ValueError("_EncoderLayerKernel.run: buffers %d and %d overlap" % (i, k))
+    return 0
 
 
 def _kernel_shape():

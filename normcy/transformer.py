@@ -32,7 +32,7 @@ import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
-from normcy._gemm import PackedLinear, _attention
+from normcy._gemm import PackedLinear, _EncoderLayerKernel, _attention
 from normcy._validate import as_float, as_int
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
@@ -264,6 +264,12 @@ class TransformerEncoderLayer:
         # they are passed on every forward)
         self._epi1 = self._epilogue(self._n1)
         self._epi2 = self._epilogue(self._n2)
+        # the whole layer as one compiled call (one parallel region, no Python between the
+        # stages) for attention without masks: the same kernels, the same bits
+        self._kernel = _EncoderLayerKernel(
+            self._lin_qkv, self._b_q, self._lin_o, self._lin_1, self._lin_2, self._n1,
+            self._n2, self.layer_norm_eps, self.norm, self.activation, self.norm_first,
+            self.nhead)
 
     # ------------------------------------------------------------------ kernels
     def _norm(self, x, params, out):
@@ -311,8 +317,15 @@ class TransformerEncoderLayer:
         nt = self.num_threads
         qkv = ws.get("qkv", (n, 3 * d))
         ctx = ws.get("ctx", (n, d))
-        proj = ws.get("proj", (n, d))
         hid = ws.get("hid", (n, f))
+        if plan.kpm is None and plan.mask is None and not plan.is_causal:
+            if self.norm_first:
+                self._kernel.run(x, qkv, ctx, ws.get("sum", (n, d)), hid, out, plan.groups,
+                                 nt, ws.get("xn", (n, d)))
+            else:
+                self._kernel.run(x, qkv, ctx, ws.get("x1", (n, d)), hid, out, plan.groups, nt)
+            return out
+        proj = ws.get("proj", (n, d))
         if self.norm_first:
             xn = ws.get("xn", (n, d))
             self._norm(x, self._n1, xn)

@@ -295,3 +295,60 @@ def test_workspace_grows_in_coarse_steps():
             bufs.append(base(v))
     assert len(bufs) <= 5
     assert ws.nbytes() == bufs[-1].nbytes
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+def test_compiled_layer_equals_stage_by_stage(norm_first, norm):
+    # Without masks the layer runs as one compiled call (_EncoderLayerKernel: one parallel
+    # region, barriers between stages); with a key padding mask it runs stage by stage.  An
+    # all-False mask changes no arithmetic, so the two paths must give the same bits, for
+    # every thread count and for row counts on both sides of the GEMM's rows/panels split.
+    rng = np.random.default_rng(11)
+    layer = TransformerEncoderLayer(64, 4, 96, activation="gelu", norm_first=norm_first,
+                                    norm=norm)
+    for shape in [(1, 1, 64), (1, 5, 64), (3, 17, 64), (2, 70, 64)]:
+        x = rng.standard_normal(shape).astype(np.float32)
+        ref = None
+        for nt in (1, 2, 3):
+            layer.num_threads = nt
+            a = layer(x)
+            b = layer(x, key_padding_mask=np.zeros(shape[:2], bool))
+            np.testing.assert_array_equal(a, b)
+            if ref is None:
+                ref = a
+            np.testing.assert_array_equal(a, ref)
+
+
+def test_compiled_layer_checks_its_buffers():
+    from normcy._gemm import _EncoderLayerKernel
+    layer = TransformerEncoderLayer(32, 2, 48, activation="relu")
+    k = layer._kernel
+    assert isinstance(k, _EncoderLayerKernel)
+    M = 6
+    f32 = np.float32
+    bufs = dict(x=np.zeros((M, 32), f32), qkv=np.zeros((M, 96), f32), ctx=np.zeros((M, 32), f32),
+                mid=np.zeros((M, 32), f32), hid=np.zeros((M, 48), f32), out=np.zeros((M, 32), f32))
+
+    def run(**kw):
+        b = dict(bufs, **kw)
+        return k.run(b["x"], b["qkv"], b["ctx"], b["mid"], b["hid"], b["out"],
+                     kw.get("groups", [(0, 2, 3)]), 1)
+
+    assert run() is bufs["out"]
+    with pytest.raises(ValueError, match="hid"):
+        run(hid=np.zeros((M, 47), f32))
+    with pytest.raises(ValueError, match="qkv"):
+        run(qkv=np.zeros((M, 96), np.float64))
+    with pytest.raises(ValueError, match="ctx"):
+        run(ctx=np.zeros((M, 64), f32)[:, ::2])
+    ro = np.zeros((M, 32), f32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        run(out=ro)
+    with pytest.raises(ValueError, match="overlap"):
+        run(out=bufs["ctx"])
+    with pytest.raises(ValueError, match="groups"):
+        run(groups=[(0, 1, 5)])
+    with pytest.raises(ValueError, match="groups"):
+        run(groups=[(0, 2, 3), (6, 1, 1)])

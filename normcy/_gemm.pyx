@@ -39,7 +39,8 @@ cdef extern from "nc_api_gemm.h" nogil:
     double nc_fma_loop(Py_ssize_t iters)
     Py_ssize_t nc_gemm_kc(Py_ssize_t K)
     Py_ssize_t nc_gemm_mc(Py_ssize_t K)
-    void nc_attention_head(const float *q, Py_ssize_t ldq, const float *kt, Py_ssize_t ldk,
+    void nc_attention_head(const float *q, Py_ssize_t ldq, const float *bq, const float *kt,
+                           Py_ssize_t ldk,
                            const float *v, Py_ssize_t ldv, float *out, Py_ssize_t ldo,
                            Py_ssize_t L, Py_ssize_t dh, Py_ssize_t klen, int causal,
                            const float *mask, Py_ssize_t ldm, const uint8_t *kpm,
@@ -471,31 +472,37 @@ cdef struct AttnJob:
 
 
 cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogil:
-    """One (sequence, head): gather q (+ bias), k^T, v into buf, attention into ctx."""
+    """One (sequence, head): K transposed and V gathered into buf (compact: the projection
+    rows are 3H floats apart, which maps V's rows onto a few L1 sets), attention into ctx
+    (q and its bias are read in place)."""
     cdef Py_ssize_t bs = blk // j.nhead, hh = blk - (blk // j.nhead) * j.nhead
-    cdef Py_ssize_t L = j.L, dh = j.dh, s, d
-    cdef float *q = buf
-    cdef float *kt = buf + L * dh
-    cdef float *v = buf + 2 * L * dh
-    cdef float *scores = buf + 3 * L * dh
-    cdef const float *row
-    cdef const float *b = j.bq + hh * dh
-    cdef const float *mk = NULL
+    cdef Py_ssize_t L = j.L, dh = j.dh, s0, s1, s, d
+    cdef float *kt = buf
+    cdef float *v = buf + L * dh
+    cdef float *scores = buf + 2 * L * dh
+    cdef const float *base = j.qkv + bs * L * j.ld + hh * dh
+    cdef const float *kr = base + j.H
     cdef const uint8_t *kp = NULL
+    cdef const float *mk = NULL
+    # K^T in blocks of 8 keys: each pass reads 8 rows and writes 8 consecutive floats of
+    # every row of kt
+    s0 = 0
+    while s0 < L:
+        s1 = s0 + 8 if s0 + 8 < L else L
+        for d in range(dh):
+            for s in range(s0, s1):
+                kt[d * L + s] = kr[s * j.ld + d]
+        s0 = s1
     for s in range(L):
-        row = j.qkv + (bs * L + s) * j.ld + hh * dh
         for d in range(dh):
-            q[s * dh + d] = row[d] + b[d]
-        for d in range(dh):
-            kt[d * L + s] = row[j.H + d]
-        for d in range(dh):
-            v[s * dh + d] = row[2 * j.H + d]
+            v[s * dh + d] = kr[j.H + s * j.ld + d]
     if j.mask != NULL:
         mk = j.mask + bs * j.m_sb + hh * j.m_sh
     if j.kpm != NULL:
         kp = j.kpm + bs * j.k_ld
-    nc_attention_head(q, dh, kt, L, v, dh, j.ctx + bs * L * j.ldc + hh * dh, j.ldc,
-                      L, dh, L, j.causal, mk, j.m_ld, kp, scores)
+    nc_attention_head(base, j.ld, j.bq + hh * dh, kt, L, v, dh,
+                      j.ctx + bs * L * j.ldc + hh * dh, j.ldc, L, dh, L, j.causal, mk, j.m_ld,
+                      kp, scores)
 
 
 cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
@@ -503,7 +510,7 @@ cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
     cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
     if a >= b:
         return
-    cdef float *buf = <float *>malloc((3 * j.L * j.dh + j.L + 64) * sizeof(float))
+    cdef float *buf = <float *>malloc((2 * j.L * j.dh + j.L + j.dh + 64) * sizeof(float))
     if buf == NULL:
         return
     for i in range(a, b):

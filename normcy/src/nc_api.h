@@ -78,7 +78,8 @@ typedef struct nc_ktable {
     void (*gemm_pack)(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, float *);
     ptrdiff_t (*gemm_nr)(void);
     ptrdiff_t (*gemm_mr)(void);
-    void (*attention_head)(const float *, ptrdiff_t, const float *, ptrdiff_t, const float *,
+    void (*attention_head)(const float *, ptrdiff_t, const float *, const float *, ptrdiff_t,
+                           const float *,
                            ptrdiff_t, float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, int,
                            const float *, ptrdiff_t, const uint8_t *, float *);
     double (*fma_loop)(ptrdiff_t);
@@ -303,12 +304,12 @@ static inline double nc_fma_loop(ptrdiff_t iters) { return nc_kt->fma_loop(iters
 static inline ptrdiff_t nc_gemm_kc(ptrdiff_t K) { return nc_kt->gemm_kc(K); }
 static inline ptrdiff_t nc_gemm_mc(ptrdiff_t K) { return nc_kt->gemm_mc(K); }
 static inline ptrdiff_t nc_gemm_mr(void) { return nc_kt->gemm_mr(); }
-static inline void nc_attention_head(const float *q, ptrdiff_t ldq, const float *kt,
-                                     ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *out,
+static inline void nc_attention_head(const float *q, ptrdiff_t ldq, const float *bq,
+                                     const float *kt, ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *out,
                                      ptrdiff_t ldo, ptrdiff_t L, ptrdiff_t dh, ptrdiff_t klen,
                                      int causal, const float *mask, ptrdiff_t ldm,
                                      const uint8_t *kpm, float *scores)
-{ nc_kt->attention_head(q, ldq, kt, ldk, v, ldv, out, ldo, L, dh, klen, causal, mask, ldm, kpm,
+{ nc_kt->attention_head(q, ldq, bq, kt, ldk, v, ldv, out, ldo, L, dh, klen, causal, mask, ldm, kpm,
                         scores); }
 
 #endif /* NC_API_H */

@@ -337,20 +337,28 @@ static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
  * kt (dh x L, row stride ldk: keys transposed), v (L x dh, row stride ldv), out (L x dh,
  * row stride ldo).  Keys j >= klen are masked (padding), and j > i too when causal;
  * mask (L x L, row stride ldm, additive) and kpm (L bytes, non-zero = masked key) may be
- * NULL.  scores is a scratch row of
- * >= L + NC_VW floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
+ * NULL; bq (dh floats, may be NULL) is added to every row of q.  scores is scratch of
+ * >= L + NC_VW + dh floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
  * p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j (two interleaved chains
  * over j, added at the end).  Rows are independent: the result of a row does not depend
  * on the other rows, threads or the batch.
  */
-static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *kt, nc_int ldk,
+static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq,
+                                     const float *kt, nc_int ldk,
                                      const float *v, nc_int ldv, float *out, nc_int ldo,
                                      nc_int L, nc_int dh, nc_int klen, int causal,
                                      const float *mask, nc_int ldm, const uint8_t *kpm,
                                      float *scores)
 {
+    float *qb = scores + L + NC_VW;
     for (nc_int i = 0; i < L; i++) {
         const float *qi = q + i * ldq;
+        if (bq) {
+            /* the query bias, added once per row (q and v are read in place from the
+               projection rows; only K is transposed by the caller) */
+            for (nc_int d = 0; d < dh; d++) qb[d] = qi[d] + bq[d];
+            qi = qb;
+        }
         nc_int lim = klen;
         if (causal && i + 1 < lim) lim = i + 1;
         nc_int ncols = (mask || kpm) ? L : lim;   /* keys past lim are -inf: skip them entirely */

@@ -510,7 +510,7 @@ cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
     cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
     if a >= b:
         return
-    cdef float *buf = <float *>malloc((2 * j.L * j.dh + j.L + j.dh + 64) * sizeof(float))
+    cdef float *buf = <float *>malloc((2 * j.L * j.dh + 2 * j.L + 2 * j.dh + 64) * sizeof(float))
     if buf == NULL:
         return
     for i in range(a, b):

@@ -344,6 +344,34 @@ def test_attention_matches_float64(L, case):
     assert np.array_equal(ctx, ctx2, equal_nan=True)
 
 
+@pytest.mark.parametrize("L", [3, 7, 33, 64, 131])
+@pytest.mark.parametrize("case", ["plain", "mask", "kpm"])
+def test_attention_query_row_independent_of_its_pairing(L, case):
+    # Query rows go through the kernel in pairs (one K^T sweep and one two-row softmax for
+    # both) and, for odd L, the last row alone.  A row's output depends only on its own
+    # query and on K, V: moving a query to another position (the first row of a pair, the
+    # second, or the lone last row) must move its output bit for bit.
+    nseq, h, dh = 1, 2, 32
+    H = h * dh
+    rng = np.random.default_rng(L)
+    qkv = rng.standard_normal((nseq * L, 3 * H)).astype(F32)
+    bq = rng.standard_normal(H).astype(F32)
+    mask = kpm = None
+    if case == "mask":
+        mask = np.broadcast_to(rng.standard_normal((1, 1, 1, L)).astype(F32), (1, 1, L, L))
+    if case == "kpm":
+        kpm = rng.random((nseq, L)) < 0.3
+        kpm[0, 0] = False
+    ctx = np.empty((nseq * L, H), F32)
+    _attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm)
+    perm = np.roll(np.arange(L), 1)           # every query moves by one position
+    qkv2 = qkv.copy()
+    qkv2[:, :H] = qkv[perm, :H]
+    ctx2 = np.empty_like(ctx)
+    _attention(qkv2, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm)
+    np.testing.assert_array_equal(ctx2, ctx[perm])
+
+
 def test_packed_linear_is_exported():
     assert normcy.PackedLinear is PackedLinear
     assert "PackedLinear" in normcy.__all__

@@ -58,6 +58,9 @@
 #endif
 
 #define nc_gemm_epi NC_FN(nc_gemm_epi)
+#define nca_qk NC_FN(nca_qk)
+#define nca_qk2 NC_FN(nca_qk2)
+#define nca_pv NC_FN(nca_pv)
 
 /* y = act(acc + bias) (+ res) for one vector of one row; nv = valid lanes (< NC_VW: tail) */
 NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *y, int act,
@@ -338,11 +341,137 @@ static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
  * row stride ldo).  Keys j >= klen are masked (padding), and j > i too when causal;
  * mask (L x L, row stride ldm, additive) and kpm (L bytes, non-zero = masked key) may be
  * NULL; bq (dh floats, may be NULL) is added to every row of q.  scores is scratch of
- * >= L + NC_VW + dh floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
+ * >= 2 * (L + NC_VW + dh) floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
  * p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j (two interleaved chains
  * over j, added at the end).  Rows are independent: the result of a row does not depend
  * on the other rows, threads or the batch.
  */
+/* scores[j] = q_i . k_j for j < ncols: one FMA chain over d in order per score */
+NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, nc_int ncols,
+                      float *scores)
+{
+    nc_int j = 0;
+    /* eight key vectors per pass: eight independent FMA chains over d (one or two
+       were latency-bound); each score is still one chain over d in order */
+    for (; j + 8 * NC_VW <= ncols; j += 8 * NC_VW) {
+        ncv sc[8];
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) sc[u] = ncv_set1(0.0f);
+        for (nc_int d = 0; d < dh; d++) {
+            const ncv qd = ncv_set1(qi[d]);
+            const float *kr = kt + d * ldk + j;
+#pragma GCC unroll 8
+            for (int u = 0; u < 8; u++) sc[u] += qd * ncv_ld(kr + u * NC_VW);
+        }
+#pragma GCC unroll 8
+        for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
+    }
+    for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
+        ncv s0 = ncv_set1(0.0f), s1 = ncv_set1(0.0f);
+        for (nc_int d = 0; d < dh; d++) {
+            const ncv qd = ncv_set1(qi[d]);
+            s0 += qd * ncv_ld(kt + d * ldk + j);
+            s1 += qd * ncv_ld(kt + d * ldk + j + NC_VW);
+        }
+        ncv_st(scores + j, s0);
+        ncv_st(scores + j + NC_VW, s1);
+    }
+    for (; j < ncols; j += NC_VW) {
+        ncv s0 = ncv_set1(0.0f);
+        nc_int m = ncols - j < NC_VW ? ncols - j : NC_VW;
+        for (nc_int d = 0; d < dh; d++) {
+            float t[NC_VW] = {0};
+            memcpy(t, kt + d * ldk + j, (size_t)m * sizeof(float));
+            s0 += ncv_set1(qi[d]) * ncv_ld(t);
+        }
+        ncv_st(scores + j, s0);   /* scratch has NC_VW floats of slack */
+    }
+}
+
+/* nca_qk for two query rows at once: every K^T vector loaded serves both rows (the QK
+   sweep over K^T is the L1/L2 traffic of attention); the same chain per score, so the
+   same bits as two nca_qk calls */
+NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int ldk,
+                       nc_int dh, nc_int ncols, float *sa, float *sb)
+{
+    nc_int j = 0;
+    for (; j + 4 * NC_VW <= ncols; j += 4 * NC_VW) {
+        ncv a[4], b[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) { a[u] = ncv_set1(0.0f); b[u] = ncv_set1(0.0f); }
+        for (nc_int d = 0; d < dh; d++) {
+            const ncv qad = ncv_set1(qa[d]), qbd = ncv_set1(qb[d]);
+            const float *kr = kt + d * ldk + j;
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                const ncv k = ncv_ld(kr + u * NC_VW);
+                a[u] += qad * k;
+                b[u] += qbd * k;
+            }
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) {
+            ncv_st(sa + j + u * NC_VW, a[u]);
+            ncv_st(sb + j + u * NC_VW, b[u]);
+        }
+    }
+    if (j < ncols) {
+        nca_qk(qa, kt + j, ldk, dh, ncols - j, sa + j);
+        nca_qk(qb, kt + j, ldk, dh, ncols - j, sb + j);
+    }
+}
+
+/* out_i = sum_j p_j v_j over j < lim */
+NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh, nc_int lim,
+                      float *oi)
+{
+    nc_int d = 0;
+    /* up to four d vectors at once, even and odd keys in separate accumulators (the
+       same two sums as below, eight chains in flight) */
+    for (; d + 4 * NC_VW <= dh; d += 4 * NC_VW) {
+        ncv oe[4], oo[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) { oe[u] = ncv_set1(0.0f); oo[u] = ncv_set1(0.0f); }
+        nc_int jj = 0;
+        for (; jj + 2 <= lim; jj += 2) {
+            const ncv p0 = ncv_set1(scores[jj]), p1 = ncv_set1(scores[jj + 1]);
+            const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) {
+                oe[u] += p0 * ncv_ld(v0 + u * NC_VW);
+                oo[u] += p1 * ncv_ld(v1 + u * NC_VW);
+            }
+        }
+        if (jj < lim) {
+            const ncv p0 = ncv_set1(scores[jj]);
+#pragma GCC unroll 4
+            for (int u = 0; u < 4; u++) oe[u] += p0 * ncv_ld(v + jj * ldv + d + u * NC_VW);
+        }
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
+    }
+    for (; d + NC_VW <= dh; d += NC_VW) {
+        ncv o0 = ncv_set1(0.0f), o1 = ncv_set1(0.0f);
+        nc_int jj = 0;
+        for (; jj + 2 <= lim; jj += 2) {
+            o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
+            o1 += ncv_set1(scores[jj + 1]) * ncv_ld(v + (jj + 1) * ldv + d);
+        }
+        if (jj < lim) o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
+        ncv_st(oi + d, o0 + o1);
+    }
+    for (; d < dh; d++) {
+        float o0 = 0.0f, o1 = 0.0f;
+        nc_int jj = 0;
+        for (; jj + 2 <= lim; jj += 2) {
+            o0 += scores[jj] * v[jj * ldv + d];
+            o1 += scores[jj + 1] * v[(jj + 1) * ldv + d];
+        }
+        if (jj < lim) o0 += scores[jj] * v[jj * ldv + d];
+        oi[d] = o0 + o1;
+    }
+}
+
 static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq,
                                      const float *kt, nc_int ldk,
                                      const float *v, nc_int ldv, float *out, nc_int ldo,
@@ -350,105 +479,51 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq
                                      const float *mask, nc_int ldm, const uint8_t *kpm,
                                      float *scores)
 {
-    float *qb = scores + L + NC_VW;
-    for (nc_int i = 0; i < L; i++) {
-        const float *qi = q + i * ldq;
+    float *s1 = scores + L + NC_VW;
+    float *qb0 = s1 + L + NC_VW, *qb1 = qb0 + dh;
+    nc_int i = 0;
+    /* query rows in pairs: one sweep of K^T for both rows' scores, the softmax of both
+       rows interleaved, then V swept for one row and again, from L1, for the other */
+    for (; i < L; i += 2) {
+        const int two = i + 1 < L;
+        const float *q0 = q + i * ldq, *q1 = two ? q + (i + 1) * ldq : NULL;
         if (bq) {
-            /* the query bias, added once per row (q and v are read in place from the
-               projection rows; only K is transposed by the caller) */
-            for (nc_int d = 0; d < dh; d++) qb[d] = qi[d] + bq[d];
-            qi = qb;
-        }
-        nc_int lim = klen;
-        if (causal && i + 1 < lim) lim = i + 1;
-        nc_int ncols = (mask || kpm) ? L : lim;   /* keys past lim are -inf: skip them entirely */
-        nc_int j = 0;
-        /* eight key vectors per pass: eight independent FMA chains over d (one or two
-           were latency-bound); each score is still one chain over d in order */
-        for (; j + 8 * NC_VW <= ncols; j += 8 * NC_VW) {
-            ncv sc[8];
-#pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) sc[u] = ncv_set1(0.0f);
-            for (nc_int d = 0; d < dh; d++) {
-                const ncv qd = ncv_set1(qi[d]);
-                const float *kr = kt + d * ldk + j;
-#pragma GCC unroll 8
-                for (int u = 0; u < 8; u++) sc[u] += qd * ncv_ld(kr + u * NC_VW);
+            /* the query bias, added once per row (q is read in place from the projection
+               rows) */
+            for (nc_int d = 0; d < dh; d++) qb0[d] = q0[d] + bq[d];
+            q0 = qb0;
+            if (two) {
+                for (nc_int d = 0; d < dh; d++) qb1[d] = q1[d] + bq[d];
+                q1 = qb1;
             }
-#pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
         }
-        for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
-            ncv s0 = ncv_set1(0.0f), s1 = ncv_set1(0.0f);
-            for (nc_int d = 0; d < dh; d++) {
-                const ncv qd = ncv_set1(qi[d]);
-                s0 += qd * ncv_ld(kt + d * ldk + j);
-                s1 += qd * ncv_ld(kt + d * ldk + j + NC_VW);
+        nc_int lim0 = klen, lim1 = klen;
+        if (causal && i + 1 < lim0) lim0 = i + 1;
+        if (causal && i + 2 < lim1) lim1 = i + 2;
+        /* keys past lim are -inf: skipped entirely unless a mask needs the whole row */
+        nc_int nc0 = (mask || kpm) ? L : lim0, nc1 = (mask || kpm) ? L : lim1;
+        const float *m0 = mask ? mask + i * ldm : NULL;
+        if (two && nc0 == nc1) {
+            nca_qk2(q0, q1, kt, ldk, dh, nc0, scores, s1);
+            NC_FN(nc_ops_softmax_row2)(scores, s1, scores, s1, nc0, 1.0f, m0,
+                                       mask ? m0 + ldm : NULL, kpm, kpm, lim0, lim1);
+        } else {
+            nca_qk(q0, kt, ldk, dh, nc0, scores);
+            NC_FN(nc_ops_softmax_row)(scores, scores, nc0, 1.0f, m0, kpm, lim0);
+            if (two) {
+                nca_qk(q1, kt, ldk, dh, nc1, s1);
+                NC_FN(nc_ops_softmax_row)(s1, s1, nc1, 1.0f, mask ? m0 + ldm : NULL, kpm,
+                                          lim1);
             }
-            ncv_st(scores + j, s0);
-            ncv_st(scores + j + NC_VW, s1);
         }
-        for (; j < ncols; j += NC_VW) {
-            ncv s0 = ncv_set1(0.0f);
-            nc_int m = ncols - j < NC_VW ? ncols - j : NC_VW;
-            for (nc_int d = 0; d < dh; d++) {
-                float t[NC_VW] = {0};
-                memcpy(t, kt + d * ldk + j, (size_t)m * sizeof(float));
-                s0 += ncv_set1(qi[d]) * ncv_ld(t);
-            }
-            ncv_st(scores + j, s0);   /* scratch has NC_VW floats of slack */
-        }
-        NC_FN(nc_ops_softmax_row)(scores, scores, ncols, 1.0f, mask ? mask + i * ldm : NULL,
-                                  kpm, lim);
-        float *oi = out + i * ldo;
-        nc_int d = 0;
-        /* up to four d vectors at once, even and odd keys in separate accumulators (the
-           same two sums as below, eight chains in flight) */
-        for (; d + 4 * NC_VW <= dh; d += 4 * NC_VW) {
-            ncv oe[4], oo[4];
-#pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) { oe[u] = ncv_set1(0.0f); oo[u] = ncv_set1(0.0f); }
-            nc_int jj = 0;
-            for (; jj + 2 <= lim; jj += 2) {
-                const ncv p0 = ncv_set1(scores[jj]), p1 = ncv_set1(scores[jj + 1]);
-                const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) {
-                    oe[u] += p0 * ncv_ld(v0 + u * NC_VW);
-                    oo[u] += p1 * ncv_ld(v1 + u * NC_VW);
-                }
-            }
-            if (jj < lim) {
-                const ncv p0 = ncv_set1(scores[jj]);
-#pragma GCC unroll 4
-                for (int u = 0; u < 4; u++) oe[u] += p0 * ncv_ld(v + jj * ldv + d + u * NC_VW);
-            }
-#pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
-        }
-        for (; d + NC_VW <= dh; d += NC_VW) {
-            ncv o0 = ncv_set1(0.0f), o1 = ncv_set1(0.0f);
-            nc_int jj = 0;
-            for (; jj + 2 <= lim; jj += 2) {
-                o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
-                o1 += ncv_set1(scores[jj + 1]) * ncv_ld(v + (jj + 1) * ldv + d);
-            }
-            if (jj < lim) o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
-            ncv_st(oi + d, o0 + o1);
-        }
-        for (; d < dh; d++) {
-            float o0 = 0.0f, o1 = 0.0f;
-            nc_int jj = 0;
-            for (; jj + 2 <= lim; jj += 2) {
-                o0 += scores[jj] * v[jj * ldv + d];
-                o1 += scores[jj + 1] * v[(jj + 1) * ldv + d];
-            }
-            if (jj < lim) o0 += scores[jj] * v[jj * ldv + d];
-            oi[d] = o0 + o1;
-        }
+        nca_pv(scores, v, ldv, dh, lim0, out + i * ldo);
+        if (two) nca_pv(s1, v, ldv, dh, lim1, out + (i + 1) * ldo);
     }
 }
 
 #undef nc_gemm_epi
+#undef nca_qk
+#undef nca_qk2
+#undef nca_pv
 #undef NC_NR
 #undef NC_MR

@@ -727,44 +727,13 @@ cdef class _EncoderLayerKernel:
         pre-LN s = x + attn; pre-LN also xn (M, d) (norm1(x), then norm2(s)).  groups:
         (row_offset, n_seq, seq_len) of the sequences (no masks: the caller falls back to
         the stage-by-stage path for those)."""
-        cdef Py_ssize_t d = self.d, f = self.f, M, g, ng, off, nseq, L, dh = self.d // self.nhead
-        if not isinstance(x, np.ndarray) or (<cnp.ndarray>x).ndim != 2:
-            raise ValueError("_EncoderLayerKernel.run: x must be 2-D, got %s" % _desc(x))
-        M = (<cnp.ndarray>x).shape[0]
-        _layer_buf(x, "x", M, d, False)
-        _layer_buf(qkv, "qkv", M, 3 * d, True)
-        _layer_buf(ctx, "ctx", M, d, True)
-        _layer_buf(mid, "mid", M, d, True)
-        _layer_buf(hid, "hid", M, f, True)
-        _layer_buf(out, "out", M, d, True)
-        if self.pre:
-            _layer_buf(xn, "xn", M, d, True)
-        _layer_distinct((x, qkv, ctx, mid, hid, out, xn))
-        ng = len(groups)
-        cdef Py_ssize_t covered = 0
-        for g in range(ng):
-            off, nseq, L = groups[g]
-            if off != covered or nseq < 1 or L < 1 or nseq * L > M - off:
-                raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
-                                 % (M, groups))
-            covered = off + nseq * L
-        if covered != M:
-            raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
-                             % (M, groups))
-        if M == 0:
-            return out
-        cdef Py_ssize_t mr = nc_gemm_mr()
-        cdef Py_ssize_t units = max((self.l1.out_features + self.l1._nr - 1) // self.l1._nr,
-                                    (M + mr - 1) // mr)
-        cdef int nt = resolve_threads(num_threads, M * self.fmas_per_row // 8, units)
-        cdef const float *xp = <const float *>cnp.PyArray_DATA(<cnp.ndarray>x)
-        cdef float *qkvp = <float *>cnp.PyArray_DATA(<cnp.ndarray>qkv)
-        cdef float *ctxp = <float *>cnp.PyArray_DATA(<cnp.ndarray>ctx)
-        cdef float *midp = <float *>cnp.PyArray_DATA(<cnp.ndarray>mid)
-        cdef float *hidp = <float *>cnp.PyArray_DATA(<cnp.ndarray>hid)
-        cdef float *outp = <float *>cnp.PyArray_DATA(<cnp.ndarray>out)
-        cdef float *xnp = <float *>cnp.PyArray_DATA(<cnp.ndarray>xn) if self.pre else NULL
-        cdef LayerJob J
+        return _run_layers([self], x, [out], qkv, ctx, mid, hid, groups, num_threads, xn)
+
+    cdef void _fill(self, LayerJob *J, AttnJob *A, const float *xp, float *outp, float *qkvp,
+                    float *ctxp, float *midp, float *hidp, float *xnp, Py_ssize_t M,
+                    list groups, int nt):
+        """The jobs of this layer on these buffers (checked by the caller)."""
+        cdef Py_ssize_t d = self.d, g, off, nseq, L
         J.x = xp
         J.xn = xnp
         J.M = M
@@ -794,37 +763,117 @@ cdef class _EncoderLayerKernel:
                      nt)
             gemm_job(&J.f2, self.l2, hidp, M, NCO_ACT_IDENTITY, midp, outp, self.kind,
                      _fptr(self.n2w), _fptr(self.n2b), self.eps, outp, nt)
-        J.ngroups = ng
-        J.attn = <AttnJob *>malloc(ng * sizeof(AttnJob))
-        if J.attn == NULL:
+        J.ngroups = len(groups)
+        J.attn = A
+        for g in range(J.ngroups):
+            off, nseq, L = groups[g]
+            A[g].qkv = qkvp + off * 3 * d
+            A[g].ld = 3 * d
+            A[g].bq = <const float *>cnp.PyArray_DATA(self.bq)
+            A[g].ctx = ctxp + off * d
+            A[g].ldc = d
+            A[g].L = L
+            A[g].H = d
+            A[g].nhead = self.nhead
+            A[g].dh = d // self.nhead
+            A[g].causal = 0
+            A[g].mask = NULL
+            A[g].m_sb = A[g].m_sh = A[g].m_ld = A[g].k_ld = 0
+            A[g].kpm = NULL
+            A[g].nblk = nseq * self.nhead
+
+
+def _run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
+                xn=None):
+    """Layers kernels[0], kernels[1], ... in sequence, all in one OpenMP parallel region
+    (private: normcy.transformer).  Layer l reads x (l = 0) or outs[l-1] and writes
+    outs[l]; consecutive layers may ping-pong between two buffers, x's included.  The
+    workspaces are shared by the layers (see _EncoderLayerKernel.run); every kernel must
+    have the same shapes and the same norm placement.  Returns outs[-1]."""
+    cdef Py_ssize_t nl = len(kernels), l, g, ng, off, nseq, L, M, d, f
+    cdef _EncoderLayerKernel k0, k
+    if nl < 1 or len(outs) != nl:
+        raise ValueError("_run_layers: need one output per layer, got %d kernels and %d "
+                         "outputs" % (nl, len(outs)))
+    k0 = <_EncoderLayerKernel?>kernels[0]
+    for l in range(nl):
+        k = <_EncoderLayerKernel?>kernels[l]
+        if k.d != k0.d or k.f != k0.f or k.pre != k0.pre:
+            raise ValueError("_run_layers: the layers differ in shape or norm placement")
+    d, f = k0.d, k0.f
+    if not isinstance(x, np.ndarray) or (<cnp.ndarray>x).ndim != 2:
+        raise ValueError("_EncoderLayerKernel.run: x must be 2-D, got %s" % _desc(x))
+    M = (<cnp.ndarray>x).shape[0]
+    _layer_buf(x, "x", M, d, False)
+    _layer_buf(qkv, "qkv", M, 3 * d, True)
+    _layer_buf(ctx, "ctx", M, d, True)
+    _layer_buf(mid, "mid", M, d, True)
+    _layer_buf(hid, "hid", M, f, True)
+    for l in range(nl):
+        _layer_buf(outs[l], "out", M, d, True)
+    if k0.pre:
+        _layer_buf(xn, "xn", M, d, True)
+    else:
+        xn = None
+    # the workspaces overlap nothing; each layer's output does not overlap its input (x is
+    # read by the first layer only: later layers may write over it)
+    ws = (qkv, ctx, mid, hid, xn)
+    _layer_distinct(ws + (x, outs[0]))
+    for l in range(1, nl):
+        _layer_distinct(ws + (outs[l - 1], outs[l]))
+    ng = len(groups)
+    cdef Py_ssize_t covered = 0
+    for g in range(ng):
+        off, nseq, L = groups[g]
+        if off != covered or nseq < 1 or L < 1 or nseq * L > M - off:
+            raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+                             % (M, groups))
+        covered = off + nseq * L
+    if covered != M:
+        raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+                         % (M, groups))
+    if M == 0:
+        return outs[nl - 1]
+    cdef Py_ssize_t mr = nc_gemm_mr()
+    cdef Py_ssize_t units = max((k0.l1.out_features + k0.l1._nr - 1) // k0.l1._nr,
+                                (M + mr - 1) // mr)
+    cdef int nt = resolve_threads(num_threads, M * k0.fmas_per_row // 8, units)
+    cdef LayerJob *J = <LayerJob *>malloc(nl * sizeof(LayerJob))
+    cdef AttnJob *A = <AttnJob *>malloc(nl * (ng if ng else 1) * sizeof(AttnJob))
+    cdef int t
+    try:
+        if J == NULL or A == NULL:
             raise MemoryError()
-        cdef int t, n
-        try:
-            for g in range(ng):
-                off, nseq, L = groups[g]
-                J.attn[g].qkv = qkvp + off * 3 * d
-                J.attn[g].ld = 3 * d
-                J.attn[g].bq = <const float *>cnp.PyArray_DATA(self.bq)
-                J.attn[g].ctx = ctxp + off * d
-                J.attn[g].ldc = d
-                J.attn[g].L = L
-                J.attn[g].H = d
-                J.attn[g].nhead = self.nhead
-                J.attn[g].dh = dh
-                J.attn[g].causal = 0
-                J.attn[g].mask = NULL
-                J.attn[g].m_sb = J.attn[g].m_sh = J.attn[g].m_ld = J.attn[g].k_ld = 0
-                J.attn[g].kpm = NULL
-                J.attn[g].nblk = nseq * self.nhead
-            with nogil:
-                if nt <= 1:
-                    layer_team(&J, 0, 1)
-                else:
-                    with parallel(num_threads=nt):
-                        layer_team(&J, omp_get_thread_num(), omp_get_num_threads())
-        finally:
-            free(J.attn)
-        return out
+        for l in range(nl):
+            k = <_EncoderLayerKernel>kernels[l]
+            k._fill(&J[l], A + l * ng,
+                    <const float *>cnp.PyArray_DATA(<cnp.ndarray>(x if l == 0 else outs[l - 1])),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>outs[l]),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>qkv),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>ctx),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>mid),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>hid),
+                    <float *>cnp.PyArray_DATA(<cnp.ndarray>xn) if xn is not None else NULL,
+                    M, groups, nt)
+        with nogil:
+            if nt <= 1:
+                layers_team(J, nl, 0, 1)
+            else:
+                with parallel(num_threads=nt):
+                    layers_team(J, nl, omp_get_thread_num(), omp_get_num_threads())
+    finally:
+        free(J)
+        free(A)
+    return outs[nl - 1]
+
+
+cdef void layers_team(const LayerJob *J, Py_ssize_t nl, int t, int nt) noexcept nogil:
+    """Thread t of a team of nt: the layers in order, a barrier between layers."""
+    cdef Py_ssize_t l
+    for l in range(nl):
+        if l:
+            nc_omp_barrier()
+        layer_team(&J[l], t, nt)
 
 
 cdef int _layer_buf(object a, str name, Py_ssize_t rows, Py_ssize_t cols,

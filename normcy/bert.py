@@ -22,7 +22,7 @@ import numpy as np
 
 from normcy._norms import add_layer_norm
 from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
-from normcy.transformer import TransformerEncoderLayer, _as_param
+from normcy.transformer import TransformerEncoderLayer, _as_param, forward_layers
 
 __all__ = ["BertModel"]
 
@@ -73,15 +73,10 @@ class BertModel:
         if not isinstance(weights, Mapping):
             raise TypeError("weights must be a mapping of names to arrays, got %s"
                             % type(weights).__name__)
-        if num_threads is not None:
-            if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-                raise TypeError("num_threads must be an int or None, got %s"
-                                % type(num_threads).__name__)
-            if num_threads < 1:
-                raise ValueError("num_threads must be >= 1, got %d" % num_threads)
-            num_threads = int(num_threads)
-        self.config = dict(config)
+        self.layers = []
         self.num_threads = num_threads
+        num_threads = self.num_threads
+        self.config = dict(config)
         H = self.hidden_size = _config_int(config, "hidden_size")
         nh = self.num_attention_heads = _config_int(config, "num_attention_heads")
         ff = self.intermediate_size = _config_int(config, "intermediate_size")
@@ -225,6 +220,25 @@ class BertModel:
                              % (name, shape, a.shape))
         return a
 
+    @property
+    def num_threads(self):
+        """Threads for every kernel of the model (None: normcy's default); setting it
+        reaches every layer."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, num_threads):
+        if num_threads is not None:
+            if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
+                raise TypeError("num_threads must be an int or None, got %s"
+                                % type(num_threads).__name__)
+            if num_threads < 1:
+                raise ValueError("num_threads must be >= 1, got %d" % num_threads)
+            num_threads = int(num_threads)
+        self._num_threads = num_threads
+        for layer in self.layers:
+            layer.num_threads = num_threads
+
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None):
         """Encode a batch.
 
@@ -313,15 +327,8 @@ class BertModel:
         add_layer_norm(x0, tmp, self._ln[0], self._ln[1], self.layer_norm_eps, out=cur,
                        num_threads=self.num_threads)
 
-        nl = len(self.layers)
-        final = out.reshape(B * S, H) if dense else None
-        for li, layer in enumerate(self.layers):
-            if li == nl - 1 and final is not None:
-                dst = final
-            else:
-                dst = ws.get("bert_io%d" % (li % 2), (T, H))
-            layer.forward_rows(cur, plan, ws, dst)
-            cur = dst
+        final = out.reshape(B * S, H) if dense else ws.get("bert_last", (T, H))
+        cur = forward_layers(self.layers, cur, plan, ws, final, io="bert_io")
         if not dense:
             out[b_idx, col] = cur
         return out

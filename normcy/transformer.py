@@ -32,7 +32,7 @@ import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
-from normcy._gemm import PackedLinear, _EncoderLayerKernel, _attention
+from normcy._gemm import PackedLinear, _EncoderLayerKernel, _attention, _run_layers
 from normcy._validate import as_float, as_int
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
@@ -408,6 +408,42 @@ class TransformerEncoderLayer:
                    self.norm_first, self.layer_norm_eps, self.norm))
 
 
+def forward_layers(layers, x, plan, ws, out, io="io"):
+    """Run `layers` in sequence on the (rows, d_model) matrix `x` into `out`.
+
+    Package-level interface (used by :class:`TransformerEncoder` and
+    :class:`normcy.BertModel`).  Intermediate results alternate between the workspace
+    buffers ``io + "0"`` and ``io + "1"`` (`x` may be one of them: only the first layer reads
+    it).  Without attention masks, and when the layers share their shapes, norm placement
+    and thread setting, every layer runs in one compiled call and one parallel region (the
+    same kernels as layer by layer, the same bits); otherwise layer by layer.
+    """
+    n, d = x.shape
+    nl = len(layers)
+    if not nl:
+        np.copyto(out, x)
+        return out
+    l0 = layers[0]
+    if (plan.kpm is None and plan.mask is None and not plan.is_causal
+            and all(l.d_model == d and l.dim_feedforward == l0.dim_feedforward
+                    and l.norm_first == l0.norm_first and l.num_threads == l0.num_threads
+                    for l in layers)):
+        outs = [ws.get("%s%d" % (io, i % 2), (n, d)) for i in range(nl - 1)] + [out]
+        f = l0.dim_feedforward
+        mid = ws.get("sum" if l0.norm_first else "x1", (n, d))
+        xn = ws.get("xn", (n, d)) if l0.norm_first else None
+        _run_layers([l._kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
+                    ws.get("ctx", (n, d)), mid, ws.get("hid", (n, f)), plan.groups,
+                    l0.num_threads, xn)
+        return out
+    cur = x
+    for i, layer in enumerate(layers):
+        dst = out if i == nl - 1 else ws.get("%s%d" % (io, i % 2), (n, d))
+        layer.forward_rows(cur, plan, ws, dst)
+        cur = dst
+    return out
+
+
 def _check_input(x, d_model):
     if not isinstance(x, np.ndarray):
         raise TypeError("x must be a float32 numpy.ndarray of shape (batch, seq, %d), got %s"
@@ -532,16 +568,8 @@ class TransformerEncoder:
 
     def _forward_rows(self, x, plan, ws, out):
         n, d = x.shape
-        cur = x
-        nl = len(self.layers)
-        for i, layer in enumerate(self.layers):
-            last = i == nl - 1
-            if last and self.norm is None:
-                dst = out
-            else:
-                dst = ws.get("io%d" % (i % 2), (n, d))
-            layer.forward_rows(cur, plan, ws, dst)
-            cur = dst
+        cur = out if self.norm is None else ws.get("enc_last", (n, d))
+        forward_layers(self.layers, x, plan, ws, cur)
         if self.norm is not None:
             w, b, eps, kind = self.norm
             if kind == "layer":

@@ -176,3 +176,20 @@ def test_input_errors():
     with pytest.raises(ValueError, match="token_type_ids must lie in"):
         m(ids, am, tt + 2)
     assert m(np.zeros((0, 4), np.int64)).shape == (0, 4, 32)
+
+
+def test_num_threads_setting_reaches_every_layer():
+    m = BertModel(_cfg(0), _weights(0), num_threads=1)
+    nl = len(m.layers)
+    assert nl >= 1 and [layer.num_threads for layer in m.layers] == [1] * nl
+    ids = _inputs(0)[0]
+    ref = m(ids)
+    m.num_threads = 2
+    assert m.num_threads == 2 and [layer.num_threads for layer in m.layers] == [2] * nl
+    np.testing.assert_array_equal(m(ids), ref)      # bit-identical for every thread count
+    m.num_threads = None
+    assert [layer.num_threads for layer in m.layers] == [None] * nl
+    with pytest.raises(ValueError, match="num_threads"):
+        m.num_threads = 0
+    with pytest.raises(TypeError, match="num_threads"):
+        m.num_threads = 1.5

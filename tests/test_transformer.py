@@ -352,3 +352,33 @@ def test_compiled_layer_checks_its_buffers():
         run(groups=[(0, 1, 5)])
     with pytest.raises(ValueError, match="groups"):
         run(groups=[(0, 2, 3), (6, 1, 1)])
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("final_norm", [False, True])
+def test_compiled_encoder_equals_layer_by_layer(norm_first, final_norm):
+    # Without masks every layer runs in one compiled call (one parallel region); an
+    # all-False key padding mask takes the layer-by-layer path: the same bits.
+    rng = np.random.default_rng(12)
+    layers = [TransformerEncoderLayer(32, 4, 48, activation="gelu", norm_first=norm_first)
+              for _ in range(3)]
+    norm = None
+    if final_norm:
+        norm = {"weight": (1 + rng.standard_normal(32)).astype(np.float32),
+                "bias": rng.standard_normal(32).astype(np.float32), "eps": 1e-5,
+                "kind": "layer"}
+    enc = TransformerEncoder(layers, norm=norm)
+    x = rng.standard_normal((3, 9, 32)).astype(np.float32)
+    x0 = x.copy()
+    for nt in (1, 2, 3):
+        enc.num_threads = nt
+        a = enc(x)
+        b = enc(x, key_padding_mask=np.zeros((3, 9), bool))
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(x, x0)            # the input is not modified
+    # one layer alone, and layers with different thread settings (layer by layer)
+    np.testing.assert_array_equal(TransformerEncoder(layers[:1], norm=norm)(x),
+                                  TransformerEncoder(layers[:1], norm=norm)(
+                                      x, key_padding_mask=np.zeros((3, 9), bool)))
+    layers[1].num_threads = 1
+    np.testing.assert_array_equal(enc(x), a)

@@ -375,3 +375,23 @@ def test_attention_query_row_independent_of_its_pairing(L, case):
 def test_packed_linear_is_exported():
     assert normcy.PackedLinear is PackedLinear
     assert "PackedLinear" in normcy.__all__
+
+
+@pytest.mark.parametrize("act", ["relu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("N", [16, 33, 100])
+def test_activation_epilogue_is_the_row_kernel_bit_for_bit(act, N):
+    # The fused epilogue computes act(acc + b) (+ r) per element, whole tiles at a time;
+    # it must give exactly what the GEMM without bias followed by normcy's bias_activation
+    # and a residual add gives (full and partial panels, every row count of a tile).
+    from normcy._ops import bias_activation
+    rng = np.random.default_rng(N)
+    K = 37
+    w = rng.standard_normal((N, K)).astype(F32)
+    b = rng.standard_normal(N).astype(F32)
+    for M in (1, 5, 6, 7, 13, 50):
+        x = (rng.standard_normal((M, K)) * 2).astype(F32)
+        r = rng.standard_normal((M, N)).astype(F32)
+        acc = PackedLinear(w)(x)
+        want = bias_activation(acc, b, act) + r
+        got = PackedLinear(w, b)(x, activation=act, residual=r)
+        np.testing.assert_array_equal(got, want)

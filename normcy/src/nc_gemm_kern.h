@@ -189,7 +189,28 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
         }
     }
     kf[mr](a, lda, bp, kc, cin, ldi, buf, NC_NR);
-    if (last) {
+    if (last && act != NCO_ACT_IDENTITY && nv == NC_NR) {
+        /* activation over the whole tile at once: the row kernel keeps four vectors in
+           flight (one vector at a time, GELU's ~100-cycle dependency chain was the cost of
+           the epilogue); the same operations per element: (acc + b) -> act -> (+ r) */
+        if (bias) {
+            const ncv b0 = ncv_ld(bias), b1 = ncv_ld(bias + NC_VW);
+            for (int r = 0; r < mr; r++) {
+                ncv_st(buf + r * NC_NR, ncv_ld(buf + r * NC_NR) + b0);
+                ncv_st(buf + r * NC_NR + NC_VW, ncv_ld(buf + r * NC_NR + NC_VW) + b1);
+            }
+        }
+        NC_FN(nc_ops_act_row)(buf, NULL, NULL, buf, (nc_int)mr * NC_NR, act);
+        for (int r = 0; r < mr; r++) {
+            ncv v0 = ncv_ld(buf + r * NC_NR), v1 = ncv_ld(buf + r * NC_NR + NC_VW);
+            if (res) {
+                v0 = v0 + ncv_ld(res + r * ldr);
+                v1 = v1 + ncv_ld(res + r * ldr + NC_VW);
+            }
+            ncv_st(y + r * ldy, v0);
+            ncv_st(y + r * ldy + NC_VW, v1);
+        }
+    } else if (last) {
         for (int r = 0; r < mr; r++) {
             const float *rr = res ? res + r * ldr : NULL;
             nc_gemm_epi(ncv_ld(buf + r * NC_NR), bias, rr, y + r * ldy, act, nv);

@@ -536,6 +536,10 @@ class SentenceEncoder:
 
     def _encode_batch(self, texts: List[str]):
         try:
+            if len(texts) == 1:
+                # one text (the serving case): encode() costs half of encode_batch(), which
+                # goes through the tokenizer's thread pool
+                return [self.tokenizer.encode(texts[0], add_special_tokens=True)]
             return self.tokenizer.encode_batch(texts, add_special_tokens=True)
         except TypeError:
             # tokenizers rejects strings that are not valid Unicode with an opaque message

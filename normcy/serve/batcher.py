@@ -54,6 +54,10 @@ class _GivenTokens:
     def encode_batch(self, texts, add_special_tokens=True, **kwargs):  # noqa: D401
         return [self._encodings[int(t)] for t in texts]
 
+    def encode(self, text, add_special_tokens=True, **kwargs):  # noqa: D401
+        # SentenceEncoder tokenizes a single text with encode()
+        return self._encodings[int(text)]
+
 
 class _Job:
     __slots__ = ("encodings", "key", "future", "out", "remaining", "t_enqueued", "t_start",

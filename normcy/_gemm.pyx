@@ -180,8 +180,22 @@ cdef void gemm_part(const GemmJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
                         j.act, 0, j.M, a, b)
 
 
+cdef void gemm_team(const GemmJob *j, int t, int nt) noexcept nogil:
+    """Thread t of a team of nt: its part of the GEMM; with the norm epilogue and a split
+    by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
+    cdef Py_ssize_t a, b
+    gemm_part(j, t, nt)
+    if j.norm >= 0 and not j.by_rows:
+        nc_omp_barrier()
+        a = j.M * t // nt
+        b = j.M * (t + 1) // nt
+        if a < b:
+            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
+                      j.nw, j.nb, j.eps)
+
+
 cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
-    cdef Py_ssize_t t, n, a, b
+    cdef Py_ssize_t t
     if nt <= 1:
         j.by_rows = True
         gemm_rows(j, 0, j.M)
@@ -194,15 +208,7 @@ cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
     # normalized, so the norm runs after a barrier, rows split among the same team
     # (one parallel region for both)
     with parallel(num_threads=nt):
-        n = omp_get_num_threads()
-        t = omp_get_thread_num()
-        gemm_part(j, t, n)
-        nc_omp_barrier()
-        a = j.M * t // n
-        b = j.M * (t + 1) // n
-        if a < b:
-            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
-                      j.nw, j.nb, j.eps)
+        gemm_team(j, omp_get_thread_num(), omp_get_num_threads())
 
 
 cdef class PackedLinear:
@@ -605,20 +611,6 @@ cdef struct LayerJob:
     # attention, one job per group of equal-length sequences
     AttnJob *attn
     Py_ssize_t ngroups
-
-
-cdef void gemm_team(const GemmJob *j, int t, int nt) noexcept nogil:
-    """Thread t of a team of nt: its part of the GEMM; with the norm epilogue and a split
-    by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
-    cdef Py_ssize_t a, b
-    gemm_part(j, t, nt)
-    if j.norm >= 0 and not j.by_rows:
-        nc_omp_barrier()
-        a = j.M * t // nt
-        b = j.M * (t + 1) // nt
-        if a < b:
-            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
-                      j.nw, j.nb, j.eps)
 
 
 cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:

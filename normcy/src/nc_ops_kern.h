@@ -254,42 +254,28 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
     ncv m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
     j = 0;
     if (!kpm && limit >= nfull) {
-        if (mask) {
-            for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
-                ncv v0 = ncv_ld(x + j) * vscale + ncv_ld(mask + j);
-                ncv v1 = ncv_ld(x + j + NC_VW) * vscale + ncv_ld(mask + j + NC_VW);
-                ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale + ncv_ld(mask + j + 2 * NC_VW);
-                ncv v3 = ncv_ld(x + j + 3 * NC_VW) * vscale + ncv_ld(mask + j + 3 * NC_VW);
-                ncv_st(out + j, v0);
-                ncv_st(out + j + NC_VW, v1);
-                ncv_st(out + j + 2 * NC_VW, v2);
-                ncv_st(out + j + 3 * NC_VW, v3);
-                m0 = ncv_max(v0, m0); m1 = ncv_max(v1, m1);
-                m2 = ncv_max(v2, m2); m3 = ncv_max(v3, m3);
+        /* (GCC unswitches the loop on mask: one copy each, no test per vector) */
+        for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
+            ncv v0 = ncv_ld(x + j) * vscale, v1 = ncv_ld(x + j + NC_VW) * vscale;
+            ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale, v3 = ncv_ld(x + j + 3 * NC_VW) * vscale;
+            if (mask) {
+                v0 = v0 + ncv_ld(mask + j);
+                v1 = v1 + ncv_ld(mask + j + NC_VW);
+                v2 = v2 + ncv_ld(mask + j + 2 * NC_VW);
+                v3 = v3 + ncv_ld(mask + j + 3 * NC_VW);
             }
-            for (; j < nfull; j += NC_VW) {
-                ncv v = ncv_ld(x + j) * vscale + ncv_ld(mask + j);
-                ncv_st(out + j, v);
-                m0 = ncv_max(v, m0);
-            }
-        } else {
-            for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
-                ncv v0 = ncv_ld(x + j) * vscale;
-                ncv v1 = ncv_ld(x + j + NC_VW) * vscale;
-                ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale;
-                ncv v3 = ncv_ld(x + j + 3 * NC_VW) * vscale;
-                ncv_st(out + j, v0);
-                ncv_st(out + j + NC_VW, v1);
-                ncv_st(out + j + 2 * NC_VW, v2);
-                ncv_st(out + j + 3 * NC_VW, v3);
-                m0 = ncv_max(v0, m0); m1 = ncv_max(v1, m1);
-                m2 = ncv_max(v2, m2); m3 = ncv_max(v3, m3);
-            }
-            for (; j < nfull; j += NC_VW) {
-                ncv v = ncv_ld(x + j) * vscale;
-                ncv_st(out + j, v);
-                m0 = ncv_max(v, m0);
-            }
+            ncv_st(out + j, v0);
+            ncv_st(out + j + NC_VW, v1);
+            ncv_st(out + j + 2 * NC_VW, v2);
+            ncv_st(out + j + 3 * NC_VW, v3);
+            m0 = ncv_max(v0, m0); m1 = ncv_max(v1, m1);
+            m2 = ncv_max(v2, m2); m3 = ncv_max(v3, m3);
+        }
+        for (; j < nfull; j += NC_VW) {
+            ncv v = ncv_ld(x + j) * vscale;
+            if (mask) v = v + ncv_ld(mask + j);
+            ncv_st(out + j, v);
+            m0 = ncv_max(v, m0);
         }
     }
     /* the general case (and the partial last vector): per-position deaths */

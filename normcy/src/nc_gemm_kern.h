@@ -23,9 +23,13 @@
  *
  * Cache blocking
  * --------------
- * - K is cut into blocks of KC <= 4096 / NC_NR (16 KB of a panel: AVX2 256, AVX-512 128;
- *   equal blocks, a multiple of 8): a panel's KC x NC_NR slice and the micro-tile's
- *   NC_MR x KC floats of x stay in L1 together while the micro-kernel runs.  Partial sums
+ * - K is cut into blocks of KC <= 6144 / NC_NR (24 KB of a panel: AVX2 384, AVX-512 192;
+ *   equal blocks, a multiple of 8): the panel's KC x NC_NR slice stays in a 32 KB L1 for
+ *   all the micro-tiles of a row block, while the tiles' rows of x stream through it (each
+ *   cache line of x serves 16 consecutive k, then is not needed again by that tile).  The
+ *   earlier 16 KB bound also kept a tile's NC_MR x KC floats of x resident, which nothing
+ *   reuses; at K = 384 it cost a second K block (store and reload of the accumulators):
+ *   3-4% of the single-thread rate on the AMD EPYC (M = 4096, best of 9).  Partial sums
  *   of a tile go to y between K blocks and are loaded back into the accumulators, so each
  *   output element is still one sequential FMA chain over k in order (storing and
  *   reloading a float accumulator is exact).
@@ -251,7 +255,7 @@ static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const floa
    (24 KB at K = 384 on AVX2) plus the x tile (9 KB) overflowed L1 and halved the speed. */
 static nc_int NC_FN(nc_gemm_kc)(nc_int K)
 {
-    nc_int kcmax = 4096 / NC_NR, nkb = (K + kcmax - 1) / kcmax;
+    nc_int kcmax = 6144 / NC_NR, nkb = (K + kcmax - 1) / kcmax;
     nc_int kc = (K + nkb - 1) / nkb;
     return (kc + 7) & ~(nc_int)7;
 }

@@ -96,7 +96,7 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
  */
 NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, nc_int lda,
                                     const float *bp, nc_int kc, const float *cin, nc_int ldi,
-                                    float *cout, nc_int ldo)
+                                    float *cout, nc_int ldo, const float *pfn, nc_int pstep)
 {
     ncv c0[NC_MR], c1[NC_MR];
 #pragma GCC unroll 16
@@ -115,6 +115,13 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
             __builtin_prefetch(bp + k * NC_NR + NC_PF_BYTES / 4 + 16, 0, 3);
 #endif
         }
+        if (PF == 2) {
+            /* a later tile of the row block (its slice is in L1): its share of the slice the
+               thread streams next, pstep floats per k, into L2, so that the memory traffic
+               of the next block overlaps this compute instead of stalling the next block's
+               first tile */
+            __builtin_prefetch(pfn + k * pstep, 0, 2);
+        }
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
             const ncv av = ncv_set1(a[r * lda + k]);
@@ -132,12 +139,16 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
 #define NC_GEMM_KDEF(R)                                                                   \
     static __attribute__((noinline)) void NC_FN(nc_gemm_k##R)(                            \
         const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo)                                              \
-    { NC_FN(nc_gemm_kloop)(R, 0, a, lda, bp, kc, cin, ldi, cout, ldo); }                  \
+        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
+    { NC_FN(nc_gemm_kloop)(R, 0, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }      \
     static __attribute__((noinline)) void NC_FN(nc_gemm_kp##R)(                           \
         const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo)                                              \
-    { NC_FN(nc_gemm_kloop)(R, 1, a, lda, bp, kc, cin, ldi, cout, ldo); }
+        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
+    { NC_FN(nc_gemm_kloop)(R, 1, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }      \
+    static __attribute__((noinline)) void NC_FN(nc_gemm_kn##R)(                           \
+        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
+        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
+    { NC_FN(nc_gemm_kloop)(R, 2, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }
 NC_GEMM_KDEF(1) NC_GEMM_KDEF(2) NC_GEMM_KDEF(3) NC_GEMM_KDEF(4) NC_GEMM_KDEF(5)
 NC_GEMM_KDEF(6)
 #if NC_MR > 6
@@ -146,7 +157,8 @@ NC_GEMM_KDEF(7) NC_GEMM_KDEF(8)
 #undef NC_GEMM_KDEF
 
 typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
-                                   const float *, nc_int, float *, nc_int);
+                                   const float *, nc_int, float *, nc_int, const float *,
+                                   nc_int);
 
 /*
  * One micro-tile of mr rows (1..NC_MR), k block [k0, k0+kc) of a panel with nv valid
@@ -156,9 +168,10 @@ typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
 static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const float *bp,
                                        nc_int kc, const float *bias, const float *res,
                                        nc_int ldr, float *y, nc_int ldy, nc_int nv, int act,
-                                       int first, int last, int pf)
+                                       int first, int last, int pf, const float *pfn,
+                                       nc_int pstep)
 {
-    static const NC_FN(nc_gemm_kfn) kfs[2][NC_MR + 1] = {
+    static const NC_FN(nc_gemm_kfn) kfs[3][NC_MR + 1] = {
         {0, NC_FN(nc_gemm_k1), NC_FN(nc_gemm_k2), NC_FN(nc_gemm_k3), NC_FN(nc_gemm_k4),
          NC_FN(nc_gemm_k5), NC_FN(nc_gemm_k6),
 #if NC_MR > 6
@@ -170,12 +183,19 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
 #if NC_MR > 6
          NC_FN(nc_gemm_kp7), NC_FN(nc_gemm_kp8),
 #endif
+        },
+        {0, NC_FN(nc_gemm_kn1), NC_FN(nc_gemm_kn2), NC_FN(nc_gemm_kn3), NC_FN(nc_gemm_kn4),
+         NC_FN(nc_gemm_kn5), NC_FN(nc_gemm_kn6),
+#if NC_MR > 6
+         NC_FN(nc_gemm_kn7), NC_FN(nc_gemm_kn8),
+#endif
         }};
-    const NC_FN(nc_gemm_kfn) *kf = kfs[pf != 0];
+    /* pf: 0 none, 1 the tile's own slice (first tile), 2 a share of the next slice */
+    const NC_FN(nc_gemm_kfn) *kf = kfs[pf == 2 && pfn ? 2 : pf == 1];
     float buf[NC_MR * NC_NR] __attribute__((aligned(64)));
     if (nv == NC_NR && !last) {
         /* whole panel, partial sums straight in y */
-        kf[mr](a, lda, bp, kc, first ? NULL : y, ldy, y, ldy);
+        kf[mr](a, lda, bp, kc, first ? NULL : y, ldy, y, ldy, pfn, pstep);
         return;
     }
     const float *cin = NULL;
@@ -192,7 +212,7 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
             cin = buf;
         }
     }
-    kf[mr](a, lda, bp, kc, cin, ldi, buf, NC_NR);
+    kf[mr](a, lda, bp, kc, cin, ldi, buf, NC_NR, pfn, pstep);
     if (last && act != NCO_ACT_IDENTITY && nv == NC_NR) {
         /* activation over the whole tile at once: the row kernel keeps four vectors in
            flight (one vector at a time, GELU's ~100-cycle dependency chain was the cost of
@@ -307,11 +327,22 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                 /* tiles of balanced heights (20 rows: 5+5+5+5, not 6+6+6+2): a short tile
                    has too few accumulator chains to cover the FMA latency */
                 const nc_int len = i1 - i0, ntl = (len + NC_MR - 1) / NC_MR;
+                /* The slice this thread streams next (the panel's next K block, else the
+                   next panel's first; none after the last panel of the range) is shared
+                   out among the tiles after the first, which read their own slice from L1:
+                   with few rows (a row block of 2-3 tiles, M ~ 7-20) the first tile used to
+                   wait on memory as long as the others computed. */
+                const float *nxt = !last ? bp + kc * NC_NR
+                                 : p + 1 < p1 ? wp + (p + 1) * K * NC_NR : NULL;
+                const nc_int shares = ntl - 1 > 0 ? ntl - 1 : 1;
+                const nc_int pstep = NC_NR / shares > 0 ? NC_NR / shares : 1;
                 for (nc_int t = 0; t < ntl; t++) {
                     nc_int i = i0 + len * t / ntl, ie = i0 + len * (t + 1) / ntl;
+                    const float *pfn = t > 0 && nxt ? nxt + (t - 1) * kc * pstep : NULL;
                     NC_FN(nc_gemm_tile)((int)(ie - i), x + i * ldx + k0, ldx, bp, kc, bj,
                                         res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0,
-                                        ldy, nv, act, first, last, t == 0);
+                                        ldy, nv, act, first, last, t == 0 ? 1 : 2, pfn,
+                                        pstep);
                 }
             }
         }

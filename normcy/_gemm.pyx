@@ -734,25 +734,24 @@ cdef class _EncoderLayerKernel:
         J.pre_kind = self.kind if self.pre else -1
         J.pw = _fptr(self.n1w)
         J.pb = _fptr(self.n1b)
+        # pre-LN: xn = norm1(x); qkv = xn W; s = x + attn (mid), xn = norm2(s);
+        #         hid = act(xn W1); out = s + hid W2
+        # post-LN: qkv = x W; x1 = norm1(x + attn) (mid); hid = act(x1 W1);
+        #          out = norm2(x1 + hid W2)
+        cdef const float *qin = xnp if self.pre else xp
+        cdef float *onorm_out = xnp if self.pre else midp
+        cdef const float *f1in = xnp if self.pre else midp
+        cdef cnp.ndarray ow = self.n2w if self.pre else self.n1w
+        cdef cnp.ndarray ob = self.n2b if self.pre else self.n1b
+        gemm_job(&J.qkv, self.lqkv, qin, M, NCO_ACT_IDENTITY, NULL, qkvp, -1, NULL, NULL,
+                 0.0, NULL, nt)
+        gemm_job(&J.o, self.lo, ctxp, M, NCO_ACT_IDENTITY, xp, midp, self.kind, _fptr(ow),
+                 _fptr(ob), self.eps, onorm_out, nt)
+        gemm_job(&J.f1, self.l1, f1in, M, self.act, NULL, hidp, -1, NULL, NULL, 0.0, NULL, nt)
         if self.pre:
-            # xn = norm1(x); qkv = xn W; s = x + attn (mid), xn = norm2(s); hid = act(xn W1);
-            # out = s + hid W2
-            gemm_job(&J.qkv, self.lqkv, xnp, M, NCO_ACT_IDENTITY, NULL, qkvp, -1, NULL, NULL,
-                     0.0, NULL, nt)
-            gemm_job(&J.o, self.lo, ctxp, M, NCO_ACT_IDENTITY, xp, midp, self.kind,
-                     _fptr(self.n2w), _fptr(self.n2b), self.eps, xnp, nt)
-            gemm_job(&J.f1, self.l1, xnp, M, self.act, NULL, hidp, -1, NULL, NULL, 0.0, NULL,
-                     nt)
             gemm_job(&J.f2, self.l2, hidp, M, NCO_ACT_IDENTITY, midp, outp, -1, NULL, NULL,
                      0.0, NULL, nt)
         else:
-            # qkv = x W; x1 = norm1(x + attn) (mid); hid = act(x1 W1); out = norm2(x1 + hid W2)
-            gemm_job(&J.qkv, self.lqkv, xp, M, NCO_ACT_IDENTITY, NULL, qkvp, -1, NULL, NULL,
-                     0.0, NULL, nt)
-            gemm_job(&J.o, self.lo, ctxp, M, NCO_ACT_IDENTITY, xp, midp, self.kind,
-                     _fptr(self.n1w), _fptr(self.n1b), self.eps, midp, nt)
-            gemm_job(&J.f1, self.l1, midp, M, self.act, NULL, hidp, -1, NULL, NULL, 0.0, NULL,
-                     nt)
             gemm_job(&J.f2, self.l2, hidp, M, NCO_ACT_IDENTITY, midp, outp, self.kind,
                      _fptr(self.n2w), _fptr(self.n2b), self.eps, outp, nt)
         J.ngroups = len(groups)

@@ -135,29 +135,21 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
     }
 }
 
+/* one non-inlined micro-kernel per tile height R and prefetch mode PF (name prefix P) */
+#define NC_GEMM_KFN(P, R, PF)                                                             \
+    static __attribute__((noinline)) void NC_FN(nc_gemm_##P##R)(                          \
+        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
+        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
+    { NC_FN(nc_gemm_kloop)(R, PF, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }
 #define NC_GEMM_KDEF(R)                                                                   \
-    static __attribute__((noinline)) void NC_FN(nc_gemm_k##R)(                            \
-        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
-    { NC_FN(nc_gemm_kloop)(R, 0, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }      \
-    static __attribute__((noinline)) void NC_FN(nc_gemm_kp##R)(                           \
-        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
-    { NC_FN(nc_gemm_kloop)(R, 1, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }      \
-    static __attribute__((noinline)) void NC_FN(nc_gemm_kn##R)(                           \
-        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
-    { NC_FN(nc_gemm_kloop)(R, 2, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }      \
-    static __attribute__((noinline)) void NC_FN(nc_gemm_kb##R)(                           \
-        const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
-        nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
-    { NC_FN(nc_gemm_kloop)(R, 3, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }
+    NC_GEMM_KFN(k, R, 0) NC_GEMM_KFN(kp, R, 1) NC_GEMM_KFN(kn, R, 2) NC_GEMM_KFN(kb, R, 3)
 NC_GEMM_KDEF(1) NC_GEMM_KDEF(2) NC_GEMM_KDEF(3) NC_GEMM_KDEF(4) NC_GEMM_KDEF(5)
 NC_GEMM_KDEF(6)
 #if NC_MR > 6
 NC_GEMM_KDEF(7) NC_GEMM_KDEF(8)
 #endif
 #undef NC_GEMM_KDEF
+#undef NC_GEMM_KFN
 
 typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
                                    const float *, nc_int, float *, nc_int, const float *,
@@ -174,31 +166,18 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
                                        int first, int last, int pf, const float *pfn,
                                        nc_int pstep)
 {
-    static const NC_FN(nc_gemm_kfn) kfs[4][NC_MR + 1] = {
-        {0, NC_FN(nc_gemm_k1), NC_FN(nc_gemm_k2), NC_FN(nc_gemm_k3), NC_FN(nc_gemm_k4),
-         NC_FN(nc_gemm_k5), NC_FN(nc_gemm_k6),
 #if NC_MR > 6
-         NC_FN(nc_gemm_k7), NC_FN(nc_gemm_k8),
+#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
+                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6),   \
+                    NC_FN(nc_gemm_##P##7), NC_FN(nc_gemm_##P##8)}
+#else
+#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
+                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6)}
 #endif
-        },
-        {0, NC_FN(nc_gemm_kp1), NC_FN(nc_gemm_kp2), NC_FN(nc_gemm_kp3), NC_FN(nc_gemm_kp4),
-         NC_FN(nc_gemm_kp5), NC_FN(nc_gemm_kp6),
-#if NC_MR > 6
-         NC_FN(nc_gemm_kp7), NC_FN(nc_gemm_kp8),
-#endif
-        },
-        {0, NC_FN(nc_gemm_kn1), NC_FN(nc_gemm_kn2), NC_FN(nc_gemm_kn3), NC_FN(nc_gemm_kn4),
-         NC_FN(nc_gemm_kn5), NC_FN(nc_gemm_kn6),
-#if NC_MR > 6
-         NC_FN(nc_gemm_kn7), NC_FN(nc_gemm_kn8),
-#endif
-        },
-        {0, NC_FN(nc_gemm_kb1), NC_FN(nc_gemm_kb2), NC_FN(nc_gemm_kb3), NC_FN(nc_gemm_kb4),
-         NC_FN(nc_gemm_kb5), NC_FN(nc_gemm_kb6),
-#if NC_MR > 6
-         NC_FN(nc_gemm_kb7), NC_FN(nc_gemm_kb8),
-#endif
-        }};
+    /* k: no prefetch, kp: own slice ahead, kn: share of the next slice, kb: both */
+    static const NC_FN(nc_gemm_kfn) kfs[4][NC_MR + 1] = {NC_KROW(k), NC_KROW(kp), NC_KROW(kn),
+                                                         NC_KROW(kb)};
+#undef NC_KROW
     /* pf: bit 0 = the tile's own slice ahead (first tile of a block), bit 1 = a share of
        the next slice (only with one) */
     const NC_FN(nc_gemm_kfn) *kf = kfs[pfn ? pf : pf & 1];

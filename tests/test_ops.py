@@ -308,6 +308,22 @@ def test_softmax_nan_stays_in_its_row():
     assert not np.isnan(softmax(x, key_padding_mask=k)).any()
 
 
+@pytest.mark.parametrize("n", [16, 40, 128, 131])
+def test_softmax_wide_logit_ranges(n):
+    # Rows whose scaled logits span less than 86.5 take the exponential without its
+    # underflow clamp, wider rows the clamped one: both must match float64, and positions
+    # more than 86.5 below the maximum must give exactly 0
+    rng = np.random.default_rng(n)
+    for span in (1.0, 80.0, 86.0, 87.0, 100.0, 300.0, 1e6):
+        x = (rng.random((6, n)) * span - span).astype(F32)
+        x[:, 3] = 0.0
+        y = softmax(x)
+        assert_softmax_close(y, ref_softmax(x), n)
+        below = x.astype(np.float64) - x.max(axis=-1, keepdims=True) < -86.6
+        assert np.all(y[below] == 0)                  # exp below -86.5 is 0 by design
+        assert np.all(np.isfinite(y))
+
+
 @pytest.mark.parametrize("rows", [1, 2, 3, 7, 8])
 @pytest.mark.parametrize("n", [1, 9, 32, 128, 131])
 def test_softmax_row_alone_equals_row_in_block(rows, n):

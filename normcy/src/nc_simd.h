@@ -99,6 +99,7 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define ncv_sel NC_FN(ncv_sel)
 #define ncv_abs NC_FN(ncv_abs)
 #define ncv_max NC_FN(ncv_max)
+#define ncv_min NC_FN(ncv_min)
 #define ncv_sel_sign NC_FN(ncv_sel_sign)
 #define ncv_hsum NC_FN(ncv_hsum)
 #define ncv_hmax NC_FN(ncv_hmax)
@@ -128,6 +129,20 @@ NC_INLINE ncv ncv_max(ncv a, ncv b)
     return (ncv)_mm_max_ps((__m128)a, (__m128)b);
 #else
     return ncv_sel(a > b, a, b);
+#endif
+}
+
+/* a < b ? a : b per lane (b where either is NaN): the x86 MINPS rule */
+NC_INLINE ncv ncv_min(ncv a, ncv b)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    return (ncv)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__x86_64__) && NC_VW == 8
+    return (ncv)_mm256_min_ps((__m256)a, (__m256)b);
+#elif defined(__x86_64__) && NC_VW == 4
+    return (ncv)_mm_min_ps((__m128)a, (__m128)b);
+#else
+    return ncv_sel(a < b, a, b);
 #endif
 }
 

@@ -16,6 +16,7 @@
 #undef ncv_sel
 #undef ncv_abs
 #undef ncv_max
+#undef ncv_min
 #undef ncv_sel_sign
 #undef ncv_hsum
 #undef ncv_hmax
@@ -29,6 +30,7 @@
 #undef nco_exp
 #undef nco_exp_nonpos
 #undef nco_exp_nonpos_2k
+#undef nco_exp_inrange
 #undef nco_gelu_erf
 #undef nco_gelu_tanh
 #undef nco_relu

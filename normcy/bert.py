@@ -138,7 +138,6 @@ class BertModel:
         self._pos = p["embeddings.position_embeddings.weight"]
         self._type = p["embeddings.token_type_embeddings.weight"]
         self._ln = (p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
-        self.layers = []
         for i in range(nl):
             g = lambda k: p["encoder.layer.%d.%s" % (i, k)]  # noqa: E731
             sd = {

@@ -318,7 +318,7 @@ class TransformerEncoderLayer:
         qkv = ws.get("qkv", (n, 3 * d))
         ctx = ws.get("ctx", (n, d))
         hid = ws.get("hid", (n, f))
-        if plan.kpm is None and plan.mask is None and not plan.is_causal:
+        if plan.unmasked:
             if self.norm_first:
                 self._kernel.run(x, qkv, ctx, ws.get("sum", (n, d)), hid, out, plan.groups,
                                  nt, ws.get("xn", (n, d)))
@@ -424,7 +424,7 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
         np.copyto(out, x)
         return out
     l0 = layers[0]
-    if (plan.kpm is None and plan.mask is None and not plan.is_causal
+    if (plan.unmasked
             and all(l.d_model == d and l.dim_feedforward == l0.dim_feedforward
                     and l.norm_first == l0.norm_first and l.num_threads == l0.num_threads
                     for l in layers)):

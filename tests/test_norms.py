@@ -590,6 +590,38 @@ def test_extreme_magnitudes(h, scale, eps_kind, name, d):
     h.assert_close(y, exp)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("d", [8, 383, 384])
+@pytest.mark.parametrize("wb", WB, ids=WB_IDS)
+def test_each_row_as_alone_bitwise(h, name, d, wb):
+    """Rows are processed two at a time and software-pipelined (a row's statistics before
+    the previous pair is written): every row of a block, at every block size, position,
+    pairing and thread count, is bit-identical to the same row normalized alone, including
+    rows that take the double-precision path (tiny values with eps = 0) next to rows that
+    do not."""
+    rng = h.rng_for("rowalone", name, d, wb)
+    rows = [h.randn(rng, (1, d)) for _ in range(4)]
+    rows.append((rng.standard_normal((1, d)) * 1e-33).astype(F32))    # scale > 1e30
+    rows.append((rng.standard_normal((1, d)) * 1e18).astype(F32))
+    rows.append(np.full((1, d), 2.5, F32))                              # constant row
+    rows += [h.randn(rng, (1, d), scale=10.0, loc=100.0) for _ in range(3)]
+    x = np.concatenate(rows)[rng.permutation(len(rows))]
+    r = h.randn(rng, x.shape)
+    w, b = h.params(rng, d, *wb)
+    xb = h.randn(rng, d, scale=0.5) if name in ADD else None
+    kw = {"eps": 0.0}
+    alone = np.concatenate([_call(name, x[i:i + 1], r[i:i + 1], w, b, xb, num_threads=1, **kw)
+                            for i in range(len(x))])
+    for m in range(1, len(x) + 1):
+        for lo in (0, len(x) - m):
+            for nt in (1, 2, 3):
+                got = _call(name, x[lo:lo + m], r[lo:lo + m], w, b, xb, num_threads=nt, **kw)
+                np.testing.assert_array_equal(got.view(np.int32),
+                                              alone[lo:lo + m].view(np.int32),
+                                              err_msg="%d rows from %d, %d threads"
+                                              % (m, lo, nt))
+
+
 @pytest.mark.parametrize("name,where", [(n, w) for n in ALL for w in ("x", "residual")
                                         if n in ADD or w == "x"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

@@ -63,6 +63,10 @@ typedef struct nc_ktable {
     void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float);
     void (*affine_vec)(const float *, float *, const float *, const float *, ptrdiff_t);
     void (*stream_copy)(float *, const float *, ptrdiff_t);
+    void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
+                      const float *, ptrdiff_t, float, float, float, float, float, float);
+    void (*scale_apply2)(const float *, const float *, float *, float *, const float *,
+                         ptrdiff_t, float, float);
     /* Transformer element-wise / row kernels (nc_ops_kern.h) */
     void (*act_row)(const float *, const float *, const float *, float *, ptrdiff_t, int);
     void (*exp_row)(const float *, float *, ptrdiff_t);
@@ -142,9 +146,9 @@ typedef struct nc_ktable {
 #if NC_FAMILIES & NC_F_NORM
 #define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_vec_##S,     \
-     nc_stream_copy_##S
+     nc_stream_copy_##S, nc_ln_apply2_##S, nc_scale_apply2_##S
 #else
-#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0
+#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_OPS
 #define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S, \
@@ -254,6 +258,15 @@ static inline double nc_sumsq(const float *x, const float *xb, const float *r, f
 static inline void nc_scale_apply(const float *s, float *y, const float *w, ptrdiff_t n,
                                   float scale)
 { nc_kt->scale_apply(s, y, w, n, scale); }
+/* two rows of the same length at once (the same results as two nc_ln_apply calls) */
+static inline void nc_ln_apply2(const float *s0, const float *s1, float *y0, float *y1,
+                                const float *w, const float *b, ptrdiff_t n,
+                                float mhi0, float mlo0, float scale0,
+                                float mhi1, float mlo1, float scale1)
+{ nc_kt->ln_apply2(s0, s1, y0, y1, w, b, n, mhi0, mlo0, scale0, mhi1, mlo1, scale1); }
+static inline void nc_scale_apply2(const float *s0, const float *s1, float *y0, float *y1,
+                                   const float *w, ptrdiff_t n, float scale0, float scale1)
+{ nc_kt->scale_apply2(s0, s1, y0, y1, w, n, scale0, scale1); }
 static inline void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b,
                                  ptrdiff_t n, double mean, double scale)
 { nc_kt->ln_apply_d(s, y, w, b, n, mean, scale); }

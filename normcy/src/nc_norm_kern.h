@@ -252,6 +252,73 @@ static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const f
     }
 }
 
+/* Two rows of the same length at once: y0 from s0 and y1 from s1, each element computed
+   exactly as nc_ln_apply computes it (the same bits), with one load of w and b serving
+   both rows (the one-row loop is bound by its three loads per vector).  Rows are not
+   peeled (their alignments may differ); unaligned vector accesses cost nothing extra. */
+#define NC_LN2_LOOP(FIN)                                                                  \
+    do {                                                                                  \
+        for (; i + NC_VW <= n; i += NC_VW) {                                              \
+            NC_LN2_WB;                                                                    \
+            ncv t0 = (ncv_ld(s0 + i) - hv0) * sv0 + cv0;                                  \
+            ncv t1 = (ncv_ld(s1 + i) - hv1) * sv1 + cv1;                                  \
+            ncv_st(y0 + i, FIN(t0));                                                      \
+            ncv_st(y1 + i, FIN(t1));                                                      \
+        }                                                                                 \
+    } while (0)
+static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, float *y1,
+                               const float *w, const float *b, nc_int n,
+                               float mhi0, float mlo0, float scale0,
+                               float mhi1, float mlo1, float scale1)
+{
+    nc_int i = 0;
+    const float c0 = -(mlo0 * scale0), c1 = -(mlo1 * scale1);
+    const ncv hv0 = mhi0 - (ncv){0}, cv0 = c0 - (ncv){0}, sv0 = scale0 - (ncv){0};
+    const ncv hv1 = mhi1 - (ncv){0}, cv1 = c1 - (ncv){0}, sv1 = scale1 - (ncv){0};
+    if (w != NULL && b != NULL) {
+#define NC_LN2_WB ncv wv = ncv_ld(w + i), bv = ncv_ld(b + i)
+#define NC_LN2_FIN(t) ((t) * wv + bv)
+        NC_LN2_LOOP(NC_LN2_FIN);
+#undef NC_LN2_FIN
+#undef NC_LN2_WB
+        for (; i < n; i++) {
+            y0[i] = ((s0[i] - mhi0) * scale0 + c0) * w[i] + b[i];
+            y1[i] = ((s1[i] - mhi1) * scale1 + c1) * w[i] + b[i];
+        }
+    } else if (w != NULL) {
+#define NC_LN2_WB ncv wv = ncv_ld(w + i)
+#define NC_LN2_FIN(t) ((t) * wv)
+        NC_LN2_LOOP(NC_LN2_FIN);
+#undef NC_LN2_FIN
+#undef NC_LN2_WB
+        for (; i < n; i++) {
+            y0[i] = ((s0[i] - mhi0) * scale0 + c0) * w[i];
+            y1[i] = ((s1[i] - mhi1) * scale1 + c1) * w[i];
+        }
+    } else if (b != NULL) {
+#define NC_LN2_WB ncv bv = ncv_ld(b + i)
+#define NC_LN2_FIN(t) ((t) + bv)
+        NC_LN2_LOOP(NC_LN2_FIN);
+#undef NC_LN2_FIN
+#undef NC_LN2_WB
+        for (; i < n; i++) {
+            y0[i] = ((s0[i] - mhi0) * scale0 + c0) + b[i];
+            y1[i] = ((s1[i] - mhi1) * scale1 + c1) + b[i];
+        }
+    } else {
+#define NC_LN2_WB (void)0
+#define NC_LN2_FIN(t) (t)
+        NC_LN2_LOOP(NC_LN2_FIN);
+#undef NC_LN2_FIN
+#undef NC_LN2_WB
+        for (; i < n; i++) {
+            y0[i] = (s0[i] - mhi0) * scale0 + c0;
+            y1[i] = (s1[i] - mhi1) * scale1 + c1;
+        }
+    }
+}
+#undef NC_LN2_LOOP
+
 /* Scalar double-precision apply for rows whose scale is outside float32's comfortable
    range (|x| near FLT_MAX, or subnormal rows with eps = 0): y = (s - mean) * scale * w + b. */
 static void NC_FN(nc_ln_apply_d)(const float *s, float *y, const float *w, const float *b, nc_int n,
@@ -358,6 +425,34 @@ static void NC_FN(nc_scale_apply)(const float *s, float *y, const float *w, nc_i
         for (; i < head; i++) y[i] = s[i] * scale;
         for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_ld(s + i) * sv);
         for (; i < n; i++) y[i] = s[i] * scale;
+    }
+}
+
+/* Two rows at once, each element as nc_scale_apply computes it; one load of w per pair. */
+static void NC_FN(nc_scale_apply2)(const float *s0, const float *s1, float *y0, float *y1,
+                                  const float *w, nc_int n, float scale0, float scale1)
+{
+    nc_int i = 0;
+    const ncv sv0 = scale0 - (ncv){0}, sv1 = scale1 - (ncv){0};
+    if (w != NULL) {
+        for (; i + NC_VW <= n; i += NC_VW) {
+            ncv wv = ncv_ld(w + i);
+            ncv_st(y0 + i, (ncv_ld(s0 + i) * sv0) * wv);
+            ncv_st(y1 + i, (ncv_ld(s1 + i) * sv1) * wv);
+        }
+        for (; i < n; i++) {
+            y0[i] = (s0[i] * scale0) * w[i];
+            y1[i] = (s1[i] * scale1) * w[i];
+        }
+    } else {
+        for (; i + NC_VW <= n; i += NC_VW) {
+            ncv_st(y0 + i, ncv_ld(s0 + i) * sv0);
+            ncv_st(y1 + i, ncv_ld(s1 + i) * sv1);
+        }
+        for (; i < n; i++) {
+            y0[i] = s0[i] * scale0;
+            y1[i] = s1[i] * scale1;
+        }
     }
 }
 

@@ -250,8 +250,7 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
             row_apply(j, &st, c0, ln, scratch + n)
             nc_stream_copy(yp + c0, scratch + n, ln)
             c0 += ln
-        nc_stream_fence()
-        return
+        return      # the caller fences once, after its last row
     # Some operand has a non-unit last-axis stride: work on contiguous copies.
     gx = scratch
     gr = scratch + n
@@ -398,6 +397,8 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
             else:
                 for i in range(j.nrows):
                     norm_row(j, i, scratch)
+                if j.stream:
+                    nc_stream_fence()
                 free(scratch)
     else:
         with nogil, parallel(num_threads=nt):
@@ -409,6 +410,8 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
             for i in prange(j.nrows, schedule='static'):
                 if not need_scratch or scratch != NULL:
                     norm_row(j, i, scratch)
+            if j.stream:
+                nc_stream_fence()   # this thread's streamed rows, before the join
             free(scratch)
     if failed:
         raise MemoryError("normcy: could not allocate %d bytes of scratch" % scratch_bytes)

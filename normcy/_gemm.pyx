@@ -13,6 +13,7 @@ k in a fixed order whatever the thread count or the other rows of the call, so r
 bit-identical for every thread count and every batch composition.
 """
 from libc.stdlib cimport malloc, free
+from libc.string cimport memset
 from libc.stdint cimport uint8_t, uintptr_t
 from cython.parallel cimport prange, parallel
 cimport numpy as cnp
@@ -39,6 +40,7 @@ cdef extern from "nc_api_gemm.h" nogil:
     double nc_fma_loop(Py_ssize_t iters)
     Py_ssize_t nc_gemm_kc(Py_ssize_t K)
     Py_ssize_t nc_gemm_mc(Py_ssize_t K)
+    int nc_isa_vbytes()
     void nc_attention_head(const float *q, Py_ssize_t ldq, const float *bq, const float *kt,
                            Py_ssize_t ldk,
                            const float *v, Py_ssize_t ldv, float *out, Py_ssize_t ldo,
@@ -477,15 +479,22 @@ cdef struct AttnJob:
     Py_ssize_t nblk
 
 
+cdef inline Py_ssize_t attn_ldk(Py_ssize_t L) noexcept nogil:
+    """Row stride of K^T for the attention kernel: L rounded up to four of the chosen
+    variant's vectors (nc_isa_vbytes() floats), since its score loops read whole vectors."""
+    cdef Py_ssize_t q = nc_isa_vbytes()
+    return (L + q - 1) // q * q
+
+
 cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogil:
     """One (sequence, head): K transposed and V gathered into buf (compact: the projection
     rows are 3H floats apart, which maps V's rows onto a few L1 sets), attention into ctx
     (q and its bias are read in place)."""
     cdef Py_ssize_t bs = blk // j.nhead, hh = blk - (blk // j.nhead) * j.nhead
-    cdef Py_ssize_t L = j.L, dh = j.dh, s0, s1, s, d
+    cdef Py_ssize_t L = j.L, dh = j.dh, s0, s1, s, d, lk = attn_ldk(L)
     cdef float *kt = buf
-    cdef float *v = buf + L * dh
-    cdef float *scores = buf + 2 * L * dh
+    cdef float *v = buf + lk * dh
+    cdef float *scores = v + L * dh
     cdef const float *base = j.qkv + bs * L * j.ld + hh * dh
     cdef const float *kr = base + j.H
     cdef const uint8_t *kp = NULL
@@ -497,8 +506,11 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogi
         s1 = s0 + 8 if s0 + 8 < L else L
         for d in range(dh):
             for s in range(s0, s1):
-                kt[d * L + s] = kr[s * j.ld + d]
+                kt[d * lk + s] = kr[s * j.ld + d]
         s0 = s1
+    if lk > L:
+        for d in range(dh):
+            memset(kt + d * lk + L, 0, (lk - L) * sizeof(float))
     for s in range(L):
         for d in range(dh):
             v[s * dh + d] = kr[j.H + s * j.ld + d]
@@ -506,7 +518,7 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogi
         mk = j.mask + bs * j.m_sb + hh * j.m_sh
     if j.kpm != NULL:
         kp = j.kpm + bs * j.k_ld
-    nc_attention_head(base, j.ld, j.bq + hh * dh, kt, L, v, dh,
+    nc_attention_head(base, j.ld, j.bq + hh * dh, kt, lk, v, dh,
                       j.ctx + bs * L * j.ldc + hh * dh, j.ldc, L, dh, L, j.causal, mk, j.m_ld,
                       kp, scores)
 
@@ -516,7 +528,8 @@ cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
     cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
     if a >= b:
         return
-    cdef float *buf = <float *>malloc((2 * j.L * j.dh + 2 * j.L + 2 * j.dh + 64) * sizeof(float))
+    cdef Py_ssize_t lk = attn_ldk(j.L)
+    cdef float *buf = <float *>malloc((lk * j.dh + j.L * j.dh + 2 * (lk + j.dh)) * sizeof(float))
     if buf == NULL:
         return
     for i in range(a, b):

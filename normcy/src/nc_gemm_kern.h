@@ -386,8 +386,10 @@ static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
  * kt (dh x L, row stride ldk: keys transposed), v (L x dh, row stride ldv), out (L x dh,
  * row stride ldo).  Keys j >= klen are masked (padding), and j > i too when causal;
  * mask (L x L, row stride ldm, additive) and kpm (L bytes, non-zero = masked key) may be
- * NULL; bq (dh floats, may be NULL) is added to every row of q.  scores is scratch of
- * >= 2 * (L + NC_VW + dh) floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
+ * NULL; bq (dh floats, may be NULL) is added to every row of q.  ldk is a multiple of
+ * 4 * NC_VW (>= L): the score loops read K^T in whole vectors, lanes past L included
+ * (their scores are computed and never used), so short sequences need no partial loads;
+ * scores is scratch of >= 2 * (ldk + dh) floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
  * p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j (two interleaved chains
  * over j, added at the end).  Rows are independent: the result of a row does not depend
  * on the other rows, threads or the batch.
@@ -423,25 +425,22 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
         ncv_st(scores + j + NC_VW, s1);
     }
     for (; j < ncols; j += NC_VW) {
+        /* the last, partial vector: K^T rows are padded to whole vectors (ldk) */
         ncv s0 = ncv_set1(0.0f);
-        nc_int m = ncols - j < NC_VW ? ncols - j : NC_VW;
-        for (nc_int d = 0; d < dh; d++) {
-            float t[NC_VW] = {0};
-            memcpy(t, kt + d * ldk + j, (size_t)m * sizeof(float));
-            s0 += ncv_set1(qi[d]) * ncv_ld(t);
-        }
-        ncv_st(scores + j, s0);   /* scratch has NC_VW floats of slack */
+        for (nc_int d = 0; d < dh; d++) s0 += ncv_set1(qi[d]) * ncv_ld(kt + d * ldk + j);
+        ncv_st(scores + j, s0);   /* the score rows are ldk floats long */
     }
 }
 
 /* nca_qk for two query rows at once: every K^T vector loaded serves both rows (the QK
    sweep over K^T is the L1/L2 traffic of attention); the same chain per score, so the
-   same bits as two nca_qk calls */
+   same bits as two nca_qk calls.  The last block may run past ncols into K^T's padding
+   (ldk is a multiple of 4 * NC_VW), so a short row is one block of eight chains. */
 NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int ldk,
                        nc_int dh, nc_int ncols, float *sa, float *sb)
 {
     nc_int j = 0;
-    for (; j + 4 * NC_VW <= ncols; j += 4 * NC_VW) {
+    for (; j < ncols; j += 4 * NC_VW) {
         ncv a[4], b[4];
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) { a[u] = ncv_set1(0.0f); b[u] = ncv_set1(0.0f); }
@@ -460,10 +459,6 @@ NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int
             ncv_st(sa + j + u * NC_VW, a[u]);
             ncv_st(sb + j + u * NC_VW, b[u]);
         }
-    }
-    if (j < ncols) {
-        nca_qk(qa, kt + j, ldk, dh, ncols - j, sa + j);
-        nca_qk(qb, kt + j, ldk, dh, ncols - j, sb + j);
     }
 }
 
@@ -525,8 +520,8 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq
                                      const float *mask, nc_int ldm, const uint8_t *kpm,
                                      float *scores)
 {
-    float *s1 = scores + L + NC_VW;
-    float *qb0 = s1 + L + NC_VW, *qb1 = qb0 + dh;
+    float *s1 = scores + ldk;
+    float *qb0 = s1 + ldk, *qb1 = qb0 + dh;
     nc_int i = 0;
     /* query rows in pairs: one sweep of K^T for both rows' scores, the softmax of both
        rows interleaved, then V swept for one row and again, from L1, for the other */

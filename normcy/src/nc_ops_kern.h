@@ -204,17 +204,12 @@ NC_INLINE ncv nco_apply_act(ncv v, int act)
             ncv_st(out + j, v);                                                        \
         }                                                                              \
         if (j < n) {                                                                   \
-            float tx[NC_VW] = {0}, tb[NC_VW] = {0}, tr[NC_VW] = {0};                   \
             nc_int m = n - j;                                                         \
-            memcpy(tx, x + j, m * sizeof(float));                                      \
-            if (bias) memcpy(tb, bias + j, m * sizeof(float));                         \
-            if (res) memcpy(tr, res + j, m * sizeof(float));                           \
-            ncv v = ncv_ld(tx);                                                     \
-            if (bias) v = v + ncv_ld(tb);                                              \
+            ncv v = ncv_ld_n(x + j, m, 0.0f);                                          \
+            if (bias) v = v + ncv_ld_n(bias + j, m, 0.0f);                             \
             v = ACT(v);                                                                \
-            if (res) v = v + ncv_ld(tr);                                               \
-            ncv_st(tx, v);                                                             \
-            memcpy(out + j, tx, m * sizeof(float));                                    \
+            if (res) v = v + ncv_ld_n(res + j, m, 0.0f);                               \
+            ncv_st_n(out + j, v, m);                                                   \
         }                                                                              \
     } while (0)
 
@@ -310,15 +305,15 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
                 dead = ncv_seti(0);
             }
         } else {
-            float tx[NC_VW] = {0}, tm[NC_VW] = {0};
-            uint8_t tk[NC_VW] = {0};
-            memcpy(tx, x + j, m * sizeof(float));
-            if (mask) memcpy(tm, mask + j, m * sizeof(float));
-            if (kpm) memcpy(tk, kpm + j, m);
-            for (nc_int k = m; k < NC_VW; k++) tk[k] = 1;
-            v = ncv_ld(tx);
-            mv = ncv_ld(tm);
-            dead = ncv_bytes_nonzero(tk);
+            v = ncv_ld_n(x + j, m, 0.0f);
+            if (mask) mv = ncv_ld_n(mask + j, m, 0.0f);
+            /* lanes >= m are dead (the limit test below also covers them) */
+            dead = iota >= ncv_seti((int32_t)m);
+            if (kpm) {
+                uint8_t tk[NC_VW] = {0};
+                memcpy(tk, kpm + j, m);
+                dead |= ncv_bytes_nonzero(tk);
+            }
         }
         v = v * vscale;
         if (mask) v = v + mv;
@@ -332,9 +327,7 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
         if (m == NC_VW) {
             ncv_st(out + j, v);
         } else {
-            float tv[NC_VW];
-            ncv_st(tv, v);
-            memcpy(out + j, tv, m * sizeof(float));
+            ncv_st_n(out + j, v, m);
         }
     }
     /* the minimum through the maximum of the negations (NaN lanes: see nco_softmax_exp) */
@@ -383,14 +376,10 @@ NC_INLINE float nco_softmax_exp(float *out, nc_int n, float mx, float mn)
     }
 #undef NCO_SM_EXP
     if (j < n) {
-        float tv[NC_VW];
         nc_int m = n - j;
-        for (nc_int k = 0; k < NC_VW; k++) tv[k] = -INFINITY;
-        memcpy(tv, out + j, m * sizeof(float));
-        ncv e = nco_exp_nonpos(ncv_ld(tv) - vmx);
+        ncv e = nco_exp_nonpos(ncv_ld_n(out + j, m, -INFINITY) - vmx);
         s0 += e;
-        ncv_st(tv, e);
-        memcpy(out + j, tv, m * sizeof(float));
+        ncv_st_n(out + j, e, m);
     }
     ncv vsum = (s0 + s1) + (s2 + s3);
     return 1.0f / (float)ncv_hsum(vsum);
@@ -403,7 +392,7 @@ NC_INLINE void nco_softmax_scale(float *out, nc_int n, float inv)
     if (inv == 0.0f) return;
     const ncv vinv = ncv_set1(inv);
     for (j = 0; j + NC_VW <= n; j += NC_VW) ncv_st(out + j, ncv_ld(out + j) * vinv);
-    for (; j < n; j++) out[j] = out[j] * inv;
+    if (j < n) ncv_st_n(out + j, ncv_ld_n(out + j, n - j, 0.0f) * vinv, n - j);
 }
 
 static void NC_FN(nc_ops_softmax_row)(const float *x, float *out, nc_int n, float scale,

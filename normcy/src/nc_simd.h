@@ -108,9 +108,53 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define ncv_bytes_nonzero NC_FN(ncv_bytes_nonzero)
 #define ncv_iota NC_FN(ncv_iota)
 #define ncv_stream NC_FN(ncv_stream)
+#define ncv_ld_n NC_FN(ncv_ld_n)
+#define ncv_st_n NC_FN(ncv_st_n)
 
 NC_INLINE ncv ncv_ld(const float *p) { ncv v; memcpy(&v, p, sizeof v); return v; }
 NC_INLINE void ncv_st(float *p, ncv v) { memcpy(p, &v, sizeof v); }
+/* The partial last vector of a row: m floats, 0 <= m < NC_VW.  ncv_ld_n reads p[0..m)
+   into the low lanes (the others hold fill) and never touches p[m..); ncv_st_n writes
+   lanes [0, m) to p[0..m).  Masked loads on AVX2/AVX-512; elsewhere, and for AVX2 stores
+   (VMASKMOVPS stores are microcoded on AMD), copies of constant size by the bits of m,
+   which GCC inlines (a variable-size memcpy is a library call per tail). */
+#define NC_COPY_BITS(dst, src, m)                                                     \
+    do {                                                                              \
+        nc_int _o = 0;                                                                \
+        if (NC_VW > 8 && ((m) & 8)) { memcpy((dst) + _o, (src) + _o, 32); _o += 8; }  \
+        if (NC_VW > 4 && ((m) & 4)) { memcpy((dst) + _o, (src) + _o, 16); _o += 4; }  \
+        if ((m) & 2) { memcpy((dst) + _o, (src) + _o, 8); _o += 2; }                  \
+        if ((m) & 1) { memcpy((dst) + _o, (src) + _o, 4); }                           \
+    } while (0)
+NC_INLINE ncv ncv_ld_n(const float *p, nc_int m, float fill)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    return (ncv)_mm512_mask_loadu_ps(_mm512_set1_ps(fill), (__mmask16)((1u << m) - 1u), p);
+#elif defined(__x86_64__) && NC_VW == 8
+    const __m256i k = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)m),
+                                         _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    return (ncv)_mm256_blendv_ps(_mm256_set1_ps(fill), _mm256_maskload_ps(p, k),
+                                 _mm256_castsi256_ps(k));
+#else
+    float t[NC_VW];
+    ncv v = fill - (ncv){0};
+    memcpy(t, &v, sizeof t);
+    NC_COPY_BITS(t, p, m);
+    memcpy(&v, t, sizeof v);
+    return v;
+#endif
+}
+NC_INLINE void ncv_st_n(float *p, ncv v, nc_int m)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << m) - 1u), (__m512)v);
+#else
+    float t[NC_VW];
+    memcpy(t, &v, sizeof t);
+    NC_COPY_BITS(p, t, m);
+#endif
+}
+
 /* a - 0 keeps every value, -0 included, and compiles to one broadcast */
 NC_INLINE ncv ncv_set1(float a) { return a - (ncv){0}; }
 NC_INLINE nciv ncv_seti(int32_t a) { return a - (nciv){0}; }

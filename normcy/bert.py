@@ -267,12 +267,16 @@ class BertModel:
             mask = None
         else:
             mask = self._int_input(attention_mask, "attention_mask", (B, S)) != 0
+        types_max = 0
         if token_type_ids is None:
             types = None
         else:
             types = self._int_input(token_type_ids, "token_type_ids", (B, S))
-            if types.size and (types.min() < 0 or types.max() >= self.type_vocab_size):
-                raise ValueError("token_type_ids must lie in [0, %d)" % self.type_vocab_size)
+            if types.size:
+                types_max = int(types.max())
+                if types.min() < 0 or types_max >= self.type_vocab_size:
+                    raise ValueError("token_type_ids must lie in [0, %d)"
+                                     % self.type_vocab_size)
         H = self.hidden_size
         out = np.zeros((B, S, H), dtype=_F32)
         if B == 0 or S == 0:
@@ -312,19 +316,29 @@ class BertModel:
 
         ws = self._tls.ws
         x0 = ws.get("bert_x0", (T, H))
-        tmp = ws.get("bert_tmp", (T, H))
         tok = ids[b_idx, col] if not dense else ids.reshape(-1)
-        np.take(self._word, tok, axis=0, out=x0)
-        if types is None:
-            np.add(x0, self._type[0], out=x0)
+        # ids were range-checked above: mode="clip" gathers straight into `out` (the
+        # default mode="raise" gathers into a temporary and copies it)
+        np.take(self._word, tok, axis=0, out=x0, mode="clip")
+        # s = (word + type) + position, as Hugging Face sums them; a single segment (no
+        # token_type_ids, or all zero: the sentence-embedding case) is add_layer_norm's
+        # x_bias, which adds it to x before the residual: the same two roundings
+        xb = None
+        if types is None or not types_max:
+            xb = self._type[0]
         else:
+            tmp = ws.get("bert_tmp", (T, H))
             tt = types[b_idx, col] if not dense else types.reshape(-1)
-            np.take(self._type, tt, axis=0, out=tmp)
+            np.take(self._type, tt, axis=0, out=tmp, mode="clip")
             np.add(x0, tmp, out=x0)
-        np.take(self._pos, col, axis=0, out=tmp)
+        if dense and B == 1:
+            pos = self._pos[:S]                 # positions 0..S-1: a view, no gather
+        else:
+            pos = ws.get("bert_pos", (T, H))
+            np.take(self._pos, col, axis=0, out=pos, mode="clip")
         cur = ws.get("bert_io1", (T, H))
-        add_layer_norm(x0, tmp, self._ln[0], self._ln[1], self.layer_norm_eps, out=cur,
-                       num_threads=self.num_threads)
+        add_layer_norm(x0, pos, self._ln[0], self._ln[1], self.layer_norm_eps, x_bias=xb,
+                       out=cur, num_threads=self.num_threads)
 
         final = out.reshape(B * S, H) if dense else ws.get("bert_last", (T, H))
         cur = forward_layers(self.layers, cur, plan, ws, final, io="bert_io")

@@ -19,7 +19,7 @@ cdef extern from "numpy/arrayobject.h":
     object _nc_base_view "PyArray_View" (cnp.ndarray arr, void *descr, void *pytype)
 
 
-cdef inline tuple _shp(object a):
+cdef inline tuple shape_of(object a):
     """The shape, from the C-level dimensions for an ndarray (any subclass)."""
     cdef int k
     if cnp.PyArray_Check(a):
@@ -28,9 +28,9 @@ cdef inline tuple _shp(object a):
     return tuple((<object>a).shape)
 
 
-cdef inline str _desc(object a):
+cdef inline str describe(object a):
     if isinstance(a, cnp.ndarray):
-        return "array of shape %s and dtype %s" % (_shp(a),
+        return "array of shape %s and dtype %s" % (shape_of(a),
                                                   <object>cnp.PyArray_DESCR(<cnp.ndarray>a))
     return "object of type %s" % type(a).__name__
 
@@ -45,7 +45,7 @@ cdef inline object plain(object a, str name):
     if ma is not None and isinstance(a, ma.MaskedArray):
         raise TypeError("%s is a numpy.ma.MaskedArray (%s); normcy kernels would ignore its "
                         "mask: pass np.ma.getdata(%s) or a filled array"
-                        % (name, _desc(a), name))
+                        % (name, describe(a), name))
     return _nc_base_view(<cnp.ndarray>a, NULL, <void *>cnp.ndarray)
 
 
@@ -165,7 +165,7 @@ cdef inline int check_no_self_overlap(cnp.ndarray a, str name) except -1:
         if st[k] < span:
             raise ValueError("%s has internally overlapping elements (%s with strides %s); pass "
                              "an output whose elements are distinct in memory"
-                             % (name, _desc(a), tuple([cnp.PyArray_STRIDES(a)[j]
+                             % (name, describe(a), tuple([cnp.PyArray_STRIDES(a)[j]
                                                        for j in range(nd)])))
         span = st[k] * (dm[k] - 1) + span
     return 0

@@ -1,7 +1,7 @@
 """Fold an inference-mode BatchNorm into the linear / 1x1 convolution layer before it."""
 import numpy as np
 
-from normcy._norms import _param64, fold_batch_norm
+from normcy._norms import param64, fold_batch_norm
 from normcy._validate import as_float
 
 
@@ -49,7 +49,7 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
     for name, p in (("running_mean", running_mean), ("running_var", running_var),
                     ("bn_weight", bn_weight), ("bn_bias", bn_bias), ("bias", bias)):
         if p is None and name in ("running_mean", "running_var"):
-            _param64(p, name, cout)        # TypeError naming the argument
+            param64(p, name, cout)        # TypeError naming the argument
         if p is not None:
             try:
                 a = np.asarray(p)
@@ -59,7 +59,7 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
             if a.shape != (cout,):
                 raise ValueError("%s must have shape (%d,) to match weight of shape %s, got %s"
                                  % (name, cout, w.shape, a.shape))
-            p64[name] = _param64(a, name, cout)
+            p64[name] = param64(a, name, cout)
     eps = as_float(eps, "eps", minimum=0.0)
     # validates eps and running_var >= 0 the same way batch_norm does
     fold_batch_norm(p64["running_mean"], p64["running_var"], p64.get("bn_weight"),

@@ -23,10 +23,10 @@ class PackedLinear:
                  sum_out: Optional[_F32] = ..., out: Optional[_F32] = ...,
                  num_threads: Optional[int] = ...) -> _F32: ...
 
-def _attention(qkv: _F32, bq: _F32, ctx: _F32, nseq: int, L: int, nhead: int, *,
-               mask: Optional[_F32] = ..., key_padding_mask: Optional[npt.NDArray[np.bool_]] = ...,
-               is_causal: bool = ..., num_threads: Optional[int] = ...) -> None: ...
-class _EncoderLayerKernel:
+def attention(qkv: _F32, bq: _F32, ctx: _F32, nseq: int, L: int, nhead: int, *,
+              mask: Optional[_F32] = ..., key_padding_mask: Optional[npt.NDArray[np.bool_]] = ...,
+              is_causal: bool = ..., num_threads: Optional[int] = ...) -> None: ...
+class EncoderLayerKernel:
     def __init__(self, lin_qkv: PackedLinear, bq: _F32, lin_o: PackedLinear,
                  lin_1: PackedLinear, lin_2: PackedLinear,
                  norm1: Tuple[_F32, Optional[_F32]], norm2: Tuple[_F32, Optional[_F32]],
@@ -35,8 +35,8 @@ class _EncoderLayerKernel:
     def run(self, x: _F32, qkv: _F32, ctx: _F32, mid: _F32, hid: _F32, out: _F32,
             groups: List[Tuple[int, int, int]], num_threads: Optional[int] = ...,
             xn: Optional[_F32] = ...) -> _F32: ...
-def _run_layers(kernels: List[_EncoderLayerKernel], x: _F32, outs: List[_F32], qkv: _F32,
-                ctx: _F32, mid: _F32, hid: _F32, groups: List[Tuple[int, int, int]],
-                num_threads: Optional[int] = ..., xn: Optional[_F32] = ...) -> _F32: ...
+def run_layers(kernels: List[EncoderLayerKernel], x: _F32, outs: List[_F32], qkv: _F32,
+               ctx: _F32, mid: _F32, hid: _F32, groups: List[Tuple[int, int, int]],
+               num_threads: Optional[int] = ..., xn: Optional[_F32] = ...) -> _F32: ...
 def _kernel_shape() -> Tuple[int, int]: ...
 def _fma_peak(seconds: float = ...) -> float: ...

@@ -23,7 +23,7 @@ import operator
 from normcy._parallel cimport resolve_threads
 from normcy._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num, nc_omp_barrier
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
-from normcy._arraychecks cimport (_desc, _shp, check_no_self_overlap, check_overlap, plain,
+from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
                                   parse_eps)
 
 cnp.import_array()
@@ -80,12 +80,12 @@ cdef int _check_operand(object a, str name, tuple shape, bint output) except -1:
     if not isinstance(a, np.ndarray):
         raise TypeError("%s must be a numpy.ndarray or None, got %s" % (name, type(a).__name__))
     if (<cnp.ndarray>a).dtype != np.float32:
-        raise TypeError("%s must be float32, got %s" % (name, _desc(a)))
-    if _shp(a) != shape:
-        raise ValueError("%s must have shape %s, got %s" % (name, shape, _desc(a)))
+        raise TypeError("%s must be float32, got %s" % (name, describe(a)))
+    if shape_of(a) != shape:
+        raise ValueError("%s must have shape %s, got %s" % (name, shape, describe(a)))
     if output:
         if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
-            raise ValueError("%s must be writeable, got a read-only %s" % (name, _desc(a)))
+            raise ValueError("%s must be writeable, got a read-only %s" % (name, describe(a)))
         check_no_self_overlap(<cnp.ndarray>a, name)
     return 0
 
@@ -249,23 +249,23 @@ cdef class PackedLinear:
         if not isinstance(weight, np.ndarray):
             raise TypeError("weight must be a numpy.ndarray, got %s" % type(weight).__name__)
         if weight.dtype != np.float32:
-            raise TypeError("weight must be float32, got %s" % _desc(weight))
+            raise TypeError("weight must be float32, got %s" % describe(weight))
         if weight.ndim != 2:
             raise ValueError("weight must be 2-D (out_features, in_features), got %s"
-                             % _desc(weight))
+                             % describe(weight))
         cdef Py_ssize_t N = weight.shape[0], K = weight.shape[1]
         if N < 1 or K < 1:
             raise ValueError("weight must have out_features >= 1 and in_features >= 1, got %s"
-                             % _desc(weight))
+                             % describe(weight))
         if bias is not None:
             if not isinstance(bias, np.ndarray):
                 raise TypeError("bias must be a numpy.ndarray or None, got %s"
                                 % type(bias).__name__)
             if bias.dtype != np.float32:
-                raise TypeError("bias must be float32, got %s" % _desc(bias))
+                raise TypeError("bias must be float32, got %s" % describe(bias))
             if bias.shape != (N,):
                 raise ValueError("bias must have shape (%d,) to match weight %s, got %s"
-                                 % (N, weight.shape, _desc(bias)))
+                                 % (N, weight.shape, describe(bias)))
             self._bias = np.ascontiguousarray(bias).copy()
         else:
             self._bias = None
@@ -369,11 +369,11 @@ cdef class PackedLinear:
         if not isinstance(x, np.ndarray):
             raise TypeError("x must be a numpy.ndarray, got %s" % type(x).__name__)
         if (<cnp.ndarray>x).dtype != np.float32:
-            raise TypeError("x must be float32, got %s" % _desc(x))
+            raise TypeError("x must be float32, got %s" % describe(x))
         cdef int nd = cnp.PyArray_NDIM(<cnp.ndarray>x)
         if nd < 1 or cnp.PyArray_DIMS(<cnp.ndarray>x)[nd - 1] != self.in_features:
-            raise ValueError("x must have shape (..., %d), got %s" % (self.in_features, _desc(x)))
-        cdef tuple oshape = _shp(x)[:nd - 1] + (self.out_features,)
+            raise ValueError("x must have shape (..., %d), got %s" % (self.in_features, describe(x)))
+        cdef tuple oshape = shape_of(x)[:nd - 1] + (self.out_features,)
         cdef Py_ssize_t M = 1, k
         for k in range(nd - 1):
             M *= cnp.PyArray_DIMS(<cnp.ndarray>x)[k]
@@ -537,9 +537,9 @@ cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
     free(buf)
 
 
-def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
-               mask=None, key_padding_mask=None, bint is_causal=False, num_threads=None):
-    """Fused multi-head attention on packed projections (private: normcy.transformer).
+def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
+              mask=None, key_padding_mask=None, bint is_causal=False, num_threads=None):
+    """Fused multi-head attention on packed projections (package-internal: normcy.transformer).
 
     qkv : (nseq*L, 3H) float32 rows ``[q | k | v]`` with unit last stride, q already scaled
     (its bias `bq` (H,) is added here; the key bias cancels in the softmax and the value bias
@@ -553,17 +553,17 @@ def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     cdef Py_ssize_t H
     if (not isinstance(qkv, np.ndarray) or a.dtype != np.float32 or a.ndim != 2
             or a.shape[1] % 3 or a.shape[0] != nseq * L or not _rows_view_ok(a)):
-        raise ValueError("_attention: bad qkv %s" % _desc(qkv))
+        raise ValueError("attention: bad qkv %s" % describe(qkv))
     H = a.shape[1] // 3
     if nhead < 1 or H % nhead:
-        raise ValueError("_attention: nhead %d does not divide %d" % (nhead, H))
+        raise ValueError("attention: nhead %d does not divide %d" % (nhead, H))
     if (not isinstance(ctx, np.ndarray) or c.dtype != np.float32 or c.ndim != 2
             or c.shape[0] != nseq * L or c.shape[1] != H or not _rows_view_ok(c)
             or not c.flags.writeable):
-        raise ValueError("_attention: bad ctx %s" % _desc(ctx))
+        raise ValueError("attention: bad ctx %s" % describe(ctx))
     if (not isinstance(bq, np.ndarray) or bq.dtype != np.float32 or bq.shape != (H,)
             or not bq.flags.c_contiguous):
-        raise ValueError("_attention: bad bq %s" % _desc(bq))
+        raise ValueError("attention: bad bq %s" % describe(bq))
     cdef AttnJob j
     j.qkv = <const float *>cnp.PyArray_DATA(a)
     j.ld = a.strides[0] // 4
@@ -591,7 +591,7 @@ def _attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     if key_padding_mask is not None:
         kp = <cnp.ndarray>np.ascontiguousarray(key_padding_mask, dtype=np.uint8)
         if kp.ndim != 2 or kp.shape[0] != nseq or kp.shape[1] != L:
-            raise ValueError("_attention: bad key_padding_mask %s" % _desc(key_padding_mask))
+            raise ValueError("attention: bad key_padding_mask %s" % describe(key_padding_mask))
         j.kpm = <const uint8_t *>cnp.PyArray_DATA(kp)
         j.k_ld = L
     j.nblk = nseq * nhead
@@ -680,7 +680,7 @@ cdef inline const float *_fptr(cnp.ndarray a) noexcept:
     return NULL if a is None else <const float *>cnp.PyArray_DATA(a)
 
 
-cdef class _EncoderLayerKernel:
+cdef class EncoderLayerKernel:
     """One Transformer encoder layer (post-LN or pre-LN) in a single compiled call: the
     QKV projection, the fused attention, the output projection with its residual + norm
     epilogue, and the feed-forward GEMMs, all in one OpenMP parallel region with a barrier
@@ -705,17 +705,17 @@ cdef class _EncoderLayerKernel:
                 or lin_o.in_features != d or lin_1.in_features != d
                 or lin_2.in_features != f or lin_2.out_features != d
                 or nhead < 1 or d % nhead):
-            raise ValueError("_EncoderLayerKernel: inconsistent layer shapes")
+            raise ValueError("EncoderLayerKernel: inconsistent layer shapes")
         self.lqkv, self.lo, self.l1, self.l2 = lin_qkv, lin_o, lin_1, lin_2
         self.bq = <cnp.ndarray>np.ascontiguousarray(bq, dtype=np.float32)
         if self.bq.shape[0] != d or self.bq.ndim != 1:
-            raise ValueError("_EncoderLayerKernel: bq must have shape (%d,)" % d)
+            raise ValueError("EncoderLayerKernel: bq must have shape (%d,)" % d)
         if norm == "layer":
             self.kind = KIND_LN
         elif norm == "rms":
             self.kind = KIND_RMS
         else:
-            raise ValueError("_EncoderLayerKernel: norm must be 'layer' or 'rms'")
+            raise ValueError("EncoderLayerKernel: norm must be 'layer' or 'rms'")
         self.n1w = as_param(norm1[0], d, "norm1.weight")
         self.n1b = as_param(norm1[1], d, "norm1.bias")
         self.n2w = as_param(norm2[0], d, "norm2.weight")
@@ -732,7 +732,7 @@ cdef class _EncoderLayerKernel:
         pre-LN s = x + attn; pre-LN also xn (M, d) (norm1(x), then norm2(s)).  groups:
         (row_offset, n_seq, seq_len) of the sequences (no masks: the caller falls back to
         the stage-by-stage path for those)."""
-        return _run_layers([self], x, [out], qkv, ctx, mid, hid, groups, num_threads, xn)
+        return run_layers([self], x, [out], qkv, ctx, mid, hid, groups, num_threads, xn)
 
     cdef void _fill(self, LayerJob *J, AttnJob *A, const float *xp, float *outp, float *qkvp,
                     float *ctxp, float *midp, float *hidp, float *xnp, Py_ssize_t M,
@@ -787,26 +787,26 @@ cdef class _EncoderLayerKernel:
             A[g].nblk = nseq * self.nhead
 
 
-def _run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
-                xn=None):
+def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
+               xn=None):
     """Layers kernels[0], kernels[1], ... in sequence, all in one OpenMP parallel region
-    (private: normcy.transformer).  Layer l reads x (l = 0) or outs[l-1] and writes
+    (package-internal: normcy.transformer).  Layer l reads x (l = 0) or outs[l-1] and writes
     outs[l]; consecutive layers may ping-pong between two buffers, x's included.  The
-    workspaces are shared by the layers (see _EncoderLayerKernel.run); every kernel must
+    workspaces are shared by the layers (see EncoderLayerKernel.run); every kernel must
     have the same shapes and the same norm placement.  Returns outs[-1]."""
     cdef Py_ssize_t nl = len(kernels), l, g, ng, off, nseq, L, M, d, f
-    cdef _EncoderLayerKernel k0, k
+    cdef EncoderLayerKernel k0, k
     if nl < 1 or len(outs) != nl:
-        raise ValueError("_run_layers: need one output per layer, got %d kernels and %d "
+        raise ValueError("run_layers: need one output per layer, got %d kernels and %d "
                          "outputs" % (nl, len(outs)))
-    k0 = <_EncoderLayerKernel?>kernels[0]
+    k0 = <EncoderLayerKernel?>kernels[0]
     for l in range(nl):
-        k = <_EncoderLayerKernel?>kernels[l]
+        k = <EncoderLayerKernel?>kernels[l]
         if k.d != k0.d or k.f != k0.f or k.pre != k0.pre:
-            raise ValueError("_run_layers: the layers differ in shape or norm placement")
+            raise ValueError("run_layers: the layers differ in shape or norm placement")
     d, f = k0.d, k0.f
     if not isinstance(x, np.ndarray) or (<cnp.ndarray>x).ndim != 2:
-        raise ValueError("_EncoderLayerKernel.run: x must be 2-D, got %s" % _desc(x))
+        raise ValueError("EncoderLayerKernel.run: x must be 2-D, got %s" % describe(x))
     M = (<cnp.ndarray>x).shape[0]
     _layer_buf(x, "x", M, d, False)
     _layer_buf(qkv, "qkv", M, 3 * d, True)
@@ -830,11 +830,11 @@ def _run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num
     for g in range(ng):
         off, nseq, L = groups[g]
         if off != covered or nseq < 1 or L < 1 or nseq * L > M - off:
-            raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+            raise ValueError("EncoderLayerKernel.run: groups must tile the %d rows, got %r"
                              % (M, groups))
         covered = off + nseq * L
     if covered != M:
-        raise ValueError("_EncoderLayerKernel.run: groups must tile the %d rows, got %r"
+        raise ValueError("EncoderLayerKernel.run: groups must tile the %d rows, got %r"
                          % (M, groups))
     if M == 0:
         return outs[nl - 1]
@@ -849,7 +849,7 @@ def _run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num
         if J == NULL or A == NULL:
             raise MemoryError()
         for l in range(nl):
-            k = <_EncoderLayerKernel>kernels[l]
+            k = <EncoderLayerKernel>kernels[l]
             k._fill(&J[l], A + l * ng,
                     <const float *>cnp.PyArray_DATA(<cnp.ndarray>(x if l == 0 else outs[l - 1])),
                     <float *>cnp.PyArray_DATA(<cnp.ndarray>outs[l]),
@@ -884,12 +884,12 @@ cdef int _layer_buf(object a, str name, Py_ssize_t rows, Py_ssize_t cols,
                     bint output) except -1:
     """A C-contiguous float32 (rows, cols) array (writeable if an output)."""
     if (not isinstance(a, np.ndarray) or (<cnp.ndarray>a).dtype != np.float32
-            or _shp(a) != (rows, cols) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
+            or shape_of(a) != (rows, cols) or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>a)
             or (<uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>a)) % 4 != 0):
-        raise ValueError("_EncoderLayerKernel.run: %s must be a C-contiguous float32 array "
-                         "of shape (%d, %d), got %s" % (name, rows, cols, _desc(a)))
+        raise ValueError("EncoderLayerKernel.run: %s must be a C-contiguous float32 array "
+                         "of shape (%d, %d), got %s" % (name, rows, cols, describe(a)))
     if output and not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>a):
-        raise ValueError("_EncoderLayerKernel.run: %s must be writeable" % name)
+        raise ValueError("EncoderLayerKernel.run: %s must be writeable" % name)
     return 0
 
 
@@ -908,7 +908,7 @@ cdef int _layer_distinct(tuple bufs) except -1:
             b0 = <uintptr_t>cnp.PyArray_DATA(<cnp.ndarray>bufs[k])
             b1 = b0 + <uintptr_t>cnp.PyArray_NBYTES(<cnp.ndarray>bufs[k])
             if a0 < b1 and b0 < a1:
-                raise ValueError("_EncoderLayerKernel.run: buffers %d and %d overlap" % (i, k))
+                raise ValueError("EncoderLayerKernel.run: buffers %d and %d overlap" % (i, k))
     return 0
 
 

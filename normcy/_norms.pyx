@@ -16,7 +16,7 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport (_shp, _desc, extent, identical_view, check_overlap, plain,
+from normcy._arraychecks cimport (shape_of, describe, extent, identical_view, check_overlap, plain,
                                   parse_eps, check_no_self_overlap)
 
 cnp.import_array()
@@ -424,15 +424,15 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
 
 cdef int check_f32_array(object a, str name) except -1:
     if not cnp.PyArray_Check(a):
-        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, _desc(a)))
+        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, describe(a)))
     if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32:
         raise TypeError("%s must have dtype float32, got %s (normcy never casts activations "
-                        "silently; convert with .astype(np.float32))" % (name, _desc(a)))
+                        "silently; convert with .astype(np.float32))" % (name, describe(a)))
     if not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
-        raise TypeError("%s must be native-endian float32, got %s" % (name, _desc(a)))
+        raise TypeError("%s must be native-endian float32, got %s" % (name, describe(a)))
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
         raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
-                         % (name, _desc(a)))
+                         % (name, describe(a)))
     plain(a, name)   # refuses numpy.ma.MaskedArray (other subclasses: C-level fields only)
     return 0
 
@@ -442,17 +442,17 @@ cdef int check_same_shape(cnp.ndarray a, cnp.ndarray ref, str name, str refname)
     cdef int k
     if cnp.PyArray_NDIM(a) != nd:
         raise ValueError("%s must have the shape of %s %s, got shape %s"
-                         % (name, refname, _shp(ref), _shp(a)))
+                         % (name, refname, shape_of(ref), shape_of(a)))
     for k in range(nd):
         if cnp.PyArray_DIMS(a)[k] != cnp.PyArray_DIMS(ref)[k]:
             raise ValueError("%s must have the shape of %s %s, got shape %s"
-                             % (name, refname, _shp(ref), _shp(a)))
+                             % (name, refname, shape_of(ref), shape_of(a)))
     return 0
 
 
 cdef int check_writeable(cnp.ndarray a, str name) except -1:
     if not cnp.PyArray_ISWRITEABLE(a):
-        raise ValueError("%s is read-only (%s); pass a writeable array" % (name, _desc(a)))
+        raise ValueError("%s is read-only (%s); pass a writeable array" % (name, describe(a)))
     check_no_self_overlap(a, name)
     return 0
 
@@ -470,14 +470,14 @@ cdef object as_param(object p, Py_ssize_t n, str name):
         try:
             arr = np.asarray(p)
         except Exception as exc:
-            raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(p))) from exc
+            raise TypeError("%s must be a 1-d float array, got %s" % (name, describe(p))) from exc
         if arr.dtype.kind not in "fiu" or arr.dtype == np.bool_:
-            raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(arr)))
+            raise TypeError("%s must be a 1-d float array, got %s" % (name, describe(arr)))
         a = np.ascontiguousarray(arr, dtype=np.float32)
         if not cnp.PyArray_ISALIGNED(a):
             a = a.copy()                       # the kernels load whole floats
     if cnp.PyArray_NDIM(a) != 1 or cnp.PyArray_DIMS(a)[0] != n:
-        raise ValueError("%s must have shape (%d,), got shape %s" % (name, n, _shp(a)))
+        raise ValueError("%s must have shape (%d,), got shape %s" % (name, n, shape_of(a)))
     return a
 
 
@@ -494,7 +494,7 @@ cdef cnp.ndarray check_x(object x, str name):
                          "axis), got a 0-d array" % name)
     if cnp.PyArray_DIMS(a)[cnp.PyArray_NDIM(a) - 1] == 0:
         raise ValueError("%s has a zero-length last axis (shape %s); cannot normalize over it"
-                         % (name, _shp(a)))
+                         % (name, shape_of(a)))
     return a
 
 
@@ -531,7 +531,7 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
     j.eps = check_eps(eps)
     if kind == KIND_LN_ANNOTATED and n < 2:
         raise ValueError("convention='annotated' uses the unbiased std, which needs at least "
-                         "2 features; x has shape %s" % (_shp(xa),))
+                         "2 features; x has shape %s" % (shape_of(xa),))
     w = as_param(weight, n, "weight")
     b = as_param(bias, n, "bias")
     xb = as_param(x_bias, n, "x_bias")
@@ -716,29 +716,29 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     scale, shift : ndarray of float32, shape (C,)
     """
     cdef double e = check_eps(eps)
-    mean = _param64(running_mean, "running_mean", -1)
+    mean = param64(running_mean, "running_mean", -1)
     c = mean.shape[0]
-    var = _param64(running_var, "running_var", c)
+    var = param64(running_var, "running_var", c)
     if np.any(var < 0):
         raise ValueError("running_var must be >= 0")
-    w = _param64(weight, "weight", c) if weight is not None else 1.0
-    b = _param64(bias, "bias", c) if bias is not None else 0.0
+    w = param64(weight, "weight", c) if weight is not None else 1.0
+    b = param64(bias, "bias", c) if bias is not None else 0.0
     scale = w / np.sqrt(var + e)
     shift = b - mean * scale
     return (np.ascontiguousarray(scale, dtype=np.float32),
             np.ascontiguousarray(np.broadcast_to(shift, (c,)), dtype=np.float32))
 
 
-def _param64(p, name, Py_ssize_t c):
+def param64(p, name, Py_ssize_t c):
     try:
         a = np.asarray(p)
     except Exception as exc:
-        raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(p))) from exc
+        raise TypeError("%s must be a 1-d float array, got %s" % (name, describe(p))) from exc
     if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
-        raise TypeError("%s must be a 1-d float array, got %s" % (name, _desc(a)))
+        raise TypeError("%s must be a 1-d float array, got %s" % (name, describe(a)))
     if a.ndim != 1 or (c >= 0 and a.shape[0] != c):
         raise ValueError("%s must have shape (%s,), got shape %s"
-                         % (name, "C" if c < 0 else c, _shp(a)))
+                         % (name, "C" if c < 0 else c, shape_of(a)))
     return a.astype(np.float64)
 
 
@@ -759,10 +759,10 @@ cdef tuple _fold_fast(object running_mean, object running_var, object weight, ob
             and (weight is None or _is_f32_vec(weight, c))
             and (bias is None or _is_f32_vec(bias, c))):
         # each parameter converted once (an object's __array__ is not asked twice)
-        mean = _param64(running_mean, "running_mean", c)
-        var = _param64(running_var, "running_var", c)
-        w64 = _param64(weight, "weight", c) if weight is not None else None
-        b64 = _param64(bias, "bias", c) if bias is not None else None
+        mean = param64(running_mean, "running_mean", c)
+        var = param64(running_var, "running_var", c)
+        w64 = param64(weight, "weight", c) if weight is not None else None
+        b64 = param64(bias, "bias", c) if bias is not None else None
         return fold_batch_norm(mean, var, w64, b64, eps)
     e = check_eps(eps)
     m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
@@ -852,13 +852,13 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
         from normcy._validate import as_int
         axis = as_int(axis, "axis")
     if axis < -nd or axis >= nd:
-        raise ValueError("axis %d is out of range for x of shape %s" % (axis, _shp(xa)))
+        raise ValueError("axis %d is out of range for x of shape %s" % (axis, shape_of(xa)))
     ax = axis
     if ax < 0:
         ax += nd
     c = cnp.PyArray_DIMS(xa)[ax]
     if c == 0:
-        raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, _shp(xa)))
+        raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, shape_of(xa)))
     scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
     if out is not None:
         oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out")

@@ -16,7 +16,7 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._arraychecks cimport (_desc, _shp, extent, identical_view, check_overlap, plain,
+from normcy._arraychecks cimport (describe, shape_of, extent, identical_view, check_overlap, plain,
                                   same_shape, parse_f32_real, check_no_self_overlap)
 
 cnp.import_array()
@@ -126,14 +126,14 @@ cdef void it_operand(RowIter *it, int o, cnp.ndarray a) noexcept:
 
 cdef int check_f32(object a, str name) except -1:
     if not cnp.PyArray_Check(a):
-        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, _desc(a)))
+        raise TypeError("%s must be a float32 numpy.ndarray, got %s" % (name, describe(a)))
     if cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32 or not cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>a):
         raise TypeError("%s must have dtype float32 (native byte order), got %s; "
-                        "normcy does not cast activations" % (name, _desc(a)))
+                        "normcy does not cast activations" % (name, describe(a)))
     if not cnp.PyArray_ISALIGNED(<cnp.ndarray>a):
         # the row kernels load whole floats: an unaligned view is undefined behaviour in C
         raise ValueError("%s must be aligned (an unaligned float32 view was given: %s)"
-                         % (name, _desc(a)))
+                         % (name, describe(a)))
     return 0
 
 
@@ -143,7 +143,7 @@ cdef int check_x(object x) except -1:
         raise ValueError("x must have at least one dimension, got a 0-d array")
     cdef cnp.ndarray xa = <cnp.ndarray>x
     if cnp.PyArray_DIMS(xa)[cnp.PyArray_NDIM(xa) - 1] == 0:
-        raise ValueError("x must have a non-empty last axis, got shape %s" % (_shp(x),))
+        raise ValueError("x must have a non-empty last axis, got shape %s" % (shape_of(x),))
     if cnp.PyArray_NDIM(<cnp.ndarray>x) > MAXD:
         raise ValueError("x has %d dimensions; at most %d are supported"
                          % (cnp.PyArray_NDIM(<cnp.ndarray>x), MAXD))
@@ -159,9 +159,9 @@ cdef object prepare_out(object out, object x):
     check_f32(out, "out")
     out = plain(out, "out")
     if not same_shape(<cnp.ndarray>out, xa):
-        raise ValueError("out must have the shape of x %s, got shape %s" % (_shp(x), _shp(out)))
+        raise ValueError("out must have the shape of x %s, got shape %s" % (shape_of(x), shape_of(out)))
     if not cnp.PyArray_ISWRITEABLE(<cnp.ndarray>out):
-        raise ValueError("out is read-only (%s); pass a writeable array" % _desc(out))
+        raise ValueError("out is read-only (%s); pass a writeable array" % describe(out))
     check_no_self_overlap(<cnp.ndarray>out, "out")
     return out
 
@@ -178,11 +178,11 @@ cdef object broadcast_last_unit(object m, tuple shape, str name, object dtype, i
         mb = np.broadcast_to(m, shape)
     except ValueError:
         raise ValueError("%s of shape %s cannot be broadcast to the shape of x %s"
-                         % (name, _shp(m), shape)) from None
+                         % (name, shape_of(m), shape)) from None
     if cnp.PyArray_STRIDES(<cnp.ndarray>mb)[nd - 1] != itemsize and shape[nd - 1] > 1:
         # materialize only the mask's own extent along the last axis
-        m2 = m.reshape((1,) * (nd - cnp.PyArray_NDIM(<cnp.ndarray>m)) + _shp(m))
-        m2 = np.ascontiguousarray(np.broadcast_to(m2, _shp(m2)[:nd - 1] + (shape[nd - 1],)),
+        m2 = m.reshape((1,) * (nd - cnp.PyArray_NDIM(<cnp.ndarray>m)) + shape_of(m))
+        m2 = np.ascontiguousarray(np.broadcast_to(m2, shape_of(m2)[:nd - 1] + (shape[nd - 1],)),
                                   dtype=dtype)
         mb = np.broadcast_to(m2, shape)
     return mb
@@ -308,7 +308,7 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     cdef object out_arg = out
     check_x(x)
     x = plain(x, "x")
-    cdef tuple shape = _shp(x)
+    cdef tuple shape = shape_of(x)
     cdef int nd = len(shape)
     s = 1.0 if scale is None else parse_f32_real(scale, "scale")
     causal = bool(is_causal)
@@ -318,14 +318,14 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     mb = None
     if mask is not None:
         if not isinstance(mask, np.ndarray):
-            raise TypeError("mask must be a float numpy.ndarray, got %s" % _desc(mask))
+            raise TypeError("mask must be a float numpy.ndarray, got %s" % describe(mask))
         mask = plain(mask, "mask")
         if mask.dtype.kind != "f":
             raise TypeError("mask must be a floating-point array (additive mask), got %s; "
-                            "use key_padding_mask for a boolean mask" % _desc(mask))
+                            "use key_padding_mask for a boolean mask" % describe(mask))
         if cnp.PyArray_NDIM(<cnp.ndarray>mask) > nd:
             raise ValueError("mask of shape %s cannot be broadcast to the shape of x %s"
-                             % (_shp(mask), shape))
+                             % (shape_of(mask), shape))
         if (mask.dtype != np.float32 or not mask.dtype.isnative
                 or not cnp.PyArray_ISALIGNED(<cnp.ndarray>mask)):
             mask = mask.astype(np.float32)     # a copy: native, aligned
@@ -334,14 +334,14 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     if key_padding_mask is not None:
         if not isinstance(key_padding_mask, np.ndarray):
             raise TypeError("key_padding_mask must be a bool numpy.ndarray, got %s"
-                            % _desc(key_padding_mask))
+                            % describe(key_padding_mask))
         key_padding_mask = plain(key_padding_mask, "key_padding_mask")
         if key_padding_mask.dtype != np.bool_:
             raise TypeError("key_padding_mask must have dtype bool (True = masked out), got %s"
-                            % _desc(key_padding_mask))
+                            % describe(key_padding_mask))
         if cnp.PyArray_NDIM(<cnp.ndarray>key_padding_mask) > nd:
             raise ValueError("key_padding_mask of shape %s cannot be broadcast to the shape of "
-                             "x %s" % (_shp(key_padding_mask), shape))
+                             "x %s" % (shape_of(key_padding_mask), shape))
         kb = broadcast_last_unit(key_padding_mask, shape, "key_padding_mask", np.bool_, 1)
     out = prepare_out(out, x)
     check_overlap(<cnp.ndarray>out, "out", x, "x", True)
@@ -429,7 +429,7 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
     cdef object out_arg = out
     check_x(x)
     x = plain(x, "x")
-    cdef tuple shape = _shp(x)
+    cdef tuple shape = shape_of(x)
     cdef Py_ssize_t n = shape[len(shape) - 1]
     ba_obj = None
     if bias is not None:
@@ -437,13 +437,13 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
             try:
                 bias = np.asarray(bias)
             except Exception:
-                raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias)) from None
+                raise TypeError("bias must be a 1-d float array, got %s" % describe(bias)) from None
         bias = plain(bias, "bias")
         if bias.dtype.kind not in "fiu" or bias.dtype == np.bool_:
-            raise TypeError("bias must be a 1-d float array, got %s" % _desc(bias))
+            raise TypeError("bias must be a 1-d float array, got %s" % describe(bias))
         if cnp.PyArray_NDIM(<cnp.ndarray>bias) != 1 or cnp.PyArray_DIMS(<cnp.ndarray>bias)[0] != n:
             raise ValueError("bias must have shape (%d,) (the last axis of x), got shape %s"
-                             % (n, _shp(bias)))
+                             % (n, shape_of(bias)))
         ba_obj = np.ascontiguousarray(bias, dtype=np.float32)
         if not cnp.PyArray_ISALIGNED(<cnp.ndarray>ba_obj):
             ba_obj = ba_obj.copy()             # the kernels load whole floats
@@ -452,7 +452,7 @@ cdef object _elementwise(object x, object bias, int act, object residual, object
         residual = plain(residual, "residual")
         if not same_shape(<cnp.ndarray>residual, <cnp.ndarray>x):
             raise ValueError("residual must have the shape of x %s, got shape %s"
-                             % (shape, _shp(residual)))
+                             % (shape, shape_of(residual)))
     out = prepare_out(out, x)
     check_overlap(<cnp.ndarray>out, "out", x, "x", True)
     check_overlap(<cnp.ndarray>out, "out", residual, "residual", True)
@@ -576,13 +576,13 @@ def _exp(x, *, out=None):
     check_x(x)
     x = plain(x, "x")
     xs = np.ascontiguousarray(x).reshape(-1)
-    res = np.empty(_shp(xs), dtype=np.float32)
+    res = np.empty(shape_of(xs), dtype=np.float32)
     cdef float *src = <float *>cnp.PyArray_DATA(<cnp.ndarray>xs)
     cdef float *dst = <float *>cnp.PyArray_DATA(<cnp.ndarray>res)
     cdef Py_ssize_t n = cnp.PyArray_SIZE(<cnp.ndarray>xs)
     with nogil:
         nc_ops_exp_row(src, dst, n)
-    res = res.reshape(_shp(x))
+    res = res.reshape(shape_of(x))
     if out is not None:
         plain(out, "out")[...] = res
         return out
@@ -627,20 +627,20 @@ def _split_heads(qkv, bq, q, kt, v, Py_ssize_t nseq, Py_ssize_t S, Py_ssize_t nh
     kt (nseq, h, dh, S) (keys transposed) and v (nseq, h, S, dh), all C-contiguous.
     """
     if not cnp.PyArray_Check(qkv) or cnp.PyArray_NDIM(<cnp.ndarray>qkv) != 2 or nhead < 1:
-        raise ValueError("_split_heads: bad qkv %s" % _desc(qkv))
+        raise ValueError("_split_heads: bad qkv %s" % describe(qkv))
     cdef cnp.ndarray a = <cnp.ndarray>plain(qkv, "qkv")
     cdef Py_ssize_t H = a.shape[1] // 3
     cdef Py_ssize_t dh = H // nhead
     cdef Py_ssize_t ld = a.strides[0] // 4
     if (a.ndim != 2 or a.shape[0] != nseq * S or a.shape[1] != 3 * H or a.strides[1] != 4
             or a.dtype != np.float32 or H % nhead):
-        raise ValueError("_split_heads: bad qkv %s" % _desc(qkv))
+        raise ValueError("_split_heads: bad qkv %s" % describe(qkv))
     for name, arr, shp in (("q", q, (nseq, nhead, S, dh)), ("kt", kt, (nseq, nhead, dh, S)),
                            ("v", v, (nseq, nhead, S, dh)), ("bq", bq, (H,))):
         if (not isinstance(arr, np.ndarray) or arr.dtype != np.float32
-                or _shp(arr) != shp or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr)):
+                or shape_of(arr) != shp or not cnp.PyArray_IS_C_CONTIGUOUS(<cnp.ndarray>arr)):
             raise ValueError("_split_heads: %s must be C-contiguous float32 %s, got %s"
-                             % (name, shp, _desc(arr)))
+                             % (name, shp, describe(arr)))
     cdef const float *src = <const float *>cnp.PyArray_DATA(a)
     cdef const float *pb = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bq)
     cdef float *pq = <float *>cnp.PyArray_DATA(<cnp.ndarray>q)

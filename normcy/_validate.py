@@ -12,7 +12,7 @@ import operator
 
 import numpy as np
 
-__all__ = ["as_int", "as_float", "check_no_overlap", "OVERLAP_MAX_WORK"]
+__all__ = ["as_int", "as_float", "as_weight", "check_no_overlap", "OVERLAP_MAX_WORK"]
 
 # Upper bound on the effort ``np.shares_memory`` may spend deciding whether an output and
 # an input overlap (the exact problem is NP-hard in the number of dimensions: two
@@ -81,6 +81,26 @@ def as_float(value, name, minimum=None, maximum=None, float32=False):
     if maximum is not None and v > maximum:
         raise ValueError("%s must be <= %r, got %s" % (name, maximum, _short(value)))
     return v
+
+
+def as_weight(value, name, shape):
+    """A state-dict entry as a new contiguous float32 array of the expected shape.
+
+    Raises TypeError for a non-numeric array, ValueError for a wrong shape or a NaN/Inf
+    (model weights are checked once, at load).
+    """
+    try:
+        a = np.asarray(value)
+    except Exception as exc:  # pragma: no cover - exotic objects
+        raise TypeError("%s must be an array, got %s" % (name, type(value).__name__)) from exc
+    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
+        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
+    if tuple(a.shape) != tuple(shape):
+        raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), tuple(a.shape)))
+    a = np.array(a, dtype=np.float32, order="C", copy=True)
+    if not np.all(np.isfinite(a)):
+        raise ValueError("%s contains NaN or Inf" % name)
+    return a
 
 
 def check_no_overlap(out, oname, other, iname):

@@ -22,7 +22,8 @@ import numpy as np
 
 from normcy._norms import add_layer_norm
 from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
-from normcy.transformer import TransformerEncoderLayer, _as_param, forward_layers
+from normcy._validate import as_weight
+from normcy.transformer import TransformerEncoderLayer, forward_layers
 
 __all__ = ["BertModel"]
 
@@ -133,7 +134,7 @@ class BertModel:
         if extra_layers:
             raise ValueError("weights have encoder layers %s but config num_hidden_layers=%d"
                              % (extra_layers, nl))
-        p = {k: _as_param(w[k], k, s) for k, s in shapes.items()}
+        p = {k: as_weight(w[k], k, s) for k, s in shapes.items()}
         self._word = p["embeddings.word_embeddings.weight"]
         self._pos = p["embeddings.position_embeddings.weight"]
         self._type = p["embeddings.token_type_embeddings.weight"]

@@ -35,6 +35,8 @@ __all__ = [
     "load_tokenizer",
     "check_bert_config",
     "load_bert",
+    "check_dir",
+    "read_json",
 ]
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -71,7 +73,23 @@ def _require_module(name: str, purpose: str):
         ) from exc
 
 
-def _check_dir(path: PathLike, what: str = "model directory") -> str:
+def check_dir(path: PathLike, what: str = "model directory") -> str:
+    """`path` as a string, after checking that it is an existing directory.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    what : str
+        How error messages name the directory.
+
+    Returns
+    -------
+    str
+
+    Raises
+    ------
+    FileNotFoundError, NotADirectoryError
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise FileNotFoundError("%s %r does not exist" % (what, path))
@@ -80,7 +98,23 @@ def _check_dir(path: PathLike, what: str = "model directory") -> str:
     return path
 
 
-def _read_json(filename: str) -> Any:
+def read_json(filename: str) -> Any:
+    """Parse a model's JSON file (``config.json``, ``modules.json``, ...).
+
+    Parameters
+    ----------
+    filename : str
+
+    Returns
+    -------
+    object
+        The parsed JSON value.
+
+    Raises
+    ------
+    ModelFormatError
+        If the file is not valid JSON.
+    """
     try:
         with open(filename, "r", encoding="utf-8") as f:
             return json.load(f)
@@ -109,11 +143,11 @@ def load_config(path: PathLike) -> Dict[str, Any]:
         If the file is not a JSON object.
     """
     path = os.fspath(path)
-    filename = path if os.path.isfile(path) else os.path.join(_check_dir(path), "config.json")
+    filename = path if os.path.isfile(path) else os.path.join(check_dir(path), "config.json")
     if not os.path.isfile(filename):
         raise FileNotFoundError(
             "no config.json in %r: expected a Hugging Face model directory" % (path,))
-    cfg = _read_json(filename)
+    cfg = read_json(filename)
     if not isinstance(cfg, dict):
         raise ModelFormatError("%s must hold a JSON object, got %s"
                                % (filename, type(cfg).__name__))
@@ -127,7 +161,7 @@ def _weight_files(path: str):
         return [single]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        idx = _read_json(index)
+        idx = read_json(index)
         wm = idx.get("weight_map") if isinstance(idx, dict) else None
         if not isinstance(wm, dict) or not wm:
             raise ModelFormatError("%s has no 'weight_map'" % index)
@@ -267,7 +301,7 @@ def load_weights(path: PathLike) -> Dict[str, np.ndarray]:
     path = os.fspath(path)
     if os.path.isfile(path):
         return load_safetensors(path)
-    files = _weight_files(_check_dir(path))
+    files = _weight_files(check_dir(path))
     weights: Dict[str, np.ndarray] = {}
     for f in files:
         weights.update(load_safetensors(f))
@@ -296,7 +330,7 @@ def load_tokenizer(path: PathLike):
         are not read).
     """
     path = os.fspath(path)
-    filename = path if os.path.isfile(path) else os.path.join(_check_dir(path), "tokenizer.json")
+    filename = path if os.path.isfile(path) else os.path.join(check_dir(path), "tokenizer.json")
     if not os.path.isfile(filename):
         hint = ""
         if os.path.isfile(os.path.join(path, "vocab.txt")):
@@ -353,7 +387,7 @@ def load_bert(path: PathLike, num_threads: Optional[int] = None):
     -------
     normcy.BertModel
     """
-    path = _check_dir(path)
+    path = check_dir(path)
     config = load_config(path)
     check_bert_config(config, os.path.join(path, "config.json"))
     weights = load_weights(path)

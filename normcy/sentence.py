@@ -109,7 +109,7 @@ def _module_kind(type_name: str) -> str:
 def _read_json_opt(filename: str, default: Any) -> Any:
     if not os.path.isfile(filename):
         return default
-    return hf._read_json(filename)
+    return hf.read_json(filename)
 
 
 def _parse_pooling(cfg: Mapping[str, Any], where: str) -> Tuple[Tuple[str, ...], bool]:
@@ -217,7 +217,7 @@ class _DenseModule:
     """sentence-transformers' ``Dense``: y = activation(x @ W.T + b)."""
 
     def __init__(self, path: str):
-        cfg = hf._read_json(os.path.join(path, "config.json")) \
+        cfg = hf.read_json(os.path.join(path, "config.json")) \
             if os.path.isfile(os.path.join(path, "config.json")) else None
         if not isinstance(cfg, dict):
             raise FileNotFoundError("Dense module %r has no config.json" % path)
@@ -349,11 +349,11 @@ class SentenceEncoder:
         normcy.hf.ModelFormatError
             Unsupported model type, module, pooling mode or weight dtype.
         """
-        root = default_model_path() if path is None else hf._check_dir(path)
+        root = default_model_path() if path is None else hf.check_dir(path)
         root = os.path.abspath(os.fspath(root))
         modules_file = os.path.join(root, "modules.json")
         if os.path.isfile(modules_file):
-            modules = hf._read_json(modules_file)
+            modules = hf.read_json(modules_file)
             if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
                 raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
             modules = sorted(modules, key=lambda m: m.get("idx", 0))
@@ -392,7 +392,7 @@ class SentenceEncoder:
             return os.path.join(root, p) if p else root
 
         tdir = mod_dir(modules[0])
-        hf._check_dir(tdir, "Transformer module directory")
+        hf.check_dir(tdir, "Transformer module directory")
         st_cfg = _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"), {})
         if not isinstance(st_cfg, dict):
             raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
@@ -425,7 +425,7 @@ class SentenceEncoder:
                     pfile = os.path.join(d, "config.json")
                     if not os.path.isfile(pfile):
                         raise FileNotFoundError("Pooling module has no config.json: %r" % pfile)
-                    pcfg = hf._read_json(pfile)
+                    pcfg = hf.read_json(pfile)
                     if not isinstance(pcfg, dict):
                         raise hf.ModelFormatError("%s must hold a JSON object" % pfile)
                     pooling_modes, include_prompt = _parse_pooling(pcfg, pfile)

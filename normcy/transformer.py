@@ -32,30 +32,15 @@ import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
-from normcy._gemm import PackedLinear, _EncoderLayerKernel, _attention, _run_layers
-from normcy._validate import as_float, as_int
+from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
+from normcy._gemm import attention as attention_kernel
+from normcy._validate import as_float, as_int, as_weight
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
 _F32 = np.float32
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _NORMS = ("layer", "rms")
-
-
-def _as_param(value, name, shape):
-    """A state-dict entry as a contiguous float32 array of the expected shape."""
-    try:
-        a = np.asarray(value)
-    except Exception as exc:  # pragma: no cover - exotic objects
-        raise TypeError("%s must be an array, got %s" % (name, type(value).__name__)) from exc
-    if a.dtype.kind not in "fiu" or a.dtype == np.bool_:
-        raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
-    if tuple(a.shape) != tuple(shape):
-        raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), tuple(a.shape)))
-    a = np.array(a, dtype=_F32, order="C", copy=True)
-    if not np.all(np.isfinite(a)):
-        raise ValueError("%s contains NaN or Inf" % name)
-    return a
 
 
 def _check_int(v, name, minimum=1, maximum=2 ** 31 - 1):
@@ -232,7 +217,7 @@ class TransformerEncoderLayer:
                              "dim_feedforward=%d, norm=%r): %s%s"
                              % (self.d_model, self.dim_feedforward, self.norm,
                                 "; ".join(msg), hint))
-        self._sd = {k: _as_param(state_dict[k], k, s) for k, s in shapes.items()}
+        self._sd = {k: as_weight(state_dict[k], k, s) for k, s in shapes.items()}
         self._prepare()
 
     def state_dict(self):
@@ -266,7 +251,7 @@ class TransformerEncoderLayer:
         self._epi2 = self._epilogue(self._n2)
         # the whole layer as one compiled call (one parallel region, no Python between the
         # stages) for attention without masks: the same kernels, the same bits
-        self._kernel = _EncoderLayerKernel(
+        self._kernel = EncoderLayerKernel(
             self._lin_qkv, self._b_q, self._lin_o, self._lin_1, self._lin_2, self._n1,
             self._n2, self.layer_norm_eps, self.norm, self.activation, self.norm_first,
             self.nhead)
@@ -300,9 +285,9 @@ class TransformerEncoderLayer:
                 kpm = kpm[first:first + nseq]
             if mask is not None and mask.ndim == 4:
                 mask = mask[first:first + nseq]
-            _attention(qkv[off:off + rows], self._b_q, ctx[off:off + rows], nseq, L, h,
-                       mask=mask, key_padding_mask=kpm, is_causal=plan.is_causal,
-                       num_threads=nt)
+            attention_kernel(qkv[off:off + rows], self._b_q, ctx[off:off + rows], nseq, L, h,
+                              mask=mask, key_padding_mask=kpm, is_causal=plan.is_causal,
+                              num_threads=nt)
 
     def forward_rows(self, x, plan, ws, out):
         """One layer on a (rows, d_model) C-contiguous matrix; result into `out`.
@@ -432,7 +417,7 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
         f = l0.dim_feedforward
         mid = ws.get("sum" if l0.norm_first else "x1", (n, d))
         xn = ws.get("xn", (n, d)) if l0.norm_first else None
-        _run_layers([l._kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
+        run_layers([l._kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
                     ws.get("ctx", (n, d)), mid, ws.get("hid", (n, f)), plan.groups,
                     l0.num_threads, xn)
         return out
@@ -600,8 +585,8 @@ def _final_norm(norm, d):
                         "or a (weight, bias[, eps]) tuple, got %s" % type(norm).__name__)
     if kind not in _NORMS:
         raise ValueError("norm kind must be 'layer' or 'rms', got %r" % (kind,))
-    w = _as_param(w, "norm.weight", (d,))
-    b = None if b is None else _as_param(b, "norm.bias", (d,))
+    w = as_weight(w, "norm.weight", (d,))
+    b = None if b is None else as_weight(b, "norm.bias", (d,))
     if kind == "rms" and b is not None:
         raise ValueError("an RMS final norm has no bias")
     eps = as_float(eps, "final norm eps", minimum=0.0)

@@ -7,7 +7,7 @@ import pytest
 
 import normcy
 from normcy import PackedLinear
-from normcy._gemm import _attention, _kernel_shape
+from normcy._gemm import attention, _kernel_shape
 
 F32 = np.float32
 RNG = np.random.default_rng(20261128)
@@ -337,13 +337,13 @@ def test_attention_matches_float64(L, case):
     if case in ("mask", "all"):
         mask = RNG.standard_normal((nseq, 1, L, L)).astype(F32)
     ctx = np.full((nseq * L, H), np.nan, F32)
-    _attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal)
+    attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal)
     ref = _attn_ref(qkv, bq, nseq, L, h, mask, kpm, causal)
     np.testing.assert_allclose(ctx, ref, rtol=1e-5, atol=2e-6)
     # rows are independent of the thread count, bit for bit
     ctx2 = np.empty_like(ctx)
-    _attention(qkv, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal,
-               num_threads=1)
+    attention(qkv, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm, is_causal=causal,
+              num_threads=1)
     assert np.array_equal(ctx, ctx2, equal_nan=True)
 
 
@@ -366,12 +366,12 @@ def test_attention_query_row_independent_of_its_pairing(L, case):
         kpm = rng.random((nseq, L)) < 0.3
         kpm[0, 0] = False
     ctx = np.empty((nseq * L, H), F32)
-    _attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm)
+    attention(qkv, bq, ctx, nseq, L, h, mask=mask, key_padding_mask=kpm)
     perm = np.roll(np.arange(L), 1)           # every query moves by one position
     qkv2 = qkv.copy()
     qkv2[:, :H] = qkv[perm, :H]
     ctx2 = np.empty_like(ctx)
-    _attention(qkv2, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm)
+    attention(qkv2, bq, ctx2, nseq, L, h, mask=mask, key_padding_mask=kpm)
     np.testing.assert_array_equal(ctx2, ctx[perm])
 
 

@@ -300,7 +300,7 @@ def test_workspace_grows_in_coarse_steps():
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_compiled_layer_equals_stage_by_stage(norm_first, norm):
-    # Without masks the layer runs as one compiled call (_EncoderLayerKernel: one parallel
+    # Without masks the layer runs as one compiled call (EncoderLayerKernel: one parallel
     # region, barriers between stages); with a key padding mask it runs stage by stage.  An
     # all-False mask changes no arithmetic, so the two paths must give the same bits, for
     # every thread count and for row counts on both sides of the GEMM's rows/panels split.
@@ -321,10 +321,10 @@ def test_compiled_layer_equals_stage_by_stage(norm_first, norm):
 
 
 def test_compiled_layer_checks_its_buffers():
-    from normcy._gemm import _EncoderLayerKernel
+    from normcy._gemm import EncoderLayerKernel
     layer = TransformerEncoderLayer(32, 2, 48, activation="relu")
     k = layer._kernel
-    assert isinstance(k, _EncoderLayerKernel)
+    assert isinstance(k, EncoderLayerKernel)
     M = 6
     f32 = np.float32
     bufs = dict(x=np.zeros((M, 32), f32), qkv=np.zeros((M, 96), f32), ctx=np.zeros((M, 32), f32),

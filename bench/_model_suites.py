@@ -341,7 +341,7 @@ class _GemmState:
             blas.set(ctx.all_cores)
         row = {"suite": "gemm", "case": "%dx%dx%d" % (M, N, K), "shape": [M, N, K], "threads": T,
                "flops": flops, "impls": res, "ref": "normcy", "noise_other_cpu_share": noise,
-               "kernel": nc._gemm._kernel_shape() if hasattr(nc, "_gemm") else None}
+               "kernel": nc._gemm.kernel_shape() if hasattr(nc, "_gemm") else None}
         if T == 1 and M == 4096:
             peak = self.fma_peak()
             row["fma_peak_gflops_1t"] = peak

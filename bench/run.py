@@ -535,7 +535,7 @@ def main(argv=None):
     isa_cpu = ("AVX-512" if "avx512f" in flags else "AVX2+FMA" if "avx2" in flags and "fma" in flags
                else "SSE2/other")
     try:
-        variant = nc._norms._kernel_isa() if nc is not None else "-"
+        variant = nc._norms.kernel_isa() if nc is not None else "-"
     except Exception:  # pragma: no cover - very old build
         variant = "?"
     stamp = "_CPU: %s (%s, %d cores); normcy kernel variant: %s._" % (

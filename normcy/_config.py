@@ -15,7 +15,7 @@ def get_config():
     from normcy._version import __version__
     from normcy import _gemm, _norms, _parallel
 
-    isa = _norms._isa_info()
+    isa = _norms.isa_info()
     blas = None
     try:
         cfg = np.show_config(mode="dicts")
@@ -29,13 +29,13 @@ def get_config():
         "openmp_runtime": bi.openmp_runtime,
         "default_threads": _parallel.get_num_threads(),
         "available_cpus": _parallel.available_cpus(),
-        "kernel_isa": _norms._kernel_isa(),
+        "kernel_isa": _norms.kernel_isa(),
         "kernel_variant": isa["name"],
         "vector_bytes": isa["vector_bytes"],
         "isa_cap": isa["cap"] or None,
         "supported_variants": isa["supported"],
-        "gemm_tile": "%dx%d" % _gemm._kernel_shape(),
-        "runtime_dispatch": _norms._have_runtime_dispatch(),
+        "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
+        "runtime_dispatch": _norms.have_runtime_dispatch(),
         "native_build": bi.native,
         "compile_args": list(bi.compile_args),
         "link_args": list(bi.link_args),

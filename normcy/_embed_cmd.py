@@ -306,7 +306,7 @@ def _run(args, stdin, stdout, stderr) -> int:
     inputs = _inputs(args, stdin)
     for inp in inputs:
         if inp.fmt == "parquet":
-            corpus._parquet_file(inp.value)  # fails early with a clear message
+            corpus.open_parquet(inp.value)  # fails early with a clear message
     enc = _load_encoder(args, stderr)
     dim = enc.get_sentence_embedding_dimension()
     window = args.window or WINDOW_BATCHES * args.batch_size

@@ -912,7 +912,7 @@ cdef int _layer_distinct(tuple bufs) except -1:
     return 0
 
 
-def _kernel_shape():
+def kernel_shape():
     """(MR, NR) of the GEMM micro-kernel of the SIMD variant in use."""
     return int(nc_gemm_mr()), int(nc_gemm_nr())
 

@@ -917,7 +917,7 @@ cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:
                 bn_item(j, p)
 
 
-def _isa_info():
+def isa_info():
     """Which SIMD variant runs: a dict (name, detail, vector_bytes, cap, cap_invalid, supported)."""
     return {
         "name": (<bytes>nc_isa_name()).decode(),
@@ -929,10 +929,10 @@ def _isa_info():
     }
 
 
-def _kernel_isa():
+def kernel_isa():
     """Name of the SIMD kernel variant selected for this CPU."""
     return (<bytes>nc_isa()).decode()
 
 
-def _have_runtime_dispatch():
+def have_runtime_dispatch():
     return bool(NC_HAVE_CLONES)

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequ
 import numpy as np
 
 __all__ = ["BadRecord", "InputError", "Record", "iter_records", "count_records", "embed_records",
-           "input_format_of", "JsonlSink", "NpySink", "ShardSink", "OutputFile", "SkipLog"]
+           "input_format_of", "open_parquet", "JsonlSink", "NpySink", "ShardSink", "OutputFile", "SkipLog"]
 
 #: Parquet rows read per batch.
 PARQUET_READ_ROWS = 1024
@@ -132,7 +132,22 @@ def _parse_jsonl(line: str, source: str, n: int, text_field: str,
     return rid, text
 
 
-def _parquet_file(path: str):
+def open_parquet(path: str):
+    """Open a Parquet file for reading, with normcy's error for unusable input.
+
+    Parameters
+    ----------
+    path : str
+
+    Returns
+    -------
+    pyarrow.parquet.ParquetFile
+
+    Raises
+    ------
+    InputError
+        If pyarrow is missing or the file cannot be read as Parquet.
+    """
     try:
         import pyarrow.parquet as pq
     except ImportError:
@@ -146,7 +161,7 @@ def _parquet_file(path: str):
 def _parquet_rows(path: str, text_field: str, id_field: Optional[str]):
     import pyarrow as pa
 
-    pf = _parquet_file(path)
+    pf = open_parquet(path)
     names = pf.schema_arrow.names
     cols = [text_field] + ([id_field] if id_field is not None else [])
     for c in cols:
@@ -297,7 +312,7 @@ def count_records(inputs: Sequence[_Input]) -> Optional[int]:
         elif inp.kind == "stdin":
             return None
         elif inp.fmt == "parquet":
-            total += _parquet_file(inp.value).metadata.num_rows
+            total += open_parquet(inp.value).metadata.num_rows
         else:
             try:
                 with open(inp.value, "rb") as f:

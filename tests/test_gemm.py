@@ -7,7 +7,7 @@ import pytest
 
 import normcy
 from normcy import PackedLinear
-from normcy._gemm import attention, _kernel_shape
+from normcy._gemm import attention, kernel_shape
 
 F32 = np.float32
 RNG = np.random.default_rng(20261128)
@@ -295,7 +295,7 @@ def test_repr_properties_pickle():
     x = RNG.standard_normal((4, 3)).astype(F32)
     lin2 = pickle.loads(pickle.dumps(lin))
     assert np.array_equal(lin2(x), lin(x))
-    mr, nr = _kernel_shape()
+    mr, nr = kernel_shape()
     assert mr >= 1 and nr % 4 == 0
 
 

@@ -21,7 +21,7 @@ def _run(code, **env):
 
 
 def test_isa_info_consistent():
-    info = _norms._isa_info()
+    info = _norms.isa_info()
     assert info["name"] in info["supported"] or info["name"] == "native"
     assert info["vector_bytes"] in (16, 32, 64)
     cfg = normcy._config.get_config() if hasattr(normcy, "_config") else None
@@ -32,10 +32,10 @@ def test_isa_info_consistent():
 @pytest.mark.parametrize("cap,expect", [("sse2", "baseline"), ("generic", "baseline"),
                                         ("AVX2", "avx2"), ("avx512", None)])
 def test_max_isa_caps_the_variant(cap, expect):
-    supported = _norms._isa_info()["supported"]
+    supported = _norms.isa_info()["supported"]
     if supported == ["native"]:
         pytest.skip("single-variant build")
-    code = ("import normcy._norms as n, json; print(json.dumps(n._isa_info()))")
+    code = ("import normcy._norms as n, json; print(json.dumps(n.isa_info()))")
     r = _run(code, NORMCY_MAX_ISA=cap)
     assert r.returncode == 0, r.stderr
     import json
@@ -49,17 +49,17 @@ def test_max_isa_caps_the_variant(cap, expect):
 
 def test_invalid_cap_warns_and_is_ignored():
     r = _run("import warnings; warnings.simplefilter('always'); import normcy, normcy._norms as n;"
-             "print(n._isa_info()['name'])", NORMCY_MAX_ISA="avx9000")
+             "print(n.isa_info()['name'])", NORMCY_MAX_ISA="avx9000")
     assert r.returncode == 0, r.stderr
     assert "NORMCY_MAX_ISA" in r.stderr and "avx9000" in r.stderr
-    assert r.stdout.strip() == _norms._isa_info()["supported"][0]
+    assert r.stdout.strip() == _norms.isa_info()["supported"][0]
 
 
 def test_show_config_reports_variant_and_cap():
     r = _run("import normcy; normcy.show_config()", NORMCY_MAX_ISA="sse2")
     assert r.returncode == 0, r.stderr
     assert "kernel variant" in r.stdout and "GEMM tile" in r.stdout
-    if _norms._isa_info()["supported"] != ["native"]:
+    if _norms.isa_info()["supported"] != ["native"]:
         assert "NORMCY_MAX_ISA=sse2" in r.stdout and "SSE2" in r.stdout
 
 
@@ -82,7 +82,7 @@ import math
 gr = 0.5 * gr * (1 + np.vectorize(math.erf)(gr / math.sqrt(2)))
 print(float(np.abs(y - ref).max()), float(np.abs(g - gr).max() / np.abs(gr).max()))
 """
-    for v in _norms._isa_info()["supported"]:
+    for v in _norms.isa_info()["supported"]:
         if v == "native":
             continue
         r = _run(code, NORMCY_MAX_ISA={"baseline": "sse2"}.get(v, v))

@@ -285,10 +285,11 @@ class BertModel:
 
         # ---- pack the real tokens, sequences ordered by length (stable)
         if mask is None or mask.all():
+            # no padding: row r of the packed tokens is (r // S, r % S); the gathers below
+            # use ids/types as they are and positions 0..S-1 repeated (no index arrays)
             lengths = np.full(B, S, dtype=np.int64)
             order = np.arange(B)
-            b_idx = np.repeat(order, S)
-            col = np.tile(np.arange(S), B)
+            b_idx = col = None
             dense = True
         else:
             lengths = mask.sum(axis=1)
@@ -297,7 +298,7 @@ class BertModel:
             b_idx = order[flat // S]
             col = flat % S
             dense = False
-        T = b_idx.shape[0]
+        T = B * S if dense else b_idx.shape[0]
         if T == 0:
             return out
         groups = []
@@ -332,8 +333,13 @@ class BertModel:
             tt = types[b_idx, col] if not dense else types.reshape(-1)
             np.take(self._type, tt, axis=0, out=tmp, mode="clip")
             np.add(x0, tmp, out=x0)
-        if dense and B == 1:
-            pos = self._pos[:S]                 # positions 0..S-1: a view, no gather
+        if dense:
+            pos = ws.get("bert_pos", (B, S, H)) if B > 1 else None
+            if pos is None:
+                pos = self._pos[:S]             # positions 0..S-1: a view, no gather
+            else:
+                pos[...] = self._pos[:S]        # the same rows for every sequence
+                pos = pos.reshape(T, H)
         else:
             pos = ws.get("bert_pos", (T, H))
             np.take(self._pos, col, axis=0, out=pos, mode="clip")

@@ -171,8 +171,10 @@ def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str]) -> np.n
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     """``torch.nn.functional.normalize(x, p=2, dim=-1)``: x / max(||x||, 1e-12), float32."""
-    nrm = np.sqrt(np.einsum("...i,...i->...", x, x, dtype=np.float64))[..., None]
-    return (x / np.maximum(nrm, 1e-12)).astype(np.float32)
+    nrm = np.einsum("...i,...i->...", x, x, dtype=np.float64)[..., None]
+    np.sqrt(nrm, out=nrm)
+    np.maximum(nrm, 1e-12, out=nrm)
+    return np.divide(x, nrm, dtype=np.float64).astype(np.float32)
 
 
 class _Progress:

@@ -25,6 +25,9 @@
 #undef ncv_bytes_nonzero
 #undef ncv_iota
 #undef ncv_stream
+#undef ncv_ld_n
+#undef ncv_st_n
+#undef NC_COPY_BITS
 #undef NC_PEEL
 #undef nco_exp_reduced
 #undef nco_exp

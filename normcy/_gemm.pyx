@@ -486,12 +486,14 @@ cdef inline Py_ssize_t attn_ldk(Py_ssize_t L) noexcept nogil:
     return (L + q - 1) // q * q
 
 
-cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogil:
-    """One (sequence, head): K transposed and V gathered into buf (compact: the projection
-    rows are 3H floats apart, which maps V's rows onto a few L1 sets), attention into ctx
-    (q and its bias are read in place)."""
+cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf,
+                     Py_ssize_t lk) noexcept nogil:
+    """One (sequence, head): K transposed (row stride lk; the padding past L is zero from
+    attn_part) and V gathered into buf (compact: the projection rows are 3H floats apart,
+    which maps V's rows onto a few L1 sets), attention into ctx (q and its bias are read in
+    place)."""
     cdef Py_ssize_t bs = blk // j.nhead, hh = blk - (blk // j.nhead) * j.nhead
-    cdef Py_ssize_t L = j.L, dh = j.dh, s0, s1, s, d, lk = attn_ldk(L)
+    cdef Py_ssize_t L = j.L, dh = j.dh, s0, s1, s, d
     cdef float *kt = buf
     cdef float *v = buf + lk * dh
     cdef float *scores = v + L * dh
@@ -508,9 +510,6 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf) noexcept nogi
             for s in range(s0, s1):
                 kt[d * lk + s] = kr[s * j.ld + d]
         s0 = s1
-    if lk > L:
-        for d in range(dh):
-            memset(kt + d * lk + L, 0, (lk - L) * sizeof(float))
     for s in range(L):
         for d in range(dh):
             v[s * dh + d] = kr[j.H + s * j.ld + d]
@@ -532,8 +531,10 @@ cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
     cdef float *buf = <float *>malloc((lk * j.dh + j.L * j.dh + 2 * (lk + j.dh)) * sizeof(float))
     if buf == NULL:
         return
+    # K^T's padding columns: zero once (the blocks overwrite columns < L only)
+    memset(buf, 0, lk * j.dh * sizeof(float))
     for i in range(a, b):
-        attn_block(j, i, buf)
+        attn_block(j, i, buf, lk)
     free(buf)
 
 

@@ -186,6 +186,12 @@ cdef inline void row_stats(const NormJob *j, const float *xp, const float *rp, f
     row_finish(j, st)
 
 
+cdef inline void split_mean(const RowState *st, float *mhi, float *mlo) noexcept nogil:
+    """The row mean as an unevaluated float32 pair mhi + mlo (the apply kernels' input)."""
+    mhi[0] = <float>st.mean
+    mlo[0] = <float>(st.mean - <double>mhi[0])
+
+
 cdef inline void row_apply(const NormJob *j, const RowState *st, Py_ssize_t c0,
                            Py_ssize_t ln, float *y) noexcept nogil:
     """Output elements [c0, c0 + ln) of the row into y (y[0] is element c0)."""
@@ -201,8 +207,7 @@ cdef inline void row_apply(const NormJob *j, const RowState *st, Py_ssize_t c0,
     elif j.kind == KIND_RMS:
         nc_scale_apply(st.src + c0, y, w, ln, <float>st.scale)
     else:
-        mhi = <float>st.mean
-        mlo = <float>(st.mean - <double>mhi)
+        split_mean(st, &mhi, &mlo)
         nc_ln_apply(st.src + c0, y, w, b, ln, mhi, mlo, <float>st.scale)
 
 
@@ -289,10 +294,8 @@ cdef inline void apply_pair(const NormJob *j, const RowState *a,
     elif j.kind == KIND_RMS:
         nc_scale_apply2(a.src, b.src, a.yp, b.yp, j.w, j.n, <float>a.scale, <float>b.scale)
     else:
-        mhi0 = <float>a.mean
-        mlo0 = <float>(a.mean - <double>mhi0)
-        mhi1 = <float>b.mean
-        mlo1 = <float>(b.mean - <double>mhi1)
+        split_mean(a, &mhi0, &mlo0)
+        split_mean(b, &mhi1, &mlo1)
         nc_ln_apply2(a.src, b.src, a.yp, b.yp, j.w, j.b, j.n, mhi0, mlo0, <float>a.scale,
                      mhi1, mlo1, <float>b.scale)
 

@@ -333,13 +333,12 @@ class BertModel:
             tt = types[b_idx, col] if not dense else types.reshape(-1)
             np.take(self._type, tt, axis=0, out=tmp, mode="clip")
             np.add(x0, tmp, out=x0)
-        if dense:
-            pos = ws.get("bert_pos", (B, S, H)) if B > 1 else None
-            if pos is None:
-                pos = self._pos[:S]             # positions 0..S-1: a view, no gather
-            else:
-                pos[...] = self._pos[:S]        # the same rows for every sequence
-                pos = pos.reshape(T, H)
+        if dense and B == 1:
+            pos = self._pos[:S]                 # positions 0..S-1: a view, no gather
+        elif dense:
+            pos = ws.get("bert_pos", (B, S, H))
+            pos[...] = self._pos[:S]            # the same rows for every sequence
+            pos = pos.reshape(T, H)
         else:
             pos = ws.get("bert_pos", (T, H))
             np.take(self._pos, col, axis=0, out=pos, mode="clip")

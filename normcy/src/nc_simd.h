@@ -161,34 +161,24 @@ NC_INLINE nciv ncv_seti(int32_t a) { return a - (nciv){0}; }
 /* m lanes are all-ones (-1) or zero */
 NC_INLINE ncv ncv_sel(nciv m, ncv a, ncv b) { return (ncv)(((nciv)a & m) | ((nciv)b & ~m)); }
 NC_INLINE ncv ncv_abs(ncv a) { return (ncv)((nciv)a & ncv_seti(0x7fffffff)); }
-/* a > b ? a : b per lane (b where either is NaN): exactly the x86 MAXPS rule, which GCC
-   does not pattern-match for vectors, hence the intrinsics there */
-NC_INLINE ncv ncv_max(ncv a, ncv b)
-{
+/* ncv_max(a, b) = a > b ? a : b and ncv_min(a, b) = a < b ? a : b per lane (b where either
+   is NaN): exactly the x86 MAXPS / MINPS rules, which GCC does not pattern-match for
+   vectors, hence the intrinsics there (NC_MAXMIN_PS: that variant's register type and
+   intrinsic prefix) */
 #if defined(__x86_64__) && NC_VW == 16
-    return (ncv)_mm512_max_ps((__m512)a, (__m512)b);
+#define NC_MAXMIN_PS(OP, a, b) (ncv)_mm512_##OP##_ps((__m512)(a), (__m512)(b))
 #elif defined(__x86_64__) && NC_VW == 8
-    return (ncv)_mm256_max_ps((__m256)a, (__m256)b);
+#define NC_MAXMIN_PS(OP, a, b) (ncv)_mm256_##OP##_ps((__m256)(a), (__m256)(b))
 #elif defined(__x86_64__) && NC_VW == 4
-    return (ncv)_mm_max_ps((__m128)a, (__m128)b);
-#else
-    return ncv_sel(a > b, a, b);
+#define NC_MAXMIN_PS(OP, a, b) (ncv)_mm_##OP##_ps((__m128)(a), (__m128)(b))
 #endif
-}
-
-/* a < b ? a : b per lane (b where either is NaN): the x86 MINPS rule */
-NC_INLINE ncv ncv_min(ncv a, ncv b)
-{
-#if defined(__x86_64__) && NC_VW == 16
-    return (ncv)_mm512_min_ps((__m512)a, (__m512)b);
-#elif defined(__x86_64__) && NC_VW == 8
-    return (ncv)_mm256_min_ps((__m256)a, (__m256)b);
-#elif defined(__x86_64__) && NC_VW == 4
-    return (ncv)_mm_min_ps((__m128)a, (__m128)b);
+#ifdef NC_MAXMIN_PS
+NC_INLINE ncv ncv_max(ncv a, ncv b) { return NC_MAXMIN_PS(max, a, b); }
+NC_INLINE ncv ncv_min(ncv a, ncv b) { return NC_MAXMIN_PS(min, a, b); }
 #else
-    return ncv_sel(a < b, a, b);
+NC_INLINE ncv ncv_max(ncv a, ncv b) { return ncv_sel(a > b, a, b); }
+NC_INLINE ncv ncv_min(ncv a, ncv b) { return ncv_sel(a < b, a, b); }
 #endif
-}
 
 /* a where the sign bit of s is set, else b (the sign of -0 and of NaNs counts): one
    BLENDVPS on AVX/AVX2, which reads only the sign bits; a shift and a select elsewhere */

@@ -28,6 +28,7 @@
 #undef ncv_ld_n
 #undef ncv_st_n
 #undef NC_COPY_BITS
+#undef NC_MAXMIN_PS
 #undef NC_PEEL
 #undef nco_exp_reduced
 #undef nco_exp

@@ -522,20 +522,26 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf,
                       kp, scores)
 
 
-cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
-    """Thread t of nt: its share of the (sequence, head) blocks."""
+cdef inline Py_ssize_t attn_scratch_floats(Py_ssize_t L, Py_ssize_t dh) noexcept nogil:
+    """Floats of one thread's attention scratch for sequences of length <= L (K^T, V, the
+    score rows), rounded up to whole 64-byte lines so that the threads' slices of one
+    allocation share no cache line."""
+    cdef Py_ssize_t lk = attn_ldk(L)
+    return (lk * dh + L * dh + 2 * (lk + dh) + 15) // 16 * 16
+
+
+cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt, float *buf) noexcept nogil:
+    """Thread t of nt: its share of the (sequence, head) blocks, in its own scratch buf
+    (attn_scratch_floats(j.L, j.dh) floats at least, allocated by the caller before the
+    parallel region so that a failed allocation is an error, not unwritten heads)."""
     cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
     if a >= b:
         return
     cdef Py_ssize_t lk = attn_ldk(j.L)
-    cdef float *buf = <float *>malloc((lk * j.dh + j.L * j.dh + 2 * (lk + j.dh)) * sizeof(float))
-    if buf == NULL:
-        return
     # K^T's padding columns: zero once (the blocks overwrite columns < L only)
     memset(buf, 0, lk * j.dh * sizeof(float))
     for i in range(a, b):
         attn_block(j, i, buf, lk)
-    free(buf)
 
 
 def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
@@ -598,12 +604,22 @@ def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     j.nblk = nseq * nhead
     cdef Py_ssize_t t
     cdef int nt = resolve_threads(num_threads, nseq * L * L * H // 8 + 1, j.nblk)
-    with nogil:
-        if nt <= 1:
-            attn_part(&j, 0, 1)
-        else:
-            for t in prange(nt, schedule='static', num_threads=nt):
-                attn_part(&j, t, nt)
+    if j.nblk == 0:
+        return
+    cdef Py_ssize_t per = attn_scratch_floats(L, j.dh)
+    cdef float *scratch = <float *>malloc(nt * per * sizeof(float))
+    if scratch == NULL:
+        raise MemoryError("attention: could not allocate %d bytes of scratch"
+                          % (nt * per * sizeof(float)))
+    try:
+        with nogil:
+            if nt <= 1:
+                attn_part(&j, 0, 1, scratch)
+            else:
+                for t in prange(nt, schedule='static', num_threads=nt):
+                    attn_part(&j, t, nt, scratch + t * per)
+    finally:
+        free(scratch)
 
 
 # ----------------------------------------------------------------- one encoder layer
@@ -622,9 +638,12 @@ cdef struct LayerJob:
     const float *pw
     const float *pb
     double eps
-    # attention, one job per group of equal-length sequences
+    # attention, one job per group of equal-length sequences; each thread's scratch is
+    # ascratch + t * ascratch_per (allocated before the parallel region)
     AttnJob *attn
     Py_ssize_t ngroups
+    float *ascratch
+    Py_ssize_t ascratch_per
 
 
 cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:
@@ -641,7 +660,7 @@ cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:
     gemm_team(&L.qkv, t, nt)
     nc_omp_barrier()
     for g in range(L.ngroups):
-        attn_part(&L.attn[g], t, nt)
+        attn_part(&L.attn[g], t, nt, L.ascratch + t * L.ascratch_per)
     nc_omp_barrier()
     gemm_team(&L.o, t, nt)
     nc_omp_barrier()
@@ -843,12 +862,20 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     cdef Py_ssize_t units = max((k0.l1.out_features + k0.l1._nr - 1) // k0.l1._nr,
                                 (M + mr - 1) // mr)
     cdef int nt = resolve_threads(num_threads, M * k0.fmas_per_row // 8, units)
+    cdef Py_ssize_t lmax = 0
+    for g in range(ng):
+        lmax = max(lmax, <Py_ssize_t>groups[g][2])
+    cdef Py_ssize_t per = 0
+    for l in range(nl):   # the layers may differ in their number of heads
+        per = max(per, attn_scratch_floats(lmax, d // (<EncoderLayerKernel>kernels[l]).nhead))
     cdef LayerJob *J = <LayerJob *>malloc(nl * sizeof(LayerJob))
     cdef AttnJob *A = <AttnJob *>malloc(nl * (ng if ng else 1) * sizeof(AttnJob))
+    cdef float *scratch = <float *>malloc(nt * per * sizeof(float))
     cdef int t
     try:
-        if J == NULL or A == NULL:
-            raise MemoryError()
+        if J == NULL or A == NULL or scratch == NULL:
+            raise MemoryError("run_layers: could not allocate %d bytes of scratch"
+                              % (nt * per * sizeof(float)))
         for l in range(nl):
             k = <EncoderLayerKernel>kernels[l]
             k._fill(&J[l], A + l * ng,
@@ -860,6 +887,8 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                     <float *>cnp.PyArray_DATA(<cnp.ndarray>hid),
                     <float *>cnp.PyArray_DATA(<cnp.ndarray>xn) if xn is not None else NULL,
                     M, groups, nt)
+            J[l].ascratch = scratch
+            J[l].ascratch_per = per
         with nogil:
             if nt <= 1:
                 layers_team(J, nl, 0, 1)
@@ -869,6 +898,7 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     finally:
         free(J)
         free(A)
+        free(scratch)
     return outs[nl - 1]
 
 

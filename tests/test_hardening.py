@@ -665,3 +665,38 @@ def test_temporary_memory_is_bounded():
             finally:
                 tracemalloc.stop()
             assert peak <= bound, (name, xin.strides, o.strides, peak, bound)
+
+
+def test_attention_scratch_allocation_failure_is_a_memory_error():
+    """The fused attention's per-thread scratch is allocated before any work: when the
+    allocation fails (here: an address-space limit just above what the process holds) the call
+    raises MemoryError instead of returning with heads unwritten, and works again once memory
+    is back."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("uses RLIMIT_AS and /proc/self/status")
+    run_child(r'''
+    import resource
+    from normcy import _gemm
+    rng = np.random.default_rng(0)
+    L, H = 8192, 64                       # one head of 64: ~4 MB of scratch per thread
+    qkv = rng.standard_normal((L, 3 * H)).astype(F32)
+    bq = np.zeros(H, F32)
+    ctx = np.full((L, H), np.nan, F32)
+    want = np.empty_like(ctx)
+    _gemm.attention(qkv[:16], bq, want[:16], 1, 16, 1, num_threads=1)   # warm, small
+    vm = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmSize:")][0]
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    resource.setrlimit(resource.RLIMIT_AS, (vm * 1024 + 256 * 1024, hard))
+    try:
+        _gemm.attention(qkv, bq, ctx, 1, L, 1, num_threads=1)
+    except MemoryError as e:
+        assert "scratch" in str(e), e
+    else:
+        raise AssertionError("no MemoryError under the address-space limit")
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+    _gemm.attention(qkv, bq, ctx, 1, L, 1, num_threads=1)
+    _gemm.attention(qkv, bq, want, 1, L, 1, num_threads=1)
+    assert not np.isnan(ctx).any() and np.array_equal(ctx, want)
+    print("OK")
+    ''')

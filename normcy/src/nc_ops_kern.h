@@ -36,9 +36,18 @@
  */
 /* ---- kernel bodies: included once per SIMD variant by nc_api.h ---- */
 #define nco_exp_reduced NC_FN(nco_exp_reduced)
+#define nco_exp_reduced_n NC_FN(nco_exp_reduced_n)
+#define nco_exp_n NC_FN(nco_exp_n)
+#define nco_exp_nonpos_2k_n NC_FN(nco_exp_nonpos_2k_n)
+#define nco_gelu_erf_n NC_FN(nco_gelu_erf_n)
+#define nco_gelu_erf_a NC_FN(nco_gelu_erf_a)
+#define nco_gelu_erf_b NC_FN(nco_gelu_erf_b)
+#define nco_gelu_tanh_n NC_FN(nco_gelu_tanh_n)
+#define nco_relu_n NC_FN(nco_relu_n)
+#define nco_exp_inrange_n NC_FN(nco_exp_inrange_n)
+#define nco_gelu_rows_piped NC_FN(nco_gelu_rows_piped)
 #define nco_exp NC_FN(nco_exp)
 #define nco_exp_nonpos NC_FN(nco_exp_nonpos)
-#define nco_exp_nonpos_2k NC_FN(nco_exp_nonpos_2k)
 #define nco_exp_inrange NC_FN(nco_exp_inrange)
 #define nco_gelu_erf NC_FN(nco_gelu_erf)
 #define nco_gelu_tanh NC_FN(nco_gelu_tanh)
@@ -48,113 +57,191 @@
 #define nco_softmax_exp NC_FN(nco_softmax_exp)
 #define nco_softmax_scale NC_FN(nco_softmax_scale)
 
+/*
+ * Lockstep: the exp and GELU bodies below take NU vectors (NU <= NCO_NU, a compile-time
+ * constant after inlining) and do every step for all NU before the next step.  Each body is
+ * one long dependency chain (~100 cycles of latency for the exact GELU: a division, nine
+ * FMAs of Horner, the exponential), and the out-of-order window holds little more than one
+ * chain's worth of vector operations: written one vector after another, four independent
+ * vectors still ran one at a time, latency-bound (AMD EPYC, AVX2: 46-50 cycles per vector
+ * for ~37 operations).  Interleaved in the instruction stream, the chains fill the FMA
+ * pipes.  Every element still goes through the same operations in the same order (the same
+ * bits as one vector at a time); NU = 1 is the one-vector form.
+ */
+#define NCO_EACH _Pragma("GCC unroll 8") for (int u = 0; u < NU; u++)
+/* vectors per lockstep group in the row loops: four chains cover the exact GELU's latency
+   on two FMA pipes (AVX2); the same on AVX-512, whose 32 registers hold them easily */
+#define NCO_NU 4
+
 /* exp(x), see the header comment for accuracy.  No operation ever sees or makes a subnormal
  * (those take microcode assists costing ~100 cycles each on x86): arguments below
  * NCO_EXP_LO give +0 (the true value is < 2.7e-38 there). */
 #define NCO_EXP_LO (-86.5f)
 /* exp(xc) for xc already clamped to [NCO_EXP_LO, 88.72], before the final scaling:
- * Cody-Waite reduction by ln 2 and a degree-6 polynomial; returns y in [0.7, 1.42] and sets
- * *ni = n with exp(xc) = y 2^n, n in [-125, 128].  Shared by nco_exp and nco_exp_nonpos,
- * which differ only in how they apply 2^n (both exactly: every product is normal), so the
- * two give the same bits wherever both are defined. */
-NC_INLINE ncv nco_exp_reduced(ncv xc, nciv *ni)
+ * Cody-Waite reduction by ln 2 and a degree-6 polynomial; y in [0.7, 1.42] and ni = n with
+ * exp(xc) = y 2^n, n in [-125, 128].  Shared by nco_exp and nco_exp_nonpos, which differ
+ * only in how they apply 2^n (both exactly: every product is normal), so the two give the
+ * same bits wherever both are defined.  In place: xc[u] becomes y. */
+NC_INLINE void nco_exp_reduced_n(const int NU, ncv *xc, nciv *ni)
 {
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
     const ncv magic = ncv_set1(12582912.0f);
-    ncv t = xc * ncv_set1(1.44269504088896341f);
-    ncv n = (t + magic) - magic;
-    ncv r = xc - n * ncv_set1(0.693359375f);
-    r = r - n * ncv_set1(-2.12194440e-4f);
-    ncv p = ncv_set1(1.9875691500E-4f);
-    p = p * r + ncv_set1(1.3981999507E-3f);
-    p = p * r + ncv_set1(8.3334519073E-3f);
-    p = p * r + ncv_set1(4.1665795894E-2f);
-    p = p * r + ncv_set1(1.6666665459E-1f);
-    p = p * r + ncv_set1(5.0000001201E-1f);
-    *ni = __builtin_convertvector(n, nciv);
-    return p * (r * r) + r + ncv_set1(1.0f);
+    ncv n[NCO_NU], r[NCO_NU], p[NCO_NU];
+    NCO_EACH { ncv t = xc[u] * ncv_set1(1.44269504088896341f); n[u] = (t + magic) - magic; }
+    NCO_EACH r[u] = xc[u] - n[u] * ncv_set1(0.693359375f);
+    NCO_EACH r[u] = r[u] - n[u] * ncv_set1(-2.12194440e-4f);
+    NCO_EACH p[u] = ncv_set1(1.9875691500E-4f) * r[u] + ncv_set1(1.3981999507E-3f);
+    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(8.3334519073E-3f);
+    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(4.1665795894E-2f);
+    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(1.6666665459E-1f);
+    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(5.0000001201E-1f);
+    NCO_EACH ni[u] = __builtin_convertvector(n[u], nciv);
+    NCO_EACH xc[u] = p[u] * (r[u] * r[u]) + r[u] + ncv_set1(1.0f);
+}
+
+NC_INLINE ncv nco_exp_reduced(ncv xc, nciv *ni)
+{
+    nco_exp_reduced_n(1, &xc, ni);
+    return xc;
+}
+
+/* in place, x[u] -> exp(x[u]) */
+NC_INLINE void nco_exp_n(const int NU, ncv *x)
+{
+    const ncv lo = ncv_set1(NCO_EXP_LO), hi = ncv_set1(88.7228394f);
+    nciv under[NCO_NU], over[NCO_NU], ni[NCO_NU];
+    ncv y[NCO_NU];
+    NCO_EACH { under[u] = x[u] < lo; over[u] = x[u] > hi; }
+    NCO_EACH y[u] = ncv_sel(under[u], lo, ncv_sel(over[u], hi, x[u]));
+    nco_exp_reduced_n(NU, y, ni);
+    NCO_EACH {
+        /* 2^n as two normal factors (2^128 alone would be inf) */
+        nciv n1 = ni[u] >> 1;
+        nciv n2 = ni[u] - n1;
+        y[u] = (y[u] * (ncv)((n1 + 127) << 23)) * (ncv)((n2 + 127) << 23);
+    }
+    NCO_EACH {
+        y[u] = ncv_sel(under[u], ncv_set1(0.0f), y[u]);
+        y[u] = ncv_sel(over[u], ncv_set1(INFINITY), y[u]);
+        /* NaN in -> NaN out (the clamps above compare false for NaN, keep it explicit) */
+        x[u] = ncv_sel(x[u] != x[u], x[u], y[u]);
+    }
 }
 
 NC_INLINE ncv nco_exp(ncv x)
 {
-    const ncv lo = ncv_set1(NCO_EXP_LO), hi = ncv_set1(88.7228394f);
-    nciv under = x < lo, over = x > hi;
-    nciv ni;
-    ncv y = nco_exp_reduced(ncv_sel(under, lo, ncv_sel(over, hi, x)), &ni);
-    /* 2^n as two normal factors (2^128 alone would be inf) */
-    nciv n1 = ni >> 1;
-    nciv n2 = ni - n1;
-    y = (y * (ncv)((n1 + 127) << 23)) * (ncv)((n2 + 127) << 23);
-    y = ncv_sel(under, ncv_set1(0.0f), y);
-    y = ncv_sel(over, ncv_set1(INFINITY), y);
-    /* NaN in -> NaN out (the clamps above compare false for NaN, keep it explicit) */
-    return ncv_sel(x != x, x, y);
+    nco_exp_n(1, &x);
+    return x;
 }
 
-/* exp(x) for x <= 1 (or -inf / NaN), as in softmax after the max subtraction and in the
- * erfc of GELU: the same results as nco_exp on that domain, minus the overflow handling.
- * n <= 1 here, so 2^n is one normal factor (n >= -125).  NaN propagates through the
- * arithmetic (y = NaN * 2^garbage = NaN). */
-NC_INLINE ncv nco_exp_nonpos_2k(ncv x, int k);
-NC_INLINE ncv nco_exp_nonpos(ncv x) { return nco_exp_nonpos_2k(x, 0); }
+/* exp(x) * 2^k for k in {0, -1}, for x <= 1 (or -inf / NaN), as in softmax after the max
+ * subtraction and in the erfc of GELU: the same results as nco_exp on that domain (times
+ * 2^k), minus the overflow handling.  n <= 1 here, and the factor goes into the exponent
+ * of the final scaling: 2^(n+k) is one normal factor (n + k >= -126 with y >= 1.15 there),
+ * so the result is exactly 2^k times nco_exp(x).  NaN propagates through the arithmetic
+ * (y = NaN * 2^garbage = NaN).  In place. */
+NC_INLINE void nco_exp_nonpos_2k_n(const int NU, ncv *x, int k)
+{
+    const ncv lo = ncv_set1(NCO_EXP_LO);
+    nciv under[NCO_NU], ni[NCO_NU];
+    NCO_EACH { under[u] = x[u] < lo; x[u] = ncv_sel(under[u], lo, x[u]); }
+    nco_exp_reduced_n(NU, x, ni);
+    NCO_EACH x[u] = x[u] * (ncv)((ni[u] + (127 + k)) << 23);
+    NCO_EACH x[u] = ncv_sel(under[u], ncv_set1(0.0f), x[u]);
+}
+
+NC_INLINE ncv nco_exp_nonpos(ncv x)
+{
+    nco_exp_nonpos_2k_n(1, &x, 0);
+    return x;
+}
 
 /* nco_exp_nonpos for x known to lie in [NCO_EXP_LO, 1]: the same bits there, without the
    underflow clamp and its two selects (softmax takes it for rows whose logits span less
    than 86.5 after scaling: three of ~20 operations per vector) */
+NC_INLINE void nco_exp_inrange_n(const int NU, ncv *x)
+{
+    nciv ni[NCO_NU];
+    nco_exp_reduced_n(NU, x, ni);
+    NCO_EACH x[u] = x[u] * (ncv)((ni[u] + 127) << 23);
+}
+
 NC_INLINE ncv nco_exp_inrange(ncv x)
 {
-    nciv ni;
-    ncv y = nco_exp_reduced(x, &ni);
-    return y * (ncv)((ni + 127) << 23);
+    nco_exp_inrange_n(1, &x);
+    return x;
 }
 
-/* exp(x) * 2^k for k in {0, -1}, x as for nco_exp_nonpos: the factor goes into the
- * exponent of the final scaling (2^(n+k) stays normal: n + k >= -126 with y >= 1.15 there),
- * so the result is exactly 2^k times nco_exp_nonpos(x) */
-NC_INLINE ncv nco_exp_nonpos_2k(ncv x, int k)
+/* Phi(x) * x, exact-erf GELU, in two stages (the row loop overlaps stage A of one group
+   of vectors with stage B of the one before).  Stage A: t = 1 / (1 + z/2) and the exponent
+   p = P(t) - z^2 of erfc(z) = t exp(p), z = |x| / sqrt(2). */
+NC_INLINE void nco_gelu_erf_a(const int NU, const ncv *x, ncv *t, ncv *p)
 {
-    const ncv lo = ncv_set1(NCO_EXP_LO);
-    nciv under = x < lo;
-    nciv ni;
-    ncv y = nco_exp_reduced(ncv_sel(under, lo, x), &ni);
-    y = y * (ncv)((ni + (127 + k)) << 23);
-    return ncv_sel(under, ncv_set1(0.0f), y);
+    ncv z[NCO_NU];
+    NCO_EACH z[u] = ncv_abs(x[u]) * ncv_set1(0.70710678118654752f);
+    NCO_EACH t[u] = ncv_set1(1.0f) / (ncv_set1(1.0f) + ncv_set1(0.5f) * z[u]);
+    NCO_EACH p[u] = ncv_set1(0.17087277f) * t[u] + ncv_set1(-0.82215223f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(1.48851587f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-1.13520398f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.27886807f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-0.18628806f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.09678418f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.37409196f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(1.00002368f);
+    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-1.26551223f);
+    /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
+    NCO_EACH p[u] = p[u] - z[u] * z[u];
 }
 
-/* Phi(x) * x, exact-erf GELU */
+/* Stage B, in place on x: Phi from t and p, times x */
+NC_INLINE void nco_gelu_erf_b(const int NU, ncv *x, const ncv *t, ncv *p)
+{
+    /* erfc/2 = t * (exp(p) / 2), the halving exact in the exponent (the same bits as
+       (t / 2) * exp(p), one multiplication fewer) */
+    nco_exp_nonpos_2k_n(NU, p, -1);
+    NCO_EACH {
+        ncv half_erfc = t[u] * p[u];
+        /* Phi = erfc/2 for x < 0, 1 - erfc/2 otherwise, selected by the sign bit (x = -0
+           gives 1 - 0.5 = 0.5 = erfc(0)/2 either way) */
+        ncv phi = ncv_sel_sign(x[u], half_erfc, ncv_set1(1.0f) - half_erfc);
+        /* x = -inf: Phi = 0 and -inf * 0 would be NaN; the limit is -0, which -FLT_MAX * 0
+           gives (MAXPS(-FLT_MAX, x) keeps every other x, NaN included) */
+        x[u] = ncv_max(ncv_set1(-3.40282347e+38f), x[u]) * phi;
+    }
+}
+
+NC_INLINE void nco_gelu_erf_n(const int NU, ncv *x)
+{
+    ncv t[NCO_NU], p[NCO_NU];
+    nco_gelu_erf_a(NU, x, t, p);
+    nco_gelu_erf_b(NU, x, t, p);
+}
+
 NC_INLINE ncv nco_gelu_erf(ncv x)
 {
-    ncv z = ncv_abs(x) * ncv_set1(0.70710678118654752f);
-    ncv t = ncv_set1(1.0f) / (ncv_set1(1.0f) + ncv_set1(0.5f) * z);
-    ncv p = ncv_set1(0.17087277f);
-    p = p * t + ncv_set1(-0.82215223f);
-    p = p * t + ncv_set1(1.48851587f);
-    p = p * t + ncv_set1(-1.13520398f);
-    p = p * t + ncv_set1(0.27886807f);
-    p = p * t + ncv_set1(-0.18628806f);
-    p = p * t + ncv_set1(0.09678418f);
-    p = p * t + ncv_set1(0.37409196f);
-    p = p * t + ncv_set1(1.00002368f);
-    p = p * t + ncv_set1(-1.26551223f);
-    /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
-    /* erfc/2 = t * (exp(...) / 2), the halving exact in the exponent (the same bits as
-       (t / 2) * exp(...), one multiplication fewer) */
-    ncv half_erfc = t * nco_exp_nonpos_2k(p - z * z, -1);
-    /* Phi = erfc/2 for x < 0, 1 - erfc/2 otherwise, selected by the sign bit (x = -0 gives
-       1 - 0.5 = 0.5 = erfc(0)/2 either way) */
-    ncv phi = ncv_sel_sign(x, half_erfc, ncv_set1(1.0f) - half_erfc);
-    /* x = -inf: Phi = 0 and -inf * 0 would be NaN; the limit is -0, which -FLT_MAX * 0
-       gives (MAXPS(-FLT_MAX, x) keeps every other x, NaN included) */
-    return ncv_max(ncv_set1(-3.40282347e+38f), x) * phi;
+    nco_gelu_erf_n(1, &x);
+    return x;
 }
 
-/* x / (1 + exp(-2u)) == 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3) */
+/* x / (1 + exp(-2u)) == 0.5 x (1 + tanh(u)),  u = sqrt(2/pi) (x + 0.044715 x^3), in place */
+NC_INLINE void nco_gelu_tanh_n(const int NU, ncv *x)
+{
+    ncv e[NCO_NU];
+    NCO_EACH {
+        ncv x3 = x[u] * x[u] * x[u];
+        e[u] = ncv_set1(-1.5957691216057308f) * (x[u] + ncv_set1(0.044715f) * x3);
+    }
+    nco_exp_n(NU, e);
+    NCO_EACH {
+        ncv y = x[u] / (ncv_set1(1.0f) + e[u]);
+        x[u] = ncv_sel(x[u] == ncv_set1(-INFINITY), ncv_set1(-0.0f), y);
+    }
+}
+
 NC_INLINE ncv nco_gelu_tanh(ncv x)
 {
-    ncv x3 = x * x * x;
-    ncv u2 = ncv_set1(-1.5957691216057308f) * (x + ncv_set1(0.044715f) * x3);
-    ncv y = x / (ncv_set1(1.0f) + nco_exp(u2));
-    return ncv_sel(x == ncv_set1(-INFINITY), ncv_set1(-0.0f), y);
+    nco_gelu_tanh_n(1, &x);
+    return x;
 }
 
 NC_INLINE ncv nco_relu(ncv x)
@@ -180,50 +267,94 @@ NC_INLINE ncv nco_apply_act(ncv v, int act)
  * out[j] = act(x[j] (+ bias[j])) (+ res[j]) for j < n.  All pointers unit stride;
  * bias/res may be NULL; out may equal x or res.
  */
-/* Four vectors per iteration first: each activation is one long dependency chain
-   (~30-40 dependent operations), so independent vectors must be in flight together to fill
-   the FMA pipes (one at a time, the exact GELU was latency-bound at ~2.4 ns/element on
-   AVX2).  Every element still goes through the same instruction sequence. */
-#define NCO_ACT_STEP(ACT, o)                                                           \
-    ncv v##o = ncv_ld(x + j + o * NC_VW);                                              \
-    if (bias) v##o = v##o + ncv_ld(bias + j + o * NC_VW);                              \
-    v##o = ACT(v##o);                                                                  \
-    if (res) v##o = v##o + ncv_ld(res + j + o * NC_VW);                                \
-    ncv_st(out + j + o * NC_VW, v##o);
-#define NCO_ACT_LOOP(ACT)                                                              \
+/* NCO_NU vectors per iteration first, their activations in lockstep (see "Lockstep"
+   above): each activation is one long dependency chain, so independent vectors must be in
+   flight together to fill the FMA pipes.  ACTN(NU, v) works in place on NU vectors; every
+   element goes through the same instruction sequence whichever loop takes it. */
+#define NCO_ACT_LOOP(ACTN)                                                             \
     do {                                                                               \
-        for (; j + 4 * NC_VW <= n; j += 4 * NC_VW) {                                   \
-            NCO_ACT_STEP(ACT, 0) NCO_ACT_STEP(ACT, 1)                                  \
-            NCO_ACT_STEP(ACT, 2) NCO_ACT_STEP(ACT, 3)                                  \
+        for (; j + NCO_NU * NC_VW <= n; j += NCO_NU * NC_VW) {                         \
+            ncv v[NCO_NU];                                                             \
+            NCO_EACH4 {                                                                \
+                v[u] = ncv_ld(x + j + u * NC_VW);                                      \
+                if (bias) v[u] = v[u] + ncv_ld(bias + j + u * NC_VW);                  \
+            }                                                                          \
+            ACTN(NCO_NU, v);                                                           \
+            NCO_EACH4 {                                                                \
+                if (res) v[u] = v[u] + ncv_ld(res + j + u * NC_VW);                    \
+                ncv_st(out + j + u * NC_VW, v[u]);                                     \
+            }                                                                          \
         }                                                                              \
         for (; j + NC_VW <= n; j += NC_VW) {                                           \
-            ncv v = ncv_ld(x + j);                                                  \
+            ncv v = ncv_ld(x + j);                                                     \
             if (bias) v = v + ncv_ld(bias + j);                                        \
-            v = ACT(v);                                                                \
+            ACTN(1, &v);                                                               \
             if (res) v = v + ncv_ld(res + j);                                          \
             ncv_st(out + j, v);                                                        \
         }                                                                              \
         if (j < n) {                                                                   \
-            nc_int m = n - j;                                                         \
+            nc_int m = n - j;                                                          \
             ncv v = ncv_ld_n(x + j, m, 0.0f);                                          \
             if (bias) v = v + ncv_ld_n(bias + j, m, 0.0f);                             \
-            v = ACT(v);                                                                \
+            ACTN(1, &v);                                                               \
             if (res) v = v + ncv_ld_n(res + j, m, 0.0f);                               \
             ncv_st_n(out + j, v, m);                                                   \
         }                                                                              \
     } while (0)
+#define NCO_EACH4 _Pragma("GCC unroll 8") for (int u = 0; u < NCO_NU; u++)
 
-#define NCO_ID(v) (v)
+#define NCO_ID_N(NU, v) ((void)0)
+NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u]); }
+
+/* The exact GELU's row loop, software-pipelined: each iteration runs stage A of group g+1
+   (NCO_NU vectors) and stage B of group g, two independent halves of ~60 cycles of latency
+   each; then the remaining vectors as NCO_ACT_LOOP would take them.  The same operations on
+   every element as nco_gelu_erf (the same bits). */
+NC_INLINE nc_int nco_gelu_rows_piped(const float *x, const float *bias, const float *res,
+                                     float *out, nc_int n)
+{
+    const int NU = NCO_NU;
+    const nc_int G = NCO_NU * NC_VW;
+    if (n < 2 * G) return 0;
+    ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];
+    NCO_EACH {
+        xa[u] = ncv_ld(x + u * NC_VW);
+        if (bias) xa[u] = xa[u] + ncv_ld(bias + u * NC_VW);
+    }
+    nco_gelu_erf_a(NU, xa, ta, pa);
+    nc_int j = 0;
+    for (; j + 2 * G <= n; j += G) {
+        ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];
+        NCO_EACH {
+            xb[u] = ncv_ld(x + j + G + u * NC_VW);
+            if (bias) xb[u] = xb[u] + ncv_ld(bias + j + G + u * NC_VW);
+        }
+        nco_gelu_erf_a(NU, xb, tb, pb);
+        nco_gelu_erf_b(NU, xa, ta, pa);
+        NCO_EACH {
+            if (res) xa[u] = xa[u] + ncv_ld(res + j + u * NC_VW);
+            ncv_st(out + j + u * NC_VW, xa[u]);
+            xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];
+        }
+    }
+    nco_gelu_erf_b(NU, xa, ta, pa);
+    NCO_EACH {
+        if (res) xa[u] = xa[u] + ncv_ld(res + j + u * NC_VW);
+        ncv_st(out + j + u * NC_VW, xa[u]);
+    }
+    return j + G;
+}
 
 static void NC_FN(nc_ops_act_row)(const float *x, const float *bias, const float *res,
                                   float *out, nc_int n, int act)
 {
     nc_int j = 0;
+    if (act == NCO_ACT_GELU) j = nco_gelu_rows_piped(x, bias, res, out, n);
     switch (act) {
-    case NCO_ACT_RELU: NCO_ACT_LOOP(nco_relu); break;
-    case NCO_ACT_GELU: NCO_ACT_LOOP(nco_gelu_erf); break;
-    case NCO_ACT_GELU_TANH: NCO_ACT_LOOP(nco_gelu_tanh); break;
-    default: NCO_ACT_LOOP(NCO_ID); break;
+    case NCO_ACT_RELU: NCO_ACT_LOOP(nco_relu_n); break;
+    case NCO_ACT_GELU: NCO_ACT_LOOP(nco_gelu_erf_n); break;
+    case NCO_ACT_GELU_TANH: NCO_ACT_LOOP(nco_gelu_tanh_n); break;
+    default: NCO_ACT_LOOP(NCO_ID_N); break;
     }
 }
 
@@ -232,7 +363,7 @@ static void NC_FN(nc_ops_exp_row)(const float *x, float *out, nc_int n)
 {
     const float *bias = NULL, *res = NULL;
     nc_int j = 0;
-    NCO_ACT_LOOP(nco_exp);
+    NCO_ACT_LOOP(nco_exp_n);
 }
 
 /*
@@ -356,18 +487,18 @@ NC_INLINE float nco_softmax_exp(float *out, nc_int n, float mx, float mn)
     const int inrange = mn - mx >= NCO_EXP_LO;
 #define NCO_SM_EXP(v) (inrange ? nco_exp_inrange(v) : nco_exp_nonpos(v))
     for (j = 0; j + 4 * NC_VW <= n; j += 4 * NC_VW) {
-        ncv e0 = NCO_SM_EXP(ncv_ld(out + j) - vmx);
-        ncv e1 = NCO_SM_EXP(ncv_ld(out + j + NC_VW) - vmx);
-        ncv e2 = NCO_SM_EXP(ncv_ld(out + j + 2 * NC_VW) - vmx);
-        ncv e3 = NCO_SM_EXP(ncv_ld(out + j + 3 * NC_VW) - vmx);
-        s0 += e0;
-        s1 += e1;
-        s2 += e2;
-        s3 += e3;
-        ncv_st(out + j, e0);
-        ncv_st(out + j + NC_VW, e1);
-        ncv_st(out + j + 2 * NC_VW, e2);
-        ncv_st(out + j + 3 * NC_VW, e3);
+        /* the four exponentials in lockstep (see "Lockstep") */
+        ncv e[4];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) e[u] = ncv_ld(out + j + u * NC_VW) - vmx;
+        if (inrange) nco_exp_inrange_n(4, e);
+        else nco_exp_nonpos_2k_n(4, e, 0);
+        s0 += e[0];
+        s1 += e[1];
+        s2 += e[2];
+        s3 += e[3];
+#pragma GCC unroll 4
+        for (int u = 0; u < 4; u++) ncv_st(out + j + u * NC_VW, e[u]);
     }
     for (; j + NC_VW <= n; j += NC_VW) {
         ncv e = NCO_SM_EXP(ncv_ld(out + j) - vmx);
@@ -425,6 +556,6 @@ static void NC_FN(nc_ops_softmax_row2)(const float *x0, const float *x1, float *
 
 
 #undef NCO_ACT_LOOP
-#undef NCO_ACT_STEP
-#undef NCO_ID
+#undef NCO_EACH4
+#undef NCO_ID_N
 /* the nco_* helper names are undefined by nc_simd_end.h (the GEMM epilogue uses them) */

@@ -303,8 +303,8 @@ class _GemmState:
 
     def fma_peak(self):
         if self.peak is None:
-            from normcy._gemm import _fma_peak
-            self.peak = max(_fma_peak(0.3) for _ in range(3))
+            from normcy._gemm import fma_peak
+            self.peak = max(fma_peak(0.3) for _ in range(3))
         return self.peak
 
     def row(self, N, K, M, T):

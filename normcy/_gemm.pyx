@@ -948,7 +948,7 @@ def kernel_shape():
     return int(nc_gemm_mr()), int(nc_gemm_nr())
 
 
-def _fma_peak(double seconds=0.2):
+def fma_peak(double seconds=0.2):
     """Measured single-thread FP32 FMA throughput (GFLOP/s) of the SIMD variant in use:
     the best of several timed runs of 12 independent vector FMA chains (the bench's
     reference for the GEMM's fraction of peak)."""

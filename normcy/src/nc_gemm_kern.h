@@ -278,6 +278,65 @@ static nc_int NC_FN(nc_gemm_mc)(nc_int K)
     return mc < NC_MR ? NC_MR : mc;
 }
 
+/*
+ * The epilogue of a whole panel's rows at once, for the GELUs without a residual: y holds
+ * the accumulators of rows x NC_NR floats (row stride ldy); y = act(y + b).  One micro-tile
+ * is 6-12 vectors, too few to hide the GELU's ~120-cycle chain (the exact GELU cost ~40
+ * cycles per vector per tile, against ~27 on long rows: AMD EPYC); a row block's strip is
+ * up to MC rows, which the software-pipelined loop takes NCO_NU vectors (NCO_NU / 2 rows) at
+ * a time.  The same operations on every element as the per-tile epilogue (acc + b -> act;
+ * the accumulator stored and reloaded exactly), so the same bits.
+ */
+#define NC_SV(base, ld, v) ((base) + ((v) >> 1) * (ld) + ((v) & 1) * NC_VW)
+static void NC_FN(nc_gemm_strip_epi)(float *y, nc_int ldy, nc_int rows, const float *bias,
+                                     int act)
+{
+    const int NU = NCO_NU;
+    const nc_int RG = NCO_NU / 2;   /* rows per group of NCO_NU vectors */
+    ncv bb[2];
+    bb[0] = bias ? ncv_ld(bias) : ncv_set1(0.0f);
+    bb[1] = bias ? ncv_ld(bias + NC_VW) : ncv_set1(0.0f);
+    nc_int r = 0;
+#define NC_SLD(rr, u) (bias ? ncv_ld(NC_SV(y + (rr) * ldy, ldy, u)) + bb[(u) & 1]            \
+                            : ncv_ld(NC_SV(y + (rr) * ldy, ldy, u)))
+    if (act == NCO_ACT_GELU && rows >= 2 * RG) {
+        ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];
+        NCO_EACH xa[u] = NC_SLD(0, u);
+        nco_gelu_erf_a(NU, xa, ta, pa);
+        for (; r + 2 * RG <= rows; r += RG) {
+            ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];
+            NCO_EACH xb[u] = NC_SLD(r + RG, u);
+            nco_gelu_erf_a(NU, xb, tb, pb);
+            nco_gelu_erf_b(NU, xa, ta, pa);
+            NCO_EACH {
+                ncv_st(NC_SV(y + r * ldy, ldy, u), xa[u]);
+                xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];
+            }
+        }
+        nco_gelu_erf_b(NU, xa, ta, pa);
+        NCO_EACH ncv_st(NC_SV(y + r * ldy, ldy, u), xa[u]);
+        r += RG;
+    } else if (act == NCO_ACT_GELU_TANH) {
+        for (; r + RG <= rows; r += RG) {
+            ncv v[NCO_NU];
+            NCO_EACH v[u] = NC_SLD(r, u);
+            nco_gelu_tanh_n(NU, v);
+            NCO_EACH ncv_st(NC_SV(y + r * ldy, ldy, u), v[u]);
+        }
+    }
+    for (; r < rows; r++) {
+        /* the last rows: one row's two vectors in lockstep */
+        ncv v[2] = {NC_SLD(r, 0), NC_SLD(r, 1)};
+        if (act == NCO_ACT_GELU) nco_gelu_erf_n(2, v);
+        else if (act == NCO_ACT_GELU_TANH) nco_gelu_tanh_n(2, v);
+        else { v[0] = nco_apply_act(v[0], act); v[1] = nco_apply_act(v[1], act); }
+        ncv_st(y + r * ldy, v[0]);
+        ncv_st(y + r * ldy + NC_VW, v[1]);
+    }
+#undef NC_SLD
+}
+#undef NC_SV
+
 /* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r).  y must not alias r when
    K > nc_gemm_kc(K) (the caller copies r then): partial sums go through y. */
 static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_int N,
@@ -287,6 +346,10 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
 {
     const nc_int kcb = NC_FN(nc_gemm_kc)(K);
     const nc_int mc = NC_FN(nc_gemm_mc)(K);
+    /* the GELUs without a residual: whole panels' tiles store their accumulators and the
+       epilogue runs over the row block's strip (nc_gemm_strip_epi); with a residual, y may
+       be the residual itself, which the tiles must read before they write */
+    const int defer = (act == NCO_ACT_GELU || act == NCO_ACT_GELU_TANH) && !res;
     for (nc_int i0 = m0; i0 < m1; i0 += mc) {
         nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
         nc_int pstart = p0;
@@ -307,6 +370,7 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
             nc_int j0 = p * NC_NR;
             nc_int nv = N - j0 < NC_NR ? N - j0 : NC_NR;
             const float *bj = bias ? bias + j0 : NULL;
+            const int dp = defer && nv == NC_NR;
             /* the K blocks of one panel back to back: the partial sums of the row block's
                tiles (MC x NC_NR floats) stay in L1/L2 between them */
             for (nc_int k0 = 0; k0 < K; k0 += kcb) {
@@ -331,9 +395,10 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                     const float *pfn = nxt && ntl > 1 ? nxt + t * kc * pstep : NULL;
                     NC_FN(nc_gemm_tile)((int)(ie - i), x + i * ldx + k0, ldx, bp, kc, bj,
                                         res ? res + i * ldr + j0 : NULL, ldr, y + i * ldy + j0,
-                                        ldy, nv, act, first, last, t == 0 ? 3 : 2, pfn,
+                                        ldy, nv, act, first, last && !dp, t == 0 ? 3 : 2, pfn,
                                         pstep);
                 }
+                if (last && dp) NC_FN(nc_gemm_strip_epi)(y + i0 * ldy + j0, ldy, i1 - i0, bj, act);
             }
         }
     }

@@ -145,12 +145,15 @@ cdef struct GemmJob:
 cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     """Rows [a, b), every panel; with the norm epilogue, row block by row block (each block
     normalized while it is still in cache: nc_gemm_mc rows, the GEMM's own row block)."""
-    cdef Py_ssize_t c, e, mc
+    cdef Py_ssize_t c, e, mc, nb
     if j.norm < 0:
         nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
                     j.act, a, b, 0, j.npanels)
         return
     mc = nc_gemm_mc(j.K)
+    # equal blocks of at most mc rows, as nc_gemm_run makes them (no small last block)
+    nb = (b - a + mc - 1) // mc
+    mc = (b - a + nb - 1) // nb
     c = a
     while c < b:
         e = c + mc if c + mc < b else b

@@ -350,8 +350,12 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
        epilogue runs over the row block's strip (nc_gemm_strip_epi); with a residual, y may
        be the residual itself, which the tiles must read before they write */
     const int defer = (act == NCO_ACT_GELU || act == NCO_ACT_GELU_TANH) && !res;
-    for (nc_int i0 = m0; i0 < m1; i0 += mc) {
-        nc_int i1 = i0 + mc < m1 ? i0 + mc : m1;
+    /* row blocks of equal size, at most mc rows (510 rows: 3 x 170, not 168 + 168 + 168 + 6:
+       a small last block streams every panel for a few rows, at a fraction of the rate) */
+    const nc_int nblk = (m1 - m0 + mc - 1) / mc;
+    const nc_int mcb = nblk > 0 ? (m1 - m0 + nblk - 1) / nblk : mc;
+    for (nc_int i0 = m0; i0 < m1; i0 += mcb) {
+        nc_int i1 = i0 + mcb < m1 ? i0 + mcb : m1;
         nc_int pstart = p0;
         if (i1 - i0 == 1) {
             /* a single row: four whole panels at a time (see nc_gemv4) */

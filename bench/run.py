@@ -325,7 +325,7 @@ def targets_table(targets):
             val = "%.0f%%" % (100 * v)
         else:
             val = "%.2f×" % v
-        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.2g×" % t["goal"]
+        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.3g×" % t["goal"]
         met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
         body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t["note"] else "")])
     return "### Norm and BatchNorm kernel targets (all cores, this run)\n\n" + md_table(

@@ -270,8 +270,9 @@ static nc_int NC_FN(nc_gemm_kc)(nc_int K)
 }
 
 /* The row block MC: MC x K floats of x in ~256 KB of L2 (see the header), whole
-   micro-tiles.  Callers that post-process rows (the fused norm epilogue) work in row
-   blocks of this size so that a block is still in cache when they come back to it. */
+   micro-tiles.  nc_gemm_run cuts a row range into equal blocks of at most this size, and
+   callers that post-process rows (the fused norm epilogue) cut theirs the same way, so
+   that a block is still in cache when they come back to it. */
 static nc_int NC_FN(nc_gemm_mc)(nc_int K)
 {
     nc_int mc = ((nc_int)65536 / (K > 0 ? K : 1)) / NC_MR * NC_MR;

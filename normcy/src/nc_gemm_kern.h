@@ -301,22 +301,14 @@ static void NC_FN(nc_gemm_strip_epi)(float *y, nc_int ldy, nc_int rows, const fl
 #define NC_SLD(rr, u) (bias ? ncv_ld(NC_SV(y + (rr) * ldy, ldy, u)) + bb[(u) & 1]            \
                             : ncv_ld(NC_SV(y + (rr) * ldy, ldy, u)))
     if (act == NCO_ACT_GELU && rows >= 2 * RG) {
-        ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];
-        NCO_EACH xa[u] = NC_SLD(0, u);
-        nco_gelu_erf_a(NU, xa, ta, pa);
-        for (; r + 2 * RG <= rows; r += RG) {
-            ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];
-            NCO_EACH xb[u] = NC_SLD(r + RG, u);
-            nco_gelu_erf_a(NU, xb, tb, pb);
-            nco_gelu_erf_b(NU, xa, ta, pa);
-            NCO_EACH {
-                ncv_st(NC_SV(y + r * ldy, ldy, u), xa[u]);
-                xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];
-            }
-        }
-        nco_gelu_erf_b(NU, xa, ta, pa);
-        NCO_EACH ncv_st(NC_SV(y + r * ldy, ldy, u), xa[u]);
-        r += RG;
+        /* groups of RG rows, the pipeline of the row kernels (nc_ops_kern.h) */
+        const nc_int ng = rows / RG;
+#define NC_GLD(g, u) NC_SLD((g) * RG, u)
+#define NC_GST(g, u, v) ncv_st(NC_SV(y + (g) * RG * ldy, ldy, u), v)
+        NCO_GELU_PIPE(ng, NC_GLD, NC_GST);
+#undef NC_GLD
+#undef NC_GST
+        r = ng * RG;
     } else if (act == NCO_ACT_GELU_TANH) {
         for (; r + RG <= rows; r += RG) {
             ncv v[NCO_NU];

@@ -274,13 +274,14 @@ NC_INLINE ncv nco_apply_act(ncv v, int act)
 #define NCO_ACT_LOOP(ACTN)                                                             \
     do {                                                                               \
         for (; j + NCO_NU * NC_VW <= n; j += NCO_NU * NC_VW) {                         \
+            const int NU = NCO_NU;                                                     \
             ncv v[NCO_NU];                                                             \
-            NCO_EACH4 {                                                                \
+            NCO_EACH {                                                                 \
                 v[u] = ncv_ld(x + j + u * NC_VW);                                      \
                 if (bias) v[u] = v[u] + ncv_ld(bias + j + u * NC_VW);                  \
             }                                                                          \
-            ACTN(NCO_NU, v);                                                           \
-            NCO_EACH4 {                                                                \
+            ACTN(NU, v);                                                               \
+            NCO_EACH {                                                                 \
                 if (res) v[u] = v[u] + ncv_ld(res + j + u * NC_VW);                    \
                 ncv_st(out + j + u * NC_VW, v[u]);                                     \
             }                                                                          \
@@ -301,48 +302,53 @@ NC_INLINE ncv nco_apply_act(ncv v, int act)
             ncv_st_n(out + j, v, m);                                                   \
         }                                                                              \
     } while (0)
-#define NCO_EACH4 _Pragma("GCC unroll 8") for (int u = 0; u < NCO_NU; u++)
 
 #define NCO_ID_N(NU, v) ((void)0)
 NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u]); }
 
-/* The exact GELU's row loop, software-pipelined: each iteration runs stage A of group g+1
-   (NCO_NU vectors) and stage B of group g, two independent halves of ~60 cycles of latency
-   each; then the remaining vectors as NCO_ACT_LOOP would take them.  The same operations on
-   every element as nco_gelu_erf (the same bits). */
+/*
+ * The exact GELU software-pipelined over NG >= 1 groups of NCO_NU vectors: each iteration
+ * runs stage A of group g+1 and stage B of group g, two independent halves of ~60 cycles
+ * of latency each.  LD(g, u) gives vector u of group g (bias added), ST(g, u, v) stores it
+ * (residual added); the row loop below and the GEMM's strip epilogue differ only in them.
+ * The same operations on every element as nco_gelu_erf (the same bits).
+ */
+#define NCO_GELU_PIPE(NG, LD, ST)                                                      \
+    do {                                                                               \
+        const int NU = NCO_NU;                                                         \
+        ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];                                        \
+        NCO_EACH xa[u] = LD(0, u);                                                     \
+        nco_gelu_erf_a(NU, xa, ta, pa);                                                \
+        nc_int g_ = 0;                                                                 \
+        for (; g_ + 1 < (NG); g_++) {                                                  \
+            ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];                                    \
+            NCO_EACH xb[u] = LD(g_ + 1, u);                                            \
+            nco_gelu_erf_a(NU, xb, tb, pb);                                            \
+            nco_gelu_erf_b(NU, xa, ta, pa);                                            \
+            NCO_EACH {                                                                 \
+                ST(g_, u, xa[u]);                                                      \
+                xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];                           \
+            }                                                                          \
+        }                                                                              \
+        nco_gelu_erf_b(NU, xa, ta, pa);                                                \
+        NCO_EACH ST(g_, u, xa[u]);                                                     \
+    } while (0)
+
+/* the exact GELU's whole groups of a row (at least two, else none); returns the elements
+   done, the rest is NCO_ACT_LOOP's */
 NC_INLINE nc_int nco_gelu_rows_piped(const float *x, const float *bias, const float *res,
                                      float *out, nc_int n)
 {
-    const int NU = NCO_NU;
-    const nc_int G = NCO_NU * NC_VW;
-    if (n < 2 * G) return 0;
-    ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];
-    NCO_EACH {
-        xa[u] = ncv_ld(x + u * NC_VW);
-        if (bias) xa[u] = xa[u] + ncv_ld(bias + u * NC_VW);
-    }
-    nco_gelu_erf_a(NU, xa, ta, pa);
-    nc_int j = 0;
-    for (; j + 2 * G <= n; j += G) {
-        ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];
-        NCO_EACH {
-            xb[u] = ncv_ld(x + j + G + u * NC_VW);
-            if (bias) xb[u] = xb[u] + ncv_ld(bias + j + G + u * NC_VW);
-        }
-        nco_gelu_erf_a(NU, xb, tb, pb);
-        nco_gelu_erf_b(NU, xa, ta, pa);
-        NCO_EACH {
-            if (res) xa[u] = xa[u] + ncv_ld(res + j + u * NC_VW);
-            ncv_st(out + j + u * NC_VW, xa[u]);
-            xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];
-        }
-    }
-    nco_gelu_erf_b(NU, xa, ta, pa);
-    NCO_EACH {
-        if (res) xa[u] = xa[u] + ncv_ld(res + j + u * NC_VW);
-        ncv_st(out + j + u * NC_VW, xa[u]);
-    }
-    return j + G;
+    const nc_int G = NCO_NU * NC_VW, ng = n / G;
+    if (ng < 2) return 0;
+#define NCO_RLD(g, u) (bias ? ncv_ld(x + (g) * G + (u) * NC_VW) + ncv_ld(bias + (g) * G + (u) * NC_VW) \
+                            : ncv_ld(x + (g) * G + (u) * NC_VW))
+#define NCO_RST(g, u, v) ncv_st(out + (g) * G + (u) * NC_VW,                                      \
+                                res ? (v) + ncv_ld(res + (g) * G + (u) * NC_VW) : (v))
+    NCO_GELU_PIPE(ng, NCO_RLD, NCO_RST);
+#undef NCO_RLD
+#undef NCO_RST
+    return ng * G;
 }
 
 static void NC_FN(nc_ops_act_row)(const float *x, const float *bias, const float *res,
@@ -556,6 +562,5 @@ static void NC_FN(nc_ops_softmax_row2)(const float *x0, const float *x1, float *
 
 
 #undef NCO_ACT_LOOP
-#undef NCO_EACH4
 #undef NCO_ID_N
 /* the nco_* helper names are undefined by nc_simd_end.h (the GEMM epilogue uses them) */

@@ -45,6 +45,7 @@
 #undef nco_exp_inrange_n
 #undef NCO_EACH
 #undef NCO_NU
+#undef NCO_GELU_PIPE
 #undef nco_exp_inrange
 #undef nco_gelu_erf
 #undef nco_gelu_tanh

@@ -76,14 +76,11 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
         if (res) acc = acc + ncv_ld(res);
         ncv_st(y, acc);
     } else if (nv > 0) {
-        float tb[NC_VW] = {0}, tr[NC_VW] = {0}, ty[NC_VW];
-        if (bias) memcpy(tb, bias, (size_t)nv * sizeof(float));
-        if (res) memcpy(tr, res, (size_t)nv * sizeof(float));
-        if (bias) acc = acc + ncv_ld(tb);
+        /* the partial last vector through the vocabulary's tail loads and stores */
+        if (bias) acc = acc + ncv_ld_n(bias, nv, 0.0f);
         acc = nco_apply_act(acc, act);
-        if (res) acc = acc + ncv_ld(tr);
-        ncv_st(ty, acc);
-        memcpy(y, ty, (size_t)nv * sizeof(float));
+        if (res) acc = acc + ncv_ld_n(res, nv, 0.0f);
+        ncv_st_n(y, acc, nv);
     }
 }
 

@@ -123,7 +123,10 @@ if not omp_ok:
 compile_args = []
 link_args = []
 if sys.platform != "win32":
-    compile_args += ["-O3", "-fno-math-errno", "-fno-trapping-math"]
+    # -ffp-contract=off: the kernels write every fused multiply-add explicitly (nc_simd.h,
+    # ncv_fma); GCC's default, fusing a * b + c where it sees fit, made results depend on
+    # the compiler version and on the inlined copy of a function that computed them.
+    compile_args += ["-O3", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=off"]
     if _supports_flag("-fno-semantic-interposition"):
         compile_args.append("-fno-semantic-interposition")
     if native:

@@ -924,3 +924,51 @@ def test_interleaved_or_reversed_views_of_x(h, name):
         else:
             assert res is out
             h.assert_close(out, expected)
+
+
+@pytest.mark.parametrize("kind", ["layer_norm", "annotated", "add_layer_norm", "rms_norm",
+                                  "add_rms_norm", "batch_norm_nhwc", "batch_norm_nchw"])
+def test_row_result_independent_of_output_alignment(kind):
+    # The apply loops peel scalar elements until the output reaches a vector boundary, so
+    # an element goes through the scalar code or the vector code depending on where the
+    # output starts.  Both must round identically (the fused multiply-adds are explicit,
+    # nc_simd.h's ncv_fma / nc_fmaf, and the build disables the compiler's own contraction),
+    # else a row's result would depend on its position in a batch.
+    rng = np.random.default_rng(11)
+    n = 83
+    x = (rng.standard_normal((3, n)) * 3 + 1).astype(np.float32)
+    r = rng.standard_normal((3, n)).astype(np.float32)
+    w = rng.standard_normal(n).astype(np.float32)
+    b = rng.standard_normal(n).astype(np.float32)
+    c = 5
+    xc = (rng.standard_normal((2, c, 3, n))).astype(np.float32)
+    m, v = rng.standard_normal(c).astype(np.float32), (rng.random(c) + 0.5).astype(np.float32)
+    wc, bc = rng.standard_normal(c).astype(np.float32), rng.standard_normal(c).astype(np.float32)
+
+    def run(out):
+        if kind == "layer_norm":
+            return normcy.layer_norm(x, w, b, out=out)
+        if kind == "annotated":
+            return normcy.layer_norm(x, w, b, out=out, convention="annotated")
+        if kind == "add_layer_norm":
+            return normcy.add_layer_norm(x, r, w, b, out=out)
+        if kind == "rms_norm":
+            return normcy.rms_norm(x, w, out=out)
+        if kind == "add_rms_norm":
+            return normcy.add_rms_norm(x, r, w, out=out)
+        if kind == "batch_norm_nhwc":   # channels last: per-element scale and shift
+            return normcy.batch_norm(x, np.zeros(n, np.float32), np.ones(n, np.float32), w, b,
+                                     axis=-1, out=out)
+        return normcy.batch_norm(xc, m, v, wc, bc, out=out)   # one scale/shift per plane
+
+    shape = x.shape if kind != "batch_norm_nchw" else xc.shape
+    ref = None
+    for off in range(16):
+        buf = np.full(int(np.prod(shape)) + 16, np.nan, np.float32)
+        out = buf[off:off + int(np.prod(shape))].reshape(shape)
+        got = run(out)
+        assert got is out or np.shares_memory(got, out)
+        if ref is None:
+            ref = out.copy()
+        else:
+            assert np.array_equal(out.view(np.int32), ref.view(np.int32)), off

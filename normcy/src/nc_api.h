@@ -27,6 +27,8 @@
 #include <math.h>
 #if defined(__x86_64__)
 #include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>   /* vfmaq_f32 / vfmaq_f64: nc_simd.h's ncv_fma */
 #endif
 
 enum { NCO_ACT_IDENTITY = 0, NCO_ACT_RELU = 1, NCO_ACT_GELU = 2, NCO_ACT_GELU_TANH = 3 };

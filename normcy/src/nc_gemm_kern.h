@@ -43,7 +43,8 @@
  *
  * Determinism
  * -----------
- * Output element (i, j) is acc = fma(x[i,k], W[j,k], acc) for k = 0..K-1 in order, then
+ * Output element (i, j) is acc = fma(x[i,k], W[j,k], acc) for k = 0..K-1 in order (ncv_fma:
+ * one rounding on AVX2 / AVX-512, a multiplication and an addition on SSE2), then
  * the epilogue: y = act(acc + b[j]) (+ r[i,j]).  The micro-tile height, the row block,
  * the thread that computes it and the other rows in the call do not change any of these
  * operations, so results are bit-identical for every thread count and every batch
@@ -121,8 +122,8 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
 #pragma GCC unroll 16
         for (int r = 0; r < MR; r++) {
             const ncv av = ncv_set1(a[r * lda + k]);
-            c0[r] += av * b0;
-            c1[r] += av * b1;
+            c0[r] = ncv_fma(av, b0, c0[r]);
+            c1[r] = ncv_fma(av, b1, c1[r]);
         }
     }
 #pragma GCC unroll 16
@@ -248,8 +249,8 @@ static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const floa
         const ncv av = ncv_set1(a[k]);
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) {
-            c[2 * u] += av * ncv_ld(bp + u * pstride + k * NC_NR);
-            c[2 * u + 1] += av * ncv_ld(bp + u * pstride + k * NC_NR + NC_VW);
+            c[2 * u] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR), c[2 * u]);
+            c[2 * u + 1] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR + NC_VW), c[2 * u + 1]);
         }
     }
 #pragma GCC unroll 8
@@ -428,7 +429,7 @@ static double NC_FN(nc_fma_loop)(nc_int iters)
     for (int j = 0; j < 12; j++) a[j] = ncv_set1(1.0f + 0.001f * (float)j);
     for (nc_int i = 0; i < iters; i++) {
 #pragma GCC unroll 12
-        for (int j = 0; j < 12; j++) a[j] = a[j] * m + c;
+        for (int j = 0; j < 12; j++) a[j] = ncv_fma(a[j], m, c);
         __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]));
     }
     ncv t = a[0];
@@ -468,7 +469,7 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
             const ncv qd = ncv_set1(qi[d]);
             const float *kr = kt + d * ldk + j;
 #pragma GCC unroll 8
-            for (int u = 0; u < 8; u++) sc[u] += qd * ncv_ld(kr + u * NC_VW);
+            for (int u = 0; u < 8; u++) sc[u] = ncv_fma(qd, ncv_ld(kr + u * NC_VW), sc[u]);
         }
 #pragma GCC unroll 8
         for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
@@ -477,8 +478,8 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
         ncv s0 = ncv_set1(0.0f), s1 = ncv_set1(0.0f);
         for (nc_int d = 0; d < dh; d++) {
             const ncv qd = ncv_set1(qi[d]);
-            s0 += qd * ncv_ld(kt + d * ldk + j);
-            s1 += qd * ncv_ld(kt + d * ldk + j + NC_VW);
+            s0 = ncv_fma(qd, ncv_ld(kt + d * ldk + j), s0);
+            s1 = ncv_fma(qd, ncv_ld(kt + d * ldk + j + NC_VW), s1);
         }
         ncv_st(scores + j, s0);
         ncv_st(scores + j + NC_VW, s1);
@@ -486,7 +487,7 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
     for (; j < ncols; j += NC_VW) {
         /* the last, partial vector: K^T rows are padded to whole vectors (ldk) */
         ncv s0 = ncv_set1(0.0f);
-        for (nc_int d = 0; d < dh; d++) s0 += ncv_set1(qi[d]) * ncv_ld(kt + d * ldk + j);
+        for (nc_int d = 0; d < dh; d++) s0 = ncv_fma(ncv_set1(qi[d]), ncv_ld(kt + d * ldk + j), s0);
         ncv_st(scores + j, s0);   /* the score rows are ldk floats long */
     }
 }
@@ -509,8 +510,8 @@ NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int
 #pragma GCC unroll 4
             for (int u = 0; u < 4; u++) {
                 const ncv k = ncv_ld(kr + u * NC_VW);
-                a[u] += qad * k;
-                b[u] += qbd * k;
+                a[u] = ncv_fma(qad, k, a[u]);
+                b[u] = ncv_fma(qbd, k, b[u]);
             }
         }
 #pragma GCC unroll 4
@@ -538,14 +539,14 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
             const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
 #pragma GCC unroll 4
             for (int u = 0; u < 4; u++) {
-                oe[u] += p0 * ncv_ld(v0 + u * NC_VW);
-                oo[u] += p1 * ncv_ld(v1 + u * NC_VW);
+                oe[u] = ncv_fma(p0, ncv_ld(v0 + u * NC_VW), oe[u]);
+                oo[u] = ncv_fma(p1, ncv_ld(v1 + u * NC_VW), oo[u]);
             }
         }
         if (jj < lim) {
             const ncv p0 = ncv_set1(scores[jj]);
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) oe[u] += p0 * ncv_ld(v + jj * ldv + d + u * NC_VW);
+            for (int u = 0; u < 4; u++) oe[u] = ncv_fma(p0, ncv_ld(v + jj * ldv + d + u * NC_VW), oe[u]);
         }
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
@@ -554,20 +555,20 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
         ncv o0 = ncv_set1(0.0f), o1 = ncv_set1(0.0f);
         nc_int jj = 0;
         for (; jj + 2 <= lim; jj += 2) {
-            o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
-            o1 += ncv_set1(scores[jj + 1]) * ncv_ld(v + (jj + 1) * ldv + d);
+            o0 = ncv_fma(ncv_set1(scores[jj]), ncv_ld(v + jj * ldv + d), o0);
+            o1 = ncv_fma(ncv_set1(scores[jj + 1]), ncv_ld(v + (jj + 1) * ldv + d), o1);
         }
-        if (jj < lim) o0 += ncv_set1(scores[jj]) * ncv_ld(v + jj * ldv + d);
+        if (jj < lim) o0 = ncv_fma(ncv_set1(scores[jj]), ncv_ld(v + jj * ldv + d), o0);
         ncv_st(oi + d, o0 + o1);
     }
     for (; d < dh; d++) {
         float o0 = 0.0f, o1 = 0.0f;
         nc_int jj = 0;
         for (; jj + 2 <= lim; jj += 2) {
-            o0 += scores[jj] * v[jj * ldv + d];
-            o1 += scores[jj + 1] * v[(jj + 1) * ldv + d];
+            o0 = nc_fmaf(scores[jj], v[jj * ldv + d], o0);
+            o1 = nc_fmaf(scores[jj + 1], v[(jj + 1) * ldv + d], o1);
         }
-        if (jj < lim) o0 += scores[jj] * v[jj * ldv + d];
+        if (jj < lim) o0 = nc_fmaf(scores[jj], v[jj * ldv + d], o0);
         oi[d] = o0 + o1;
     }
 }

@@ -33,14 +33,14 @@ static inline void NC_FN(nc_passb_double)(const float *src, nc_int len, double m
     for (i = 0; i + NC_VW <= len; i += NC_VW) {
         ncdv da = ncv_ld_half_d(src + i) - mv;
         ncdv db = ncv_ld_half_d(src + i + NC_VW / 2) - mv;
-        s1a += da; s2a += da * da;
-        s1b += db; s2b += db * db;
+        s1a += da; s2a = ncdv_fma(da, da, s2a);
+        s1b += db; s2b = ncdv_fma(db, db, s2b);
     }
     double s1 = ncdv_hsum(s1a + s1b);
     double s2 = ncdv_hsum(s2a + s2b);
     for (; i < len; i++) {
         double dd = (double)src[i] - mc;
-        s1 += dd; s2 += dd * dd;
+        s1 += dd; s2 = nc_fma(dd, dd, s2);
     }
     *s1_out = s1;
     *s2_out = s2;
@@ -57,11 +57,12 @@ static inline void NC_FN(nc_passb_double)(const float *src, nc_int len, double m
             { nc_int o = i + 3 * NC_VW; v3 = EXPR_S; ncv_st(dc + o, v3); }                 \
             v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;                                  \
             a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                  \
-            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+            q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);                      \
+            q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);                      \
         }                                                                            \
         for (; i + NC_VW <= len; i += NC_VW) {                                             \
             ncv v0; nc_int o = i; v0 = EXPR_S; ncv_st(dc + o, v0);              \
-            v0 -= kv; a0 += v0; q0 += v0 * v0;                                       \
+            v0 -= kv; a0 += v0; q0 = ncv_fma(v0, v0, q0);                            \
         }                                                                            \
     } while (0)
 
@@ -134,11 +135,12 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
                 ncv v0 = ncv_ld(src + i) - kv, v1 = ncv_ld(src + i + NC_VW) - kv;
                 ncv v2 = ncv_ld(src + i + 2 * NC_VW) - kv, v3 = ncv_ld(src + i + 3 * NC_VW) - kv;
                 a0 += v0; a1 += v1; a2 += v2; a3 += v3;
-                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
+                q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
+                q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
             }
             for (; i + NC_VW <= len; i += NC_VW) {
                 ncv v0 = ncv_ld(src + i) - kv;
-                a0 += v0; q0 += v0 * v0;
+                a0 += v0; q0 = ncv_fma(v0, v0, q0);
             }
             tail = i;
         }
@@ -146,15 +148,15 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
         sq = ncv_hsum((q0 + q1) + (q2 + q3));
         for (i = 0; i < head; i++) {
             double t = (double)(src[i] - K);
-            sa += t; sq += t * t;
+            sa += t; sq = nc_fma(t, t, sq);
         }
         for (i = tail; i < len; i++) {
             double t = (double)(src[i] - K);
-            sa += t; sq += t * t;
+            sa += t; sq = nc_fma(t, t, sq);
         }
         if (sq < 1e36 && sq >= 1e-28 && sa * sa * inv_len <= 0.5 * sq) {
-            mean_c = (double)K + sa * inv_len;
-            m2c = sq - sa * sa * inv_len;
+            mean_c = nc_fma(sa, inv_len, (double)K);
+            m2c = nc_fma(-(sa * sa), inv_len, sq);
             if (m2c < 0.0) m2c = 0.0;
         } else {
             /* robust two-pass on the (stored) chunk: mean in double lanes ... */
@@ -166,7 +168,7 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
             }
             sa = ncdv_hsum(ma + mb);
             for (; i < len; i++) sa += (double)src[i] - (double)K;
-            double mc = (double)K + sa * inv_len;
+            double mc = nc_fma(sa, inv_len, (double)K);
             /* ... then corrected sums of (s - mean) in float lanes */
             const float mcf = (float)mc;
             const ncv mv = mcf - (ncv){0};
@@ -174,18 +176,18 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
             q0 = (ncv){0}; q1 = (ncv){0};
             for (i = 0; i + 2 * NC_VW <= len; i += 2 * NC_VW) {
                 ncv d0 = ncv_ld(src + i) - mv, d1 = ncv_ld(src + i + NC_VW) - mv;
-                e0 += d0; q0 += d0 * d0;
-                e1 += d1; q1 += d1 * d1;
+                e0 += d0; q0 = ncv_fma(d0, d0, q0);
+                e1 += d1; q1 = ncv_fma(d1, d1, q1);
             }
             for (; i + NC_VW <= len; i += NC_VW) {
                 ncv d0 = ncv_ld(src + i) - mv;
-                e0 += d0; q0 += d0 * d0;
+                e0 += d0; q0 = ncv_fma(d0, d0, q0);
             }
             double s1 = ncv_hsum(e0 + e1);
             double s2 = ncv_hsum(q0 + q1);
             for (; i < len; i++) {
                 double dd = (double)(src[i] - mcf);
-                s1 += dd; s2 += dd * dd;
+                s1 += dd; s2 = nc_fma(dd, dd, s2);
             }
             double mref = (double)mcf;
             if (!(s2 < 1e36) || s2 < 1e-28) {
@@ -194,9 +196,9 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
                 mref = mc;
                 NC_FN(nc_passb_double)(src, len, mc, &s1, &s2);
             }
-            m2c = s2 - s1 * s1 * inv_len;
+            m2c = nc_fma(-(s1 * s1), inv_len, s2);
             if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
-            mean_c = mref + s1 * inv_len;
+            mean_c = nc_fma(s1, inv_len, mref);
         }
         if (len == n) {        /* the whole row was one chunk */
             *mean_out = mean_c;
@@ -206,16 +208,16 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
         /* merge (Chan et al.) */
         double ntot = cnt + (double)len;
         double delta = mean_c - mean;
-        mean += delta * ((double)len / ntot);
-        m2 += m2c + delta * delta * (cnt * (double)len / ntot);
+        mean = nc_fma(delta, (double)len / ntot, mean);
+        m2 += nc_fma(delta * delta, cnt * (double)len / ntot, m2c);
         cnt = ntot;
     }
     *mean_out = mean;
     *m2_out = m2;
 }
 
-/* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = (s - mhi)*scale - mlo*scale
-   (one rounding with FMA) and y = t*w + b; y may be s itself.  mhi + mlo is the row
+/* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = fma(s - mhi, scale, -mlo*scale)
+   and y = fma(t, w, b) (one rounding each where the variant has FMA); y may be s itself.  mhi + mlo is the row
    mean as an unevaluated float pair, so |mean| >> std loses nothing. */
 static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const float *b,
                               nc_int n, float mhi, float mlo, float scale)
@@ -224,31 +226,31 @@ static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const f
     const float c = -(mlo * scale);
     const ncv hv = mhi - (ncv){0}, cv = c - (ncv){0}, sv = scale - (ncv){0};
     if (w != NULL && b != NULL) {
-        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
+        for (; i < head; i++) y[i] = nc_fmaf(nc_fmaf(s[i] - mhi, scale, c), w[i], b[i]);
         for (; i + NC_VW <= n; i += NC_VW) {
-            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
-            ncv_st(y + i, t * ncv_ld(w + i) + ncv_ld(b + i));
+            ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
+            ncv_st(y + i, ncv_fma(t, ncv_ld(w + i), ncv_ld(b + i)));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i] + b[i];
+        for (; i < n; i++) y[i] = nc_fmaf(nc_fmaf(s[i] - mhi, scale, c), w[i], b[i]);
     } else if (w != NULL) {
-        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
+        for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) * w[i];
         for (; i + NC_VW <= n; i += NC_VW) {
-            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
+            ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
             ncv_st(y + i, t * ncv_ld(w + i));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) * w[i];
+        for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) * w[i];
     } else if (b != NULL) {
-        for (; i < head; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
+        for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) + b[i];
         for (; i + NC_VW <= n; i += NC_VW) {
-            ncv t = (ncv_ld(s + i) - hv) * sv + cv;
+            ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
             ncv_st(y + i, t + ncv_ld(b + i));
         }
-        for (; i < n; i++) y[i] = ((s[i] - mhi) * scale + c) + b[i];
+        for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) + b[i];
     } else {
-        for (; i < head; i++) y[i] = (s[i] - mhi) * scale + c;
+        for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c);
         for (; i + NC_VW <= n; i += NC_VW)
-            ncv_st(y + i, (ncv_ld(s + i) - hv) * sv + cv);
-        for (; i < n; i++) y[i] = (s[i] - mhi) * scale + c;
+            ncv_st(y + i, ncv_fma(ncv_ld(s + i) - hv, sv, cv));
+        for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c);
     }
 }
 
@@ -260,8 +262,8 @@ static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const f
     do {                                                                                  \
         for (; i + NC_VW <= n; i += NC_VW) {                                              \
             NC_LN2_WB;                                                                    \
-            ncv t0 = (ncv_ld(s0 + i) - hv0) * sv0 + cv0;                                  \
-            ncv t1 = (ncv_ld(s1 + i) - hv1) * sv1 + cv1;                                  \
+            ncv t0 = ncv_fma(ncv_ld(s0 + i) - hv0, sv0, cv0);                                  \
+            ncv t1 = ncv_fma(ncv_ld(s1 + i) - hv1, sv1, cv1);                                  \
             ncv_st(y0 + i, FIN(t0));                                                      \
             ncv_st(y1 + i, FIN(t1));                                                      \
         }                                                                                 \
@@ -277,13 +279,13 @@ static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, flo
     const ncv hv1 = mhi1 - (ncv){0}, cv1 = c1 - (ncv){0}, sv1 = scale1 - (ncv){0};
     if (w != NULL && b != NULL) {
 #define NC_LN2_WB ncv wv = ncv_ld(w + i), bv = ncv_ld(b + i)
-#define NC_LN2_FIN(t) ((t) * wv + bv)
+#define NC_LN2_FIN(t) ncv_fma(t, wv, bv)
         NC_LN2_LOOP(NC_LN2_FIN);
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
         for (; i < n; i++) {
-            y0[i] = ((s0[i] - mhi0) * scale0 + c0) * w[i] + b[i];
-            y1[i] = ((s1[i] - mhi1) * scale1 + c1) * w[i] + b[i];
+            y0[i] = nc_fmaf(nc_fmaf(s0[i] - mhi0, scale0, c0), w[i], b[i]);
+            y1[i] = nc_fmaf(nc_fmaf(s1[i] - mhi1, scale1, c1), w[i], b[i]);
         }
     } else if (w != NULL) {
 #define NC_LN2_WB ncv wv = ncv_ld(w + i)
@@ -292,8 +294,8 @@ static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, flo
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
         for (; i < n; i++) {
-            y0[i] = ((s0[i] - mhi0) * scale0 + c0) * w[i];
-            y1[i] = ((s1[i] - mhi1) * scale1 + c1) * w[i];
+            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0) * w[i];
+            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1) * w[i];
         }
     } else if (b != NULL) {
 #define NC_LN2_WB ncv bv = ncv_ld(b + i)
@@ -302,8 +304,8 @@ static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, flo
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
         for (; i < n; i++) {
-            y0[i] = ((s0[i] - mhi0) * scale0 + c0) + b[i];
-            y1[i] = ((s1[i] - mhi1) * scale1 + c1) + b[i];
+            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0) + b[i];
+            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1) + b[i];
         }
     } else {
 #define NC_LN2_WB (void)0
@@ -312,8 +314,8 @@ static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, flo
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
         for (; i < n; i++) {
-            y0[i] = (s0[i] - mhi0) * scale0 + c0;
-            y1[i] = (s1[i] - mhi1) * scale1 + c1;
+            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0);
+            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1);
         }
     }
 }
@@ -326,8 +328,8 @@ static void NC_FN(nc_ln_apply_d)(const float *s, float *y, const float *w, const
 {
     for (nc_int i = 0; i < n; i++) {
         double t = ((double)s[i] - mean) * scale;
-        if (w) t *= (double)w[i];
-        if (b) t += (double)b[i];
+        if (w) t = b ? nc_fma(t, (double)w[i], (double)b[i]) : t * (double)w[i];
+        else if (b) t += (double)b[i];
         y[i] = (float)t;
     }
 }
@@ -352,11 +354,12 @@ static void NC_FN(nc_scale_apply_d)(const float *s, float *y, const float *w, nc
             { nc_int o = i + NC_VW; v1 = EXPR_S; ncv_st(dc + o, v1); }                 \
             { nc_int o = i + 2 * NC_VW; v2 = EXPR_S; ncv_st(dc + o, v2); }                 \
             { nc_int o = i + 3 * NC_VW; v3 = EXPR_S; ncv_st(dc + o, v3); }                 \
-            q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;              \
+            q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);                      \
+            q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);                      \
         }                                                                            \
         for (; i + NC_VW <= len; i += NC_VW) {                                             \
             ncv v0; nc_int o = i; v0 = EXPR_S; ncv_st(dc + o, v0);              \
-            q0 += v0 * v0;                                                           \
+            q0 = ncv_fma(v0, v0, q0);                                                \
         }                                                                            \
     } while (0)
 
@@ -389,23 +392,24 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
             for (i = 0; i + NC_BLK <= len; i += NC_BLK) {
                 ncv v0 = ncv_ld(src + i), v1 = ncv_ld(src + i + NC_VW);
                 ncv v2 = ncv_ld(src + i + 2 * NC_VW), v3 = ncv_ld(src + i + 3 * NC_VW);
-                q0 += v0 * v0; q1 += v1 * v1; q2 += v2 * v2; q3 += v3 * v3;
+                q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
+                q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
             }
-            for (; i + NC_VW <= len; i += NC_VW) { ncv v0 = ncv_ld(src + i); q0 += v0 * v0; }
+            for (; i + NC_VW <= len; i += NC_VW) { ncv v0 = ncv_ld(src + i); q0 = ncv_fma(v0, v0, q0); }
             tail = i;
         }
         q = ncv_hsum((q0 + q1) + (q2 + q3));
-        for (i = tail; i < len; i++) q += (double)src[i] * (double)src[i];
+        for (i = tail; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
         if (!(q < 1e36) || q < 1e-28) {
             ncdv qa = {0}, qb = {0};
             for (i = 0; i + NC_VW <= len; i += NC_VW) {
                 ncdv da = ncv_ld_half_d(src + i);
                 ncdv db = ncv_ld_half_d(src + i + NC_VW / 2);
-                qa += da * da;
-                qb += db * db;
+                qa = ncdv_fma(da, da, qa);
+                qb = ncdv_fma(db, db, qb);
             }
             q = ncdv_hsum(qa + qb);
-            for (; i < len; i++) q += (double)src[i] * (double)src[i];
+            for (; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
         }
         total += q;
     }
@@ -461,19 +465,19 @@ static void NC_FN(nc_affine_scalar)(const float *x, float *y, nc_int n, float a,
 {
     nc_int i = 0, head = NC_PEEL(y, n);
     ncv av = a - (ncv){0}, bv = b - (ncv){0};
-    for (; i < head; i++) y[i] = x[i] * a + b;
-    for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_ld(x + i) * av + bv);
-    for (; i < n; i++) y[i] = x[i] * a + b;
+    for (; i < head; i++) y[i] = nc_fmaf(x[i], a, b);
+    for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_fma(ncv_ld(x + i), av, bv));
+    for (; i < n; i++) y[i] = nc_fmaf(x[i], a, b);
 }
 
 /* y[j] = x[j] * a[j] + b[j] (one channels-last BatchNorm row). */
 static void NC_FN(nc_affine_vec)(const float *x, float *y, const float *a, const float *b, nc_int n)
 {
     nc_int i = 0, head = NC_PEEL(y, n);
-    for (; i < head; i++) y[i] = x[i] * a[i] + b[i];
+    for (; i < head; i++) y[i] = nc_fmaf(x[i], a[i], b[i]);
     for (; i + NC_VW <= n; i += NC_VW)
-        ncv_st(y + i, ncv_ld(x + i) * ncv_ld(a + i) + ncv_ld(b + i));
-    for (; i < n; i++) y[i] = x[i] * a[i] + b[i];
+        ncv_st(y + i, ncv_fma(ncv_ld(x + i), ncv_ld(a + i), ncv_ld(b + i)));
+    for (; i < n; i++) y[i] = nc_fmaf(x[i], a[i], b[i]);
 }
 
 

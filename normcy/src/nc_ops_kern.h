@@ -4,7 +4,7 @@
  *
  * float32, written once against the SIMD vocabulary of nc_simd.h and compiled once per
  * instruction set by nc_api.h (no include guard on purpose; names go through NC_FN); no
- * intrinsics and no -ffast-math.  Tails shorter than one vector go through the same vector
+ * intrinsics outside nc_simd.h and no -ffast-math.  Tails shorter than one vector go through the same vector
  * code on a padded copy, so every element of a row is computed by the same instruction
  * sequence (results do not depend on position or thread count).
  *
@@ -87,16 +87,16 @@ NC_INLINE void nco_exp_reduced_n(const int NU, ncv *xc, nciv *ni)
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
     const ncv magic = ncv_set1(12582912.0f);
     ncv n[NCO_NU], r[NCO_NU], p[NCO_NU];
-    NCO_EACH { ncv t = xc[u] * ncv_set1(1.44269504088896341f); n[u] = (t + magic) - magic; }
-    NCO_EACH r[u] = xc[u] - n[u] * ncv_set1(0.693359375f);
-    NCO_EACH r[u] = r[u] - n[u] * ncv_set1(-2.12194440e-4f);
-    NCO_EACH p[u] = ncv_set1(1.9875691500E-4f) * r[u] + ncv_set1(1.3981999507E-3f);
-    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(8.3334519073E-3f);
-    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(4.1665795894E-2f);
-    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(1.6666665459E-1f);
-    NCO_EACH p[u] = p[u] * r[u] + ncv_set1(5.0000001201E-1f);
+    NCO_EACH n[u] = ncv_fma(xc[u], ncv_set1(1.44269504088896341f), magic) - magic;
+    NCO_EACH r[u] = ncv_fma(-n[u], ncv_set1(0.693359375f), xc[u]);
+    NCO_EACH r[u] = ncv_fma(-n[u], ncv_set1(-2.12194440e-4f), r[u]);
+    NCO_EACH p[u] = ncv_fma(ncv_set1(1.9875691500E-4f), r[u], ncv_set1(1.3981999507E-3f));
+    NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(8.3334519073E-3f));
+    NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(4.1665795894E-2f));
+    NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(1.6666665459E-1f));
+    NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(5.0000001201E-1f));
     NCO_EACH ni[u] = __builtin_convertvector(n[u], nciv);
-    NCO_EACH xc[u] = p[u] * (r[u] * r[u]) + r[u] + ncv_set1(1.0f);
+    NCO_EACH xc[u] = ncv_fma(p[u], r[u] * r[u], r[u]) + ncv_set1(1.0f);
 }
 
 NC_INLINE ncv nco_exp_reduced(ncv xc, nciv *ni)
@@ -179,18 +179,18 @@ NC_INLINE void nco_gelu_erf_a(const int NU, const ncv *x, ncv *t, ncv *p)
 {
     ncv z[NCO_NU];
     NCO_EACH z[u] = ncv_abs(x[u]) * ncv_set1(0.70710678118654752f);
-    NCO_EACH t[u] = ncv_set1(1.0f) / (ncv_set1(1.0f) + ncv_set1(0.5f) * z[u]);
-    NCO_EACH p[u] = ncv_set1(0.17087277f) * t[u] + ncv_set1(-0.82215223f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(1.48851587f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-1.13520398f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.27886807f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-0.18628806f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.09678418f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(0.37409196f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(1.00002368f);
-    NCO_EACH p[u] = p[u] * t[u] + ncv_set1(-1.26551223f);
+    NCO_EACH t[u] = ncv_set1(1.0f) / ncv_fma(ncv_set1(0.5f), z[u], ncv_set1(1.0f));
+    NCO_EACH p[u] = ncv_fma(ncv_set1(0.17087277f), t[u], ncv_set1(-0.82215223f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(1.48851587f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(-1.13520398f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(0.27886807f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(-0.18628806f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(0.09678418f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(0.37409196f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(1.00002368f));
+    NCO_EACH p[u] = ncv_fma(p[u], t[u], ncv_set1(-1.26551223f));
     /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
-    NCO_EACH p[u] = p[u] - z[u] * z[u];
+    NCO_EACH p[u] = ncv_fma(-z[u], z[u], p[u]);
 }
 
 /* Stage B, in place on x: Phi from t and p, times x */
@@ -229,7 +229,7 @@ NC_INLINE void nco_gelu_tanh_n(const int NU, ncv *x)
     ncv e[NCO_NU];
     NCO_EACH {
         ncv x3 = x[u] * x[u] * x[u];
-        e[u] = ncv_set1(-1.5957691216057308f) * (x[u] + ncv_set1(0.044715f) * x3);
+        e[u] = ncv_set1(-1.5957691216057308f) * ncv_fma(ncv_set1(0.044715f), x3, x[u]);
     }
     nco_exp_n(NU, e);
     NCO_EACH {
@@ -403,13 +403,17 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
     if (!kpm && limit >= nfull) {
         /* (GCC unswitches the loop on mask: one copy each, no test per vector) */
         for (; j + 4 * NC_VW <= nfull; j += 4 * NC_VW) {
-            ncv v0 = ncv_ld(x + j) * vscale, v1 = ncv_ld(x + j + NC_VW) * vscale;
-            ncv v2 = ncv_ld(x + j + 2 * NC_VW) * vscale, v3 = ncv_ld(x + j + 3 * NC_VW) * vscale;
+            ncv v0, v1, v2, v3;
             if (mask) {
-                v0 = v0 + ncv_ld(mask + j);
-                v1 = v1 + ncv_ld(mask + j + NC_VW);
-                v2 = v2 + ncv_ld(mask + j + 2 * NC_VW);
-                v3 = v3 + ncv_ld(mask + j + 3 * NC_VW);
+                v0 = ncv_fma(ncv_ld(x + j), vscale, ncv_ld(mask + j));
+                v1 = ncv_fma(ncv_ld(x + j + NC_VW), vscale, ncv_ld(mask + j + NC_VW));
+                v2 = ncv_fma(ncv_ld(x + j + 2 * NC_VW), vscale, ncv_ld(mask + j + 2 * NC_VW));
+                v3 = ncv_fma(ncv_ld(x + j + 3 * NC_VW), vscale, ncv_ld(mask + j + 3 * NC_VW));
+            } else {
+                v0 = ncv_ld(x + j) * vscale;
+                v1 = ncv_ld(x + j + NC_VW) * vscale;
+                v2 = ncv_ld(x + j + 2 * NC_VW) * vscale;
+                v3 = ncv_ld(x + j + 3 * NC_VW) * vscale;
             }
             ncv_st(out + j, v0);
             ncv_st(out + j + NC_VW, v1);
@@ -421,8 +425,7 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
             l2 = ncv_min(v2, l2); l3 = ncv_min(v3, l3);
         }
         for (; j < nfull; j += NC_VW) {
-            ncv v = ncv_ld(x + j) * vscale;
-            if (mask) v = v + ncv_ld(mask + j);
+            ncv v = mask ? ncv_fma(ncv_ld(x + j), vscale, ncv_ld(mask + j)) : ncv_ld(x + j) * vscale;
             ncv_st(out + j, v);
             m0 = ncv_max(v, m0);
             l0 = ncv_min(v, l0);
@@ -452,8 +455,7 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
                 dead |= ncv_bytes_nonzero(tk);
             }
         }
-        v = v * vscale;
-        if (mask) v = v + mv;
+        v = mask ? ncv_fma(v, vscale, mv) : v * vscale;
         /* positions >= limit are dead; compare offsets within this vector only, so that
            positions beyond 2^31 are never truncated to int32 */
         if (j + NC_VW > limit)

@@ -21,8 +21,9 @@
  * This header is included once per variant: NC_VBYTES and NC_SFX (the variant's name
  * suffix) must be defined; NC_FN(name) gives the variant's name of a function.
  * nc_simd_end.h undefines the short names again.  Only GCC/Clang vector extensions are
- * used, plus the x86 streaming-store intrinsics; no -ffast-math (FMA contraction is
- * GCC's default for C, which the AVX2/AVX-512 variants use).
+ * used, plus x86 intrinsics where GCC has no generic form (streaming stores, masked tail
+ * loads, MAXPS/MINPS, FMA); no -ffast-math, and no implicit FMA contraction
+ * (-ffp-contract=off): fused multiply-adds are written explicitly with ncv_fma (below).
  */
 #include <stddef.h>
 #include <stdint.h>
@@ -110,6 +111,72 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define ncv_stream NC_FN(ncv_stream)
 #define ncv_ld_n NC_FN(ncv_ld_n)
 #define ncv_st_n NC_FN(ncv_st_n)
+#define ncv_fma NC_FN(ncv_fma)
+#define ncdv_fma NC_FN(ncdv_fma)
+#define nc_fmaf NC_FN(nc_fmaf)
+#define nc_fma NC_FN(nc_fma)
+
+/*
+ * Fused multiply-add: ncv_fma(a, b, c) = a * b + c per lane, rounded once where the variant
+ * has FMA (AVX2, AVX-512, aarch64; NC_HAS_FMA), a multiplication and an addition (two
+ * roundings) where it has none (SSE2); ncdv_fma for double lanes, nc_fmaf / nc_fma for
+ * scalars, the same rule.  normcy compiles with -ffp-contract=off, so the compiler never
+ * fuses on its own: every fused operation is written with these, and a result's bits
+ * depend on the source and the variant only.  (With GCC's default contraction, which
+ * a * b + c became one FMA was the compiler's choice, made separately for every inlined
+ * copy of a function and differently by different GCC versions: a newer GCC broke the
+ * bit-identity of an attention row computed in a pair and alone.)  Subtractions are
+ * written as fma(-a, b, c) or fma(a, b, -c): negation is exact.
+ */
+#if defined(__FMA__) || defined(__aarch64__)
+#define NC_HAS_FMA 1
+#else
+#define NC_HAS_FMA 0
+#endif
+NC_INLINE ncv ncv_fma(ncv a, ncv b, ncv c)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    return (ncv)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif defined(__x86_64__) && NC_VW == 8 && NC_HAS_FMA
+    return (ncv)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#elif defined(__x86_64__) && NC_VW == 4 && NC_HAS_FMA
+    return (ncv)_mm_fmadd_ps((__m128)a, (__m128)b, (__m128)c);
+#elif defined(__aarch64__) && NC_VW == 4
+    return (ncv)vfmaq_f32((float32x4_t)c, (float32x4_t)a, (float32x4_t)b);
+#else
+    return a * b + c;
+#endif
+}
+NC_INLINE ncdv ncdv_fma(ncdv a, ncdv b, ncdv c)
+{
+#if defined(__x86_64__) && NC_VW == 16
+    return (ncdv)_mm512_fmadd_pd((__m512d)a, (__m512d)b, (__m512d)c);
+#elif defined(__x86_64__) && NC_VW == 8 && NC_HAS_FMA
+    return (ncdv)_mm256_fmadd_pd((__m256d)a, (__m256d)b, (__m256d)c);
+#elif defined(__x86_64__) && NC_VW == 4 && NC_HAS_FMA
+    return (ncdv)_mm_fmadd_pd((__m128d)a, (__m128d)b, (__m128d)c);
+#elif defined(__aarch64__) && NC_VW == 4
+    return (ncdv)vfmaq_f64((float64x2_t)c, (float64x2_t)a, (float64x2_t)b);
+#else
+    return a * b + c;
+#endif
+}
+NC_INLINE float nc_fmaf(float a, float b, float c)
+{
+#if NC_HAS_FMA
+    return __builtin_fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+NC_INLINE double nc_fma(double a, double b, double c)
+{
+#if NC_HAS_FMA
+    return __builtin_fma(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
 
 NC_INLINE ncv ncv_ld(const float *p) { ncv v; memcpy(&v, p, sizeof v); return v; }
 NC_INLINE void ncv_st(float *p, ncv v) { memcpy(p, &v, sizeof v); }

@@ -27,6 +27,11 @@
 #undef ncv_stream
 #undef ncv_ld_n
 #undef ncv_st_n
+#undef ncv_fma
+#undef ncdv_fma
+#undef nc_fmaf
+#undef nc_fma
+#undef NC_HAS_FMA
 #undef NC_COPY_BITS
 #undef NC_MAXMIN_PS
 #undef NC_PEEL

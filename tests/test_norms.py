@@ -928,16 +928,18 @@ def test_interleaved_or_reversed_views_of_x(h, name):
 
 @pytest.mark.parametrize("kind", ["layer_norm", "annotated", "add_layer_norm", "rms_norm",
                                   "add_rms_norm", "batch_norm_nhwc", "batch_norm_nchw"])
-def test_row_result_independent_of_output_alignment(kind):
+@pytest.mark.parametrize("n", [83, 96])
+def test_row_result_independent_of_output_alignment(kind, n):
     # The apply loops peel scalar elements until the output reaches a vector boundary, so
     # an element goes through the scalar code or the vector code depending on where the
     # output starts.  Both must round identically (the fused multiply-adds are explicit,
     # nc_simd.h's ncv_fma / nc_fmaf, and the build disables the compiler's own contraction),
-    # else a row's result would depend on its position in a batch.
+    # else a row's result would depend on its position in a batch.  Rows go two at a time
+    # through one loop when both outputs are equally misaligned (n = 96), one at a time
+    # otherwise (n = 83); five rows: two pairs and a lone row.
     rng = np.random.default_rng(11)
-    n = 83
-    x = (rng.standard_normal((3, n)) * 3 + 1).astype(np.float32)
-    r = rng.standard_normal((3, n)).astype(np.float32)
+    x = (rng.standard_normal((5, n)) * 3 + 1).astype(np.float32)
+    r = rng.standard_normal((5, n)).astype(np.float32)
     w = rng.standard_normal(n).astype(np.float32)
     b = rng.standard_normal(n).astype(np.float32)
     c = 5

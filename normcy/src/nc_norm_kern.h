@@ -256,68 +256,71 @@ static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const f
 
 /* Two rows of the same length at once: y0 from s0 and y1 from s1, each element computed
    exactly as nc_ln_apply computes it (the same bits), with one load of w and b serving
-   both rows (the one-row loop is bound by its three loads per vector).  Rows are not
-   peeled (their alignments may differ); unaligned vector accesses cost nothing extra. */
-#define NC_LN2_LOOP(FIN)                                                                  \
+   both rows (the one-row loop is bound by its three loads per vector).  The vector stores
+   are aligned as in nc_ln_apply: both rows peel the same head, which needs the two outputs
+   equally misaligned (rows of a whole number of vectors); otherwise the rows go one at a
+   time.  (Unpeeled, every 64-byte store of a NumPy row, 16-byte aligned, splits a cache
+   line.  With the unpeeled two-row loop, layer_norm and rms_norm ran 1.4-1.8x slower on a
+   Xeon with AVX-512 than one peeled row at a time (32x384 and 4096x768, one thread,
+   bisected to that commit); split stores are the suspected cause, not yet re-measured
+   there.  On AMD's AVX2 the peel measured neutral.) */
+#define NC_LN2_LOOP(FIN, SCALAR)                                                          \
     do {                                                                                  \
+        for (; i < head; i++) { SCALAR; }                                                 \
         for (; i + NC_VW <= n; i += NC_VW) {                                              \
             NC_LN2_WB;                                                                    \
-            ncv t0 = ncv_fma(ncv_ld(s0 + i) - hv0, sv0, cv0);                                  \
-            ncv t1 = ncv_fma(ncv_ld(s1 + i) - hv1, sv1, cv1);                                  \
+            ncv t0 = ncv_fma(ncv_ld(s0 + i) - hv0, sv0, cv0);                             \
+            ncv t1 = ncv_fma(ncv_ld(s1 + i) - hv1, sv1, cv1);                             \
             ncv_st(y0 + i, FIN(t0));                                                      \
             ncv_st(y1 + i, FIN(t1));                                                      \
         }                                                                                 \
+        for (; i < n; i++) { SCALAR; }                                                    \
     } while (0)
 static void NC_FN(nc_ln_apply2)(const float *s0, const float *s1, float *y0, float *y1,
                                const float *w, const float *b, nc_int n,
                                float mhi0, float mlo0, float scale0,
                                float mhi1, float mlo1, float scale1)
 {
+    const nc_int head = NC_PEEL(y0, n);
+    if (NC_PEEL(y1, n) != head) {
+        NC_FN(nc_ln_apply)(s0, y0, w, b, n, mhi0, mlo0, scale0);
+        NC_FN(nc_ln_apply)(s1, y1, w, b, n, mhi1, mlo1, scale1);
+        return;
+    }
     nc_int i = 0;
     const float c0 = -(mlo0 * scale0), c1 = -(mlo1 * scale1);
     const ncv hv0 = mhi0 - (ncv){0}, cv0 = c0 - (ncv){0}, sv0 = scale0 - (ncv){0};
     const ncv hv1 = mhi1 - (ncv){0}, cv1 = c1 - (ncv){0}, sv1 = scale1 - (ncv){0};
+#define NC_T0 nc_fmaf(s0[i] - mhi0, scale0, c0)
+#define NC_T1 nc_fmaf(s1[i] - mhi1, scale1, c1)
     if (w != NULL && b != NULL) {
 #define NC_LN2_WB ncv wv = ncv_ld(w + i), bv = ncv_ld(b + i)
 #define NC_LN2_FIN(t) ncv_fma(t, wv, bv)
-        NC_LN2_LOOP(NC_LN2_FIN);
+        NC_LN2_LOOP(NC_LN2_FIN, y0[i] = nc_fmaf(NC_T0, w[i], b[i]);
+                                y1[i] = nc_fmaf(NC_T1, w[i], b[i]));
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
-        for (; i < n; i++) {
-            y0[i] = nc_fmaf(nc_fmaf(s0[i] - mhi0, scale0, c0), w[i], b[i]);
-            y1[i] = nc_fmaf(nc_fmaf(s1[i] - mhi1, scale1, c1), w[i], b[i]);
-        }
     } else if (w != NULL) {
 #define NC_LN2_WB ncv wv = ncv_ld(w + i)
 #define NC_LN2_FIN(t) ((t) * wv)
-        NC_LN2_LOOP(NC_LN2_FIN);
+        NC_LN2_LOOP(NC_LN2_FIN, y0[i] = NC_T0 * w[i]; y1[i] = NC_T1 * w[i]);
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
-        for (; i < n; i++) {
-            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0) * w[i];
-            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1) * w[i];
-        }
     } else if (b != NULL) {
 #define NC_LN2_WB ncv bv = ncv_ld(b + i)
 #define NC_LN2_FIN(t) ((t) + bv)
-        NC_LN2_LOOP(NC_LN2_FIN);
+        NC_LN2_LOOP(NC_LN2_FIN, y0[i] = NC_T0 + b[i]; y1[i] = NC_T1 + b[i]);
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
-        for (; i < n; i++) {
-            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0) + b[i];
-            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1) + b[i];
-        }
     } else {
 #define NC_LN2_WB (void)0
 #define NC_LN2_FIN(t) (t)
-        NC_LN2_LOOP(NC_LN2_FIN);
+        NC_LN2_LOOP(NC_LN2_FIN, y0[i] = NC_T0; y1[i] = NC_T1);
 #undef NC_LN2_FIN
 #undef NC_LN2_WB
-        for (; i < n; i++) {
-            y0[i] = nc_fmaf(s0[i] - mhi0, scale0, c0);
-            y1[i] = nc_fmaf(s1[i] - mhi1, scale1, c1);
-        }
     }
+#undef NC_T0
+#undef NC_T1
 }
 #undef NC_LN2_LOOP
 
@@ -432,13 +435,24 @@ static void NC_FN(nc_scale_apply)(const float *s, float *y, const float *w, nc_i
     }
 }
 
-/* Two rows at once, each element as nc_scale_apply computes it; one load of w per pair. */
+/* Two rows at once, each element as nc_scale_apply computes it; one load of w per pair;
+   aligned stores as in nc_ln_apply2 (the same head for both rows, else one row at a time). */
 static void NC_FN(nc_scale_apply2)(const float *s0, const float *s1, float *y0, float *y1,
                                   const float *w, nc_int n, float scale0, float scale1)
 {
+    const nc_int head = NC_PEEL(y0, n);
+    if (NC_PEEL(y1, n) != head) {
+        NC_FN(nc_scale_apply)(s0, y0, w, n, scale0);
+        NC_FN(nc_scale_apply)(s1, y1, w, n, scale1);
+        return;
+    }
     nc_int i = 0;
     const ncv sv0 = scale0 - (ncv){0}, sv1 = scale1 - (ncv){0};
     if (w != NULL) {
+        for (; i < head; i++) {
+            y0[i] = (s0[i] * scale0) * w[i];
+            y1[i] = (s1[i] * scale1) * w[i];
+        }
         for (; i + NC_VW <= n; i += NC_VW) {
             ncv wv = ncv_ld(w + i);
             ncv_st(y0 + i, (ncv_ld(s0 + i) * sv0) * wv);
@@ -449,6 +463,10 @@ static void NC_FN(nc_scale_apply2)(const float *s0, const float *s1, float *y0, 
             y1[i] = (s1[i] * scale1) * w[i];
         }
     } else {
+        for (; i < head; i++) {
+            y0[i] = s0[i] * scale0;
+            y1[i] = s1[i] * scale1;
+        }
         for (; i + NC_VW <= n; i += NC_VW) {
             ncv_st(y0 + i, ncv_ld(s0 + i) * sv0);
             ncv_st(y1 + i, ncv_ld(s1 + i) * sv1);

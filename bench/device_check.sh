@@ -2,8 +2,9 @@
 # One short, prepared run on a many-core machine (e.g. a lent 16-core box): build, the
 # kernel tests under every SIMD variant the CPU supports, then GEMM / norm / op / encoder
 # figures at 1, 2 and all threads, and the GEMM / encoder at 4 and 8 threads (OpenMP scaling
-# beyond 2 cores).  Everything lands in ${OUT:-/tmp/normcy-dev} as it is produced (log.txt,
-# bench.md/.json, scale.md/.json), so a run cut short still leaves what it measured.
+# beyond 2 cores), after bench/align_check.py's misalignment costs.  Everything lands in
+# ${OUT:-/tmp/normcy-dev} as it is produced (log.txt, bench.md/.json, scale.md/.json), so a
+# run cut short still leaves what it measured.
 # Needs: a C compiler with OpenMP, Cython, NumPy, pytest, hypothesis (pytest-xdist, torch and
 # onnxruntime optional).  The MiniLM model is not needed (those suites are left out).
 set -uo pipefail
@@ -31,6 +32,8 @@ for isa in $($PY -c "import normcy._norms as n; print(' '.join(n.isa_info()['sup
   echo "   ($(( $(date +%s) - t1 )) s)"
 done
 unset OPENBLAS_CORETYPE OPENBLAS_L2_SIZE
+# what a 16-byte-misaligned array costs each row kernel here (split cache lines)
+timeout 90 $PY bench/align_check.py --threads "1,$(nproc)" --reps 9
 ONLY="${BENCH_ONLY:-ops,gemm,encoder,add_layer_norm,layer_norm,rms_norm,batch_norm}"
 THREADS="${BENCH_THREADS:-1,2,$(nproc)}"
 t1=$(date +%s)

@@ -546,7 +546,8 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
         if (jj < lim) {
             const ncv p0 = ncv_set1(scores[jj]);
 #pragma GCC unroll 4
-            for (int u = 0; u < 4; u++) oe[u] = ncv_fma(p0, ncv_ld(v + jj * ldv + d + u * NC_VW), oe[u]);
+            for (int u = 0; u < 4; u++)
+                oe[u] = ncv_fma(p0, ncv_ld(v + jj * ldv + d + u * NC_VW), oe[u]);
         }
 #pragma GCC unroll 4
         for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);

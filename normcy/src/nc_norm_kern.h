@@ -217,8 +217,8 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
 }
 
 /* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = fma(s - mhi, scale, -mlo*scale)
-   and y = fma(t, w, b) (one rounding each where the variant has FMA); y may be s itself.  mhi + mlo is the row
-   mean as an unevaluated float pair, so |mean| >> std loses nothing. */
+   and y = fma(t, w, b) (one rounding each where the variant has FMA); y may be s itself.
+   mhi + mlo is the row mean as an unevaluated float pair, so |mean| >> std loses nothing. */
 static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const float *b,
                               nc_int n, float mhi, float mlo, float scale)
 {
@@ -398,7 +398,10 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
                 q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
                 q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
             }
-            for (; i + NC_VW <= len; i += NC_VW) { ncv v0 = ncv_ld(src + i); q0 = ncv_fma(v0, v0, q0); }
+            for (; i + NC_VW <= len; i += NC_VW) {
+                ncv v0 = ncv_ld(src + i);
+                q0 = ncv_fma(v0, v0, q0);
+            }
             tail = i;
         }
         q = ncv_hsum((q0 + q1) + (q2 + q3));

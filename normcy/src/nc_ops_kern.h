@@ -4,9 +4,10 @@
  *
  * float32, written once against the SIMD vocabulary of nc_simd.h and compiled once per
  * instruction set by nc_api.h (no include guard on purpose; names go through NC_FN); no
- * intrinsics outside nc_simd.h and no -ffast-math.  Tails shorter than one vector go through the same vector
- * code on a padded copy, so every element of a row is computed by the same instruction
- * sequence (results do not depend on position or thread count).
+ * intrinsics outside nc_simd.h and no -ffast-math.  Tails shorter than one vector go
+ * through the same vector code (partial loads and stores, ncv_ld_n / ncv_st_n), so every
+ * element of a row is computed by the same instruction sequence (results do not depend on
+ * position or thread count).
  *
  * Numerics (measured against float64 references over dense grids, see tests/test_ops.py)
  * ------------------------------------------------------------------------------------
@@ -425,7 +426,8 @@ NC_INLINE float nco_softmax_logits(const float *x, float *out, nc_int n, float s
             l2 = ncv_min(v2, l2); l3 = ncv_min(v3, l3);
         }
         for (; j < nfull; j += NC_VW) {
-            ncv v = mask ? ncv_fma(ncv_ld(x + j), vscale, ncv_ld(mask + j)) : ncv_ld(x + j) * vscale;
+            ncv v = mask ? ncv_fma(ncv_ld(x + j), vscale, ncv_ld(mask + j))
+                         : ncv_ld(x + j) * vscale;
             ncv_st(out + j, v);
             m0 = ncv_max(v, m0);
             l0 = ncv_min(v, l0);

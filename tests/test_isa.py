@@ -63,6 +63,17 @@ def test_show_config_reports_variant_and_cap():
         assert "NORMCY_MAX_ISA=sse2" in r.stdout and "SSE2" in r.stdout
 
 
+@pytest.mark.skipif(sys.platform == "win32", reason="GCC/Clang flags")
+def test_build_disables_implicit_fma_contraction(capsys):
+    # Fused multiply-adds are written explicitly in the kernels (nc_simd.h, ncv_fma); the
+    # compiler must not fuse others on its own, else results depend on its version (GCC 13
+    # broke a bit-identity guarantee that GCC 12 happened to keep).
+    normcy.show_config()
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "compile args" in ln)
+    assert "-ffp-contract=off" in line.split()
+
+
 def test_every_variant_same_answers_within_accuracy():
     """The same inputs through every supported variant (in subprocesses) agree with float64."""
     code = r"""

@@ -622,6 +622,30 @@ def test_each_row_as_alone_bitwise(h, name, d, wb):
                                               % (m, lo, nt))
 
 
+@pytest.mark.parametrize("name", ALL)
+def test_many_rows_each_as_alone_bitwise(h, name):
+    """More rows than one thread keeps in cache (rows x width > 65536 floats per thread):
+    the norms without an add go one row at a time instead of the two-row pipeline; every
+    row is still bit-identical to the same row alone, at every thread count (the threads'
+    shares straddle the switch: 300 x 384 per thread at one thread, 100 x 384 at three)."""
+    rng = h.rng_for("manyrows", name)
+    d = 384
+    x = h.randn(rng, (300, d), scale=3.0, loc=1.0)
+    x[17] *= np.float32(1e-33)          # double-precision path (scale > 1e30 with eps = 0)
+    x[18] = 2.5                         # constant row
+    x[101] *= np.float32(1e18)
+    r = h.randn(rng, x.shape)
+    w, b = h.params(rng, d, True, True)
+    xb = h.randn(rng, d, scale=0.5) if name in ADD else None
+    kw = {"eps": 0.0}
+    alone = np.concatenate([_call(name, x[i:i + 1], r[i:i + 1], w, b, xb, num_threads=1, **kw)
+                            for i in range(len(x))])
+    for nt in (1, 2, 3):
+        got = _call(name, x, r, w, b, xb, num_threads=nt, **kw)
+        np.testing.assert_array_equal(got.view(np.int32), alone.view(np.int32),
+                                      err_msg="%d threads" % nt)
+
+
 @pytest.mark.parametrize("name,where", [(n, w) for n in ALL for w in ("x", "residual")
                                         if n in ADD or w == "x"])
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])

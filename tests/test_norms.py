@@ -622,7 +622,7 @@ def test_each_row_as_alone_bitwise(h, name, d, wb):
                                               % (m, lo, nt))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", ALL + ["annotated"])
 def test_many_rows_each_as_alone_bitwise(h, name):
     """More rows than one thread keeps in cache (rows x width > 65536 floats per thread):
     the norms without an add go one row at a time instead of the two-row pipeline; every
@@ -638,10 +638,14 @@ def test_many_rows_each_as_alone_bitwise(h, name):
     w, b = h.params(rng, d, True, True)
     xb = h.randn(rng, d, scale=0.5) if name in ADD else None
     kw = {"eps": 0.0}
-    alone = np.concatenate([_call(name, x[i:i + 1], r[i:i + 1], w, b, xb, num_threads=1, **kw)
+    call = _call
+    if name == "annotated":
+        def call(_n, x, r, w, b, xb, **kw):
+            return normcy.layer_norm(x, w, b, convention="annotated", **kw)
+    alone = np.concatenate([call(name, x[i:i + 1], r[i:i + 1], w, b, xb, num_threads=1, **kw)
                             for i in range(len(x))])
     for nt in (1, 2, 3):
-        got = _call(name, x, r, w, b, xb, num_threads=nt, **kw)
+        got = call(name, x, r, w, b, xb, num_threads=nt, **kw)
         np.testing.assert_array_equal(got.view(np.int32), alone.view(np.int32),
                                       err_msg="%d threads" % nt)
 

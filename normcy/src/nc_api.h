@@ -7,9 +7,10 @@
  * chooses one table at start-up, and exposes plain C functions that call through it.  The
  * Cython modules validate arguments and call only the functions declared at the end.
  *
- * Variants (portable GCC >= 12 build on x86-64):
- *   avx512   `#pragma GCC target("arch=x86-64-v4")`, 64-byte vectors
- *   avx2     `#pragma GCC target("arch=x86-64-v3")`, 32-byte vectors, FMA
+ * Variants (portable GCC >= 12 or Clang >= 14 build on x86-64):
+ *   avx512   `#pragma GCC target("arch=x86-64-v4")` (Clang: `#pragma clang attribute` with
+ *            the same features), 64-byte vectors
+ *   avx2     `#pragma GCC target("arch=x86-64-v3")` (Clang: likewise), 32-byte vectors, FMA
  *   baseline the build's own target (SSE2 on x86-64, NEON on aarch64), 16-byte vectors
  * The widest variant the CPU supports is chosen, capped by the environment variable
  * NORMCY_MAX_ISA=avx512|avx2|sse2|baseline|generic (read once, at import; like oneDNN's
@@ -94,8 +95,13 @@ typedef struct nc_ktable {
 } nc_ktable;
 
 /* ------------------------------------------------------------- the variants */
-#if defined(NC_NATIVE_BUILD) || !defined(__GNUC__) || defined(__clang__) || \
-    !(defined(__x86_64__) && (__GNUC__ >= 12))
+#if defined(__clang__) && defined(__x86_64__) && __clang_major__ >= 14
+#define NC_CLANG_MULTI 1    /* Clang: the variant regions as `#pragma clang attribute` */
+#else
+#define NC_CLANG_MULTI 0
+#endif
+#if defined(NC_NATIVE_BUILD) || !defined(__GNUC__) || \
+    !(NC_CLANG_MULTI || (!defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12))
 /* one variant: the compiler's own target */
 #define NC_MULTI 0
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -114,8 +120,15 @@ typedef struct nc_ktable {
 #undef NC_SFX
 #else
 #define NC_MULTI 1
+/* NC_VARIANT_FMA: the region's target has FMA (GCC also defines __FMA__ inside its target
+   regions; Clang's target attributes leave the predefined macros alone) */
+#define NC_VARIANT_FMA 1
+#if NC_CLANG_MULTI
+#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512cd,avx512dq,avx512vl,avx2,fma,bmi,bmi2,popcnt,sse4.2"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v4")
+#endif
 #define NC_VBYTES 64
 #define NC_SFX v4
 #include "nc_simd.h"
@@ -123,10 +136,18 @@ typedef struct nc_ktable {
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
+#if NC_CLANG_MULTI
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
 
+#if NC_CLANG_MULTI
+#pragma clang attribute push(__attribute__((target("avx2,fma,bmi,bmi2,popcnt,sse4.2"))), apply_to = function)
+#else
 #pragma GCC push_options
 #pragma GCC target("arch=x86-64-v3")
+#endif
 #define NC_VBYTES 32
 #define NC_SFX v3
 #include "nc_simd.h"
@@ -134,7 +155,12 @@ typedef struct nc_ktable {
 #include "nc_simd_end.h"
 #undef NC_VBYTES
 #undef NC_SFX
+#if NC_CLANG_MULTI
+#pragma clang attribute pop
+#else
 #pragma GCC pop_options
+#endif
+#undef NC_VARIANT_FMA
 
 #define NC_VBYTES 16
 #define NC_SFX v1
@@ -199,8 +225,22 @@ static void nc_dispatch_init(void)
     int level = 1, lim = 4;
 #if NC_MULTI
     __builtin_cpu_init();
+#if NC_CLANG_MULTI
+    /* the x86-64-v3 / -v4 level names arrived in later Clang versions: the features the
+       regions' target attributes name */
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("bmi") &&
+        __builtin_cpu_supports("popcnt") && __builtin_cpu_supports("sse4.2")) {
+        level = 3;
+        if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+            __builtin_cpu_supports("avx512cd") && __builtin_cpu_supports("avx512dq") &&
+            __builtin_cpu_supports("avx512vl"))
+            level = 4;
+    }
+#else
     if (__builtin_cpu_supports("x86-64-v4")) level = 4;
     else if (__builtin_cpu_supports("x86-64-v3")) level = 3;
+#endif
 #endif
     nc_cpu_best = level;
     nc_cap_req[0] = '\0';

@@ -97,7 +97,7 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
                                     float *cout, nc_int ldo, const float *pfn, nc_int pstep)
 {
     ncv c0[NC_MR], c1[NC_MR];
-#pragma GCC unroll 16
+NC_UNROLL_ALL
     for (int r = 0; r < MR; r++) {
         if (cin) { c0[r] = ncv_ld(cin + r * ldi); c1[r] = ncv_ld(cin + r * ldi + NC_VW); }
         else { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
@@ -119,14 +119,14 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
                instead of stalling the next block's first tile */
             __builtin_prefetch(pfn + k * pstep, 0, 2);
         }
-#pragma GCC unroll 16
+NC_UNROLL_ALL
         for (int r = 0; r < MR; r++) {
             const ncv av = ncv_set1(a[r * lda + k]);
             c0[r] = ncv_fma(av, b0, c0[r]);
             c1[r] = ncv_fma(av, b1, c1[r]);
         }
     }
-#pragma GCC unroll 16
+NC_UNROLL_ALL
     for (int r = 0; r < MR; r++) {
         ncv_st(cout + r * ldo, c0[r]);
         ncv_st(cout + r * ldo + NC_VW, c1[r]);

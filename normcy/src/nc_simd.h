@@ -52,6 +52,14 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define NC_CAT_(a, b) a##_##b
 #define NC_CAT(a, b) NC_CAT_(a, b)
 #define NC_INLINE static inline __attribute__((always_inline))
+/* a loop with a small constant trip count unrolled whole, so that arrays indexed by its
+   counter (a micro-tile's accumulators) become registers: GCC's pragma; Clang ignored it
+   there and kept the accumulators in memory */
+#if defined(__clang__)
+#define NC_UNROLL_ALL _Pragma("clang loop unroll(full)")
+#else
+#define NC_UNROLL_ALL _Pragma("GCC unroll 16")
+#endif
 /* the vector helpers are always inlined: no ABI is crossed */
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
@@ -128,7 +136,7 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
  * bit-identity of an attention row computed in a pair and alone.)  Subtractions are
  * written as fma(-a, b, c) or fma(a, b, -c): negation is exact.
  */
-#if defined(__FMA__) || defined(__aarch64__)
+#if defined(__FMA__) || defined(__aarch64__) || (defined(NC_VARIANT_FMA) && NC_VARIANT_FMA)
 #define NC_HAS_FMA 1
 #else
 #define NC_HAS_FMA 0

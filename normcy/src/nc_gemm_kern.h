@@ -243,17 +243,17 @@ static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const floa
                                                       nc_int pstride, nc_int K, float *out)
 {
     ncv c[8];
-#pragma GCC unroll 8
+NC_UNROLL_ALL
     for (int u = 0; u < 8; u++) c[u] = ncv_set1(0.0f);
     for (nc_int k = 0; k < K; k++) {
         const ncv av = ncv_set1(a[k]);
-#pragma GCC unroll 4
+NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) {
             c[2 * u] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR), c[2 * u]);
             c[2 * u + 1] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR + NC_VW), c[2 * u + 1]);
         }
     }
-#pragma GCC unroll 8
+NC_UNROLL_ALL
     for (int u = 0; u < 8; u++) ncv_st(out + u * NC_VW, c[u]);
 }
 
@@ -425,15 +425,15 @@ static double NC_FN(nc_fma_loop)(nc_int iters)
 {
     ncv a[12];
     const ncv m = ncv_set1(0.999999f), c = ncv_set1(1e-7f);
-#pragma GCC unroll 12
+NC_UNROLL_ALL
     for (int j = 0; j < 12; j++) a[j] = ncv_set1(1.0f + 0.001f * (float)j);
     for (nc_int i = 0; i < iters; i++) {
-#pragma GCC unroll 12
+NC_UNROLL_ALL
         for (int j = 0; j < 12; j++) a[j] = ncv_fma(a[j], m, c);
         __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]));
     }
     ncv t = a[0];
-#pragma GCC unroll 12
+NC_UNROLL_ALL
     for (int j = 1; j < 12; j++) t = t + a[j];
     return ncv_hsum(t);
 }
@@ -463,15 +463,15 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
        were latency-bound); each score is still one chain over d in order */
     for (; j + 8 * NC_VW <= ncols; j += 8 * NC_VW) {
         ncv sc[8];
-#pragma GCC unroll 8
+NC_UNROLL_ALL
         for (int u = 0; u < 8; u++) sc[u] = ncv_set1(0.0f);
         for (nc_int d = 0; d < dh; d++) {
             const ncv qd = ncv_set1(qi[d]);
             const float *kr = kt + d * ldk + j;
-#pragma GCC unroll 8
+NC_UNROLL_ALL
             for (int u = 0; u < 8; u++) sc[u] = ncv_fma(qd, ncv_ld(kr + u * NC_VW), sc[u]);
         }
-#pragma GCC unroll 8
+NC_UNROLL_ALL
         for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
     }
     for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
@@ -502,19 +502,19 @@ NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int
     nc_int j = 0;
     for (; j < ncols; j += 4 * NC_VW) {
         ncv a[4], b[4];
-#pragma GCC unroll 4
+NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) { a[u] = ncv_set1(0.0f); b[u] = ncv_set1(0.0f); }
         for (nc_int d = 0; d < dh; d++) {
             const ncv qad = ncv_set1(qa[d]), qbd = ncv_set1(qb[d]);
             const float *kr = kt + d * ldk + j;
-#pragma GCC unroll 4
+NC_UNROLL_ALL
             for (int u = 0; u < 4; u++) {
                 const ncv k = ncv_ld(kr + u * NC_VW);
                 a[u] = ncv_fma(qad, k, a[u]);
                 b[u] = ncv_fma(qbd, k, b[u]);
             }
         }
-#pragma GCC unroll 4
+NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) {
             ncv_st(sa + j + u * NC_VW, a[u]);
             ncv_st(sb + j + u * NC_VW, b[u]);
@@ -531,13 +531,13 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
        same two sums as below, eight chains in flight) */
     for (; d + 4 * NC_VW <= dh; d += 4 * NC_VW) {
         ncv oe[4], oo[4];
-#pragma GCC unroll 4
+NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) { oe[u] = ncv_set1(0.0f); oo[u] = ncv_set1(0.0f); }
         nc_int jj = 0;
         for (; jj + 2 <= lim; jj += 2) {
             const ncv p0 = ncv_set1(scores[jj]), p1 = ncv_set1(scores[jj + 1]);
             const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
-#pragma GCC unroll 4
+NC_UNROLL_ALL
             for (int u = 0; u < 4; u++) {
                 oe[u] = ncv_fma(p0, ncv_ld(v0 + u * NC_VW), oe[u]);
                 oo[u] = ncv_fma(p1, ncv_ld(v1 + u * NC_VW), oo[u]);
@@ -545,11 +545,11 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
         }
         if (jj < lim) {
             const ncv p0 = ncv_set1(scores[jj]);
-#pragma GCC unroll 4
+NC_UNROLL_ALL
             for (int u = 0; u < 4; u++)
                 oe[u] = ncv_fma(p0, ncv_ld(v + jj * ldv + d + u * NC_VW), oe[u]);
         }
-#pragma GCC unroll 4
+NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
     }
     for (; d + NC_VW <= dh; d += NC_VW) {

@@ -52,9 +52,10 @@ typedef uint16_t nc_vh8 __attribute__((vector_size(8)));
 #define NC_CAT_(a, b) a##_##b
 #define NC_CAT(a, b) NC_CAT_(a, b)
 #define NC_INLINE static inline __attribute__((always_inline))
-/* a loop with a small constant trip count unrolled whole, so that arrays indexed by its
-   counter (a micro-tile's accumulators) become registers: GCC's pragma; Clang ignored it
-   there and kept the accumulators in memory */
+/* a loop with a small constant trip count (at most 16) unrolled whole, so that arrays
+   indexed by its counter (a micro-tile's accumulators, a lockstep group's vectors) become
+   registers.  Clang does not honour GCC's pragma there and kept them in memory (the GEMM
+   and the exact GELU ran 3-4x slower) */
 #if defined(__clang__)
 #define NC_UNROLL_ALL _Pragma("clang loop unroll(full)")
 #else

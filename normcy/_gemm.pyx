@@ -39,7 +39,7 @@ cdef extern from "nc_api_gemm.h" nogil:
     Py_ssize_t nc_gemm_mr()
     double nc_fma_loop(Py_ssize_t iters)
     Py_ssize_t nc_gemm_kc(Py_ssize_t K)
-    Py_ssize_t nc_gemm_mc(Py_ssize_t K)
+    Py_ssize_t nc_gemm_mc(Py_ssize_t K, Py_ssize_t rows)
     int nc_isa_vbytes()
     void nc_attention_head(const float *q, Py_ssize_t ldq, const float *bq, const float *kt,
                            Py_ssize_t ldk,
@@ -145,15 +145,12 @@ cdef struct GemmJob:
 cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
     """Rows [a, b), every panel; with the norm epilogue, row block by row block (each block
     normalized while it is still in cache: nc_gemm_mc rows, the GEMM's own row block)."""
-    cdef Py_ssize_t c, e, mc, nb
+    cdef Py_ssize_t c, e, mc
     if j.norm < 0:
         nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
                     j.act, a, b, 0, j.npanels)
         return
-    mc = nc_gemm_mc(j.K)
-    # equal blocks of at most mc rows, as nc_gemm_run makes them (no small last block)
-    nb = (b - a + mc - 1) // mc
-    mc = (b - a + nb - 1) // nb
+    mc = nc_gemm_mc(j.K, b - a)   # nc_gemm_run's own row blocks
     c = a
     while c < b:
         e = c + mc if c + mc < b else b

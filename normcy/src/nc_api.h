@@ -91,7 +91,7 @@ typedef struct nc_ktable {
                            const float *, ptrdiff_t, const uint8_t *, float *);
     double (*fma_loop)(ptrdiff_t);
     ptrdiff_t (*gemm_kc)(ptrdiff_t);
-    ptrdiff_t (*gemm_mc)(ptrdiff_t);
+    ptrdiff_t (*gemm_mc)(ptrdiff_t, ptrdiff_t);
 } nc_ktable;
 
 /* ------------------------------------------------------------- the variants */
@@ -357,7 +357,8 @@ static inline void nc_gemm_pack(const float *w, ptrdiff_t ldw, ptrdiff_t N, ptrd
 static inline ptrdiff_t nc_gemm_nr(void) { return nc_kt->gemm_nr(); }
 static inline double nc_fma_loop(ptrdiff_t iters) { return nc_kt->fma_loop(iters); }
 static inline ptrdiff_t nc_gemm_kc(ptrdiff_t K) { return nc_kt->gemm_kc(K); }
-static inline ptrdiff_t nc_gemm_mc(ptrdiff_t K) { return nc_kt->gemm_mc(K); }
+/* the GEMM's row block for `rows` rows (equal blocks of at most MC, see nc_gemm_kern.h) */
+static inline ptrdiff_t nc_gemm_mc(ptrdiff_t K, ptrdiff_t rows) { return nc_kt->gemm_mc(K, rows); }
 static inline ptrdiff_t nc_gemm_mr(void) { return nc_kt->gemm_mr(); }
 static inline void nc_attention_head(const float *q, ptrdiff_t ldq, const float *bq,
                                      const float *kt, ptrdiff_t ldk, const float *v, ptrdiff_t ldv, float *out,

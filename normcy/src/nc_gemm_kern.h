@@ -97,7 +97,7 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
                                     float *cout, nc_int ldo, const float *pfn, nc_int pstep)
 {
     ncv c0[NC_MR], c1[NC_MR];
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int r = 0; r < MR; r++) {
         if (cin) { c0[r] = ncv_ld(cin + r * ldi); c1[r] = ncv_ld(cin + r * ldi + NC_VW); }
         else { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
@@ -119,14 +119,14 @@ NC_UNROLL_ALL
                instead of stalling the next block's first tile */
             __builtin_prefetch(pfn + k * pstep, 0, 2);
         }
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int r = 0; r < MR; r++) {
             const ncv av = ncv_set1(a[r * lda + k]);
             c0[r] = ncv_fma(av, b0, c0[r]);
             c1[r] = ncv_fma(av, b1, c1[r]);
         }
     }
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int r = 0; r < MR; r++) {
         ncv_st(cout + r * ldo, c0[r]);
         ncv_st(cout + r * ldo + NC_VW, c1[r]);
@@ -243,17 +243,17 @@ static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const floa
                                                       nc_int pstride, nc_int K, float *out)
 {
     ncv c[8];
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int u = 0; u < 8; u++) c[u] = ncv_set1(0.0f);
     for (nc_int k = 0; k < K; k++) {
         const ncv av = ncv_set1(a[k]);
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) {
             c[2 * u] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR), c[2 * u]);
             c[2 * u + 1] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR + NC_VW), c[2 * u + 1]);
         }
     }
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int u = 0; u < 8; u++) ncv_st(out + u * NC_VW, c[u]);
 }
 
@@ -267,14 +267,17 @@ static nc_int NC_FN(nc_gemm_kc)(nc_int K)
     return (kc + 7) & ~(nc_int)7;
 }
 
-/* The row block MC: MC x K floats of x in ~256 KB of L2 (see the header), whole
-   micro-tiles.  nc_gemm_run cuts a row range into equal blocks of at most this size, and
-   callers that post-process rows (the fused norm epilogue) cut theirs the same way, so
-   that a block is still in cache when they come back to it. */
-static nc_int NC_FN(nc_gemm_mc)(nc_int K)
+/* The row block for `rows` rows: MC x K floats of x in ~256 KB of L2 (see the header),
+   MC whole micro-tiles, and the rows cut into equal blocks of at most MC (510 rows: 3 x
+   170, not 168 + 168 + 168 + 6: a small last block streams every panel for a few rows, at
+   a fraction of the rate).  nc_gemm_run uses it, and so do callers that post-process rows
+   (the fused norm epilogue), so that a block is still in cache when they come back to it. */
+static nc_int NC_FN(nc_gemm_mc)(nc_int K, nc_int rows)
 {
     nc_int mc = ((nc_int)65536 / (K > 0 ? K : 1)) / NC_MR * NC_MR;
-    return mc < NC_MR ? NC_MR : mc;
+    if (mc < NC_MR) mc = NC_MR;
+    const nc_int nblk = (rows + mc - 1) / mc;
+    return nblk > 0 ? (rows + nblk - 1) / nblk : mc;
 }
 
 /*
@@ -336,15 +339,11 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                                nc_int p0, nc_int p1)
 {
     const nc_int kcb = NC_FN(nc_gemm_kc)(K);
-    const nc_int mc = NC_FN(nc_gemm_mc)(K);
     /* the GELUs without a residual: whole panels' tiles store their accumulators and the
        epilogue runs over the row block's strip (nc_gemm_strip_epi); with a residual, y may
        be the residual itself, which the tiles must read before they write */
     const int defer = (act == NCO_ACT_GELU || act == NCO_ACT_GELU_TANH) && !res;
-    /* row blocks of equal size, at most mc rows (510 rows: 3 x 170, not 168 + 168 + 168 + 6:
-       a small last block streams every panel for a few rows, at a fraction of the rate) */
-    const nc_int nblk = (m1 - m0 + mc - 1) / mc;
-    const nc_int mcb = nblk > 0 ? (m1 - m0 + nblk - 1) / nblk : mc;
+    const nc_int mcb = NC_FN(nc_gemm_mc)(K, m1 - m0);
     for (nc_int i0 = m0; i0 < m1; i0 += mcb) {
         nc_int i1 = i0 + mcb < m1 ? i0 + mcb : m1;
         nc_int pstart = p0;
@@ -425,15 +424,15 @@ static double NC_FN(nc_fma_loop)(nc_int iters)
 {
     ncv a[12];
     const ncv m = ncv_set1(0.999999f), c = ncv_set1(1e-7f);
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int j = 0; j < 12; j++) a[j] = ncv_set1(1.0f + 0.001f * (float)j);
     for (nc_int i = 0; i < iters; i++) {
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int j = 0; j < 12; j++) a[j] = ncv_fma(a[j], m, c);
         __asm__ volatile("" : "+x"(a[0]), "+x"(a[1]), "+x"(a[2]), "+x"(a[3]), "+x"(a[4]), "+x"(a[5]));
     }
     ncv t = a[0];
-NC_UNROLL_ALL
+    NC_UNROLL_ALL
     for (int j = 1; j < 12; j++) t = t + a[j];
     return ncv_hsum(t);
 }
@@ -463,15 +462,15 @@ NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, n
        were latency-bound); each score is still one chain over d in order */
     for (; j + 8 * NC_VW <= ncols; j += 8 * NC_VW) {
         ncv sc[8];
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 8; u++) sc[u] = ncv_set1(0.0f);
         for (nc_int d = 0; d < dh; d++) {
             const ncv qd = ncv_set1(qi[d]);
             const float *kr = kt + d * ldk + j;
-NC_UNROLL_ALL
+            NC_UNROLL_ALL
             for (int u = 0; u < 8; u++) sc[u] = ncv_fma(qd, ncv_ld(kr + u * NC_VW), sc[u]);
         }
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 8; u++) ncv_st(scores + j + u * NC_VW, sc[u]);
     }
     for (; j + 2 * NC_VW <= ncols; j += 2 * NC_VW) {
@@ -502,19 +501,19 @@ NC_INLINE void nca_qk2(const float *qa, const float *qb, const float *kt, nc_int
     nc_int j = 0;
     for (; j < ncols; j += 4 * NC_VW) {
         ncv a[4], b[4];
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) { a[u] = ncv_set1(0.0f); b[u] = ncv_set1(0.0f); }
         for (nc_int d = 0; d < dh; d++) {
             const ncv qad = ncv_set1(qa[d]), qbd = ncv_set1(qb[d]);
             const float *kr = kt + d * ldk + j;
-NC_UNROLL_ALL
+            NC_UNROLL_ALL
             for (int u = 0; u < 4; u++) {
                 const ncv k = ncv_ld(kr + u * NC_VW);
                 a[u] = ncv_fma(qad, k, a[u]);
                 b[u] = ncv_fma(qbd, k, b[u]);
             }
         }
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) {
             ncv_st(sa + j + u * NC_VW, a[u]);
             ncv_st(sb + j + u * NC_VW, b[u]);
@@ -531,13 +530,13 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
        same two sums as below, eight chains in flight) */
     for (; d + 4 * NC_VW <= dh; d += 4 * NC_VW) {
         ncv oe[4], oo[4];
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) { oe[u] = ncv_set1(0.0f); oo[u] = ncv_set1(0.0f); }
         nc_int jj = 0;
         for (; jj + 2 <= lim; jj += 2) {
             const ncv p0 = ncv_set1(scores[jj]), p1 = ncv_set1(scores[jj + 1]);
             const float *v0 = v + jj * ldv + d, *v1 = v + (jj + 1) * ldv + d;
-NC_UNROLL_ALL
+            NC_UNROLL_ALL
             for (int u = 0; u < 4; u++) {
                 oe[u] = ncv_fma(p0, ncv_ld(v0 + u * NC_VW), oe[u]);
                 oo[u] = ncv_fma(p1, ncv_ld(v1 + u * NC_VW), oo[u]);
@@ -545,11 +544,11 @@ NC_UNROLL_ALL
         }
         if (jj < lim) {
             const ncv p0 = ncv_set1(scores[jj]);
-NC_UNROLL_ALL
+            NC_UNROLL_ALL
             for (int u = 0; u < 4; u++)
                 oe[u] = ncv_fma(p0, ncv_ld(v + jj * ldv + d + u * NC_VW), oe[u]);
         }
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) ncv_st(oi + d + u * NC_VW, oe[u] + oo[u]);
     }
     for (; d + NC_VW <= dh; d += NC_VW) {

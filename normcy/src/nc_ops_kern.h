@@ -499,7 +499,7 @@ NC_INLINE float nco_softmax_exp(float *out, nc_int n, float mx, float mn)
     for (j = 0; j + 4 * NC_VW <= n; j += 4 * NC_VW) {
         /* the four exponentials in lockstep (see "Lockstep") */
         ncv e[4];
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) e[u] = ncv_ld(out + j + u * NC_VW) - vmx;
         if (inrange) nco_exp_inrange_n(4, e);
         else nco_exp_nonpos_2k_n(4, e, 0);
@@ -507,7 +507,7 @@ NC_UNROLL_ALL
         s1 += e[1];
         s2 += e[2];
         s3 += e[3];
-NC_UNROLL_ALL
+        NC_UNROLL_ALL
         for (int u = 0; u < 4; u++) ncv_st(out + j + u * NC_VW, e[u]);
     }
     for (; j + NC_VW <= n; j += NC_VW) {

@@ -277,6 +277,10 @@ class NormBench:
             out.append(Impl("normcy", make_call(None), nbytes=nbytes, family="normcy", threads=T,
                             note="default num_threads (auto choice)"))
         out.append(Impl("normcy nt=%d" % T, make_call(T), nbytes=nbytes, family="normcy", threads=T))
+        if T == self.ctx.normcy_default_threads and T != 1:
+            # one thread measured beside the auto choice, among the same competitors (their
+            # thread pools at T threads, spinning or not): what the auto-choice target uses
+            out.append(Impl("normcy nt=1", make_call(1), nbytes=nbytes, family="normcy", threads=1))
         return out
 
     # ---- layer-norm family ----------------------------------------------------------

@@ -284,7 +284,9 @@ def evaluate_targets(rows, copy_gbs, all_cores):
         for (s, case, t), row in idx.items():
             if t != T or "normcy" not in row["impls"] or row["bytes"] > SMALL_INPUT_BYTES:
                 continue
-            r1 = idx.get((s, case, 1))
+            # one thread measured in the same row (same competitors' thread pools) when the
+            # row has it, else the 1-thread row's
+            r1 = row if "normcy nt=1" in row["impls"] else idx.get((s, case, 1))
             if not r1:
                 continue
             forget()

@@ -73,6 +73,11 @@
 /* vectors per lockstep group in the row loops: four chains cover the exact GELU's latency
    on two FMA pipes (AVX2); the same on AVX-512, whose 32 registers hold them easily */
 #define NCO_NU 4
+/* the lockstep bodies size their arrays by NCO_NU; the softmax takes four exponentials at a
+   time (its four partial sums) and the GEMM's strip epilogue two vectors per row */
+#if NCO_NU < 4 || NCO_NU % 2
+#error "NCO_NU must be even and at least 4"
+#endif
 
 /* exp(x), see the header comment for accuracy.  No operation ever sees or makes a subnormal
  * (those take microcode assists costing ~100 cycles each on x86): arguments below

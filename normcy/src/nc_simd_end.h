@@ -40,7 +40,13 @@
 #undef nco_exp_nonpos
 #undef nco_exp_reduced_n
 #undef nco_exp_n
-#undef nco_exp_nonpos_2k_n
+#undef nco_exp_nonpos_n
+#undef nco_exp_reduced_step
+#undef nco_exp_nonpos_step
+#undef nco_expnp_state
+#undef nco_gelu_a_step
+#undef nco_gelu_b_step
+#undef nco_gelu_erf_ab
 #undef nco_gelu_erf_n
 #undef nco_gelu_erf_a
 #undef nco_gelu_erf_b

@@ -307,9 +307,9 @@ NC_INLINE void nco_gelu_erf_ab(const int NU, const ncv *xa, ncv *tha, ncv *pa, n
 
 NC_INLINE void nco_gelu_erf_n(const int NU, ncv *x)
 {
-    ncv t[NCO_NU], p[NCO_NU];
-    nco_gelu_erf_a(NU, x, t, p);
-    nco_gelu_erf_b(NU, x, t, p);
+    ncv th[NCO_NU], p[NCO_NU];
+    nco_gelu_erf_a(NU, x, th, p);
+    nco_gelu_erf_b(NU, x, th, p);
 }
 
 NC_INLINE ncv nco_gelu_erf(ncv x)
@@ -411,20 +411,20 @@ NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u])
 #define NCO_GELU_PIPE(NG, LD, ST)                                                      \
     do {                                                                               \
         const int NU = NCO_NU;                                                         \
-        ncv xa[NCO_NU], ta[NCO_NU], pa[NCO_NU];                                        \
+        ncv xa[NCO_NU], tha[NCO_NU], pa[NCO_NU];                                       \
         NCO_EACH xa[u] = LD(0, u);                                                     \
-        nco_gelu_erf_a(NU, xa, ta, pa);                                                \
+        nco_gelu_erf_a(NU, xa, tha, pa);                                               \
         nc_int g_ = 0;                                                                 \
         for (; g_ + 1 < (NG); g_++) {                                                  \
-            ncv xb[NCO_NU], tb[NCO_NU], pb[NCO_NU];                                    \
+            ncv xb[NCO_NU], thb[NCO_NU], pb[NCO_NU];                                   \
             NCO_EACH xb[u] = LD(g_ + 1, u);                                            \
-            nco_gelu_erf_ab(NU, xb, tb, pb, xa, ta, pa);                               \
+            nco_gelu_erf_ab(NU, xb, thb, pb, xa, tha, pa);                             \
             NCO_EACH {                                                                 \
                 ST(g_, u, xa[u]);                                                      \
-                xa[u] = xb[u]; ta[u] = tb[u]; pa[u] = pb[u];                           \
+                xa[u] = xb[u]; tha[u] = thb[u]; pa[u] = pb[u];                         \
             }                                                                          \
         }                                                                              \
-        nco_gelu_erf_b(NU, xa, ta, pa);                                                \
+        nco_gelu_erf_b(NU, xa, tha, pa);                                               \
         NCO_EACH ST(g_, u, xa[u]);                                                     \
     } while (0)
 

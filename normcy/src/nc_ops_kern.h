@@ -80,7 +80,7 @@
  * two stages ran nearly one after the other.  The stages are therefore cut into steps
  * (nco_gelu_a_step, nco_gelu_b_step, the exponential's nco_exp_reduced_step) and
  * nco_gelu_erf_ab alternates them: 14-22% less time per element (AMD EPYC, AVX2, 1 and 2
- * threads, same bits).  Four vectors per group stays best: two per group was 5-20% slower.
+ * threads, same bits).  Four vectors per group stays best: two per group was 8-21% slower.
  */
 #define NCO_EACH NC_UNROLL_ALL for (int u = 0; u < NU; u++)
 /* vectors per lockstep group in the row loops: four chains cover the exact GELU's latency
@@ -110,10 +110,14 @@ NC_INLINE void nco_exp_reduced_step(const int S, const int NU, ncv *xc, ncv *n, 
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
     const ncv magic = ncv_set1(12582912.0f);
     switch (S) {
-    case 0: NCO_EACH n[u] = ncv_fma(xc[u], ncv_set1(1.44269504088896341f), magic) - magic; break;
+    case 0:
+        NCO_EACH n[u] = ncv_fma(xc[u], ncv_set1(1.44269504088896341f), magic) - magic;
+        break;
     case 1: NCO_EACH r[u] = ncv_fma(-n[u], ncv_set1(0.693359375f), xc[u]); break;
     case 2: NCO_EACH r[u] = ncv_fma(-n[u], ncv_set1(-2.12194440e-4f), r[u]); break;
-    case 3: NCO_EACH p[u] = ncv_fma(ncv_set1(1.9875691500E-4f), r[u], ncv_set1(1.3981999507E-3f)); break;
+    case 3:
+        NCO_EACH p[u] = ncv_fma(ncv_set1(1.9875691500E-4f), r[u], ncv_set1(1.3981999507E-3f));
+        break;
     case 4: NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(8.3334519073E-3f)); break;
     case 5: NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(4.1665795894E-2f)); break;
     case 6: NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(1.6666665459E-1f)); break;

@@ -176,8 +176,8 @@ NC_INLINE ncv nco_exp(ncv x)
  * n <= 1 here and n >= -125 after the clamp, so y 2^n is normal (exponent field of y, 126
  * or 127, plus n >= 1) and adding n to the exponent field is exactly the multiplication by
  * 2^n: an integer addition instead of a multiplication, which would take an FMA pipe.  A
- * NaN x gives y = NaN and n = INT_MIN, whose shifted value wraps to 0: the NaN is kept as
- * it is.  In place. */
+ * NaN x gives y = NaN and n = INT_MIN on x86 (0 on aarch64), which the shift by 23
+ * turns into 0: the NaN is kept as it is.  In place. */
 #define NCO_EXPNP_STEPS (NCO_EXPR_STEPS + 3)
 typedef struct {
     nciv under[NCO_NU], ni[NCO_NU];
@@ -192,8 +192,9 @@ NC_INLINE void nco_exp_nonpos_step(const int S, const int NU, ncv *x, nco_expnp_
     } else if (S <= NCO_EXPR_STEPS) {
         nco_exp_reduced_step(S - 1, NU, x, st->n, st->r, st->p, st->ni);
     } else if (S == NCO_EXPR_STEPS + 1) {
-        /* (n + 127) << 23 - 127 << 23: n << 23 without shifting a negative integer */
-        NCO_EACH x[u] = (ncv)((nciv)x[u] + (((st->ni[u] + 127) << 23) - (127 << 23)));
+        /* n * 2^23 (n in [-125, 1]: no overflow, no negative shift in the source; the
+           compiler emits one shift) added to the exponent field */
+        NCO_EACH x[u] = (ncv)((nciv)x[u] + st->ni[u] * (1 << 23));
     } else {
         NCO_EACH x[u] = ncv_sel(st->under[u], ncv_set1(0.0f), x[u]);
     }

@@ -42,6 +42,8 @@
 #define nco_expnp_state NC_FN(nco_expnp_state)
 #define nco_gelu_a_step NC_FN(nco_gelu_a_step)
 #define nco_gelu_b_step NC_FN(nco_gelu_b_step)
+#define nco_gelu_b_final NC_FN(nco_gelu_b_final)
+#define nco_gelu_e_step NC_FN(nco_gelu_e_step)
 #define nco_gelu_erf_ab NC_FN(nco_gelu_erf_ab)
 #define nco_exp_reduced_n NC_FN(nco_exp_reduced_n)
 #define nco_exp_n NC_FN(nco_exp_n)
@@ -80,7 +82,15 @@
  * two stages ran nearly one after the other.  The stages are therefore cut into steps
  * (nco_gelu_a_step, nco_gelu_b_step, the exponential's nco_exp_reduced_step) and
  * nco_gelu_erf_ab alternates them: 14-22% less time per element (AMD EPYC, AVX2, 1 and 2
- * threads, same bits).  Four vectors per group stays best: two per group was 8-21% slower.
+ * threads, same bits).  Four vectors per group stays best: two per group was 8-21% slower
+ * (three, tried again after the two changes below: within the noise).
+ * With 16 ymm registers the two stages' state still spills (the loop of four vectors had
+ * ~20 spill stores and ~60 stack loads in ~270 instructions), and the spills are what
+ * remains beyond the FMA pipes' bound.  Two values no longer stay live through both stages:
+ * x, which the pipeline loads again for stage B's last step (NCO_GELU_PIPE), and the
+ * exponential's underflow mask, folded into th by stage A (nco_gelu_a_step).  Together
+ * 10-13% less time per element (AMD EPYC, AVX2, 1 and 2 threads; same values, NaN inputs
+ * give NaN with another sign bit, which follows the compiler's operand order).
  */
 #define NCO_EACH NC_UNROLL_ALL for (int u = 0; u < NU; u++)
 /* vectors per lockstep group in the row loops: four chains cover the exact GELU's latency
@@ -235,9 +245,15 @@ NC_INLINE ncv nco_exp_inrange(ncv x)
    th = 1 / (2 + z) is exactly t / 2 (2 + z rounds to twice the rounding of 1 + z/2), and
    P(t) is evaluated as P'(th) with its coefficients scaled by 2^i: every Horner step is the
    one in t times a power of two, so the same bits.  The addition 2 + z and the halving
-   that erfc(z) / 2 = th exp(p) needs no longer take the FMA pipes. */
-#define NCO_GELU_A_STEPS 12
-#define NCO_GELU_B_STEPS (NCO_EXPNP_STEPS + 1)
+   that erfc(z) / 2 = th exp(p) needs no longer take the FMA pipes.
+   Where exp(p) underflows (p < NCO_EXP_LO: |x| > ~13.15), stage A sets th to 0 and stage
+   B's exponential runs on p clamped to NCO_EXP_LO: th exp(p) is then 0 * (a normal number)
+   = +0, exactly nco_exp_nonpos's th * (+0), so the same bits, while the underflow mask no
+   longer stays live in a register through the exponential (it spilled). */
+#define NCO_GELU_A_STEPS 13
+/* stage B: the exponential (clamp, nco_exp_reduced_step's steps, 2^n) and the last step */
+#define NCO_GELU_E_STEPS (NCO_EXPR_STEPS + 2)
+#define NCO_GELU_B_STEPS (NCO_GELU_E_STEPS + 1)
 NC_INLINE void nco_gelu_a_step(const int S, const int NU, const ncv *x, ncv *z, ncv *th,
                                ncv *p)
 {
@@ -253,22 +269,20 @@ NC_INLINE void nco_gelu_a_step(const int S, const int NU, const ncv *x, ncv *z, 
         NCO_EACH th[u] = ncv_set1(1.0f) / (z[u] + ncv_set1(2.0f));
     } else if (S == 2) {
         NCO_EACH p[u] = ncv_fma(ncv_set1(c[0]), th[u], ncv_set1(c[1]));
-    } else if (S < NCO_GELU_A_STEPS - 1) {
+    } else if (S < NCO_GELU_A_STEPS - 2) {
         NCO_EACH p[u] = ncv_fma(p[u], th[u], ncv_set1(c[S - 1]));
-    } else {
-        /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x: nco_exp_nonpos applies */
+    } else if (S == NCO_GELU_A_STEPS - 2) {
+        /* the exponent is <= 3e-8 (P(1) - 0), NaN only for NaN x */
         NCO_EACH p[u] = ncv_fma(-z[u], z[u], p[u]);
+    } else {
+        /* exp(p) underflows: th = 0 (a NaN p compares false and keeps th NaN) */
+        NCO_EACH th[u] = ncv_sel(p[u] < ncv_set1(NCO_EXP_LO), ncv_set1(0.0f), th[u]);
     }
 }
 
-/* Stage B, in place on x: Phi from th and p, times x (p is overwritten) */
-NC_INLINE void nco_gelu_b_step(const int S, const int NU, ncv *x, const ncv *th, ncv *p,
-                               nco_expnp_state *st)
+/* Stage B's last step, in place on x: Phi from th and p = exp(the exponent), times x */
+NC_INLINE void nco_gelu_b_final(const int NU, ncv *x, const ncv *th, const ncv *p)
 {
-    if (S < NCO_EXPNP_STEPS) {
-        nco_exp_nonpos_step(S, NU, p, st);
-        return;
-    }
     NCO_EACH {
         /* erfc/2 = th exp(p) */
         ncv half_erfc = th[u] * p[u];
@@ -279,6 +293,28 @@ NC_INLINE void nco_gelu_b_step(const int S, const int NU, ncv *x, const ncv *th,
            gives (MAXPS(-FLT_MAX, x) keeps every other x, NaN included) */
         x[u] = ncv_max(ncv_set1(-3.40282347e+38f), x[u]) * phi;
     }
+}
+
+/* Stage B's exponential, in place on p: nco_exp_nonpos without its underflow mask (stage
+   A's th = 0 stands for it), the clamp as MAXPS(lo, p), which keeps a NaN p */
+NC_INLINE void nco_gelu_e_step(const int S, const int NU, ncv *p, nco_expnp_state *st)
+{
+    if (S == 0) {
+        NCO_EACH p[u] = ncv_max(ncv_set1(NCO_EXP_LO), p[u]);
+    } else if (S <= NCO_EXPR_STEPS) {
+        nco_exp_reduced_step(S - 1, NU, p, st->n, st->r, st->p, st->ni);
+    } else {
+        /* 2^n added to the exponent field, as in nco_exp_nonpos_step */
+        NCO_EACH p[u] = (ncv)((nciv)p[u] + st->ni[u] * (1 << 23));
+    }
+}
+
+/* Stage B, in place on x: Phi from th and p, times x (p is overwritten) */
+NC_INLINE void nco_gelu_b_step(const int S, const int NU, ncv *x, const ncv *th, ncv *p,
+                               nco_expnp_state *st)
+{
+    if (S < NCO_GELU_E_STEPS) nco_gelu_e_step(S, NU, p, st);
+    else nco_gelu_b_final(NU, x, th, p);
 }
 
 NC_INLINE void nco_gelu_erf_a(const int NU, const ncv *x, ncv *th, ncv *p)
@@ -295,18 +331,21 @@ NC_INLINE void nco_gelu_erf_b(const int NU, ncv *x, const ncv *th, ncv *p)
     for (int S = 0; S < NCO_GELU_B_STEPS; S++) nco_gelu_b_step(S, NU, x, th, p, &st);
 }
 
-/* stage A of one group and stage B of another, their steps interleaved in the instruction
-   stream (A0 B0 A1 B1 ...): written one stage after the other, the first stage's waiting
-   operations filled the scheduler and the second's could not start until they drained */
-NC_INLINE void nco_gelu_erf_ab(const int NU, const ncv *xa, ncv *tha, ncv *pa, ncv *xb,
+/* stage A of one group and stage B but its last step (the exponential: pb becomes
+   exp(pb)) of another, their steps interleaved in the instruction stream (A0 B0 A1 B1 ...):
+   written one stage after the other, the first stage's waiting operations filled the
+   scheduler and the second's could not start until they drained.  The last step
+   (nco_gelu_b_final) is the caller's: it needs x, which the row pipeline loads again then
+   rather than keeping it in a register through both stages (see NCO_GELU_PIPE). */
+NC_INLINE void nco_gelu_erf_ab(const int NU, const ncv *xa, ncv *tha, ncv *pa,
                                const ncv *thb, ncv *pb)
 {
     ncv z[NCO_NU];
     nco_expnp_state st;
     NC_UNROLL_ALL
-    for (int S = 0; S < NCO_GELU_B_STEPS; S++) {
+    for (int S = 0; S < NCO_GELU_A_STEPS || S < NCO_GELU_E_STEPS; S++) {
         if (S < NCO_GELU_A_STEPS) nco_gelu_a_step(S, NU, xa, z, tha, pa);
-        nco_gelu_b_step(S, NU, xb, thb, pb, &st);
+        if (S < NCO_GELU_E_STEPS) nco_gelu_e_step(S, NU, pb, &st);
     }
 }
 
@@ -411,26 +450,39 @@ NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u])
  * runs stage A of group g+1 and stage B of group g, two independent halves of ~60 cycles
  * of latency each.  LD(g, u) gives vector u of group g (bias added), ST(g, u, v) stores it
  * (residual added); the row loop below and the GEMM's strip epilogue differ only in them.
+ * LD(g, u) is called twice per vector: for stage A and again for stage B's last step (the
+ * sign of x and the product x Phi), so that x is not held in a register (nor spilled)
+ * through both stages; the two loads give the same value (ST(g, u) comes after both, and
+ * the boundary allows an output only identical to, or disjoint from, its inputs).
  * The same operations on every element as nco_gelu_erf (the same bits).
  */
 #define NCO_GELU_PIPE(NG, LD, ST)                                                      \
     do {                                                                               \
         const int NU = NCO_NU;                                                         \
-        ncv xa[NCO_NU], tha[NCO_NU], pa[NCO_NU];                                       \
-        NCO_EACH xa[u] = LD(0, u);                                                     \
-        nco_gelu_erf_a(NU, xa, tha, pa);                                               \
+        ncv tha[NCO_NU], pa[NCO_NU];                                                   \
+        {                                                                              \
+            ncv x0[NCO_NU];                                                            \
+            NCO_EACH x0[u] = LD(0, u);                                                 \
+            nco_gelu_erf_a(NU, x0, tha, pa);                                           \
+        }                                                                              \
         nc_int g_ = 0;                                                                 \
         for (; g_ + 1 < (NG); g_++) {                                                  \
-            ncv xb[NCO_NU], thb[NCO_NU], pb[NCO_NU];                                   \
-            NCO_EACH xb[u] = LD(g_ + 1, u);                                            \
-            nco_gelu_erf_ab(NU, xb, thb, pb, xa, tha, pa);                             \
+            ncv xn[NCO_NU], thb[NCO_NU], pb[NCO_NU], xo[NCO_NU];                       \
+            NCO_EACH xn[u] = LD(g_ + 1, u);                                            \
+            nco_gelu_erf_ab(NU, xn, thb, pb, tha, pa);                                 \
+            NCO_EACH xo[u] = LD(g_, u);                                                \
+            nco_gelu_b_final(NU, xo, tha, pa);                                         \
             NCO_EACH {                                                                 \
-                ST(g_, u, xa[u]);                                                      \
-                xa[u] = xb[u]; tha[u] = thb[u]; pa[u] = pb[u];                         \
+                ST(g_, u, xo[u]);                                                      \
+                tha[u] = thb[u]; pa[u] = pb[u];                                        \
             }                                                                          \
         }                                                                              \
-        nco_gelu_erf_b(NU, xa, tha, pa);                                               \
-        NCO_EACH ST(g_, u, xa[u]);                                                     \
+        {                                                                              \
+            ncv xo[NCO_NU];                                                            \
+            NCO_EACH xo[u] = LD(g_, u);                                                \
+            nco_gelu_erf_b(NU, xo, tha, pa);                                           \
+            NCO_EACH ST(g_, u, xo[u]);                                                 \
+        }                                                                              \
     } while (0)
 
 /* the exact GELU's whole groups of a row (at least two, else none); returns the elements

@@ -46,6 +46,8 @@
 #undef nco_expnp_state
 #undef nco_gelu_a_step
 #undef nco_gelu_b_step
+#undef nco_gelu_b_final
+#undef nco_gelu_e_step
 #undef nco_gelu_erf_ab
 #undef nco_gelu_erf_n
 #undef nco_gelu_erf_a

@@ -21,7 +21,9 @@ import numpy as np
 import operator
 
 from normcy._parallel cimport resolve_threads
-from normcy._openmp_helpers cimport omp_get_num_threads, omp_get_thread_num, nc_omp_barrier
+from normcy._openmp_helpers cimport (omp_get_num_threads, omp_get_thread_num, nc_team,
+                                      nc_team_shared, nc_team_init, nc_team_barrier,
+                                      nc_team_enter, nc_team_leave)
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
 from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
                                   parse_eps)
@@ -182,13 +184,13 @@ cdef void gemm_part(const GemmJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogi
                         j.act, 0, j.M, a, b)
 
 
-cdef void gemm_team(const GemmJob *j, int t, int nt) noexcept nogil:
+cdef void gemm_team(const GemmJob *j, int t, int nt, nc_team *tm) noexcept nogil:
     """Thread t of a team of nt: its part of the GEMM; with the norm epilogue and a split
     by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
     cdef Py_ssize_t a, b
     gemm_part(j, t, nt)
     if j.norm >= 0 and not j.by_rows:
-        nc_omp_barrier()
+        nc_team_barrier(tm)
         a = j.M * t // nt
         b = j.M * (t + 1) // nt
         if a < b:
@@ -209,8 +211,20 @@ cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
     # few rows, split by panels: every panel of a row must be done before it is
     # normalized, so the norm runs after a barrier, rows split among the same team
     # (one parallel region for both)
+    cdef nc_team_shared sh
+    memset(&sh, 0, sizeof(sh))
+    nc_team_enter()
     with parallel(num_threads=nt):
-        gemm_team(j, omp_get_thread_num(), omp_get_num_threads())
+        gemm_team_member(j, &sh)
+    nc_team_leave()
+
+
+cdef void gemm_team_member(const GemmJob *j, nc_team_shared *sh) noexcept nogil:
+    """The calling thread's share of gemm_team, inside the parallel region."""
+    cdef nc_team tm
+    cdef int nt = omp_get_num_threads()
+    nc_team_init(&tm, sh, nt)
+    gemm_team(j, omp_get_thread_num(), nt, &tm)
 
 
 cdef class PackedLinear:
@@ -646,7 +660,7 @@ cdef struct LayerJob:
     Py_ssize_t ascratch_per
 
 
-cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:
+cdef void layer_team(const LayerJob *L, int t, int nt, nc_team *tm) noexcept nogil:
     """Thread t of a team of nt: every stage of the layer, a barrier between stages (each
     stage reads what the whole team wrote in the one before)."""
     cdef Py_ssize_t a, b, g
@@ -656,17 +670,17 @@ cdef void layer_team(const LayerJob *L, int t, int nt) noexcept nogil:
         if a < b:
             norm_rows(L.pre_kind, L.x + a * L.d, L.d, L.xn + a * L.d, L.d, b - a, L.d,
                       L.pw, L.pb, L.eps)
-        nc_omp_barrier()
-    gemm_team(&L.qkv, t, nt)
-    nc_omp_barrier()
+        nc_team_barrier(tm)
+    gemm_team(&L.qkv, t, nt, tm)
+    nc_team_barrier(tm)
     for g in range(L.ngroups):
         attn_part(&L.attn[g], t, nt, L.ascratch + t * L.ascratch_per)
-    nc_omp_barrier()
-    gemm_team(&L.o, t, nt)
-    nc_omp_barrier()
-    gemm_team(&L.f1, t, nt)
-    nc_omp_barrier()
-    gemm_team(&L.f2, t, nt)
+    nc_team_barrier(tm)
+    gemm_team(&L.o, t, nt, tm)
+    nc_team_barrier(tm)
+    gemm_team(&L.f1, t, nt, tm)
+    nc_team_barrier(tm)
+    gemm_team(&L.f2, t, nt, tm)
 
 
 cdef void gemm_job(GemmJob *j, PackedLinear lin, const float *x, Py_ssize_t M, int act,
@@ -872,6 +886,8 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     cdef AttnJob *A = <AttnJob *>malloc(nl * (ng if ng else 1) * sizeof(AttnJob))
     cdef float *scratch = <float *>malloc(nt * per * sizeof(float))
     cdef int t
+    cdef nc_team_shared sh
+    cdef nc_team tm
     try:
         if J == NULL or A == NULL or scratch == NULL:
             raise MemoryError("run_layers: could not allocate %d bytes of scratch"
@@ -889,12 +905,16 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                     M, groups, nt)
             J[l].ascratch = scratch
             J[l].ascratch_per = per
+        memset(&sh, 0, sizeof(sh))
         with nogil:
+            nc_team_enter()
             if nt <= 1:
-                layers_team(J, nl, 0, 1)
+                nc_team_init(&tm, &sh, 1)
+                layers_team(J, nl, 0, 1, &tm)
             else:
                 with parallel(num_threads=nt):
-                    layers_team(J, nl, omp_get_thread_num(), omp_get_num_threads())
+                    layers_team_member(J, nl, &sh)
+            nc_team_leave()
     finally:
         free(J)
         free(A)
@@ -902,13 +922,23 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     return outs[nl - 1]
 
 
-cdef void layers_team(const LayerJob *J, Py_ssize_t nl, int t, int nt) noexcept nogil:
+cdef void layers_team(const LayerJob *J, Py_ssize_t nl, int t, int nt,
+                      nc_team *tm) noexcept nogil:
     """Thread t of a team of nt: the layers in order, a barrier between layers."""
     cdef Py_ssize_t l
     for l in range(nl):
         if l:
-            nc_omp_barrier()
-        layer_team(&J[l], t, nt)
+            nc_team_barrier(tm)
+        layer_team(&J[l], t, nt, tm)
+
+
+cdef void layers_team_member(const LayerJob *J, Py_ssize_t nl,
+                             nc_team_shared *sh) noexcept nogil:
+    """The calling thread's share of layers_team, inside the parallel region."""
+    cdef nc_team tm
+    cdef int nt = omp_get_num_threads()
+    nc_team_init(&tm, sh, nt)
+    layers_team(J, nl, omp_get_thread_num(), nt, &tm)
 
 
 cdef int _layer_buf(object a, str name, Py_ssize_t rows, Py_ssize_t cols,

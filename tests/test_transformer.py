@@ -163,6 +163,53 @@ def test_layer_is_thread_safe():
     assert not errors, errors[:1]
 
 
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_stack_team_barrier_many_threads(norm_first):
+    # A stack's layers run in one parallel region whose stages meet at normcy's team
+    # barrier (spin, then sleep).  Four Python threads, each running the stack on 3
+    # OpenMP threads (more threads than this machine's cores: the short-spin path and the
+    # sleep/wake path), every stage split among the team (thresholds at zero), get the
+    # bits of one thread; so do sequences short enough for the panel split (few rows) and
+    # long enough for the row split.
+    from normcy._parallel import _set_parallel_thresholds
+    rng = np.random.default_rng(5)
+    layers = [TransformerEncoderLayer(32, 4, 64, activation="gelu", norm_first=norm_first)
+              for _ in range(3)]
+    for layer in layers:
+        sd = layer.state_dict()
+        for v in sd.values():
+            v[...] = rng.standard_normal(v.shape).astype(F32) * (0.2 if v.ndim > 1 else 0.1)
+        layer.load_state_dict(sd)
+    enc = TransformerEncoder(layers)
+    xs = [rng.standard_normal((b, L, 32)).astype(F32)
+          for b, L in ((1, 3), (1, 17), (4, 40), (2, 70))]
+    enc.num_threads = 1
+    refs = [enc(x) for x in xs]
+    old = _set_parallel_thresholds(0, 1)
+    errors = []
+
+    def work(t):
+        try:
+            for _ in range(15):
+                for x, ref in zip(xs[t % 2:] + xs[:t % 2], refs[t % 2:] + refs[:t % 2]):
+                    np.testing.assert_array_equal(enc(x), ref)
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    try:
+        enc.num_threads = 3
+        ths = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in ths:
+            t.start()
+        for t in ths:
+            t.join()
+        work(0)     # and alone: the long-spin path
+    finally:
+        _set_parallel_thresholds(*old)
+        enc.num_threads = None
+    assert not errors, errors[:1]
+
+
 def test_state_dict_round_trip_and_default_init():
     z = LAYER_FIX["pre"]
     cfg = json.loads(str(z["c0/cfg"]))

@@ -257,9 +257,11 @@ static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const floa
     for (int u = 0; u < 8; u++) ncv_st(out + u * NC_VW, c[u]);
 }
 
-/* K block: KC x NC_NR floats of a panel = 16 KB (half of a 32 KB L1) plus the micro-tile's
-   NC_MR x KC floats of x (6 KB on AVX2 / AVX-512) stay in L1 together.  A full-K panel
-   (24 KB at K = 384 on AVX2) plus the x tile (9 KB) overflowed L1 and halved the speed. */
+/* K block: KC x NC_NR floats of a panel, at most 24 KB (6144 floats: AVX2 KC <= 384,
+   AVX-512 KC <= 192), equal blocks rounded up to a multiple of 8; the slice stays in a
+   32 KB L1 for all the micro-tiles of a row block while their rows of x stream through
+   (see "Cache blocking" in the header: a 16 KB bound, which also kept a tile's x
+   resident, cost a second K block at K = 384 and 3-4% of the single-thread rate). */
 static nc_int NC_FN(nc_gemm_kc)(nc_int K)
 {
     nc_int kcmax = 6144 / NC_NR, nkb = (K + kcmax - 1) / kcmax;

@@ -23,7 +23,7 @@ import operator
 from normcy._parallel cimport resolve_threads
 from normcy._openmp_helpers cimport (omp_get_num_threads, omp_get_thread_num, nc_team,
                                       nc_team_shared, nc_team_init, nc_team_barrier,
-                                      nc_team_enter, nc_team_leave)
+                                      nc_team_enter, nc_team_leave, nc_claim)
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
 from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
                                   parse_eps)
@@ -66,6 +66,8 @@ _ACTIVATIONS = {
 DEF SERIAL_FMAS = 131072
 # With at least this many rows per thread the work is split by rows, else by column panels.
 DEF ROWS_PER_THREAD = 48
+# chunks per thread that a team claims dynamically (gemm_plan, the attention's blocks)
+DEF CHUNKS_PER_THREAD = 4
 
 
 cdef int _act_code(object activation) except -1:
@@ -135,6 +137,11 @@ cdef struct GemmJob:
     Py_ssize_t npanels
     Py_ssize_t mr
     bint by_rows
+    # dynamic schedule: the team claims chunks (of rows, or of panels) through `next`
+    # (zero before the team starts); gemm_plan sets chunk and nchunks
+    Py_ssize_t next
+    Py_ssize_t chunk
+    Py_ssize_t nchunks
     # fused norm epilogue (norm < 0: none): rows of y normalized into z
     int norm
     const float *nw
@@ -163,32 +170,71 @@ cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcep
         c = e
 
 
-cdef void gemm_part(const GemmJob *j, Py_ssize_t t, Py_ssize_t nt) noexcept nogil:
-    """Thread t of nt: whole rows (by_rows; the norm epilogue included) or a range of
-    column panels for every row (the norm epilogue then runs after a barrier)."""
-    cdef Py_ssize_t a, b, units
+cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
+    """The chunks a team of nt threads claims (before it starts): k per thread, k up to
+    CHUNKS_PER_THREAD, of whole micro-tiles of rows (by_rows), or one range of column
+    panels per thread.  A chunk of rows streams every panel once, so it keeps at least
+    ~64 rows (a row chunk of 12 would stream the weights 4x as often as a thread's share).
+    Panels stay one range per thread: with few rows the weights come from memory and each
+    tile prefetches the next panel of its range; ranges of 9 panels (8 per 2 threads)
+    started cold four times as often and made the MiniLM batch-1 forward ~6% slower.
+    One thread: one chunk."""
+    cdef Py_ssize_t units, k, per, n
     if j.by_rows:
-        # row ranges in whole micro-tiles
         units = (j.M + j.mr - 1) // j.mr
-        a = units * t // nt * j.mr
-        b = units * (t + 1) // nt * j.mr
-        if b > j.M:
-            b = j.M
-        if a < b:
-            gemm_rows(j, a, b)
+        per = (64 + j.mr - 1) // j.mr
+        k = units // (<Py_ssize_t>nt * per) if nt > 1 else 1
     else:
-        a = j.npanels * t // nt
-        b = j.npanels * (t + 1) // nt
-        if a < b:
-            nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
-                        j.act, 0, j.M, a, b)
+        units = j.npanels
+        k = 1
+    if k > CHUNKS_PER_THREAD:
+        k = CHUNKS_PER_THREAD
+    if k < 1:
+        k = 1
+    n = <Py_ssize_t>nt * k if nt > 1 else 1
+    if n > units:
+        n = units
+    if n < 1:
+        n = 1
+    j.chunk = (units + n - 1) // n
+    j.nchunks = (units + j.chunk - 1) // j.chunk
+    j.next = 0
 
 
-cdef void gemm_team(const GemmJob *j, int t, int nt, nc_team *tm) noexcept nogil:
-    """Thread t of a team of nt: its part of the GEMM; with the norm epilogue and a split
+cdef void gemm_part(GemmJob *j) noexcept nogil:
+    """The calling thread's chunks, claimed one at a time until none is left: whole rows
+    (by_rows; the norm epilogue included) or ranges of column panels for every row (the
+    norm epilogue then runs after a barrier).  Dynamic: equal static shares made the
+    slowest core set the time (on the AMD EPYC VM one core at a time runs ~1.6x slower for
+    0.1-1 s).  Each output element is computed the same way by any thread (the same
+    bits)."""
+    cdef Py_ssize_t c, a, b
+    while True:
+        c = nc_claim(&j.next)
+        if c >= j.nchunks:
+            return
+        if j.by_rows:
+            a = c * j.chunk * j.mr
+            b = (c + 1) * j.chunk * j.mr
+            if b > j.M:
+                b = j.M
+            if a < b:
+                gemm_rows(j, a, b)
+        else:
+            a = c * j.chunk
+            b = (c + 1) * j.chunk
+            if b > j.npanels:
+                b = j.npanels
+            if a < b:
+                nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                            j.act, 0, j.M, a, b)
+
+
+cdef void gemm_team(GemmJob *j, int t, int nt, nc_team *tm) noexcept nogil:
+    """Thread t of a team of nt: its chunks of the GEMM; with the norm epilogue and a split
     by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
     cdef Py_ssize_t a, b
-    gemm_part(j, t, nt)
+    gemm_part(j)
     if j.norm >= 0 and not j.by_rows:
         nc_team_barrier(tm)
         a = j.M * t // nt
@@ -204,9 +250,10 @@ cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
         j.by_rows = True
         gemm_rows(j, 0, j.M)
         return
+    gemm_plan(j, nt)
     if j.norm < 0 or j.by_rows:
         for t in prange(nt, schedule='static', num_threads=nt):
-            gemm_part(j, t, nt)
+            gemm_part(j)
         return
     # few rows, split by panels: every panel of a row must be done before it is
     # normalized, so the norm runs after a barrier, rows split among the same team
@@ -219,7 +266,7 @@ cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
     nc_team_leave()
 
 
-cdef void gemm_team_member(const GemmJob *j, nc_team_shared *sh) noexcept nogil:
+cdef void gemm_team_member(GemmJob *j, nc_team_shared *sh) noexcept nogil:
     """The calling thread's share of gemm_team, inside the parallel region."""
     cdef nc_team tm
     cdef int nt = omp_get_num_threads()
@@ -491,6 +538,7 @@ cdef struct AttnJob:
     const uint8_t *kpm
     Py_ssize_t k_ld
     Py_ssize_t nblk
+    Py_ssize_t next           # the next unclaimed block (attn_part)
 
 
 cdef inline Py_ssize_t attn_ldk(Py_ssize_t L) noexcept nogil:
@@ -544,17 +592,21 @@ cdef inline Py_ssize_t attn_scratch_floats(Py_ssize_t L, Py_ssize_t dh) noexcept
     return (lk * dh + L * dh + 2 * (lk + dh) + 15) // 16 * 16
 
 
-cdef void attn_part(const AttnJob *j, Py_ssize_t t, Py_ssize_t nt, float *buf) noexcept nogil:
-    """Thread t of nt: its share of the (sequence, head) blocks, in its own scratch buf
-    (attn_scratch_floats(j.L, j.dh) floats at least, allocated by the caller before the
+cdef void attn_part(AttnJob *j, float *buf) noexcept nogil:
+    """The calling thread's (sequence, head) blocks, claimed one at a time from j.next (zero
+    before the team starts) until none is left (dynamic, as gemm_part), in its own scratch
+    buf (attn_scratch_floats(j.L, j.dh) floats at least, allocated by the caller before the
     parallel region so that a failed allocation is an error, not unwritten heads)."""
-    cdef Py_ssize_t a = j.nblk * t // nt, b = j.nblk * (t + 1) // nt, i
-    if a >= b:
-        return
-    cdef Py_ssize_t lk = attn_ldk(j.L)
-    # K^T's padding columns: zero once (the blocks overwrite columns < L only)
-    memset(buf, 0, lk * j.dh * sizeof(float))
-    for i in range(a, b):
+    cdef Py_ssize_t i, lk = attn_ldk(j.L)
+    cdef bint zeroed = False
+    while True:
+        i = nc_claim(&j.next)
+        if i >= j.nblk:
+            return
+        if not zeroed:
+            # K^T's padding columns: zero once (the blocks overwrite columns < L only)
+            memset(buf, 0, lk * j.dh * sizeof(float))
+            zeroed = True
         attn_block(j, i, buf, lk)
 
 
@@ -616,6 +668,7 @@ def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
         j.kpm = <const uint8_t *>cnp.PyArray_DATA(kp)
         j.k_ld = L
     j.nblk = nseq * nhead
+    j.next = 0
     cdef Py_ssize_t t
     cdef int nt = resolve_threads(num_threads, nseq * L * L * H // 8 + 1, j.nblk)
     if j.nblk == 0:
@@ -628,10 +681,10 @@ def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     try:
         with nogil:
             if nt <= 1:
-                attn_part(&j, 0, 1, scratch)
+                attn_part(&j, scratch)
             else:
                 for t in prange(nt, schedule='static', num_threads=nt):
-                    attn_part(&j, t, nt, scratch + t * per)
+                    attn_part(&j, scratch + t * per)
     finally:
         free(scratch)
 
@@ -660,7 +713,7 @@ cdef struct LayerJob:
     Py_ssize_t ascratch_per
 
 
-cdef void layer_team(const LayerJob *L, int t, int nt, nc_team *tm) noexcept nogil:
+cdef void layer_team(LayerJob *L, int t, int nt, nc_team *tm) noexcept nogil:
     """Thread t of a team of nt: every stage of the layer, a barrier between stages (each
     stage reads what the whole team wrote in the one before)."""
     cdef Py_ssize_t a, b, g
@@ -674,7 +727,7 @@ cdef void layer_team(const LayerJob *L, int t, int nt, nc_team *tm) noexcept nog
     gemm_team(&L.qkv, t, nt, tm)
     nc_team_barrier(tm)
     for g in range(L.ngroups):
-        attn_part(&L.attn[g], t, nt, L.ascratch + t * L.ascratch_per)
+        attn_part(&L.attn[g], L.ascratch + t * L.ascratch_per)
     nc_team_barrier(tm)
     gemm_team(&L.o, t, nt, tm)
     nc_team_barrier(tm)
@@ -708,6 +761,7 @@ cdef void gemm_job(GemmJob *j, PackedLinear lin, const float *x, Py_ssize_t M, i
     j.eps = eps
     j.z = z
     j.ldz = lin.out_features
+    gemm_plan(j, nt)
 
 
 cdef inline const float *_fptr(cnp.ndarray a) noexcept:
@@ -819,6 +873,7 @@ cdef class EncoderLayerKernel:
             A[g].m_sb = A[g].m_sh = A[g].m_ld = A[g].k_ld = 0
             A[g].kpm = NULL
             A[g].nblk = nseq * self.nhead
+            A[g].next = 0
 
 
 def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
@@ -922,7 +977,7 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     return outs[nl - 1]
 
 
-cdef void layers_team(const LayerJob *J, Py_ssize_t nl, int t, int nt,
+cdef void layers_team(LayerJob *J, Py_ssize_t nl, int t, int nt,
                       nc_team *tm) noexcept nogil:
     """Thread t of a team of nt: the layers in order, a barrier between layers."""
     cdef Py_ssize_t l
@@ -932,7 +987,7 @@ cdef void layers_team(const LayerJob *J, Py_ssize_t nl, int t, int nt,
         layer_team(&J[l], t, nt, tm)
 
 
-cdef void layers_team_member(const LayerJob *J, Py_ssize_t nl,
+cdef void layers_team_member(LayerJob *J, Py_ssize_t nl,
                              nc_team_shared *sh) noexcept nogil:
     """The calling thread's share of layers_team, inside the parallel region."""
     cdef nc_team tm

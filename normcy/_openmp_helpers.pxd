@@ -101,7 +101,18 @@ cdef extern from *:
             __atomic_sub_fetch(&sh->sleepers, 1, __ATOMIC_SEQ_CST);
         }
     }
+    /* the next unclaimed chunk of a job shared by a team (dynamic scheduling inside one
+       parallel region; the stage's barrier publishes the chunks' results) */
+    static inline ptrdiff_t nc_claim(ptrdiff_t *next)
+    { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
     #else
+    static inline ptrdiff_t nc_claim(ptrdiff_t *next)
+    {
+        ptrdiff_t c;
+        _Pragma("omp atomic capture")
+        c = (*next)++;
+        return c;
+    }
     /* other compilers: OpenMP's barrier */
     typedef struct { int unused; } nc_team_shared;
     typedef struct { int nt; } nc_team;
@@ -124,4 +135,5 @@ cdef extern from *:
     void nc_team_init(nc_team *tm, nc_team_shared *sh, int nt) noexcept nogil
     void nc_team_barrier(nc_team *tm) noexcept nogil
     void nc_team_enter() noexcept nogil
+    Py_ssize_t nc_claim(Py_ssize_t *next) noexcept nogil
     void nc_team_leave() noexcept nogil

@@ -34,11 +34,11 @@ cdef extern from *:
        the long spin measured 40% slower there (3 Python threads x 2 OpenMP threads on 2
        cores, MiniLM batch 1), the cores it burns being the ones the awaited threads need;
        with the short one, as fast as libgomp's barrier.  Alone, the long spin made the
-       batch-1 forward 3.5-9% faster (in-process A/B against libgomp's barrier).  The sleeper count and the sense are accessed
-       sequentially consistently on both sides (a waiter announces itself before its
-       last look at the sense; the releaser flips the sense before it looks for sleepers),
-       so no wake-up is lost.  shared: zero-initialized, one per parallel region; each
-       thread holds its own nc_team. */
+       batch-1 forward 3.5-9% faster (in-process A/B against libgomp's barrier).  The
+       sleeper count and the sense are accessed sequentially consistently on both sides
+       (a waiter announces itself before its last look at the sense; the releaser flips
+       the sense before it looks for sleepers), so no wake-up is lost.  shared:
+       zero-initialized, one per parallel region; each thread holds its own nc_team. */
     #if defined(__GNUC__)
     #include <sched.h>
     #if defined(__linux__)
@@ -51,8 +51,10 @@ cdef extern from *:
     #define NC_TEAM_SPINS_SHARED 100
     /* calls of this module's team kernels in flight (nc_team_enter / nc_team_leave) */
     static int nc_team_calls = 0;
-    static inline void nc_team_enter(void) { __atomic_add_fetch(&nc_team_calls, 1, __ATOMIC_RELAXED); }
-    static inline void nc_team_leave(void) { __atomic_sub_fetch(&nc_team_calls, 1, __ATOMIC_RELAXED); }
+    static inline void nc_team_enter(void)
+    { __atomic_add_fetch(&nc_team_calls, 1, __ATOMIC_RELAXED); }
+    static inline void nc_team_leave(void)
+    { __atomic_sub_fetch(&nc_team_calls, 1, __ATOMIC_RELAXED); }
     #if defined(__x86_64__) || defined(__i386__)
     #define NC_CPU_RELAX() __builtin_ia32_pause()
     #elif defined(__aarch64__)

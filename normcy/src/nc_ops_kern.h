@@ -299,14 +299,8 @@ NC_INLINE void nco_gelu_b_final(const int NU, ncv *x, const ncv *th, const ncv *
    A's th = 0 stands for it), the clamp as MAXPS(lo, p), which keeps a NaN p */
 NC_INLINE void nco_gelu_e_step(const int S, const int NU, ncv *p, nco_expnp_state *st)
 {
-    if (S == 0) {
-        NCO_EACH p[u] = ncv_max(ncv_set1(NCO_EXP_LO), p[u]);
-    } else if (S <= NCO_EXPR_STEPS) {
-        nco_exp_reduced_step(S - 1, NU, p, st->n, st->r, st->p, st->ni);
-    } else {
-        /* 2^n added to the exponent field, as in nco_exp_nonpos_step */
-        NCO_EACH p[u] = (ncv)((nciv)p[u] + st->ni[u] * (1 << 23));
-    }
+    if (S == 0) NCO_EACH p[u] = ncv_max(ncv_set1(NCO_EXP_LO), p[u]);
+    else nco_exp_nonpos_step(S, NU, p, st);   /* its reduction and 2^n steps (S < its last) */
 }
 
 /* Stage B, in place on x: Phi from th and p, times x (p is overwritten) */

@@ -44,14 +44,10 @@
 #undef nco_exp_reduced_step
 #undef nco_exp_nonpos_step
 #undef nco_expnp_state
-#undef nco_gelu_a_step
-#undef nco_gelu_b_step
-#undef nco_gelu_b_final
-#undef nco_gelu_e_step
-#undef nco_gelu_erf_ab
+#undef nco_gelu_c1_step
+#undef nco_gelu_c2_step
+#undef nco_gelu_final
 #undef nco_gelu_erf_n
-#undef nco_gelu_erf_a
-#undef nco_gelu_erf_b
 #undef nco_gelu_rows_piped
 #undef nco_gelu_tanh_n
 #undef nco_relu_n

@@ -830,7 +830,7 @@ def targets_table(tg):
     for t in tg:
         v = t["value"]
         val = "n/a" if v is None else ("%.0f%%" % (100 * v) if t["kind"] == "fraction" else "%.2f×" % v)
-        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.2g×" % t["goal"]
+        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.3g×" % t["goal"]
         met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
         body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t.get("note") else "")])
     return "### GEMM / encoder / MiniLM speed targets (this run)\n\n" + md_table(["target", "measured", "goal", "met"], body)

@@ -550,6 +550,17 @@ def gelu(x, *, approximate="none", out=None, num_threads=None):
     Returns
     -------
     ndarray of float32
+
+    Notes
+    -----
+    Accuracy against float64, for every float32 `x`: the exact GELU's relative error is at
+    most ``4e-7 * max(5, x**2 / 2)`` (measured: 4.5e-7 for x > 0, 4.8e-7 on [-2, 0], 8.7e-6
+    near x = -13); Phi comes from erfc, so negative inputs do not lose precision to the
+    cancellation in ``1 + erf(x / sqrt(2))`` (PyTorch's float32 ``F.gelu`` returns 0 for
+    x <= -6 and is 4% off at x = -5).  For |x| > 13.16 the result is `x` (x > 0) or -0
+    (x < 0, where the true value is below 1.2e-38 in magnitude).  ``"tanh"``: relative
+    error at most ``4e-7 * max(5, 2 |u|)``, u the tanh argument.  NaN gives NaN, -inf
+    gives -0, +inf gives +inf.
     """
     if approximate == "none":
         act = NCO_ACT_GELU

@@ -267,9 +267,12 @@ NC_INLINE void nco_gelu_c1_step(const int S, const int NU, const ncv *x, ncv *th
     case 0:   /* 2 + z, one rounding */
         NCO_EACH th[u] = ncv_fma(ncv_abs(x[u]), ncv_set1(0.70710678118654752f), ncv_set1(2.0f));
         break;
-    case 1:   /* a NaN x compares false and keeps th NaN */
-        NCO_EACH th[u] = ncv_sel(ncv_abs(x[u]) > ncv_set1(NCO_GELU_T), ncv_set1(0.0f),
-                                 ncv_set1(1.0f) / th[u]);
+    case 1:
+        /* th = 1 / inf = 0 beyond NCO_GELU_T (selecting the divisor, not the quotient: GCC
+           computed the division twice for the AVX-512 variant's masked select); a NaN x
+           compares false and keeps th NaN */
+        NCO_EACH th[u] = ncv_set1(1.0f) / ncv_sel(ncv_abs(x[u]) > ncv_set1(NCO_GELU_T),
+                                                  ncv_set1(INFINITY), th[u]);
         break;
     case 2: NCO_EACH q[u] = ncv_fma(ncv_set1(c[0]), th[u], ncv_set1(c[1])); break;
     case 10: NCO_EACH q[u] = q[u] * th[u]; break;

@@ -67,13 +67,14 @@
 /*
  * Lockstep: the exp and GELU bodies below take NU vectors (NU <= NCO_NU, a compile-time
  * constant after inlining) and do every step for all NU before the next step.  Each body is
- * one long dependency chain (~55 cycles for the exact GELU's longer chain: a division and
- * nine FMAs of Horner; ~100 with the older formula), and the out-of-order window holds little more than one
- * chain's worth of vector operations: written one vector after another, four independent
- * vectors still ran one at a time, latency-bound (AMD EPYC, AVX2: 46-50 cycles per vector
- * for ~37 operations).  Interleaved in the instruction stream, the chains fill the FMA
- * pipes.  Every element still goes through the same operations in the same order (the same
- * bits as one vector at a time); NU = 1 is the one-vector form.
+ * one long dependency chain (~55 cycles for the exact GELU's longer one: a division and
+ * eight FMAs of Horner; ~110 with the older formula), and the out-of-order window holds
+ * little more than one chain's worth of vector operations: written one vector after
+ * another, four independent vectors still ran one at a time, latency-bound (AMD EPYC,
+ * AVX2: 46-50 cycles per vector for ~37 operations, older formula).  Interleaved in the
+ * instruction stream, the chains fill the FMA pipes.  Every element still goes through the
+ * same operations in the same order (the same bits as one vector at a time); NU = 1 is the
+ * one-vector form.
  * The same holds one level up: the exact GELU's row pipeline (NCO_GELU_PIPE) runs chain 1
  * of one group and chain 2 of another, their steps alternating in the instruction stream
  * (nco_gelu_c1_step, nco_gelu_c2_step): written one after the other, the first's waiting
@@ -84,7 +85,7 @@
  * form of the old single-chain formula, 80 instead of 92 FMA-pipe operations per four
  * vectors, was 4-12% slower with 93-108 stack accesses; Estrin's scheme for its
  * polynomials, 25% slower).  What helped was cutting the chain: the two independent
- * chains of the current formula (see nco_gelu_c1_step) with the group pipeline, 9-15%
+ * chains of the current formula (see nco_gelu_c1_step) with the group pipeline, 6-15%
  * less time than the single ~110-cycle chain pipelined the same way (AMD EPYC, AVX2, 1
  * and 2 threads).  Four vectors per group stays best (two per group was 8-21% slower
  * with the old formula; three, within the noise).
@@ -177,7 +178,8 @@ NC_INLINE ncv nco_exp(ncv x)
     return x;
 }
 
-/* exp(x) for x <= 1 (or -inf / NaN), as in softmax after the max subtraction: the same results as nco_exp on that domain, minus the overflow handling.
+/* exp(x) for x <= 1 (or -inf / NaN), as in softmax after the max subtraction: the same
+ * results as nco_exp on that domain, minus the overflow handling.
  * n <= 1 here and n >= -125 after the clamp, so y 2^n is normal (exponent field of y, 126
  * or 127, plus n >= 1) and adding n to the exponent field is exactly the multiplication by
  * 2^n: an integer addition instead of a multiplication, which would take an FMA pipe.  A
@@ -249,7 +251,7 @@ NC_INLINE ncv nco_exp_inrange(ncv x)
    (1.6e-8), 2^n added to the exponent field.  p is clamped at -125 (2^r 2^n stays normal),
    and where it would be clamped (|x| > NCO_GELU_T, |GELU(x)| < 1.2e-38 for x < 0) chain 1
    gives h1 = 0 instead: the result is then x (x > 0) or -0 (x < 0).
-   Compared with the form erfc(z) = t exp(P(t) - z^2) of sessions 5-14, whose exponential
+   Compared with the earlier form erfc(z) = t exp(P(t) - z^2), whose exponential
    waited for the division and the polynomial (one chain of ~110 cycles per vector), the
    two chains run side by side (~55 and ~45 cycles), and x^2 / 2 no longer goes through the
    rounded z: errors 2-3x smaller for x < -2 (see the header). */
@@ -265,7 +267,8 @@ NC_INLINE void nco_gelu_c1_step(const int S, const int NU, const ncv *x, ncv *th
                                9.733105898e-01f, 5.646883845e-01f, 2.820882201e-01f};
     switch (S) {
     case 0:   /* 2 + z, one rounding */
-        NCO_EACH th[u] = ncv_fma(ncv_abs(x[u]), ncv_set1(0.70710678118654752f), ncv_set1(2.0f));
+        NCO_EACH th[u] = ncv_fma(ncv_abs(x[u]), ncv_set1(0.70710678118654752f),
+                                 ncv_set1(2.0f));
         break;
     case 1:
         /* th = 1 / inf = 0 beyond NCO_GELU_T (selecting the divisor, not the quotient: GCC
@@ -427,7 +430,7 @@ NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u])
  * The exact GELU software-pipelined over NG >= 1 groups of NCO_NU vectors: each iteration
  * runs chain 1 of group g+1 and chain 2 and the last step of group g, their steps
  * interleaved (four independent chains of each kind in flight; one group at a time, the
- * loop measured as fast as the old ~110-cycle chain's pipeline, and this 9-15% faster:
+ * loop measured as fast as the old ~110-cycle chain's pipeline, and this 6-15% faster:
  * AMD EPYC, AVX2).  LD(g, u) gives vector u of group g (bias added), ST(g, u, v) stores it
  * (residual added); the row loop below and the GEMM's strip epilogue differ only in them.
  * LD(g, u) is called twice per vector (for chain 1, and for chain 2 and the last step one

@@ -40,6 +40,7 @@
 /* ---- kernel bodies: included once per SIMD variant by nc_api.h ---- */
 #define nco_exp_reduced NC_FN(nco_exp_reduced)
 #define nco_exp_reduced_step NC_FN(nco_exp_reduced_step)
+#define nco_scale_exp2 NC_FN(nco_scale_exp2)
 #define nco_exp_nonpos_step NC_FN(nco_exp_nonpos_step)
 #define nco_expnp_state NC_FN(nco_expnp_state)
 #define nco_exp_reduced_n NC_FN(nco_exp_reduced_n)
@@ -109,13 +110,21 @@
  * exp(xc) = y 2^n, n in [-125, 128].  Shared by nco_exp and nco_exp_nonpos, which differ
  * only in how they apply 2^n (both exactly: every product is normal), so the two give the
  * same bits wherever both are defined.  In place: xc[u] becomes y. */
+/* round-to-nearest-integer constant 1.5 * 2^23: for |t| < 2^22, t + it holds round(t) in
+   its low mantissa bits, and (t + it) - it is round(t) exactly */
+#define NCO_ROUND_MAGIC 12582912.0f
+/* y * 2^n for y * 2^n known to be normal (so are y and the result): n added to the exponent
+   field, an integer addition instead of a multiplication, which would take an FMA pipe.
+   n must keep the product normal (the callers clamp it); n * 2^23 has no overflow and no
+   negative shift in the source, and the compiler emits one shift. */
+NC_INLINE ncv nco_scale_exp2(ncv y, nciv n) { return (ncv)((nciv)y + n * (1 << 23)); }
 #define NCO_EXPR_STEPS 9
 /* step S (a compile-time constant after unrolling) of nco_exp_reduced_n */
 NC_INLINE void nco_exp_reduced_step(const int S, const int NU, ncv *xc, ncv *n, ncv *r,
                                     ncv *p, nciv *ni)
 {
     /* n = round(x / ln 2) with the 1.5*2^23 trick (exact for |t| < 2^22) */
-    const ncv magic = ncv_set1(12582912.0f);
+    const ncv magic = ncv_set1(NCO_ROUND_MAGIC);
     switch (S) {
     case 0:
         NCO_EACH n[u] = ncv_fma(xc[u], ncv_set1(1.44269504088896341f), magic) - magic;
@@ -191,6 +200,10 @@ typedef struct {
     ncv n[NCO_NU], r[NCO_NU], p[NCO_NU];
 } nco_expnp_state;
 
+/* step S of nco_exp_nonpos_n (a compile-time constant after unrolling).  Written as steps,
+   with its state in a struct, since the GELU pipeline of sessions 13-14 interleaved them;
+   the direct form of the same operations compiled the softmax around it with other
+   register assignments and measured 2-4% slower (session 15), so the steps stay. */
 NC_INLINE void nco_exp_nonpos_step(const int S, const int NU, ncv *x, nco_expnp_state *st)
 {
     if (S == 0) {
@@ -199,9 +212,7 @@ NC_INLINE void nco_exp_nonpos_step(const int S, const int NU, ncv *x, nco_expnp_
     } else if (S <= NCO_EXPR_STEPS) {
         nco_exp_reduced_step(S - 1, NU, x, st->n, st->r, st->p, st->ni);
     } else if (S == NCO_EXPR_STEPS + 1) {
-        /* n * 2^23 (n in [-125, 1]: no overflow, no negative shift in the source; the
-           compiler emits one shift) added to the exponent field */
-        NCO_EACH x[u] = (ncv)((nciv)x[u] + st->ni[u] * (1 << 23));
+        NCO_EACH x[u] = nco_scale_exp2(x[u], st->ni[u]);   /* n in [-125, 1] */
     } else {
         NCO_EACH x[u] = ncv_sel(st->under[u], ncv_set1(0.0f), x[u]);
     }
@@ -291,7 +302,7 @@ NC_INLINE void nco_gelu_c2_step(const int S, const int NU, const ncv *x, ncv *p,
                                5.550328642e-02f, 2.402264625e-01f, 6.931471825e-01f,
                                1.000000000e+00f};
     /* n = round(p) by the 1.5 * 2^23 trick: k = p + 1.5 * 2^23 holds n in its low bits */
-    const ncv magic = ncv_set1(12582912.0f);
+    const ncv magic = ncv_set1(NCO_ROUND_MAGIC);
     switch (S) {
     case 0: NCO_EACH p[u] = x[u] * ncv_set1(-0.7213475108146667f); break;
     case 1: NCO_EACH p[u] = p[u] * x[u]; break;
@@ -301,10 +312,9 @@ NC_INLINE void nco_gelu_c2_step(const int S, const int NU, const ncv *x, ncv *p,
     case 5: NCO_EACH r[u] = p[u] - r[u]; break;
     case 6: NCO_EACH p[u] = ncv_fma(ncv_set1(e[0]), r[u], ncv_set1(e[1])); break;
     case 12:
-        /* n * 2^23 (n in [-125, 0]: no overflow, no negative shift in the source; the
-           compiler emits one shift) added to the exponent field: 2^r 2^n >= 2^-125.5 is
-           normal.  A NaN p gives garbage here, but then h1 is NaN too. */
-        NCO_EACH p[u] = (ncv)((nciv)p[u] + ((nciv)k[u] - (nciv)magic) * (1 << 23));
+        /* 2^r 2^n (n in [-125, 0]: >= 2^-125.5, normal).  A NaN p gives garbage here, but
+           then h1 is NaN too. */
+        NCO_EACH p[u] = nco_scale_exp2(p[u], (nciv)k[u] - (nciv)magic);
         break;
     default: NCO_EACH p[u] = ncv_fma(p[u], r[u], ncv_set1(e[S - 5])); break;   /* 7..11 */
     }

@@ -42,6 +42,7 @@
 #undef nco_exp_n
 #undef nco_exp_nonpos_n
 #undef nco_exp_reduced_step
+#undef nco_scale_exp2
 #undef nco_exp_nonpos_step
 #undef nco_expnp_state
 #undef nco_gelu_c1_step

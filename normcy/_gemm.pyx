@@ -23,7 +23,8 @@ import operator
 from normcy._parallel cimport resolve_threads
 from normcy._openmp_helpers cimport (omp_get_num_threads, omp_get_thread_num, nc_team,
                                       nc_team_shared, nc_team_init, nc_team_barrier,
-                                      nc_team_enter, nc_team_leave, nc_claim)
+                                      nc_team_enter, nc_team_leave, nc_claim, nc_ranges,
+                                      nc_ranges_init, nc_ranges_next)
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
 from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
                                   parse_eps)
@@ -35,7 +36,7 @@ cdef extern from "nc_api_gemm.h" nogil:
     void nc_gemm_run(const float *x, Py_ssize_t ldx, const float *wp, Py_ssize_t N,
                      Py_ssize_t K, const float *bias, const float *res, Py_ssize_t ldr,
                      float *y, Py_ssize_t ldy, int act, Py_ssize_t m0, Py_ssize_t m1,
-                     Py_ssize_t p0, Py_ssize_t p1)
+                     Py_ssize_t p0, Py_ssize_t p1, Py_ssize_t pnext)
     void nc_gemm_pack(const float *w, Py_ssize_t ldw, Py_ssize_t N, Py_ssize_t K, float *wp)
     Py_ssize_t nc_gemm_nr()
     Py_ssize_t nc_gemm_mr()
@@ -137,11 +138,13 @@ cdef struct GemmJob:
     Py_ssize_t npanels
     Py_ssize_t mr
     bint by_rows
-    # dynamic schedule: the team claims chunks (of rows, or of panels) through `next`
-    # (zero before the team starts); gemm_plan sets chunk and nchunks
+    # dynamic schedule, set by gemm_plan before the team starts: by rows, the team claims
+    # chunks of rows through `next`; by panels, grains of `grain` panels from `ranges`
     Py_ssize_t next
     Py_ssize_t chunk
     Py_ssize_t nchunks
+    nc_ranges ranges
+    Py_ssize_t grain
     # fused norm epilogue (norm < 0: none): rows of y normalized into z
     int norm
     const float *nw
@@ -157,77 +160,87 @@ cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcep
     cdef Py_ssize_t c, e, mc
     if j.norm < 0:
         nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
-                    j.act, a, b, 0, j.npanels)
+                    j.act, a, b, 0, j.npanels, -1)
         return
     mc = nc_gemm_mc(j.K, b - a)   # nc_gemm_run's own row blocks
     c = a
     while c < b:
         e = c + mc if c + mc < b else b
         nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
-                    j.act, c, e, 0, j.npanels)
+                    j.act, c, e, 0, j.npanels, -1)
         norm_rows(j.norm, j.y + c * j.ldy, j.ldy, j.z + c * j.ldz, j.ldz, e - c, j.N,
                   j.nw, j.nb, j.eps)
         c = e
 
 
 cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
-    """The chunks a team of nt threads claims (before it starts): k per thread, k up to
-    CHUNKS_PER_THREAD, of whole micro-tiles of rows (by_rows), or one range of column
-    panels per thread.  A chunk of rows streams every panel once, so it keeps at least
+    """The work a team of nt threads claims (set before it starts).
+
+    By rows: k chunks per thread, k up to CHUNKS_PER_THREAD, of whole micro-tiles of rows,
+    claimed in any order.  A chunk of rows streams every panel once, so it keeps at least
     ~64 rows (a row chunk of 12 would stream the weights 4x as often as a thread's share).
-    Panels stay one range per thread: with few rows the weights come from memory and each
-    tile prefetches the next panel of its range; ranges of 9 panels (8 per 2 threads)
-    started cold four times as often and made the MiniLM batch-1 forward ~6% slower.
-    One thread: one chunk."""
-    cdef Py_ssize_t units, k, per, n
+
+    By panels (few rows): one range of consecutive column panels per thread, claimed from
+    its front a grain at a time, and the back of the fullest range taken by any thread whose
+    own range is empty (nc_ranges_next).  A thread works through consecutive panels, so each
+    panel's tiles prefetch the next one (ranges of 9 panels handed out as separate chunks
+    started cold four times as often and made the MiniLM batch-1 forward ~6% slower), and a
+    late or slow thread costs one grain, not its share: a worker woken from sleep at the
+    start of the parallel region, or one core of a shared machine running slower, kept the
+    other waiting at the barrier after the stage (up to ~8% of a batch-1 MiniLM forward on
+    the AMD EPYC VM).  A grain is ~64K FMAs of work (one panel of 16 columns at 11+ rows
+    and K = 384), and whole groups of four panels for a single row (nc_gemm_run's GEMV path
+    takes four at a time).  One thread: one chunk."""
+    cdef Py_ssize_t units, k, per, n, g
     if j.by_rows:
         units = (j.M + j.mr - 1) // j.mr
         per = (64 + j.mr - 1) // j.mr
         k = units // (<Py_ssize_t>nt * per) if nt > 1 else 1
-    else:
-        units = j.npanels
-        k = 1
-    if k > CHUNKS_PER_THREAD:
-        k = CHUNKS_PER_THREAD
-    if k < 1:
-        k = 1
-    n = <Py_ssize_t>nt * k if nt > 1 else 1
-    if n > units:
-        n = units
-    if n < 1:
-        n = 1
-    j.chunk = (units + n - 1) // n
-    j.nchunks = (units + j.chunk - 1) // j.chunk
-    j.next = 0
+        if k > CHUNKS_PER_THREAD:
+            k = CHUNKS_PER_THREAD
+        if k < 1:
+            k = 1
+        n = <Py_ssize_t>nt * k if nt > 1 else 1
+        if n > units:
+            n = units
+        if n < 1:
+            n = 1
+        j.chunk = (units + n - 1) // n
+        j.nchunks = (units + j.chunk - 1) // j.chunk
+        j.next = 0
+        return
+    per = j.M * j.K * (j.N // j.npanels + (1 if j.N % j.npanels else 0)) if j.npanels else 1
+    g = (65536 + per - 1) // per if per > 0 else 1
+    if j.M == 1:
+        g = (g + 3) // 4 * 4
+    j.grain = g if g > 0 else 1
+    nc_ranges_init(&j.ranges, j.npanels, nt)
 
 
 cdef void gemm_part(GemmJob *j) noexcept nogil:
-    """The calling thread's chunks, claimed one at a time until none is left: whole rows
-    (by_rows; the norm epilogue included) or ranges of column panels for every row (the
-    norm epilogue then runs after a barrier).  Dynamic: equal static shares made the
-    slowest core set the time (on the AMD EPYC VM one core at a time runs ~1.6x slower for
-    0.1-1 s).  Each output element is computed the same way by any thread (the same
+    """The calling thread's work, claimed until none is left: chunks of whole rows (by_rows;
+    the norm epilogue included), or grains of column panels for every row (the norm
+    epilogue then runs after a barrier); see gemm_plan.  Dynamic: equal static shares made
+    the slowest core set the time (on the AMD EPYC VM one core at a time runs ~1.6x slower
+    for 0.1-1 s).  Each output element is computed the same way by any thread (the same
     bits)."""
-    cdef Py_ssize_t c, a, b
-    while True:
-        c = nc_claim(&j.next)
-        if c >= j.nchunks:
-            return
-        if j.by_rows:
+    cdef Py_ssize_t c, a, b, hint
+    cdef int own
+    if j.by_rows:
+        while True:
+            c = nc_claim(&j.next)
+            if c >= j.nchunks:
+                return
             a = c * j.chunk * j.mr
             b = (c + 1) * j.chunk * j.mr
             if b > j.M:
                 b = j.M
             if a < b:
                 gemm_rows(j, a, b)
-        else:
-            a = c * j.chunk
-            b = (c + 1) * j.chunk
-            if b > j.npanels:
-                b = j.npanels
-            if a < b:
-                nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
-                            j.act, 0, j.M, a, b)
+    own = omp_get_thread_num()
+    while nc_ranges_next(&j.ranges, own, j.grain, &a, &b, &hint):
+        nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
+                    j.act, 0, j.M, a, b, hint)
 
 
 cdef void gemm_team(GemmJob *j, int t, int nt, nc_team *tm) noexcept nogil:

@@ -3,6 +3,8 @@
 # return the serial answers).
 cdef extern from *:
     """
+    #include <stddef.h>
+    #include <stdint.h>
     #ifdef _OPENMP
     #include <omp.h>
     #define NC_HAVE_OPENMP 1
@@ -124,6 +126,110 @@ cdef extern from *:
     static inline void nc_team_enter(void) {}
     static inline void nc_team_leave(void) {}
     #endif
+
+    /* Ranges with stealing: dynamic scheduling that keeps each thread on consecutive
+       units.  A job's units (e.g. a GEMM's column panels) are cut into up to
+       NC_RANGES_MAX contiguous ranges, one per thread; a thread claims grains from the
+       front of its own range, in order (so it can prefetch the unit after the one it
+       works on), and once its range is empty it takes grains from the back of the range
+       with the most units left.  Every unit is claimed exactly once: a range's front and
+       back are one 64-bit word (front in the low half), changed by compare-and-swap.  The
+       words are 128 bytes apart, so that a thread claiming from its own range touches a
+       cache line no other thread writes until it steals.  A late or slow thread (a core
+       woken from sleep, or one running slower on a shared machine) costs the team at most
+       one grain instead of its whole share. */
+    #define NC_RANGES_MAX 16
+    #define NC_RANGE_STRIDE 16
+    typedef struct { int64_t w[NC_RANGES_MAX * NC_RANGE_STRIDE]; int n; } nc_ranges;
+    /* cut units [0, nunits) into n (<= NC_RANGES_MAX) ranges; before the team starts */
+    static inline void nc_ranges_init(nc_ranges *r, ptrdiff_t nunits, int n)
+    {
+        if (n > NC_RANGES_MAX) n = NC_RANGES_MAX;
+        if (n > nunits) n = (int)nunits;
+        if (n < 1) n = 1;
+        r->n = n;
+        for (int i = 0; i < n; i++) {
+            uint64_t f = (uint64_t)(nunits * i / n), b = (uint64_t)(nunits * (i + 1) / n);
+            r->w[i * NC_RANGE_STRIDE] = (int64_t)(f | (b << 32));
+        }
+    }
+    static inline int64_t nc_range_load(int64_t *w)
+    {
+    #if defined(__GNUC__)
+        return __atomic_load_n(w, __ATOMIC_RELAXED);
+    #else
+        int64_t v;
+        _Pragma("omp atomic read")
+        v = *w;
+        return v;
+    #endif
+    }
+    static inline int nc_range_cas(int64_t *w, int64_t old, int64_t val)
+    {
+    #if defined(__GNUC__)
+        return __atomic_compare_exchange_n(w, &old, val, 0, __ATOMIC_RELAXED,
+                                           __ATOMIC_RELAXED);
+    #else
+        int ok = 0;
+        _Pragma("omp critical(nc_ranges)")
+        { if (*w == old) { *w = val; ok = 1; } }
+        return ok;
+    #endif
+    }
+    /* up to g units from range i: from its front (back = 0) or its back (back = 1);
+       [*a, *b) on success (returns 1), 0 when the range is empty */
+    static inline int nc_range_take(nc_ranges *r, int i, ptrdiff_t g, int back,
+                                    ptrdiff_t *a, ptrdiff_t *b)
+    {
+        int64_t *w = &r->w[i * NC_RANGE_STRIDE];
+        for (;;) {
+            int64_t v = nc_range_load(w);
+            ptrdiff_t f = (ptrdiff_t)(uint32_t)v, e = (ptrdiff_t)((uint64_t)v >> 32);
+            if (f >= e) return 0;
+            ptrdiff_t n = e - f < g ? e - f : g;
+            int64_t nv = back ? (int64_t)((uint64_t)f | ((uint64_t)(e - n) << 32))
+                              : (int64_t)((uint64_t)(f + n) | ((uint64_t)e << 32));
+            if (nc_range_cas(w, v, nv)) {
+                if (back) { *a = e - n; *b = e; } else { *a = f; *b = f + n; }
+                return 1;
+            }
+        }
+    }
+    /* units left in range i (a snapshot), and its current front / back */
+    static inline ptrdiff_t nc_range_left(nc_ranges *r, int i, ptrdiff_t *f, ptrdiff_t *e)
+    {
+        int64_t v = nc_range_load(&r->w[i * NC_RANGE_STRIDE]);
+        *f = (ptrdiff_t)(uint32_t)v;
+        *e = (ptrdiff_t)((uint64_t)v >> 32);
+        return *e > *f ? *e - *f : 0;
+    }
+    /* the next grain for a thread whose own range is `own` (-1: none): its own front
+       first, then the back of the fullest other range.  *hint: the unit this thread will
+       most likely start on next (-1: none), for prefetching. */
+    static inline int nc_ranges_next(nc_ranges *r, int own, ptrdiff_t g, ptrdiff_t *a,
+                                     ptrdiff_t *b, ptrdiff_t *hint)
+    {
+        ptrdiff_t f, e;
+        if (own >= 0 && own < r->n && nc_range_take(r, own, g, 0, a, b)) {
+            nc_range_left(r, own, &f, &e);
+            *hint = *b < e ? *b : -1;
+            return 1;
+        }
+        for (;;) {
+            int best = -1;
+            ptrdiff_t most = 0;
+            for (int i = 0; i < r->n; i++) {
+                ptrdiff_t left = nc_range_left(r, i, &f, &e);
+                if (left > most) { most = left; best = i; }
+            }
+            if (best < 0) return 0;
+            if (nc_range_take(r, best, g, 1, a, b)) {
+                nc_range_left(r, best, &f, &e);
+                *hint = *a > f ? (*a - g > f ? *a - g : f) : -1;
+                return 1;
+            }
+        }
+    }
     """
     bint NC_HAVE_OPENMP
     int omp_get_thread_num() noexcept nogil
@@ -138,4 +244,9 @@ cdef extern from *:
     void nc_team_barrier(nc_team *tm) noexcept nogil
     void nc_team_enter() noexcept nogil
     Py_ssize_t nc_claim(Py_ssize_t *next) noexcept nogil
+    ctypedef struct nc_ranges:
+        int n
+    void nc_ranges_init(nc_ranges *r, Py_ssize_t nunits, int n) noexcept nogil
+    bint nc_ranges_next(nc_ranges *r, int own, Py_ssize_t g, Py_ssize_t *a, Py_ssize_t *b,
+                        Py_ssize_t *hint) noexcept nogil
     void nc_team_leave() noexcept nogil

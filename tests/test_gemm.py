@@ -154,6 +154,40 @@ def test_bitwise_thread_and_batch_invariance(n, k):
         assert np.array_equal(lin(x[i:i + 1], activation="gelu")[0], full[i]), m
 
 
+@pytest.mark.parametrize("n,k", [(1152, 384), (384, 1536), (33, 7)])
+def test_panel_ranges_with_stealing_are_bitwise_serial(n, k):
+    """Few rows are split by column panels: one range per thread, grains claimed from its
+    front, empty-handed threads taking grains from the back of the fullest range.  Teams
+    larger than the number of ranges (16) or of panels, and several Python threads at once
+    (more OpenMP threads than cores, so that threads fall behind and get robbed), give
+    the serial bits for every row count, epilogue included."""
+    import threading
+    w = RNG.standard_normal((n, k)).astype(F32)
+    b = RNG.standard_normal(n).astype(F32)
+    lin = PackedLinear(w, b)
+    for m in (1, 2, 5, 17, 40):
+        x = RNG.standard_normal((m, k)).astype(F32)
+        r = RNG.standard_normal((m, n)).astype(F32)
+        one = lin(x, activation="gelu", residual=r, num_threads=1)
+        for nt in (2, 3, 5, 16, 17, 24):
+            assert np.array_equal(lin(x, activation="gelu", residual=r, num_threads=nt), one), (m, nt)
+    x = RNG.standard_normal((17, k)).astype(F32)
+    one = lin(x, activation="gelu", num_threads=1)
+    bad = []
+
+    def work(nt):
+        for _ in range(20):
+            if not np.array_equal(lin(x, activation="gelu", num_threads=nt), one):
+                bad.append(nt)
+
+    ts = [threading.Thread(target=work, args=(nt,)) for nt in (2, 3, 4, 2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert not bad
+
+
 def _norm_ref(s, kind, g, b, eps):
     s = s.astype(np.float64)
     if kind == "layer_norm":

@@ -81,7 +81,7 @@ typedef struct nc_ktable {
     /* packed GEMM and fused attention (nc_gemm_kern.h) */
     void (*gemm_run)(const float *, ptrdiff_t, const float *, ptrdiff_t, ptrdiff_t,
                      const float *, const float *, ptrdiff_t, float *, ptrdiff_t, int,
-                     ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t);
+                     ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t, ptrdiff_t);
     void (*gemm_pack)(const float *, ptrdiff_t, ptrdiff_t, ptrdiff_t, float *);
     ptrdiff_t (*gemm_nr)(void);
     ptrdiff_t (*gemm_mr)(void);
@@ -349,8 +349,8 @@ static inline void nc_ops_softmax_row2(const float *x0, const float *x1, float *
 static inline void nc_gemm_run(const float *x, ptrdiff_t ldx, const float *wp, ptrdiff_t N,
                                ptrdiff_t K, const float *bias, const float *res, ptrdiff_t ldr,
                                float *y, ptrdiff_t ldy, int act, ptrdiff_t m0, ptrdiff_t m1,
-                               ptrdiff_t p0, ptrdiff_t p1)
-{ nc_kt->gemm_run(x, ldx, wp, N, K, bias, res, ldr, y, ldy, act, m0, m1, p0, p1); }
+                               ptrdiff_t p0, ptrdiff_t p1, ptrdiff_t pnext)
+{ nc_kt->gemm_run(x, ldx, wp, N, K, bias, res, ldr, y, ldy, act, m0, m1, p0, p1, pnext); }
 static inline void nc_gemm_pack(const float *w, ptrdiff_t ldw, ptrdiff_t N, ptrdiff_t K,
                                 float *wp)
 { nc_kt->gemm_pack(w, ldw, N, K, wp); }

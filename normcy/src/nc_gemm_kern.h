@@ -334,11 +334,13 @@ static void NC_FN(nc_gemm_strip_epi)(float *y, nc_int ldy, nc_int rows, const fl
 #undef NC_SV
 
 /* rows [m0, m1) x panels [p0, p1) of y = act(x W^T + b) (+ r).  y must not alias r when
-   K > nc_gemm_kc(K) (the caller copies r then): partial sums go through y. */
+   K > nc_gemm_kc(K) (the caller copies r then): partial sums go through y.  pnext: the
+   panel the calling thread will most likely work on after p1 - 1 (-1: none), whose first
+   K block the last panel's tiles prefetch as they do the next panel inside the range. */
 static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_int N,
                                nc_int K, const float *bias, const float *res, nc_int ldr,
                                float *y, nc_int ldy, int act, nc_int m0, nc_int m1,
-                               nc_int p0, nc_int p1)
+                               nc_int p0, nc_int p1, nc_int pnext)
 {
     const nc_int kcb = NC_FN(nc_gemm_kc)(K);
     /* the GELUs without a residual: whole panels' tiles store their accumulators and the
@@ -377,14 +379,15 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
                    has too few accumulator chains to cover the FMA latency */
                 const nc_int len = i1 - i0, ntl = (len + NC_MR - 1) / NC_MR;
                 /* The slice this thread streams next (the panel's next K block, else the
-                   next panel's first; none after the last panel of the range) is shared
+                   next panel's first; after the last panel of the range, pnext's) is shared
                    out among the tiles of this block, which then find their own slice in L2:
                    with few rows (a row block of 1-3 tiles, M ~ 7-20) the first tile used
                    to wait on memory as long as the others computed.  A lone tile (M <= 6)
                    only prefetches its own slice ahead: adding the next slice made it 15%
                    slower (AMD EPYC, 6 x 1536 x 6144). */
                 const float *nxt = !last ? bp + kc * NC_NR
-                                 : p + 1 < p1 ? wp + (p + 1) * K * NC_NR : NULL;
+                                 : p + 1 < p1 ? wp + (p + 1) * K * NC_NR
+                                 : pnext >= 0 ? wp + pnext * K * NC_NR : NULL;
                 const nc_int pstep = NC_NR / ntl > 0 ? NC_NR / ntl : 1;
                 for (nc_int t = 0; t < ntl; t++) {
                     nc_int i = i0 + len * t / ntl, ie = i0 + len * (t + 1) / ntl;

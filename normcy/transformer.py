@@ -413,7 +413,8 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
             and all(l.d_model == d and l.dim_feedforward == l0.dim_feedforward
                     and l.norm_first == l0.norm_first and l.num_threads == l0.num_threads
                     for l in layers)):
-        outs = [ws.get("%s%d" % (io, i % 2), (n, d)) for i in range(nl - 1)] + [out]
+        pair = (ws.get(io + "0", (n, d)), ws.get(io + "1", (n, d))) if nl > 1 else ()
+        outs = [pair[i % 2] for i in range(nl - 1)] + [out]
         f = l0.dim_feedforward
         mid = ws.get("sum" if l0.norm_first else "x1", (n, d))
         xn = ws.get("xn", (n, d)) if l0.norm_first else None

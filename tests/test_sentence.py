@@ -249,6 +249,53 @@ def test_pool_modes_against_float64_reference():
         np.testing.assert_allclose(got[b], want, rtol=1e-6, atol=1e-6)
 
 
+def test_compiled_pooling_and_normalization_match_the_numpy_reference():
+    """normcy._ops.pool_normalize (what encode() runs) against the NumPy reference _pool and
+    _l2_normalize: the same bits for every mode but the weighted mean (float64 sums in
+    token order; the reference's weighted sum is a BLAS product), 1 ulp after a
+    normalization (the float64 norm's sum order), and NaN, empty sequences and zero vectors
+    handled alike."""
+    from normcy import _ops
+    from normcy.sentence import POOLING_MODES, _l2_normalize
+    assert [POOLING_MODES[c] for c in (_ops.POOL_CLS, _ops.POOL_MAX, _ops.POOL_MEAN,
+                                       _ops.POOL_MEAN_SQRT_LEN, _ops.POOL_WEIGHTED_MEAN,
+                                       _ops.POOL_LAST)] == list(POOLING_MODES)
+    rng = np.random.default_rng(1)
+    h = rng.standard_normal((6, 11, 7)).astype(np.float32)
+    h[3, 2, 4] = np.nan
+    h[5] = 0.0
+    lengths = np.array([11, 1, 4, 7, 0, 3], dtype=np.int64)
+    for m, mode in enumerate(POOLING_MODES):
+        got = _ops.pool_normalize(h, lengths, (m,), 0)
+        want = _pool(h, lengths, (mode,))
+        if mode == "weightedmean":
+            np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
+        else:
+            np.testing.assert_array_equal(got, want)
+    allm = tuple(range(6))
+    pooled = _pool(h, lengths, POOLING_MODES)
+    for times in (1, 2):
+        got = _ops.pool_normalize(h, lengths, allm, times)
+        want = pooled
+        with np.errstate(invalid="ignore"):
+            for _ in range(times):
+                want = _l2_normalize(want)
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+        np.testing.assert_allclose(got, want, rtol=2.5e-7, atol=0)
+        again = _ops.l2_normalize_rows(pooled.copy(), times)
+        np.testing.assert_allclose(again, want, rtol=2.5e-7, atol=0)
+    np.testing.assert_array_equal(_ops.pool_normalize(h, lengths, allm, 1)[5], 0.0)
+    for bad in (h.astype(np.float64), h[:, ::2], h[0]):
+        with pytest.raises(ValueError, match="hidden"):
+            _ops.pool_normalize(bad, lengths[:len(bad)], (2,), 1)
+    with pytest.raises(ValueError, match="lengths"):
+        _ops.pool_normalize(h, lengths.astype(np.int32), (2,), 1)
+    with pytest.raises(ValueError, match=r"lengths\[0\] = 12"):
+        _ops.pool_normalize(h, np.full(6, 12, np.int64), (2,), 1)
+    with pytest.raises(ValueError, match="code"):
+        _ops.pool_normalize(h, lengths, (6,), 1)
+
+
 def test_unsupported_pooling_mode_is_a_clear_error(tmp_path):
     path = _model_variant(tmp_path, {"1_Pooling/config.json": {"pooling_mode": "attention"}})
     with pytest.raises(hf.ModelFormatError, match="unsupported pooling mode 'attention'"):

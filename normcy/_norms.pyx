@@ -952,3 +952,139 @@ def kernel_isa():
 
 def have_runtime_dispatch():
     return bool(NC_HAVE_CLONES)
+
+
+# ----------------------------------------------------------------------------------
+# BERT embeddings (package-internal: normcy.bert)
+# ----------------------------------------------------------------------------------
+
+cdef int _index_rows(object a, str name, Py_ssize_t T, const long long **p) except -1:
+    """An index array for embed_layer_norm: None (p = NULL), or C-contiguous int64 (T,)."""
+    if a is None:
+        p[0] = NULL
+        return 0
+    if (not cnp.PyArray_Check(a) or cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_INT64
+            or shape_of(a) != (T,) or not cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>a)):
+        raise ValueError("embed_layer_norm: %s must be a C-contiguous int64 array of shape "
+                         "(%d,), got %s" % (name, T, describe(a)))
+    p[0] = <const long long *>cnp.PyArray_DATA(<cnp.ndarray>a)
+    return 0
+
+
+cdef int _table(object a, str name, Py_ssize_t H) except -1:
+    if (not cnp.PyArray_Check(a) or cnp.PyArray_TYPE(<cnp.ndarray>a) != cnp.NPY_FLOAT32
+            or cnp.PyArray_NDIM(<cnp.ndarray>a) != 2 or cnp.PyArray_DIMS(<cnp.ndarray>a)[1] != H
+            or not cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>a)
+            or cnp.PyArray_DIMS(<cnp.ndarray>a)[0] < 1):
+        raise ValueError("embed_layer_norm: %s must be a C-contiguous float32 (rows, %d) "
+                         "table, got %s" % (name, H, describe(a)))
+    return 0
+
+
+cdef Py_ssize_t _first_outside(const long long *p, Py_ssize_t T, long long lim) noexcept nogil:
+    """The first i with p[i] outside [0, lim), or -1."""
+    cdef Py_ssize_t i
+    for i in range(T):
+        if p[i] < 0 or p[i] >= lim:
+            return i
+    return -1
+
+
+cdef void embed_rows(const long long *ids, const long long *pids, const long long *tids,
+                     Py_ssize_t period, const float *word, const float *pos,
+                     const float *typ, float *out, Py_ssize_t r0, Py_ssize_t r1,
+                     Py_ssize_t H, const float *w, const float *b, double eps) noexcept nogil:
+    """Rows [r0, r1): out[r] = (word[ids[r]] + typ[t_r]) + pos[p_r] in float32, then the
+    rows normalized in place (norm_rows: layer_norm's arithmetic)."""
+    cdef Py_ssize_t r, k
+    cdef const float *wr
+    cdef const float *pr
+    cdef const float *tr
+    cdef float *o
+    for r in range(r0, r1):
+        wr = word + ids[r] * H
+        pr = pos + (pids[r] if pids != NULL else r % period) * H
+        tr = typ + (tids[r] * H if tids != NULL else 0)
+        o = out + r * H
+        for k in range(H):
+            o[k] = (wr[k] + tr[k]) + pr[k]
+    norm_rows(KIND_LN, out + r0 * H, H, out + r0 * H, H, r1 - r0, H, w, b, eps)
+
+
+def embed_layer_norm(ids, word, pos, types, weight, bias, eps, out, *, positions=None,
+                     Py_ssize_t period=0, type_ids=None, num_threads=None):
+    """BERT's embedding layer in one pass (package-internal: normcy.bert).
+
+    ``out[r] = LayerNorm((word[ids[r]] + types[t_r]) + pos[p_r])``, the sums in float32 in
+    Hugging Face's order and the LayerNorm exactly layer_norm's (so the same bits as
+    ``add_layer_norm(word[ids] + types[t], pos[p], ...)``), for the T rows of out.
+
+    ids : C-contiguous int64 (T,); positions : C-contiguous int64 (T,), or None for
+    ``p_r = r % period``; type_ids : C-contiguous int64 (T,), or None for ``t_r = 0``.
+    word, pos, types : C-contiguous float32 (rows, H) tables; weight, bias : (H,);
+    out : C-contiguous float32 (T, H).  An index outside its table raises ValueError
+    naming input_ids / token_type_ids / positions and the range of values given.
+    """
+    if (not cnp.PyArray_Check(out) or cnp.PyArray_TYPE(<cnp.ndarray>out) != cnp.NPY_FLOAT32
+            or cnp.PyArray_NDIM(<cnp.ndarray>out) != 2
+            or not cnp.PyArray_ISCARRAY(<cnp.ndarray>out)):
+        raise ValueError("embed_layer_norm: out must be a writeable C-contiguous float32 "
+                         "(T, H) array, got %s" % describe(out))
+    cdef Py_ssize_t T = cnp.PyArray_DIMS(<cnp.ndarray>out)[0]
+    cdef Py_ssize_t H = cnp.PyArray_DIMS(<cnp.ndarray>out)[1]
+    _table(word, "word", H)
+    _table(pos, "pos", H)
+    _table(types, "types", H)
+    cdef const long long *pi
+    cdef const long long *pp
+    cdef const long long *pt
+    _index_rows(ids, "ids", T, &pi)
+    if pi == NULL:
+        raise ValueError("embed_layer_norm: ids must be given")
+    _index_rows(positions, "positions", T, &pp)
+    _index_rows(type_ids, "type_ids", T, &pt)
+    if pp == NULL and period < 1:
+        raise ValueError("embed_layer_norm: give positions or a period >= 1")
+    cdef Py_ssize_t V = cnp.PyArray_DIMS(<cnp.ndarray>word)[0]
+    cdef Py_ssize_t P = cnp.PyArray_DIMS(<cnp.ndarray>pos)[0]
+    cdef Py_ssize_t TV = cnp.PyArray_DIMS(<cnp.ndarray>types)[0]
+    if pp == NULL and period > P:
+        raise ValueError("embed_layer_norm: period %d exceeds the %d positions" % (period, P))
+    cdef Py_ssize_t bad_i, bad_p = -1, bad_t = -1
+    with nogil:
+        bad_i = _first_outside(pi, T, V)
+        if pp != NULL:
+            bad_p = _first_outside(pp, T, P)
+        if pt != NULL:
+            bad_t = _first_outside(pt, T, TV)
+    if bad_i >= 0:
+        raise ValueError("input_ids must lie in [0, %d), got values in [%d, %d]"
+                         % (V, np.min(ids), np.max(ids)))
+    if bad_t >= 0:
+        raise ValueError("token_type_ids must lie in [0, %d), got values in [%d, %d]"
+                         % (TV, np.min(type_ids), np.max(type_ids)))
+    if bad_p >= 0:
+        raise ValueError("positions must lie in [0, %d), got values in [%d, %d]"
+                         % (P, np.min(positions), np.max(positions)))
+    w = as_param(weight, H, "weight")
+    b = as_param(bias, H, "bias")
+    cdef double e = check_eps(eps)
+    cdef const float *pw = <const float *>cnp.PyArray_DATA(<cnp.ndarray>w) if w is not None else NULL
+    cdef const float *pb = <const float *>cnp.PyArray_DATA(<cnp.ndarray>b) if b is not None else NULL
+    cdef const float *tw = <const float *>cnp.PyArray_DATA(<cnp.ndarray>word)
+    cdef const float *tp = <const float *>cnp.PyArray_DATA(<cnp.ndarray>pos)
+    cdef const float *tt = <const float *>cnp.PyArray_DATA(<cnp.ndarray>types)
+    cdef float *po = <float *>cnp.PyArray_DATA(<cnp.ndarray>out)
+    cdef int nt = resolve_threads(num_threads, T * H, T)
+    cdef Py_ssize_t c, nch
+    if T == 0:
+        return out
+    with nogil:
+        if nt <= 1:
+            embed_rows(pi, pp, pt, period, tw, tp, tt, po, 0, T, H, pw, pb, e)
+        else:
+            nch = nt * 4 if nt * 4 < T else T
+            for c in prange(nch, schedule='dynamic', num_threads=nt):
+                embed_rows(pi, pp, pt, period, tw, tp, tt, po, T * c // nch,
+                           T * (c + 1) // nch, H, pw, pb, e)
+    return out

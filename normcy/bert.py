@@ -20,7 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
-from normcy._norms import add_layer_norm
+from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
 from normcy._validate import as_weight
 from normcy.transformer import TransformerEncoderLayer, forward_layers
@@ -276,28 +276,28 @@ class BertModel:
         if S > self.max_position_embeddings:
             raise ValueError("sequence length %d exceeds max_position_embeddings=%d; truncate "
                              "the input" % (S, self.max_position_embeddings))
-        if ids.size and _unsigned_max(ids) >= self.vocab_size:
-            raise ValueError("input_ids must lie in [0, %d), got values in [%d, %d]"
-                             % (self.vocab_size, ids.min(), ids.max()))
         if attention_mask is None:
             mask = None
         else:
             mask = self._int_input(attention_mask, "attention_mask", (B, S)) != 0
-        types_max = 0
         if token_type_ids is None:
             types = None
         else:
             types = self._int_input(token_type_ids, "token_type_ids", (B, S))
-            if types.size:
-                types_max = _unsigned_max(types)
-                if types_max >= self.type_vocab_size:
-                    raise ValueError("token_type_ids must lie in [0, %d)"
-                                     % self.type_vocab_size)
         H = self.hidden_size
         if B == 0 or S == 0:
             return np.zeros((B, S, H), dtype=_F32)
 
         # ---- pack the real tokens, sequences ordered by length (stable)
+        if mask is not None and not mask.all():
+            # padded: the embedding kernel sees the real tokens only; every position is
+            # checked here, as an embedding lookup over the whole batch would
+            if _unsigned_max(ids) >= self.vocab_size:
+                raise ValueError("input_ids must lie in [0, %d), got values in [%d, %d]"
+                                 % (self.vocab_size, ids.min(), ids.max()))
+            if types is not None and _unsigned_max(types) >= self.type_vocab_size:
+                raise ValueError("token_type_ids must lie in [0, %d), got values in [%d, %d]"
+                                 % (self.type_vocab_size, types.min(), types.max()))
         if mask is None or mask.all():
             # no padding: row r of the packed tokens is (r // S, r % S); the gathers below
             # use ids/types as they are and positions 0..S-1 repeated (no index arrays)
@@ -333,34 +333,16 @@ class BertModel:
         plan = AttentionPlan(groups)
 
         ws = self._tls.ws
-        x0 = ws.get("bert_x0", (T, H))
-        tok = ids[b_idx, col] if not dense else ids.reshape(-1)
-        # ids were range-checked above: mode="clip" gathers straight into `out` (the
-        # default mode="raise" gathers into a temporary and copies it)
-        np.take(self._word, tok, axis=0, out=x0, mode="clip")
-        # s = (word + type) + position, as Hugging Face sums them; a single segment (no
-        # token_type_ids, or all zero: the sentence-embedding case) is add_layer_norm's
-        # x_bias, which adds it to x before the residual: the same two roundings
-        xb = None
-        if types is None or not types_max:
-            xb = self._type[0]
-        else:
-            tmp = ws.get("bert_tmp", (T, H))
-            tt = types[b_idx, col] if not dense else types.reshape(-1)
-            np.take(self._type, tt, axis=0, out=tmp, mode="clip")
-            np.add(x0, tmp, out=x0)
-        if dense and B == 1:
-            pos = self._pos[:S]                 # positions 0..S-1: a view, no gather
-        elif dense:
-            pos = ws.get("bert_pos", (B, S, H))
-            pos[...] = self._pos[:S]            # the same rows for every sequence
-            pos = pos.reshape(T, H)
-        else:
-            pos = ws.get("bert_pos", (T, H))
-            np.take(self._pos, col, axis=0, out=pos, mode="clip")
+        # s = (word + type) + position, as Hugging Face sums them, then the LayerNorm: one
+        # compiled pass (which range-checks the indices)
+        tok = np.ascontiguousarray(ids.reshape(-1) if dense else ids[b_idx, col], dtype=np.int64)
+        tt = None if types is None else np.ascontiguousarray(
+            types.reshape(-1) if dense else types[b_idx, col], dtype=np.int64)
         cur = ws.get("bert_io1", (T, H))
-        add_layer_norm(x0, pos, self._ln[0], self._ln[1], self.layer_norm_eps, x_bias=xb,
-                       out=cur, num_threads=self.num_threads)
+        embed_layer_norm(tok, self._word, self._pos, self._type, self._ln[0], self._ln[1],
+                         self.layer_norm_eps, cur,
+                         positions=None if dense else np.ascontiguousarray(col, dtype=np.int64),
+                         period=S, type_ids=tt, num_threads=self.num_threads)
 
         final = out.reshape(B * S, H) if dense else ws.get("bert_last", (T, H))
         cur = forward_layers(self.layers, cur, plan, ws, final, io="bert_io")

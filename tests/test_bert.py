@@ -178,6 +178,69 @@ def test_input_errors():
     assert m(np.zeros((0, 4), np.int64)).shape == (0, 4, 32)
 
 
+def test_input_id_errors_name_the_input_in_padded_and_dense_batches():
+    """Every position is range-checked (padded ones too, as an embedding lookup over the
+    whole batch would be), for unpadded and padded batches, negative values included."""
+    m = BertModel(_cfg(0), _weights(0))
+    ids, am, tt = _inputs(0)
+    assert not am.all()
+    for mask in (None, am):
+        bad = ids.copy()
+        bad[0, -1] = -1
+        with pytest.raises(ValueError, match="input_ids must lie in"):
+            m(bad, mask)
+        badt = tt.copy()
+        badt[-1, -1] = -3
+        with pytest.raises(ValueError, match="token_type_ids must lie in"):
+            m(ids, mask, badt)
+    big = ids.astype(np.int32)
+    big[1, 0] = m.vocab_size
+    with pytest.raises(ValueError, match="input_ids must lie in"):
+        m(big)
+
+
+def test_embed_layer_norm_is_the_gather_add_and_layer_norm_bit_for_bit():
+    """normcy._norms.embed_layer_norm (BertModel's embedding stage) against NumPy gathers
+    and add_layer_norm: (word + type) + position, then LayerNorm, the same bits, for packed
+    rows with explicit positions and for the periodic (unpadded) layout, every thread
+    count."""
+    from normcy._norms import embed_layer_norm
+    rng = np.random.default_rng(3)
+    V, P, TV, H = 50, 20, 3, 48
+    word = rng.standard_normal((V, H)).astype(F32)
+    pos = rng.standard_normal((P, H)).astype(F32)
+    typ = rng.standard_normal((TV, H)).astype(F32)
+    g = rng.standard_normal(H).astype(F32)
+    b = rng.standard_normal(H).astype(F32)
+    T, S = 60, 12
+    ids = rng.integers(0, V, T).astype(np.int64)
+    tids = rng.integers(0, TV, T).astype(np.int64)
+    pids = rng.integers(0, P, T).astype(np.int64)
+    for positions, period, type_ids in ((pids, 0, tids), (None, S, tids), (None, S, None)):
+        p_rows = positions if positions is not None else np.arange(T) % period
+        t_rows = type_ids if type_ids is not None else np.zeros(T, np.int64)
+        want = normcy.add_layer_norm(word[ids] + typ[t_rows], pos[p_rows], g, b, 1e-12)
+        for nt in (1, 2, 3):
+            got = np.full((T, H), np.nan, F32)
+            embed_layer_norm(ids, word, pos, typ, g, b, 1e-12, got, positions=positions,
+                             period=period, type_ids=type_ids, num_threads=nt)
+            assert np.array_equal(got, want), (positions is None, type_ids is None, nt)
+    out = np.empty((T, H), F32)
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, 50\), got values in \[-1,"):
+        embed_layer_norm(np.where(ids == ids[5], -1, ids), word, pos, typ, g, b, 1e-12, out,
+                         period=S)
+    with pytest.raises(ValueError, match="positions must lie in"):
+        embed_layer_norm(ids, word, pos, typ, g, b, 1e-12, out, positions=pids + P)
+    with pytest.raises(ValueError, match="period"):
+        embed_layer_norm(ids, word, pos, typ, g, b, 1e-12, out, period=P + 1)
+    with pytest.raises(ValueError, match="ids must be a C-contiguous int64"):
+        embed_layer_norm(ids.astype(np.int32), word, pos, typ, g, b, 1e-12, out, period=S)
+    with pytest.raises(ValueError, match="out must be"):
+        embed_layer_norm(ids, word, pos, typ, g, b, 1e-12, out[:, :10], period=S)
+    with pytest.raises(ValueError, match="word must be"):
+        embed_layer_norm(ids, word[:, :10], pos, typ, g, b, 1e-12, out, period=S)
+
+
 def test_num_threads_setting_reaches_every_layer():
     m = BertModel(_cfg(0), _weights(0), num_threads=1)
     nl = len(m.layers)

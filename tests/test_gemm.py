@@ -165,7 +165,7 @@ def test_panel_ranges_with_stealing_are_bitwise_serial(n, k):
     w = RNG.standard_normal((n, k)).astype(F32)
     b = RNG.standard_normal(n).astype(F32)
     lin = PackedLinear(w, b)
-    for m in (1, 2, 5, 17, 40):
+    for m in (1, 2, 5, 17, 40, 200, 500):   # 200: by panels up to 2 threads, 500: by rows
         x = RNG.standard_normal((m, k)).astype(F32)
         r = RNG.standard_normal((m, n)).astype(F32)
         one = lin(x, activation="gelu", residual=r, num_threads=1)

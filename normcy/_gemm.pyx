@@ -619,10 +619,14 @@ cdef void attn_block(const AttnJob *j, Py_ssize_t blk, float *buf,
 
 cdef inline Py_ssize_t attn_scratch_floats(Py_ssize_t L, Py_ssize_t dh) noexcept nogil:
     """Floats of one thread's attention scratch for sequences of length <= L (K^T, V, the
-    score rows), rounded up to whole 64-byte lines so that the threads' slices of one
-    allocation share no cache line."""
+    score rows of a tile of up to nc_gemm_mr() queries and their biased q), rounded up to
+    whole 64-byte lines so that the threads' slices of one allocation share no cache
+    line."""
     cdef Py_ssize_t lk = attn_ldk(L)
-    return (lk * dh + L * dh + 2 * (lk + dh) + 15) // 16 * 16
+    cdef Py_ssize_t mr = nc_gemm_mr()
+    if mr < 2:
+        mr = 2
+    return (lk * dh + L * dh + mr * (lk + dh) + 15) // 16 * 16
 
 
 cdef void attn_part(AttnJob *j, float *buf) noexcept nogil:

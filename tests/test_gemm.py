@@ -356,13 +356,18 @@ def _attn_ref(qkv, bq, nseq, L, h, mask=None, kpm=None, causal=False):
     return o.transpose(0, 2, 1, 3).reshape(nseq * L, H)
 
 
-@pytest.mark.parametrize("L", [1, 5, 16, 33])
+@pytest.mark.parametrize("L", [1, 5, 16, 33, 130])
 @pytest.mark.parametrize("case", ["plain", "causal", "kpm", "mask", "all"])
-def test_attention_matches_float64(L, case):
-    nseq, h, dh = 3, 4, 8
+@pytest.mark.parametrize("dh", [8, 32, 64])
+def test_attention_matches_float64(L, case, dh):
+    # dh = 32, 64 without a causal or additive mask: query tiles through the GEMM
+    # micro-kernel (dh a multiple of its panel width); otherwise the row-pair loop
+    nseq, h = 3, 4
     H = h * dh
     qkv = RNG.standard_normal((nseq * L, 3 * H)).astype(F32)
-    bq = RNG.standard_normal(H).astype(F32)
+    # q "already scaled" by 1/sqrt(dh), as the layers pass it: scores of order one
+    qkv[:, :H] *= F32(1.0 / math.sqrt(dh))
+    bq = (RNG.standard_normal(H) / math.sqrt(dh)).astype(F32)
     mask = kpm = None
     causal = case in ("causal", "all")
     if case in ("kpm", "all"):

@@ -93,8 +93,9 @@ NC_INLINE void nc_gemm_epi(ncv acc, const float *bias, const float *res, float *
  * the register allocator sees only the k loop (2 * MR accumulators stay in registers).
  */
 NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, nc_int lda,
-                                    const float *bp, nc_int kc, const float *cin, nc_int ldi,
-                                    float *cout, nc_int ldo, const float *pfn, nc_int pstep)
+                                    const float *bp, nc_int ldb, nc_int kc, const float *cin,
+                                    nc_int ldi, float *cout, nc_int ldo, const float *pfn,
+                                    nc_int pstep)
 {
     ncv c0[NC_MR], c1[NC_MR];
     NC_UNROLL_ALL
@@ -103,7 +104,7 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
         else { c0[r] = ncv_set1(0.0f); c1[r] = ncv_set1(0.0f); }
     }
     for (nc_int k = 0; k < kc; k++) {
-        const ncv b0 = ncv_ld(bp + k * NC_NR), b1 = ncv_ld(bp + k * NC_NR + NC_VW);
+        const ncv b0 = ncv_ld(bp + k * ldb), b1 = ncv_ld(bp + k * ldb + NC_VW);
         if (PF == 1 || PF == 3) {
             /* the first tile of a panel block meets the panel cold (from memory or L3:
                with few rows the weights are the traffic): fetch it NC_PF_BYTES ahead, a
@@ -138,9 +139,17 @@ NC_INLINE void NC_FN(nc_gemm_kloop)(const int MR, const int PF, const float *a, 
     static __attribute__((noinline)) void NC_FN(nc_gemm_##P##R)(                          \
         const float *a, nc_int lda, const float *bp, nc_int kc, const float *cin,         \
         nc_int ldi, float *cout, nc_int ldo, const float *pfn, nc_int pstep)              \
-    { NC_FN(nc_gemm_kloop)(R, PF, a, lda, bp, kc, cin, ldi, cout, ldo, pfn, pstep); }
+    { NC_FN(nc_gemm_kloop)(R, PF, a, lda, bp, NC_NR, kc, cin, ldi, cout, ldo, pfn, pstep); }
+/* the same micro-kernel over a B whose k rows are ldb floats apart (not a packed panel:
+   attention's K^T and V in place), from zero, no prefetch (name prefix s) */
+#define NC_GEMM_SFN(R)                                                                    \
+    static __attribute__((noinline)) void NC_FN(nc_gemm_s##R)(                            \
+        const float *a, nc_int lda, const float *bp, nc_int ldb, nc_int kc, float *cout,  \
+        nc_int ldo)                                                                       \
+    { NC_FN(nc_gemm_kloop)(R, 0, a, lda, bp, ldb, kc, NULL, 0, cout, ldo, NULL, 0); }
 #define NC_GEMM_KDEF(R)                                                                   \
-    NC_GEMM_KFN(k, R, 0) NC_GEMM_KFN(kp, R, 1) NC_GEMM_KFN(kn, R, 2) NC_GEMM_KFN(kb, R, 3)
+    NC_GEMM_KFN(k, R, 0) NC_GEMM_KFN(kp, R, 1) NC_GEMM_KFN(kn, R, 2) NC_GEMM_KFN(kb, R, 3) \
+    NC_GEMM_SFN(R)
 NC_GEMM_KDEF(1) NC_GEMM_KDEF(2) NC_GEMM_KDEF(3) NC_GEMM_KDEF(4) NC_GEMM_KDEF(5)
 NC_GEMM_KDEF(6)
 #if NC_MR > 6
@@ -148,6 +157,7 @@ NC_GEMM_KDEF(7) NC_GEMM_KDEF(8)
 #endif
 #undef NC_GEMM_KDEF
 #undef NC_GEMM_KFN
+#undef NC_GEMM_SFN
 
 typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
                                    const float *, nc_int, float *, nc_int, const float *,
@@ -453,10 +463,13 @@ static nc_int NC_FN(nc_gemm_mr)(void) { return NC_MR; }
  * NULL; bq (dh floats, may be NULL) is added to every row of q.  ldk is a multiple of
  * 4 * NC_VW (>= L): the score loops read K^T in whole vectors, lanes past L included
  * (their scores are computed and never used), so short sequences need no partial loads;
- * scores is scratch of >= 2 * (ldk + dh) floats.  Row i: s = q_i K^T (one FMA chain per key over d in order),
- * p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j (two interleaved chains
- * over j, added at the end).  Rows are independent: the result of a row does not depend
- * on the other rows, threads or the batch.
+ * scores is scratch of >= NC_MR * (ldk + dh) floats.  Row i: s = q_i K^T (one FMA chain per
+ * key over d in order), p = softmax(s) (the softmax row kernel), out_i = sum_j p_j v_j:
+ * without a causal or an additive mask (nc_attention_head -> nca_tiles, dh a multiple of
+ * NC_NR) one FMA chain over j in order; otherwise (the row-pair loop of
+ * nc_attention_head) two interleaved chains over j, added at the end.  Either way the
+ * result of a row does not depend on the other rows, threads or the batch (which path
+ * runs depends on the masks and dh only).
  */
 /* scores[j] = q_i . k_j for j < ncols: one FMA chain over d in order per score */
 NC_INLINE void nca_qk(const float *qi, const float *kt, nc_int ldk, nc_int dh, nc_int ncols,
@@ -578,6 +591,63 @@ NC_INLINE void nca_pv(const float *scores, const float *v, nc_int ldv, nc_int dh
     }
 }
 
+typedef void (*NC_FN(nc_gemm_sfn))(const float *, nc_int, const float *, nc_int, nc_int,
+                                   float *, nc_int);
+
+/*
+ * Attention without a causal or an additive mask (every row sees keys [0, klen), kpm
+ * aside): query rows in tiles of NC_MR through the GEMM micro-kernel, which reads K^T and
+ * V in place (row strides ldk, ldv): the tile's scores S = q K^T (NC_MR x NC_NR per call,
+ * one FMA chain over d in order per score: the same bits as nca_qk), the softmax of its
+ * rows (in pairs, as below), then out = P V (one FMA chain over the keys in order per
+ * output).  An NC_MR-row tile reuses each K^T / V vector for NC_MR rows (the row pairs
+ * below, two), with 2 NC_MR accumulators; the score rows stay in L1 (NC_MR x ldk floats).
+ * Needs dh a multiple of NC_NR.  scratch: NC_MR * (ldk + dh) floats.
+ */
+static void NC_FN(nca_tiles)(const float *q, nc_int ldq, const float *bq, const float *kt,
+                             nc_int ldk, const float *v, nc_int ldv, float *out, nc_int ldo,
+                             nc_int L, nc_int dh, nc_int klen, const uint8_t *kpm,
+                             float *scratch)
+{
+#if NC_MR > 6
+    static const NC_FN(nc_gemm_sfn) sf[NC_MR + 1] = {
+        0, NC_FN(nc_gemm_s1), NC_FN(nc_gemm_s2), NC_FN(nc_gemm_s3), NC_FN(nc_gemm_s4),
+        NC_FN(nc_gemm_s5), NC_FN(nc_gemm_s6), NC_FN(nc_gemm_s7), NC_FN(nc_gemm_s8)};
+#else
+    static const NC_FN(nc_gemm_sfn) sf[NC_MR + 1] = {
+        0, NC_FN(nc_gemm_s1), NC_FN(nc_gemm_s2), NC_FN(nc_gemm_s3), NC_FN(nc_gemm_s4),
+        NC_FN(nc_gemm_s5), NC_FN(nc_gemm_s6)};
+#endif
+    float *S = scratch, *qt = scratch + NC_MR * ldk;
+    /* keys past klen are -inf: skipped unless kpm needs the whole row (as below) */
+    const nc_int ncols = kpm ? L : klen;
+    for (nc_int i0 = 0; i0 < L; i0 += NC_MR) {
+        const int mr = L - i0 < NC_MR ? (int)(L - i0) : NC_MR;
+        const float *qa = q + i0 * ldq;
+        nc_int lda = ldq;
+        if (bq) {
+            /* the query bias, added once per row (q is read in place from the projections) */
+            for (int r = 0; r < mr; r++)
+                for (nc_int d = 0; d < dh; d++) qt[r * dh + d] = qa[r * ldq + d] + bq[d];
+            qa = qt;
+            lda = dh;
+        }
+        /* scores of whole key panels: K^T's rows are ldk >= ncols rounded up to NC_NR floats
+           long (zero past L), so the last panel reads no further */
+        for (nc_int j = 0; j < ncols; j += NC_NR)
+            sf[mr](qa, lda, kt + j, ldk, dh, S + j, ldk);
+        int r = 0;
+        for (; r + 2 <= mr; r += 2)
+            NC_FN(nc_ops_softmax_row2)(S + r * ldk, S + (r + 1) * ldk, S + r * ldk,
+                                       S + (r + 1) * ldk, ncols, 1.0f, NULL, NULL, kpm, kpm,
+                                       klen, klen);
+        if (r < mr) NC_FN(nc_ops_softmax_row)(S + r * ldk, S + r * ldk, ncols, 1.0f, NULL, kpm,
+                                              klen);
+        for (nc_int d = 0; d < dh; d += NC_NR)
+            sf[mr](S, ldk, v + d, ldv, klen, out + i0 * ldo + d, ldo);
+    }
+}
+
 static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq,
                                      const float *kt, nc_int ldk,
                                      const float *v, nc_int ldv, float *out, nc_int ldo,
@@ -585,6 +655,10 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq
                                      const float *mask, nc_int ldm, const uint8_t *kpm,
                                      float *scores)
 {
+    if (!causal && !mask && dh % NC_NR == 0) {
+        NC_FN(nca_tiles)(q, ldq, bq, kt, ldk, v, ldv, out, ldo, L, dh, klen, kpm, scores);
+        return;
+    }
     float *s1 = scores + ldk;
     float *qb0 = s1 + ldk, *qb1 = qb0 + dh;
     nc_int i = 0;

@@ -229,7 +229,7 @@ cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
         j.nchunks = (units + j.chunk - 1) // j.chunk
         j.next = 0
         return
-    per = j.M * j.K * (j.N // j.npanels + (1 if j.N % j.npanels else 0)) if j.npanels else 1
+    per = j.M * j.K * nc_gemm_nr()      # FMAs of one panel
     g = (65536 + per - 1) // per if per > 0 else 1
     if j.M == 1:
         g = (g + 3) // 4 * 4

@@ -172,7 +172,10 @@ def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str]) -> np.n
 
 
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
-    """``torch.nn.functional.normalize(x, p=2, dim=-1)``: x / max(||x||, 1e-12), float32."""
+    """``torch.nn.functional.normalize(x, p=2, dim=-1)``: x / max(||x||, 1e-12), float32.
+
+    The NumPy reference of the compiled normcy._ops.l2_normalize_rows that encode() runs
+    (kept for the tests)."""
     nrm = np.einsum("...i,...i->...", x, x, dtype=np.float64)[..., None]
     np.sqrt(nrm, out=nrm)
     np.maximum(nrm, 1e-12, out=nrm)
@@ -783,11 +786,7 @@ class SentenceEncoder:
                         # in one compiled pass (normcy._ops.pool_normalize)
                         emb = pool_normalize(hidden, blen, codes, nnorm)
                     else:
-                        emb = _pool(hidden, blen, self.pooling_modes)
-                        if nnorm:
-                            emb = _l2_normalize(emb)
-                            if nnorm > 1:
-                                emb = _l2_normalize(emb)
+                        emb = l2_normalize_rows(_pool(hidden, blen, self.pooling_modes), nnorm)
                     del hidden
                 if output_value != "token_embeddings":
                     if not nnorm:

@@ -159,6 +159,16 @@ NC_GEMM_KDEF(7) NC_GEMM_KDEF(8)
 #undef NC_GEMM_KFN
 #undef NC_GEMM_SFN
 
+/* the micro-kernels of prefix P by tile height: row[mr] for mr = 1..NC_MR */
+#if NC_MR > 6
+#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
+                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6),   \
+                    NC_FN(nc_gemm_##P##7), NC_FN(nc_gemm_##P##8)}
+#else
+#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
+                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6)}
+#endif
+
 typedef void (*NC_FN(nc_gemm_kfn))(const float *, nc_int, const float *, nc_int,
                                    const float *, nc_int, float *, nc_int, const float *,
                                    nc_int);
@@ -174,18 +184,9 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
                                        int first, int last, int pf, const float *pfn,
                                        nc_int pstep)
 {
-#if NC_MR > 6
-#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
-                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6),   \
-                    NC_FN(nc_gemm_##P##7), NC_FN(nc_gemm_##P##8)}
-#else
-#define NC_KROW(P) {0, NC_FN(nc_gemm_##P##1), NC_FN(nc_gemm_##P##2), NC_FN(nc_gemm_##P##3),   \
-                    NC_FN(nc_gemm_##P##4), NC_FN(nc_gemm_##P##5), NC_FN(nc_gemm_##P##6)}
-#endif
     /* k: no prefetch, kp: own slice ahead, kn: share of the next slice, kb: both */
     static const NC_FN(nc_gemm_kfn) kfs[4][NC_MR + 1] = {NC_KROW(k), NC_KROW(kp), NC_KROW(kn),
                                                          NC_KROW(kb)};
-#undef NC_KROW
     /* pf: bit 0 = the tile's own slice ahead (first tile of a block), bit 1 = a share of
        the next slice (only with one) */
     const NC_FN(nc_gemm_kfn) *kf = kfs[pfn ? pf : pf & 1];
@@ -609,15 +610,7 @@ static void NC_FN(nca_tiles)(const float *q, nc_int ldq, const float *bq, const 
                              nc_int L, nc_int dh, nc_int klen, const uint8_t *kpm,
                              float *scratch)
 {
-#if NC_MR > 6
-    static const NC_FN(nc_gemm_sfn) sf[NC_MR + 1] = {
-        0, NC_FN(nc_gemm_s1), NC_FN(nc_gemm_s2), NC_FN(nc_gemm_s3), NC_FN(nc_gemm_s4),
-        NC_FN(nc_gemm_s5), NC_FN(nc_gemm_s6), NC_FN(nc_gemm_s7), NC_FN(nc_gemm_s8)};
-#else
-    static const NC_FN(nc_gemm_sfn) sf[NC_MR + 1] = {
-        0, NC_FN(nc_gemm_s1), NC_FN(nc_gemm_s2), NC_FN(nc_gemm_s3), NC_FN(nc_gemm_s4),
-        NC_FN(nc_gemm_s5), NC_FN(nc_gemm_s6)};
-#endif
+    static const NC_FN(nc_gemm_sfn) sf[NC_MR + 1] = NC_KROW(s);
     float *S = scratch, *qt = scratch + NC_MR * ldk;
     /* keys past klen are -inf: skipped unless kpm needs the whole row (as below) */
     const nc_int ncols = kpm ? L : klen;
@@ -701,6 +694,7 @@ static void NC_FN(nc_attention_head)(const float *q, nc_int ldq, const float *bq
     }
 }
 
+#undef NC_KROW
 #undef nc_gemm_epi
 #undef nca_qk
 #undef nca_qk2

@@ -126,6 +126,34 @@ cdef object _rows_view_or_none(cnp.ndarray a, Py_ssize_t rows, Py_ssize_t width)
     return v if _rows_view_ok(<cnp.ndarray>v) else None
 
 
+cdef inline bint _plain_rows(object a, Py_ssize_t width, bint output) noexcept:
+    """Whether `a` is, as it stands, a valid (rows >= 1, width) operand of the fast call
+    path: an exact ndarray, native float32, 2-D, unit last stride (_rows_view_ok); an output
+    also writeable with rows that cannot alias each other.  False sends the call through
+    the general path, which converts what it can and raises the errors."""
+    if not cnp.PyArray_CheckExact(a):
+        return False
+    cdef cnp.ndarray v = <cnp.ndarray>a
+    if (cnp.PyArray_NDIM(v) != 2 or cnp.PyArray_DIMS(v)[1] != width
+            or cnp.PyArray_DIMS(v)[0] < 1 or cnp.PyArray_TYPE(v) != cnp.NPY_FLOAT
+            or not cnp.PyArray_ISNOTSWAPPED(v) or not _rows_view_ok(v)):
+        return False
+    if output:
+        return (cnp.PyArray_ISWRITEABLE(v) and
+                (cnp.PyArray_DIMS(v)[0] == 1 or cnp.PyArray_STRIDES(v)[0] >= width * 4))
+    return True
+
+
+cdef inline bint _rows_disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether two row operands (_plain_rows: non-negative strides) share no byte."""
+    cdef uintptr_t a0 = <uintptr_t>cnp.PyArray_DATA(a), b0 = <uintptr_t>cnp.PyArray_DATA(b)
+    cdef uintptr_t a1 = a0 + <uintptr_t>((cnp.PyArray_DIMS(a)[0] - 1) * cnp.PyArray_STRIDES(a)[0]
+                                         + cnp.PyArray_DIMS(a)[1] * 4)
+    cdef uintptr_t b1 = b0 + <uintptr_t>((cnp.PyArray_DIMS(b)[0] - 1) * cnp.PyArray_STRIDES(b)[0]
+                                         + cnp.PyArray_DIMS(b)[1] * 4)
+    return a1 <= b0 or b1 <= a0
+
+
 cdef struct GemmJob:
     const float *x
     Py_ssize_t ldx
@@ -397,6 +425,43 @@ cdef class PackedLinear:
     def __reduce__(self):
         return (PackedLinear, (self._weight, self.bias))
 
+    cdef int _run(self, cnp.ndarray xr, cnp.ndarray rr, cnp.ndarray gr, cnp.ndarray yr,
+                  int act, int nkind, object nw, object nb, double neps,
+                  object num_threads) except -1:
+        """The GEMM of validated (rows, width) operands: x rows xr, residual rows rr (or
+        None), GEMM output rows gr, normalized output rows yr (gr itself without a norm)."""
+        cdef Py_ssize_t M = cnp.PyArray_DIMS(xr)[0]
+        cdef GemmJob j
+        j.x = <const float *>cnp.PyArray_DATA(xr)
+        j.ldx = cnp.PyArray_STRIDES(xr)[0] // 4
+        j.wp = self._wp
+        j.N = self.out_features
+        j.K = self.in_features
+        j.bias = <const float *>cnp.PyArray_DATA(self._bias) if self._bias is not None else NULL
+        j.res = <const float *>cnp.PyArray_DATA(rr) if rr is not None else NULL
+        j.ldr = cnp.PyArray_STRIDES(rr)[0] // 4 if rr is not None else 0
+        j.y = <float *>cnp.PyArray_DATA(gr)
+        j.ldy = cnp.PyArray_STRIDES(gr)[0] // 4
+        j.act = act
+        j.norm = nkind
+        j.nw = <const float *>cnp.PyArray_DATA(nw) if nw is not None else NULL
+        j.nb = <const float *>cnp.PyArray_DATA(nb) if nb is not None else NULL
+        j.eps = neps
+        j.z = <float *>cnp.PyArray_DATA(yr)
+        j.ldz = cnp.PyArray_STRIDES(yr)[0] // 4
+        j.M = M
+        j.npanels = (self.out_features + self._nr - 1) // self._nr
+        j.mr = nc_gemm_mr()
+        cdef Py_ssize_t fmas = M * self.out_features * self.in_features
+        cdef int nt = resolve_threads(num_threads, fmas // 8 if fmas >= SERIAL_FMAS else 0,
+                                      max(j.npanels, (M + j.mr - 1) // j.mr))
+        j.by_rows = split_by_rows(M, j.npanels, nt)
+        if not j.by_rows and j.npanels < nt:
+            nt = <int>j.npanels
+        with nogil:
+            gemm_exec(&j, nt)
+        return 0
+
     def __call__(self, x, *, activation=None, residual=None, norm=None, norm_weight=None,
                  norm_bias=None, eps=1e-5, sum_out=None, out=None, num_threads=None):
         """``act(x @ weight.T + bias) (+ residual)``, optionally normalized row by row.
@@ -435,6 +500,25 @@ cdef class PackedLinear:
             `out`, or a new C-contiguous array.
         """
         cdef int act = _act_code(activation)
+        cdef cnp.npy_intp fdims[2]
+        if (norm is None and sum_out is None and norm_weight is None and norm_bias is None
+                and residual is None and _plain_rows(x, self.in_features, False)):
+            # The fast path (a 1 x 384 call costs ~0.3 us instead of ~1.5 us here): a 2-D
+            # float32 x and out that are valid as they stand, no residual and no norm.
+            # Anything else, errors included, takes the general path below.
+            if out is None:
+                fdims[0] = cnp.PyArray_DIMS(<cnp.ndarray>x)[0]
+                fdims[1] = self.out_features
+                out = cnp.PyArray_EMPTY(2, fdims, cnp.NPY_FLOAT, 0)
+                self._run(<cnp.ndarray>x, None, <cnp.ndarray>out, <cnp.ndarray>out, act, -1,
+                          None, None, 0.0, num_threads)
+                return out
+            if (_plain_rows(out, self.out_features, True)
+                    and cnp.PyArray_DIMS(<cnp.ndarray>out)[0] == cnp.PyArray_DIMS(<cnp.ndarray>x)[0]
+                    and _rows_disjoint(<cnp.ndarray>out, <cnp.ndarray>x)):
+                self._run(<cnp.ndarray>x, None, <cnp.ndarray>out, <cnp.ndarray>out, act, -1,
+                          None, None, 0.0, num_threads)
+                return out
         cdef object caller_out = out
         cdef int nkind = -1
         cdef double neps = 0.0
@@ -517,35 +601,7 @@ cdef class PackedLinear:
                 and np.may_share_memory(rr, gr)):
             # partial sums of the K blocks go through the output: keep the residual apart
             rr = <cnp.ndarray>np.array(rr, copy=True)
-        cdef GemmJob j
-        j.x = <const float *>cnp.PyArray_DATA(xr)
-        j.ldx = cnp.PyArray_STRIDES(xr)[0] // 4
-        j.wp = self._wp
-        j.N = self.out_features
-        j.K = self.in_features
-        j.bias = <const float *>cnp.PyArray_DATA(self._bias) if self._bias is not None else NULL
-        j.res = <const float *>cnp.PyArray_DATA(rr) if rr is not None else NULL
-        j.ldr = cnp.PyArray_STRIDES(rr)[0] // 4 if rr is not None else 0
-        j.y = <float *>cnp.PyArray_DATA(gr)
-        j.ldy = cnp.PyArray_STRIDES(gr)[0] // 4
-        j.act = act
-        j.norm = nkind
-        j.nw = <const float *>cnp.PyArray_DATA(nw) if nw is not None else NULL
-        j.nb = <const float *>cnp.PyArray_DATA(nb) if nb is not None else NULL
-        j.eps = neps
-        j.z = <float *>cnp.PyArray_DATA(yr)
-        j.ldz = cnp.PyArray_STRIDES(yr)[0] // 4
-        j.M = M
-        j.npanels = (self.out_features + self._nr - 1) // self._nr
-        j.mr = nc_gemm_mr()
-        cdef Py_ssize_t fmas = M * self.out_features * self.in_features
-        cdef int nt = resolve_threads(num_threads, fmas // 8 if fmas >= SERIAL_FMAS else 0,
-                                      max(j.npanels, (M + j.mr - 1) // j.mr))
-        j.by_rows = split_by_rows(M, j.npanels, nt)
-        if not j.by_rows and j.npanels < nt:
-            nt = <int>j.npanels
-        with nogil:
-            gemm_exec(&j, nt)
+        self._run(xr, rr, gr, yr, act, nkind, nw, nb, neps, num_threads)
         if copy_back:
             np.copyto(out, yr.reshape(oshape))
         if sum_back:

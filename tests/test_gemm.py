@@ -319,6 +319,57 @@ def test_bad_arguments():
         lin(np.ones((2, 3), F32), num_threads=0)
 
 
+
+def test_fast_call_path_same_bits_and_same_errors():
+    """A 2-D float32 x (and out) valid as they stand take a short call path; every variant
+    beside it (leading axes, strides, subclasses, byte order, aliasing) takes the general
+    one.  Same bits either way, and the general path's errors for what it refuses."""
+    w = RNG.standard_normal((40, 24), dtype=F32)
+    b = RNG.standard_normal(40, dtype=F32)
+    lin = PackedLinear(w, b)
+    x = RNG.standard_normal((5, 24), dtype=F32)
+    ref = lin(x[None])[0]                      # 3-D: the general path
+    for act in (None, "relu", "gelu"):
+        r = lin(x[None], activation=act)[0]
+        assert np.array_equal(lin(x, activation=act), r)
+        o = np.full((5, 40), np.nan, F32)
+        assert lin(x, activation=act, out=o) is o and np.array_equal(o, r)
+    # row-strided x and out (unit last stride) stay on the short path; equal bits
+    xs = np.zeros((5, 30), F32)
+    xs[:, :24] = x
+    os_ = np.zeros((5, 50), F32)
+    assert lin(xs[:, :24], out=os_[:, :40]) is not None
+    assert np.array_equal(os_[:, :40], ref) and not os_[:, 40:].any()
+    # big-endian float32, a subclass, a 1-D x: the general path, same results or errors
+    xb = x.astype(">f4")
+    with pytest.raises(TypeError, match="x must be float32"):
+        lin(xb)
+    ob = np.zeros((5, 40), ">f4")
+    with pytest.raises(TypeError, match="out must be float32"):
+        lin(x, out=ob)
+
+    class Sub(np.ndarray):
+        pass
+
+    assert np.array_equal(lin(x.view(Sub)), ref)
+    assert np.array_equal(lin(x[0]), ref[0])
+    # outputs the short path must refuse: overlapping x, self-overlapping, read-only,
+    # wrong row count
+    buf = np.zeros((5, 64), F32)
+    with pytest.raises(ValueError, match="out"):
+        lin(buf[:, :24], out=buf[:, 10:50])
+    zero_stride = np.lib.stride_tricks.as_strided(np.zeros(40, F32), (5, 40), (0, 4))
+    with pytest.raises(ValueError, match="out"):
+        lin(x, out=zero_stride)
+    ro = np.zeros((5, 40), F32)
+    ro.setflags(write=False)
+    with pytest.raises(ValueError, match="writeable"):
+        lin(x, out=ro)
+    with pytest.raises(ValueError, match="out"):
+        lin(x, out=np.zeros((4, 40), F32))
+    # zero rows
+    assert lin(np.zeros((0, 24), F32)).shape == (0, 40)
+
 def test_repr_properties_pickle():
     import pickle
     w = RNG.standard_normal((5, 3)).astype(F32)

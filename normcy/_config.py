@@ -35,6 +35,8 @@ def get_config():
         "isa_cap": isa["cap"] or None,
         "supported_variants": isa["supported"],
         "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
+        "gemm_k_block": _gemm.kernel_blocking()[1],
+        "l1d_bytes": _gemm.kernel_blocking()[0],
         "runtime_dispatch": _norms.have_runtime_dispatch(),
         "native_build": bi.native,
         "compile_args": list(bi.compile_args),
@@ -74,6 +76,8 @@ def show_config(file=None):
         "  kernel variant:   %s%s, %d-byte vectors, GEMM tile %s" % (
             c["kernel_isa"], " (runtime dispatch)" if c["runtime_dispatch"] else "",
             c["vector_bytes"], c["gemm_tile"]),
+        "  GEMM K block:     <= %d (L1 data cache %d KB)" % (c["gemm_k_block"],
+                                                           c["l1d_bytes"] // 1024),
         "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
                                       "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]
                                       if c["isa_cap"] else ""),

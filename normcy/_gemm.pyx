@@ -42,6 +42,7 @@ cdef extern from "nc_api_gemm.h" nogil:
     Py_ssize_t nc_gemm_mr()
     double nc_fma_loop(Py_ssize_t iters)
     Py_ssize_t nc_gemm_kc(Py_ssize_t K)
+    long nc_l1d()
     Py_ssize_t nc_gemm_mc(Py_ssize_t K, Py_ssize_t rows)
     int nc_isa_vbytes()
     void nc_attention_head(const float *q, Py_ssize_t ldq, const float *bq, const float *kt,
@@ -1124,6 +1125,13 @@ cdef int _layer_distinct(tuple bufs) except -1:
 def kernel_shape():
     """(MR, NR) of the GEMM micro-kernel of the SIMD variant in use."""
     return int(nc_gemm_mr()), int(nc_gemm_nr())
+
+
+def kernel_blocking():
+    """(L1 data cache bytes as detected, largest K block) of the GEMM in use: the packed
+    panel's K x NR slice is cut into blocks of at most that many k (24 KB slices, 48 KB
+    with an L1 of 48 KB or more)."""
+    return int(nc_l1d()), int(nc_gemm_kc(1 << 20))
 
 
 def fma_peak(double seconds=0.2):

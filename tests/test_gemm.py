@@ -105,10 +105,10 @@ def test_leading_axes_and_strides():
     assert lin(np.zeros((0, k), F32)).shape == (0, n)
 
 
-@pytest.mark.parametrize("k", [48, 1000])
+@pytest.mark.parametrize("k", [48, 2000])
 def test_out_and_residual_aliasing(k):
-    # k = 1000 is more than one K block on every variant (partial sums go through out,
-    # so a residual that is out itself must be read before it is overwritten)
+    # k = 2000 is more than one K block on every variant and L1 size (partial sums go
+    # through out, so a residual that is out itself must be read before it is overwritten)
     n = 48
     w = RNG.standard_normal((n, k)).astype(F32)
     b = RNG.standard_normal(n).astype(F32)

@@ -63,6 +63,17 @@ def test_show_config_reports_variant_and_cap():
         assert "NORMCY_MAX_ISA=sse2" in r.stdout and "SSE2" in r.stdout
 
 
+def test_gemm_k_block_fits_the_l1_rule():
+    # 24 KB panel slices, 48 KB with an L1 data cache of 48 KB or more (nc_gemm_kc)
+    from normcy import _gemm
+    l1d, kc = _gemm.kernel_blocking()
+    nr = _gemm.kernel_shape()[1]
+    assert l1d >= 4096
+    assert kc * nr * 4 == (49152 if l1d >= 49152 else 24576)
+    cfg = normcy._config.get_config()
+    assert cfg["gemm_k_block"] == kc and cfg["l1d_bytes"] == l1d
+
+
 @pytest.mark.skipif(sys.platform == "win32", reason="GCC/Clang flags")
 def test_build_disables_implicit_fma_contraction(capsys):
     # Fused multiply-adds are written explicitly in the kernels (nc_simd.h, ncv_fma); the

@@ -26,6 +26,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <math.h>
+#if defined(__linux__)
+#include <unistd.h>     /* sysconf: the L1 data cache size */
+#endif
 #if defined(__x86_64__)
 #include <immintrin.h>
 #elif defined(__aarch64__)
@@ -35,6 +38,11 @@
 enum { NCO_ACT_IDENTITY = 0, NCO_ACT_RELU = 1, NCO_ACT_GELU = 2, NCO_ACT_GELU_TANH = 3 };
 
 #define NC_CHUNK 1024
+
+/* The L1 data cache of the CPU, bytes (nc_dispatch_init: sysconf where glibc reports it,
+   else 32 KB); the GEMM's K block (nc_gemm_kc) takes a slice of twice the size into an L1
+   of 48 KB or more. */
+static long nc_l1d_bytes = 32768;
 
 /* Kernel families a module compiles (each Cython module includes a nc_api_*.h that sets
    this before including nc_api.h): the GEMM needs the ops (activations, softmax). */
@@ -243,6 +251,12 @@ static void nc_dispatch_init(void)
 #endif
 #endif
     nc_cpu_best = level;
+#if defined(__linux__) && defined(_SC_LEVEL1_DCACHE_SIZE)
+    {
+        long l1 = sysconf(_SC_LEVEL1_DCACHE_SIZE);
+        nc_l1d_bytes = l1 >= 4096 && l1 <= (1L << 24) ? l1 : 32768;
+    }
+#endif
     nc_cap_req[0] = '\0';
     nc_cap_invalid = 0;
     if (cap != NULL && cap[0] != '\0') {
@@ -357,6 +371,7 @@ static inline void nc_gemm_pack(const float *w, ptrdiff_t ldw, ptrdiff_t N, ptrd
 static inline ptrdiff_t nc_gemm_nr(void) { return nc_kt->gemm_nr(); }
 static inline double nc_fma_loop(ptrdiff_t iters) { return nc_kt->fma_loop(iters); }
 static inline ptrdiff_t nc_gemm_kc(ptrdiff_t K) { return nc_kt->gemm_kc(K); }
+static inline long nc_l1d(void) { return nc_l1d_bytes; }
 /* the GEMM's row block for `rows` rows (equal blocks of at most MC, see nc_gemm_kern.h) */
 static inline ptrdiff_t nc_gemm_mc(ptrdiff_t K, ptrdiff_t rows) { return nc_kt->gemm_mc(K, rows); }
 static inline ptrdiff_t nc_gemm_mr(void) { return nc_kt->gemm_mr(); }

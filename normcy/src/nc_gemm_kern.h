@@ -246,28 +246,43 @@ static inline void NC_FN(nc_gemm_tile)(int mr, const float *a, nc_int lda, const
 }
 
 /*
- * One row against four whole panels at once (the GEMV case, M = 1): a 1 x NC_NR tile has
+ * One row against P <= 4 whole panels at once (the GEMV case, M = 1): a 1 x NC_NR tile has
  * only two accumulator chains and is bound by the FMA latency; four panels give eight.
  * Full K from zero: each element is the same sequential FMA chain over k as in the tiles
  * above (which store and reload their partial sums exactly), so results are identical.
+ * P < 4 takes the panels left over at the end of a thread's range (12 panels split 6 + 6
+ * between two threads: 4 + 2 each, the 2 as one pair instead of two lone 1-row tiles).
  */
-static __attribute__((noinline)) void NC_FN(nc_gemv4)(const float *a, const float *bp,
-                                                      nc_int pstride, nc_int K, float *out)
+NC_INLINE void NC_FN(nc_gemv_body)(const int P, const float *a, const float *bp,
+                                   nc_int pstride, nc_int K, float *out)
 {
     ncv c[8];
     NC_UNROLL_ALL
-    for (int u = 0; u < 8; u++) c[u] = ncv_set1(0.0f);
+    for (int u = 0; u < 2 * P; u++) c[u] = ncv_set1(0.0f);
     for (nc_int k = 0; k < K; k++) {
         const ncv av = ncv_set1(a[k]);
         NC_UNROLL_ALL
-        for (int u = 0; u < 4; u++) {
+        for (int u = 0; u < P; u++) {
             c[2 * u] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR), c[2 * u]);
             c[2 * u + 1] = ncv_fma(av, ncv_ld(bp + u * pstride + k * NC_NR + NC_VW), c[2 * u + 1]);
         }
     }
     NC_UNROLL_ALL
-    for (int u = 0; u < 8; u++) ncv_st(out + u * NC_VW, c[u]);
+    for (int u = 0; u < 2 * P; u++) ncv_st(out + u * NC_VW, c[u]);
 }
+
+typedef void (*NC_FN(nc_gemv_fn))(const float *, const float *, nc_int, nc_int, float *);
+#define NC_GEMV_FN(P)                                                                     \
+    static __attribute__((noinline)) void NC_FN(nc_gemv##P)(                              \
+        const float *a, const float *bp, nc_int pstride, nc_int K, float *out)            \
+    {                                                                                     \
+        NC_FN(nc_gemv_body)(P, a, bp, pstride, K, out);                                   \
+    }
+NC_GEMV_FN(1)
+NC_GEMV_FN(2)
+NC_GEMV_FN(3)
+NC_GEMV_FN(4)
+#undef NC_GEMV_FN
 
 /* K block: KC x NC_NR floats of a panel, at most 24 KB (6144 floats: AVX2 KC <= 384,
    AVX-512 KC <= 192), equal blocks rounded up to a multiple of 8; the slice stays in a
@@ -369,16 +384,23 @@ static void NC_FN(nc_gemm_run)(const float *x, nc_int ldx, const float *wp, nc_i
         nc_int i1 = i0 + mcb < m1 ? i0 + mcb : m1;
         nc_int pstart = p0;
         if (i1 - i0 == 1) {
-            /* a single row: four whole panels at a time (see nc_gemv4) */
+            /* a single row: up to four whole panels at a time (see nc_gemv_body); a
+               partial last panel (N not a multiple of NC_NR) goes to the tiles below */
+            static const NC_FN(nc_gemv_fn) gemv[5] = {NULL, NC_FN(nc_gemv1), NC_FN(nc_gemv2),
+                                                      NC_FN(nc_gemv3), NC_FN(nc_gemv4)};
             float buf[4 * NC_NR] __attribute__((aligned(64)));
-            for (; pstart + 4 <= p1 && (pstart + 4) * NC_NR <= N; pstart += 4) {
-                NC_FN(nc_gemv4)(x + i0 * ldx, wp + pstart * K * NC_NR, K * NC_NR, K, buf);
-                const float *rr = res ? res + i0 * ldr : NULL;
-                for (int u = 0; u < 8; u++) {
+            const float *rr = res ? res + i0 * ldr : NULL;
+            for (;;) {
+                nc_int np = p1 - pstart < 4 ? p1 - pstart : 4;
+                if ((pstart + np) * NC_NR > N) np--;
+                if (np <= 0) break;
+                gemv[np](x + i0 * ldx, wp + pstart * K * NC_NR, K * NC_NR, K, buf);
+                for (int u = 0; u < 2 * np; u++) {
                     nc_int jj = pstart * NC_NR + u * NC_VW;
                     nc_gemm_epi(ncv_ld(buf + u * NC_VW), bias ? bias + jj : NULL,
                                 rr ? rr + jj : NULL, y + i0 * ldy + jj, act, NC_VW);
                 }
+                pstart += np;
             }
         }
         for (nc_int p = pstart; p < p1; p++) {

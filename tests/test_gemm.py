@@ -328,12 +328,38 @@ def test_fast_call_path_same_bits_and_same_errors():
     b = RNG.standard_normal(40, dtype=F32)
     lin = PackedLinear(w, b)
     x = RNG.standard_normal((5, 24), dtype=F32)
-    ref = lin(x[None])[0]                      # 3-D: the general path
+    xg = np.zeros((1, 5, 30), F32)[..., :24]     # 3-D, not contiguous: the general path
+    xg[0] = x
+    ref = lin(xg)[0]
     for act in (None, "relu", "gelu"):
-        r = lin(x[None], activation=act)[0]
+        r = lin(xg, activation=act)[0]
         assert np.array_equal(lin(x, activation=act), r)
         o = np.full((5, 40), np.nan, F32)
         assert lin(x, activation=act, out=o) is o and np.array_equal(o, r)
+    # C-contiguous leading axes stay on the short path, out given or not; 1-D x too
+    x3 = np.ascontiguousarray(np.stack([x, x[::-1]]))
+    r3 = np.stack([ref, ref[::-1]])
+    assert np.array_equal(lin(x3), r3) and lin(x3).shape == (2, 5, 40)
+    o3 = np.zeros((2, 5, 40), F32)
+    assert lin(x3, out=o3) is o3 and np.array_equal(o3, r3)
+    with pytest.raises(ValueError, match="out must have shape"):
+        lin(x3, out=np.zeros((5, 2, 40), F32))   # same size, other leading axes
+    assert np.array_equal(lin(x[2]), ref[2]) and lin(x[2]).shape == (40,)
+    # a residual beside x: short path; in place (out is the residual): the general one
+    res = RNG.standard_normal((5, 40), dtype=F32)
+    resg = np.zeros((1, 5, 50), F32)[..., :40]
+    resg[0] = res
+    rref = lin(xg, activation="gelu", residual=resg)[0]
+    assert np.array_equal(lin(x, activation="gelu", residual=res), rref)
+    o = np.zeros((5, 40), F32)
+    assert lin(x, activation="gelu", residual=res, out=o) is o and np.array_equal(o, rref)
+    r2 = res.copy()
+    assert lin(x, activation="gelu", residual=r2, out=r2) is r2 and np.array_equal(r2, rref)
+    buf2 = np.zeros((6, 40), F32)
+    with pytest.raises(ValueError, match="overlap"):
+        lin(x, residual=buf2[1:], out=buf2[:5])
+    with pytest.raises(ValueError, match="residual"):
+        lin(x, residual=np.zeros((5, 1, 40), F32))
     # row-strided x and out (unit last stride) stay on the short path; equal bits
     xs = np.zeros((5, 30), F32)
     xs[:, :24] = x

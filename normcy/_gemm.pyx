@@ -543,10 +543,10 @@ cdef class PackedLinear:
                 and (residual is None or
                      (_plain_rows(residual, self.out_features, False, &rw)
                       and _same_leading(<cnp.ndarray>residual, <cnp.ndarray>x)))):
-            # The fast path (a 1 x 384 call costs ~0.25 us instead of ~1.5 us here): x, out
-            # and the residual valid as they stand (C-contiguous with any leading axes, or
-            # 2-D rows), out disjoint from both, no norm.  Anything else, errors and
-            # in-place residuals included, takes the general path below.
+            # The fast path (call overhead ~0.25 us instead of ~1.5 us: a 1 x 8 x 8 call on
+            # the AMD EPYC Zen 5): x, out and the residual valid as they stand (C-contiguous
+            # with any leading axes, or 2-D rows), out disjoint from both, no norm.  Anything
+            # else, errors and in-place residuals included, takes the general path below.
             if residual is not None:
                 rp = &rw
             xnd = cnp.PyArray_NDIM(<cnp.ndarray>x)

@@ -484,13 +484,28 @@ NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u])
         }                                                                              \
     } while (0)
 
-/* the exact GELU's whole groups of a row (at least two, else none); returns the elements
-   done, the rest is NCO_ACT_LOOP's */
+/* Whether the exact GELU's row loop uses the group pipeline (NCO_GELU_PIPE) or one group
+   of NCO_NU vectors at a time (nco_gelu_erf_n).  The pipeline keeps two groups' chains
+   live: on AVX2 it was 6-15% faster (AMD EPYC Zen 3, see above); on AVX-512 its ~28 live
+   vectors and ~20 constants overflow the 32 zmm registers (54 stack accesses per group of
+   four vectors in the loop GCC 12 made) and one group at a time was 1.07-1.08x faster in
+   cache at one thread and 1.22-1.24x at 4096 x 1536, two threads (AMD EPYC Zen 5; same
+   bits).  The GEMM's strip epilogue keeps the pipeline on every variant: without it the
+   FFN's GEMM + GELU measured 0.97-1.00x on the Zen 5. */
+#if NC_VW == 16
+#define NCO_GELU_PIPED 0
+#else
+#define NCO_GELU_PIPED 1
+#endif
+
+/* the exact GELU's whole groups of a row (at least two, else none) through the pipeline;
+   returns the elements done, the rest is NCO_ACT_LOOP's (all of them without the
+   pipeline: NCO_GELU_PIPED) */
 NC_INLINE nc_int nco_gelu_rows_piped(const float *x, const float *bias, const float *res,
                                      float *out, nc_int n)
 {
     const nc_int G = NCO_NU * NC_VW, ng = n / G;
-    if (ng < 2) return 0;
+    if (!NCO_GELU_PIPED || ng < 2) return 0;
 #define NCO_RLD(g, u) (bias ? ncv_ld(x + (g) * G + (u) * NC_VW) + ncv_ld(bias + (g) * G + (u) * NC_VW) \
                             : ncv_ld(x + (g) * G + (u) * NC_VW))
 #define NCO_RST(g, u, v) ncv_st(out + (g) * G + (u) * NC_VW,                                      \

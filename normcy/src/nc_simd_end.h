@@ -56,6 +56,7 @@
 #undef NCO_EACH
 #undef NCO_NU
 #undef NCO_GELU_PIPE
+#undef NCO_GELU_PIPED
 #undef nco_exp_inrange
 #undef nco_gelu_erf
 #undef nco_gelu_tanh

@@ -291,7 +291,7 @@ NC_GEMV_FN(4)
    resident, cost a second K block at K = 384 and 3-4% of the single-thread rate).  With
    an L1 of 48 KB or more, slices of up to 48 KB (AVX2 KC <= 768, AVX-512 KC <= 384):
    fewer blocks (fewer stores and reloads of the partial sums, fewer tile starts) were
-   1-2% faster at K = 384-1536 on the AMD EPYC Zen 5 (48 KB L1), both variants, M = 512 -
+   1-3% faster at K = 384-1536 on the AMD EPYC Zen 5 (48 KB L1), both variants, M = 512 -
    4096, one and two threads, though the slice then shares the L1 with x's rows. */
 static nc_int NC_FN(nc_gemm_kc)(nc_int K)
 {

@@ -488,7 +488,7 @@ NC_INLINE void nco_relu_n(const int NU, ncv *x) { NCO_EACH x[u] = nco_relu(x[u])
    of NCO_NU vectors at a time (nco_gelu_erf_n).  The pipeline keeps two groups' chains
    live: on AVX2 it was 6-15% faster (AMD EPYC Zen 3, see above); on AVX-512 its ~28 live
    vectors and ~20 constants overflow the 32 zmm registers (54 stack accesses per group of
-   four vectors in the loop GCC 12 made) and one group at a time was 1.07-1.08x faster in
+   four vectors in the loop GCC 12 made) and one group at a time was 1.07-1.09x faster in
    cache at one thread and 1.22-1.24x at 4096 x 1536, two threads (AMD EPYC Zen 5; same
    bits).  The GEMM's strip epilogue keeps the pipeline on every variant: without it the
    FFN's GEMM + GELU measured 0.97-1.00x on the Zen 5. */

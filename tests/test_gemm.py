@@ -321,9 +321,10 @@ def test_bad_arguments():
 
 
 def test_fast_call_path_same_bits_and_same_errors():
-    """A 2-D float32 x (and out) valid as they stand take a short call path; every variant
-    beside it (leading axes, strides, subclasses, byte order, aliasing) takes the general
-    one.  Same bits either way, and the general path's errors for what it refuses."""
+    """x, out and a residual that are valid as they stand (C-contiguous with any leading
+    axes, or 2-D row views) take a short call path; everything beside it (other strides,
+    subclasses, byte order, aliasing, in-place residuals) takes the general one.  Same bits
+    either way, and the general path's errors for what the short one refuses."""
     w = RNG.standard_normal((40, 24), dtype=F32)
     b = RNG.standard_normal(40, dtype=F32)
     lin = PackedLinear(w, b)
@@ -366,7 +367,7 @@ def test_fast_call_path_same_bits_and_same_errors():
     os_ = np.zeros((5, 50), F32)
     assert lin(xs[:, :24], out=os_[:, :40]) is not None
     assert np.array_equal(os_[:, :40], ref) and not os_[:, 40:].any()
-    # big-endian float32, a subclass, a 1-D x: the general path, same results or errors
+    # big-endian float32 and a subclass: the general path, same results or errors
     xb = x.astype(">f4")
     with pytest.raises(TypeError, match="x must be float32"):
         lin(xb)

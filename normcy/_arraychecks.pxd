@@ -101,14 +101,17 @@ cdef inline bint identical_view(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef inline bint disjoint(cnp.ndarray a, cnp.ndarray b) noexcept:
+    """Whether the byte extents of two arrays do not meet (an empty array meets nothing)."""
+    cdef Py_ssize_t lo1, hi1, lo2, hi2
+    extent(a, &lo1, &hi1)
+    extent(b, &lo2, &hi2)
+    return lo1 >= hi2 or lo2 >= hi1 or lo1 == hi1 or lo2 == hi2
+
+
 cdef inline int check_overlap(cnp.ndarray outa, str oname, object ina, str iname, bint allow_identical) except -1:
     """Reject an output that partially overlaps an input (identical views may be allowed)."""
-    cdef Py_ssize_t lo1, hi1, lo2, hi2
-    if ina is None:
-        return 0
-    extent(outa, &lo1, &hi1)
-    extent(<cnp.ndarray>ina, &lo2, &hi2)
-    if lo1 >= hi2 or lo2 >= hi1 or lo1 == hi1 or lo2 == hi2:
+    if ina is None or disjoint(outa, <cnp.ndarray>ina):
         return 0
     if allow_identical and identical_view(outa, <cnp.ndarray>ina):
         return 0

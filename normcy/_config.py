@@ -16,6 +16,7 @@ def get_config():
     from normcy import _gemm, _norms, _parallel
 
     isa = _norms.isa_info()
+    blocking = _gemm.kernel_blocking()
     blas = None
     try:
         cfg = np.show_config(mode="dicts")
@@ -35,8 +36,8 @@ def get_config():
         "isa_cap": isa["cap"] or None,
         "supported_variants": isa["supported"],
         "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
-        "gemm_k_block": _gemm.kernel_blocking()[1],
-        "l1d_bytes": _gemm.kernel_blocking()[0],
+        "gemm_k_block": blocking[1],
+        "l1d_bytes": blocking[0],
         "runtime_dispatch": _norms.have_runtime_dispatch(),
         "native_build": bi.native,
         "compile_args": list(bi.compile_args),

@@ -27,7 +27,7 @@ from normcy._openmp_helpers cimport (omp_get_num_threads, omp_get_thread_num, nc
                                       nc_ranges_init, nc_ranges_next)
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
 from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
-                                  parse_eps)
+                                  parse_eps, disjoint)
 
 cnp.import_array()
 
@@ -160,14 +160,6 @@ cdef inline bint _plain_rows(object a, Py_ssize_t width, bint output, Rows *r) n
         return False
     r.ld = cnp.PyArray_STRIDES(v)[0] // 4
     return not output or r.M == 1 or r.ld >= width
-
-
-cdef inline bint _rows_disjoint(const Rows *a, Py_ssize_t aw, const Rows *b,
-                                Py_ssize_t bw) noexcept:
-    """Whether two row operands (non-negative row strides) share no byte."""
-    cdef char *a1 = a.data + ((a.M - 1) * a.ld + aw) * 4
-    cdef char *b1 = b.data + ((b.M - 1) * b.ld + bw) * 4
-    return a1 <= b.data or b1 <= a.data
 
 
 cdef inline void _rows_of(cnp.ndarray a, Rows *r) noexcept:
@@ -538,6 +530,7 @@ cdef class PackedLinear:
         cdef Rows *rp = NULL
         cdef cnp.npy_intp fdims[32]
         cdef int fk, xnd
+        cdef bint fast
         if (norm is None and sum_out is None and norm_weight is None and norm_bias is None
                 and _plain_rows(x, self.in_features, False, &xw)
                 and (residual is None or
@@ -558,13 +551,13 @@ cdef class PackedLinear:
                 yw.data = <char *>cnp.PyArray_DATA(<cnp.ndarray>out)
                 yw.M = xw.M
                 yw.ld = self.out_features
-                self._run(&xw, rp, &yw, &yw, act, -1, None, None, 0.0, num_threads)
-                return out
-            if (out is not None and _plain_rows(out, self.out_features, True, &yw)
-                    and _same_leading(<cnp.ndarray>out, <cnp.ndarray>x)
-                    and _rows_disjoint(&yw, self.out_features, &xw, self.in_features)
-                    and (rp == NULL or _rows_disjoint(&yw, self.out_features, rp,
-                                                      self.out_features))):
+                fast = True
+            else:
+                fast = (out is not None and _plain_rows(out, self.out_features, True, &yw)
+                        and _same_leading(<cnp.ndarray>out, <cnp.ndarray>x)
+                        and disjoint(<cnp.ndarray>out, <cnp.ndarray>x)
+                        and (rp == NULL or disjoint(<cnp.ndarray>out, <cnp.ndarray>residual)))
+            if fast:
                 self._run(&xw, rp, &yw, &yw, act, -1, None, None, 0.0, num_threads)
                 return out
         cdef object caller_out = out

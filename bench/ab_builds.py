@@ -1,15 +1,19 @@
 """In-process A/B of normcy's element-wise kernels between builds.
 
-    python bench/ab_builds.py [--kernel gelu|softmax] [--reps 30] NAME=DIR [NAME=DIR ...]
+    python bench/ab_builds.py [--kernel gelu|softmax|gemm] [--reps 30] [--shapes MxNxK,...]
+                              [--threads 1,2] NAME=DIR [NAME=DIR ...]
 
 Each DIR is a checkout built in place (``python setup.py build_ext --inplace``); its
-``normcy/_ops`` extension is loaded into this one process beside the others (under
-another module name), and the builds are called in alternating order, so that they share
-the machine's slow and fast phases (process-by-process comparisons on a shared VM swing by
-10% and more between identical builds).  Prints, per case, each build's median time per
-element and the median of its per-repeat ratios to the first build (> 1: faster).
-Cases: 64 x 1536 in cache at 1 thread, 4096 x 1536 at 2 threads (GELU); 12 x 128 x 128 at
-1 and 2 threads (softmax).
+``normcy/_ops`` extension (``normcy/_gemm`` for --kernel gemm) is loaded into this one
+process beside the others (under another module name), and the builds are called in
+alternating order, so that they share the machine's slow and fast phases (process-by-process
+comparisons on a shared VM swing by 10% and more between identical builds).  Prints, per
+case, each build's median time per element (GEMM: per call) and the median of its
+per-repeat ratios to the first build (> 1: faster), and whether the builds' outputs are
+bit-identical.  Cases: 64 x 1536 in cache at 1 thread, 4096 x 1536 at 2 threads (GELU);
+12 x 128 x 128 at 1 and 2 threads (softmax); for the GEMM, ``PackedLinear(W, b)`` calls
+with ``out=`` on the --shapes (default 4096x384x384,4096x1536x384,4096x384x1536,1x384x1536)
+at each of --threads.
 """
 import argparse
 import glob
@@ -22,11 +26,11 @@ import numpy as np
 import normcy  # noqa: F401  (the extensions import normcy's Python modules)
 
 
-def load(tag, d):
-    paths = glob.glob(d + "/normcy/_ops.cpython*.so") + glob.glob(d + "/normcy/_ops*.pyd")
+def load(tag, d, ext="_ops"):
+    paths = glob.glob(d + "/normcy/%s.cpython*.so" % ext) + glob.glob(d + "/normcy/%s*.pyd" % ext)
     if not paths:
-        raise SystemExit("%s: no built normcy/_ops extension (build it in place first)" % d)
-    name = "ab_%s._ops" % tag
+        raise SystemExit("%s: no built normcy/%s extension (build it in place first)" % (d, ext))
+    name = "ab_%s.%s" % (tag, ext)
     loader = importlib.machinery.ExtensionFileLoader(name, paths[0])
     spec = importlib.util.spec_from_file_location(name, paths[0], loader=loader)
     m = importlib.util.module_from_spec(spec)
@@ -36,8 +40,10 @@ def load(tag, d):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=["gelu", "softmax"], default="gelu")
+    ap.add_argument("--kernel", choices=["gelu", "softmax", "gemm"], default="gelu")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--shapes", default="4096x384x384,4096x1536x384,4096x384x1536,1x384x1536")
+    ap.add_argument("--threads", default="1,2")
     ap.add_argument("builds", nargs="+", metavar="NAME=DIR")
     a = ap.parse_args()
     mods = {}
@@ -45,8 +51,11 @@ def main():
         tag, _, d = b.partition("=")
         if not d:
             raise SystemExit("expected NAME=DIR, got %r" % b)
-        mods[tag] = load(tag, d)
+        mods[tag] = load(tag, d, "_gemm" if a.kernel == "gemm" else "_ops")
     rng = np.random.default_rng(0)
+    if a.kernel == "gemm":
+        gemm_ab(mods, a, rng)
+        return
     cases = ([((64, 1536), 30, 1), ((4096, 1536), 2, 2)] if a.kernel == "gelu"
              else [((12, 128, 128), 30, 1), ((12, 128, 128), 30, 2)])
     for shape, inner, T in cases:
@@ -68,6 +77,47 @@ def main():
         print("%s %s, %d thread%s: " % (a.kernel, "x".join(map(str, shape)), T, "s"[:T > 1])
               + "  ".join("%s %.3f ns/el (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
                           for t, v in res.items()))
+
+
+
+def gemm_ab(mods, a, rng):
+    """The GEMM case of main: each build's PackedLinear on the same x, W, b, alternated."""
+    for spec in a.shapes.split(","):
+        M, N, K = (int(v) for v in spec.lower().split("x"))
+        x = rng.standard_normal((M, K), dtype=np.float32)
+        w = rng.standard_normal((N, K), dtype=np.float32)
+        bias = rng.standard_normal(N, dtype=np.float32)
+        lins = {t: m.PackedLinear(w, bias) for t, m in mods.items()}
+        outs = {t: lin(x) for t, lin in lins.items()}
+        first = next(iter(outs.values()))
+        same = all(np.array_equal(first, o) for o in outs.values())
+        y = np.empty((M, N), np.float32)
+        inner = max(3, int(2e8 / (2 * M * N * K)))
+        for T in (int(v) for v in a.threads.split(",")):
+            # ~0.3 s of calls first: on the AMD EPYC Zen 5 VM, two-thread calls right after
+            # one-thread work kept stalling on the second thread (64x384x384: 157 us per
+            # call for a whole 10-repeat run, against 39 us with this warm-up; mechanism
+            # not established, the idle vCPU's wake-up is the likely one)
+            t_end = time.perf_counter() + 0.3
+            while time.perf_counter() < t_end:
+                for lin in lins.values():
+                    lin(x, out=y, num_threads=T)
+            res = {t: [] for t in mods}
+            for rep in range(a.reps):
+                order = list(lins.items())
+                if rep % 2:
+                    order = order[::-1]
+                for t, lin in order:
+                    lin(x, out=y, num_threads=T)
+                    t0 = time.perf_counter_ns()
+                    for _ in range(inner):
+                        lin(x, out=y, num_threads=T)
+                    res[t].append((time.perf_counter_ns() - t0) / inner / 1e3)
+            base = np.array(res[next(iter(mods))])
+            print("gemm %dx%dx%d, %d thread%s: " % (M, N, K, T, "s"[:T > 1])
+                  + "  ".join("%s %.1f us (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
+                              for t, v in res.items())
+                  + ("  (same bits)" if same else "  (BITS DIFFER)"))
 
 
 if __name__ == "__main__":

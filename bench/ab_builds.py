@@ -1,10 +1,11 @@
 """In-process A/B of normcy's element-wise kernels between builds.
 
-    python bench/ab_builds.py [--kernel gelu|softmax|gemm] [--reps 30] [--shapes MxNxK,...]
-                              [--threads 1,2] NAME=DIR [NAME=DIR ...]
+    python bench/ab_builds.py [--kernel gelu|softmax|gemm|layers] [--reps 30]
+                              [--shapes MxNxK,... | BxL,...] [--threads 1,2]
+                              NAME=DIR [NAME=DIR ...]
 
 Each DIR is a checkout built in place (``python setup.py build_ext --inplace``); its
-``normcy/_ops`` extension (``normcy/_gemm`` for --kernel gemm) is loaded into this one
+``normcy/_ops`` extension (``normcy/_gemm`` for --kernel gemm and layers) is loaded into this one
 process beside the others (under another module name), and the builds are called in
 alternating order, so that they share the machine's slow and fast phases (process-by-process
 comparisons on a shared VM swing by 10% and more between identical builds).  Prints, per
@@ -13,7 +14,10 @@ per-repeat ratios to the first build (> 1: faster), and whether the builds' outp
 bit-identical.  Cases: 64 x 1536 in cache at 1 thread, 4096 x 1536 at 2 threads (GELU);
 12 x 128 x 128 at 1 and 2 threads (softmax); for the GEMM, ``PackedLinear(W, b)`` calls
 with ``out=`` on the --shapes (default 4096x384x384,4096x1536x384,4096x384x1536,1x384x1536)
-at each of --threads.
+at each of --threads; for the layers, a stack of six MiniLM-sized encoder layers (d_model
+384, 12 heads, feed-forward 1536, exact GELU, post-LN; random weights) run as one compiled
+call (the encoder's unmasked path: ``EncoderLayerKernel`` and ``run_layers`` of each build's
+``_gemm``) on batch x sequence-length --shapes (default 1x16,1x128,8x128,32x128).
 """
 import argparse
 import glob
@@ -40,9 +44,9 @@ def load(tag, d, ext="_ops"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=["gelu", "softmax", "gemm"], default="gelu")
+    ap.add_argument("--kernel", choices=["gelu", "softmax", "gemm", "layers"], default="gelu")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--shapes", default="4096x384x384,4096x1536x384,4096x384x1536,1x384x1536")
+    ap.add_argument("--shapes", default=None)
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("builds", nargs="+", metavar="NAME=DIR")
     a = ap.parse_args()
@@ -51,10 +55,15 @@ def main():
         tag, _, d = b.partition("=")
         if not d:
             raise SystemExit("expected NAME=DIR, got %r" % b)
-        mods[tag] = load(tag, d, "_gemm" if a.kernel == "gemm" else "_ops")
+        mods[tag] = load(tag, d, "_gemm" if a.kernel in ("gemm", "layers") else "_ops")
     rng = np.random.default_rng(0)
     if a.kernel == "gemm":
+        a.shapes = a.shapes or "4096x384x384,4096x1536x384,4096x384x1536,1x384x1536"
         gemm_ab(mods, a, rng)
+        return
+    if a.kernel == "layers":
+        a.shapes = a.shapes or "1x16,1x128,8x128,32x128"
+        layers_ab(mods, a, rng)
         return
     cases = ([((64, 1536), 30, 1), ((4096, 1536), 2, 2)] if a.kernel == "gelu"
              else [((12, 128, 128), 30, 1), ((12, 128, 128), 30, 2)])
@@ -94,14 +103,7 @@ def gemm_ab(mods, a, rng):
         y = np.empty((M, N), np.float32)
         inner = max(3, int(2e8 / (2 * M * N * K)))
         for T in (int(v) for v in a.threads.split(",")):
-            # ~0.3 s of calls first: on the AMD EPYC Zen 5 VM, two-thread calls right after
-            # one-thread work kept stalling on the second thread (64x384x384: 157 us per
-            # call for a whole 10-repeat run, against 39 us with this warm-up; mechanism
-            # not established, the idle vCPU's wake-up is the likely one)
-            t_end = time.perf_counter() + 0.3
-            while time.perf_counter() < t_end:
-                for lin in lins.values():
-                    lin(x, out=y, num_threads=T)
+            warm_up(lambda: [lin(x, out=y, num_threads=T) for lin in lins.values()])
             res = {t: [] for t in mods}
             for rep in range(a.reps):
                 order = list(lins.items())
@@ -115,6 +117,82 @@ def gemm_ab(mods, a, rng):
                     res[t].append((time.perf_counter_ns() - t0) / inner / 1e3)
             base = np.array(res[next(iter(mods))])
             print("gemm %dx%dx%d, %d thread%s: " % (M, N, K, T, "s"[:T > 1])
+                  + "  ".join("%s %.1f us (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
+                              for t, v in res.items())
+                  + ("  (same bits)" if same else "  (BITS DIFFER)"))
+
+
+def warm_up(f, seconds=0.3):
+    """~0.3 s of calls before timing: on the AMD EPYC Zen 5 VM, two-thread calls right
+    after one-thread work ran as if on one core (64x384x384: 157 us per call for a whole
+    10-repeat run, against 39 us with this warm-up): its host puts a lightly loaded VM's
+    two vCPUs on one physical core, and spreads them again only after a stretch of load
+    (a pure OpenMP C loop shows the same)."""
+    t_end = time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        f()
+
+
+def layers_ab(mods, a, rng):
+    """The layers case of main: each build's six-layer stack on the same x, alternated."""
+    d, f, h, nl = 384, 1536, 12, 6
+
+    def lin(n, k):
+        return (rng.standard_normal((n, k), dtype=np.float32) / float(np.sqrt(k)),
+                rng.standard_normal(n, dtype=np.float32) * 0.1)
+
+    layers = []
+    for _ in range(nl):
+        ws = [lin(3 * d, d), lin(d, d), lin(f, d), lin(d, f)]
+        norms = [(1 + 0.1 * rng.standard_normal(d, dtype=np.float32),
+                  0.1 * rng.standard_normal(d, dtype=np.float32)) for _ in range(2)]
+        layers.append((ws, norms))
+    stacks = {}
+    for t, m in mods.items():
+        ks = []
+        for ws, norms in layers:
+            pl = [m.PackedLinear(w, None if i == 0 else b) for i, (w, b) in enumerate(ws)]
+            ks.append(m.EncoderLayerKernel(pl[0], ws[0][1][:d], pl[1], pl[2], pl[3],
+                                           norms[0], norms[1], 1e-12, "layer", "gelu",
+                                           False, h))
+        stacks[t] = (m, ks)
+    for spec in a.shapes.split(","):
+        B, L = (int(v) for v in spec.lower().split("x"))
+        M = B * L
+        x = rng.standard_normal((M, d), dtype=np.float32)
+        bufs = dict(qkv=np.empty((M, 3 * d), np.float32), ctx=np.empty((M, d), np.float32),
+                    mid=np.empty((M, d), np.float32), hid=np.empty((M, f), np.float32))
+        outs = [np.empty((M, d), np.float32) for _ in range(2)]
+        chain = [outs[i % 2] for i in range(nl)]
+        groups = [(0, B, L)]
+
+        def run(t, T):
+            m, ks = stacks[t]
+            return m.run_layers(ks, x, chain, bufs["qkv"], bufs["ctx"], bufs["mid"],
+                                bufs["hid"], groups, T)
+
+        first = None
+        same = True
+        for t in stacks:
+            r = run(t, 1).copy()
+            same = same and (first is None or np.array_equal(first, r))
+            first = r if first is None else first
+        inner = max(1, int(2e8 / (2 * M * nl * d * (4 * d + 2 * f))))
+        for T in (int(v) for v in a.threads.split(",")):
+            warm_up(lambda: [run(t, T) for t in stacks])
+            res = {t: [] for t in stacks}
+            for rep in range(a.reps):
+                order = list(stacks)
+                if rep % 2:
+                    order = order[::-1]
+                for t in order:
+                    run(t, T)
+                    t0 = time.perf_counter_ns()
+                    for _ in range(inner):
+                        run(t, T)
+                    res[t].append((time.perf_counter_ns() - t0) / inner / 1e3)
+            base = np.array(res[next(iter(stacks))])
+            print("layers %dx%d (6 x d384), %d thread%s: " % (B, L, T, "s"[:T > 1])
                   + "  ".join("%s %.1f us (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
                               for t, v in res.items())
                   + ("  (same bits)" if same else "  (BITS DIFFER)"))

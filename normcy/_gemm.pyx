@@ -15,16 +15,16 @@ bit-identical for every thread count and every batch composition.
 from libc.stdlib cimport malloc, free
 from libc.string cimport memset
 from libc.stdint cimport uint8_t, uintptr_t
-from cython.parallel cimport prange, parallel
+from cython.parallel cimport prange
 cimport numpy as cnp
 import numpy as np
 import operator
 
 from normcy._parallel cimport resolve_threads
-from normcy._openmp_helpers cimport (omp_get_num_threads, omp_get_thread_num, nc_team,
-                                      nc_team_shared, nc_team_init, nc_team_barrier,
-                                      nc_team_enter, nc_team_leave, nc_claim, nc_ranges,
-                                      nc_ranges_init, nc_ranges_next)
+from normcy._openmp_helpers cimport (omp_get_thread_num, nc_gate, nc_gate_init,
+                                      nc_gate_done, nc_gate_wait, nc_team_enter,
+                                      nc_team_leave, nc_claim, nc_ranges, nc_ranges_init,
+                                      nc_ranges_next)
 from normcy._norms cimport KIND_LN, KIND_RMS, norm_rows, as_param
 from normcy._arraychecks cimport (describe, shape_of, check_no_self_overlap, check_overlap, plain,
                                   parse_eps, disjoint)
@@ -180,6 +180,38 @@ cdef inline bint _same_leading(cnp.ndarray a, cnp.ndarray b) noexcept:
     return True
 
 
+cdef struct RowChunks:
+    # rows [0, M) of a stage in chunks any thread of the team may claim (rows_plan)
+    Py_ssize_t M
+    Py_ssize_t next
+    Py_ssize_t chunk
+    Py_ssize_t nchunks
+    nc_gate gate
+
+
+cdef void rows_plan(RowChunks *r, Py_ssize_t M, int nt) noexcept nogil:
+    """Up to 4 chunks of rows per thread (at least one row each); set before the team
+    starts.  A row's result does not depend on the chunk it is in."""
+    cdef Py_ssize_t n = 4 * <Py_ssize_t>nt
+    r.M = M
+    r.chunk = (M + n - 1) // n if M > 0 else 1
+    if r.chunk < 1:
+        r.chunk = 1
+    r.nchunks = (M + r.chunk - 1) // r.chunk
+    r.next = 0
+    nc_gate_init(&r.gate, <int>r.nchunks)
+
+
+cdef inline int rows_next(RowChunks *r, Py_ssize_t *a, Py_ssize_t *b) noexcept nogil:
+    """The next unclaimed chunk [a, b) of r's rows (1), or none left (0)."""
+    cdef Py_ssize_t c = nc_claim(&r.next)
+    if c >= r.nchunks:
+        return 0
+    a[0] = c * r.chunk
+    b[0] = a[0] + r.chunk if a[0] + r.chunk < r.M else r.M
+    return 1
+
+
 cdef struct GemmJob:
     const float *x
     Py_ssize_t ldx
@@ -203,13 +235,16 @@ cdef struct GemmJob:
     Py_ssize_t nchunks
     nc_ranges ranges
     Py_ssize_t grain
-    # fused norm epilogue (norm < 0: none): rows of y normalized into z
+    nc_gate gate              # units not yet done: chunks (by rows) or panels
+    # fused norm epilogue (norm < 0: none): rows of y normalized into z; split by panels,
+    # after the gate, in chunks of rows claimed through nrows
     int norm
     const float *nw
     const float *nb
     double eps
     float *z
     Py_ssize_t ldz
+    RowChunks nrows
 
 
 cdef inline void gemm_rows(const GemmJob *j, Py_ssize_t a, Py_ssize_t b) noexcept nogil:
@@ -261,10 +296,12 @@ cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
     started cold four times as often and made the MiniLM batch-1 forward ~6% slower), and a
     late or slow thread costs one grain, not its share: a worker woken from sleep at the
     start of the parallel region, or one core of a shared machine running slower, kept the
-    other waiting at the barrier after the stage (up to ~8% of a batch-1 MiniLM forward on
-    the AMD EPYC VM).  A grain is ~64K FMAs of work (one panel of 16 columns at 11+ rows
-    and K = 384), and whole groups of four panels for a single row (nc_gemm_run's GEMV path
-    takes four at a time).  One thread: one chunk."""
+    other waiting at the end of the stage (up to ~8% of a batch-1 MiniLM forward on the AMD
+    EPYC VM, when stages still ended at a barrier).  A grain is ~64K FMAs of work (one
+    panel of 16 columns at 11+ rows and K = 384), and whole groups of four panels for a
+    single row (nc_gemm_run's GEMV path takes four at a time).  One thread: one chunk.
+    Each part of the job has a gate (nc_gate) counting its units not yet done: the GEMM's
+    chunks or panels, and the norm epilogue's row chunks."""
     cdef Py_ssize_t units, k, per, n, g
     if j.by_rows:
         units = (j.M + j.mr - 1) // j.mr
@@ -282,6 +319,7 @@ cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
         j.chunk = (units + n - 1) // n
         j.nchunks = (units + j.chunk - 1) // j.chunk
         j.next = 0
+        nc_gate_init(&j.gate, <int>j.nchunks)
         return
     per = j.M * j.K * nc_gemm_nr()      # FMAs of one panel
     g = (65536 + per - 1) // per if per > 0 else 1
@@ -289,46 +327,70 @@ cdef void gemm_plan(GemmJob *j, int nt) noexcept nogil:
         g = (g + 3) // 4 * 4
     j.grain = g if g > 0 else 1
     nc_ranges_init(&j.ranges, j.npanels, nt)
+    nc_gate_init(&j.gate, <int>j.npanels)
+    if j.norm >= 0:
+        rows_plan(&j.nrows, j.M, nt)
 
 
 cdef void gemm_part(GemmJob *j) noexcept nogil:
     """The calling thread's work, claimed until none is left: chunks of whole rows (by_rows;
     the norm epilogue included), or grains of column panels for every row (the norm
-    epilogue then runs after a barrier); see gemm_plan.  Dynamic: equal static shares made
-    the slowest core set the time (on the AMD EPYC VM one core at a time runs ~1.6x slower
-    for 0.1-1 s).  Each output element is computed the same way by any thread (the same
-    bits)."""
+    epilogue then runs after the gate, gemm_team); see gemm_plan.  Dynamic: equal static
+    shares made the slowest core set the time (on the AMD EPYC VM one core at a time runs
+    ~1.6x slower for 0.1-1 s).  Each output element is computed the same way by any thread
+    (the same bits).  The units done are added to j.gate once, at the end."""
     cdef Py_ssize_t c, a, b, hint
-    cdef int own
+    cdef int own, done = 0
     if j.by_rows:
         while True:
             c = nc_claim(&j.next)
             if c >= j.nchunks:
-                return
+                break
             a = c * j.chunk * j.mr
             b = (c + 1) * j.chunk * j.mr
             if b > j.M:
                 b = j.M
             if a < b:
                 gemm_rows(j, a, b)
+            done += 1
+        nc_gate_done(&j.gate, done)
+        return
     own = omp_get_thread_num()
     while nc_ranges_next(&j.ranges, own, j.grain, &a, &b, &hint):
         nc_gemm_run(j.x, j.ldx, j.wp, j.N, j.K, j.bias, j.res, j.ldr, j.y, j.ldy,
                     j.act, 0, j.M, a, b, hint)
+        done += <int>(b - a)
+    nc_gate_done(&j.gate, done)
 
 
-cdef void gemm_team(GemmJob *j, int t, int nt, nc_team *tm) noexcept nogil:
-    """Thread t of a team of nt: its chunks of the GEMM; with the norm epilogue and a split
-    by panels, a barrier, then its rows of the norm (every thread takes the same branch)."""
-    cdef Py_ssize_t a, b
+cdef void norm_part(int kind, RowChunks *r, const float *x, Py_ssize_t ldx, float *y,
+                    Py_ssize_t ldy, Py_ssize_t d, const float *w, const float *b,
+                    double eps) noexcept nogil:
+    """The calling thread's chunks of a row-norm stage (claimed until none is left), then
+    its count added to r's gate."""
+    cdef Py_ssize_t a0, a1
+    cdef int done = 0
+    while rows_next(r, &a0, &a1):
+        norm_rows(kind, x + a0 * ldx, ldx, y + a0 * ldy, ldy, a1 - a0, d, w, b, eps)
+        done += 1
+    nc_gate_done(&r.gate, done)
+
+
+cdef void gemm_team(GemmJob *j) noexcept nogil:
+    """The calling thread's part of the GEMM; with the norm epilogue and a split by panels,
+    the wait for every panel (j.gate), then chunks of rows of the norm.  gemm_gate(j): the
+    gate after which the whole job is done."""
     gemm_part(j)
     if j.norm >= 0 and not j.by_rows:
-        nc_team_barrier(tm)
-        a = j.M * t // nt
-        b = j.M * (t + 1) // nt
-        if a < b:
-            norm_rows(j.norm, j.y + a * j.ldy, j.ldy, j.z + a * j.ldz, j.ldz, b - a, j.N,
-                      j.nw, j.nb, j.eps)
+        nc_gate_wait(&j.gate)
+        norm_part(j.norm, &j.nrows, j.y, j.ldy, j.z, j.ldz, j.N, j.nw, j.nb, j.eps)
+
+
+cdef inline nc_gate *gemm_gate(GemmJob *j) noexcept nogil:
+    """The gate that closes job j (its norm's rows, or its GEMM units)."""
+    if j.norm >= 0 and not j.by_rows:
+        return &j.nrows.gate
+    return &j.gate
 
 
 cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
@@ -343,22 +405,12 @@ cdef void gemm_exec(GemmJob *j, int nt) noexcept nogil:
             gemm_part(j)
         return
     # few rows, split by panels: every panel of a row must be done before it is
-    # normalized, so the norm runs after a barrier, rows split among the same team
-    # (one parallel region for both)
-    cdef nc_team_shared sh
-    memset(&sh, 0, sizeof(sh))
+    # normalized, so the norm's rows are claimed after the GEMM's gate (one parallel
+    # region for both)
     nc_team_enter()
-    with parallel(num_threads=nt):
-        gemm_team_member(j, &sh)
+    for t in prange(nt, schedule='static', num_threads=nt):
+        gemm_team(j)
     nc_team_leave()
-
-
-cdef void gemm_team_member(GemmJob *j, nc_team_shared *sh) noexcept nogil:
-    """The calling thread's share of gemm_team, inside the parallel region."""
-    cdef nc_team tm
-    cdef int nt = omp_get_num_threads()
-    nc_team_init(&tm, sh, nt)
-    gemm_team(j, omp_get_thread_num(), nt, &tm)
 
 
 cdef class PackedLinear:
@@ -733,22 +785,25 @@ cdef inline Py_ssize_t attn_scratch_floats(Py_ssize_t L, Py_ssize_t dh) noexcept
     return (lk * dh + L * dh + mr * (lk + dh) + 15) // 16 * 16
 
 
-cdef void attn_part(AttnJob *j, float *buf) noexcept nogil:
+cdef int attn_part(AttnJob *j, float *buf) noexcept nogil:
     """The calling thread's (sequence, head) blocks, claimed one at a time from j.next (zero
     before the team starts) until none is left (dynamic, as gemm_part), in its own scratch
     buf (attn_scratch_floats(j.L, j.dh) floats at least, allocated by the caller before the
-    parallel region so that a failed allocation is an error, not unwritten heads)."""
+    parallel region so that a failed allocation is an error, not unwritten heads).  Returns
+    the number of blocks it did."""
     cdef Py_ssize_t i, lk = attn_ldk(j.L)
     cdef bint zeroed = False
+    cdef int done = 0
     while True:
         i = nc_claim(&j.next)
         if i >= j.nblk:
-            return
+            return done
         if not zeroed:
             # K^T's padding columns: zero once (the blocks overwrite columns < L only)
             memset(buf, 0, lk * j.dh * sizeof(float))
             zeroed = True
         attn_block(j, i, buf, lk)
+        done += 1
 
 
 def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
@@ -837,8 +892,10 @@ cdef struct LayerJob:
     GemmJob o
     GemmJob f1
     GemmJob f2
-    # pre-LN: x normalized into xn before the QKV projection (pre_kind < 0: post-LN)
+    # pre-LN: x normalized into xn before the QKV projection (pre_kind < 0: post-LN), in
+    # chunks of rows
     int pre_kind
+    RowChunks prows
     const float *x
     float *xn
     Py_ssize_t M
@@ -850,31 +907,31 @@ cdef struct LayerJob:
     # ascratch + t * ascratch_per (allocated before the parallel region)
     AttnJob *attn
     Py_ssize_t ngroups
+    nc_gate agate             # attention blocks not yet done, all groups
     float *ascratch
     Py_ssize_t ascratch_per
 
 
-cdef void layer_team(LayerJob *L, int t, int nt, nc_team *tm) noexcept nogil:
-    """Thread t of a team of nt: every stage of the layer, a barrier between stages (each
-    stage reads what the whole team wrote in the one before)."""
-    cdef Py_ssize_t a, b, g
+cdef void layer_team(LayerJob *L, int t) noexcept nogil:
+    """Thread t of the team: every stage of the layer, each after the gate of the one
+    before (each stage reads what the whole team wrote in the one before; the caller waits
+    at gemm_gate(&L.f2) before anything reads the layer's output)."""
+    cdef Py_ssize_t g
+    cdef int done = 0
     if L.pre_kind >= 0:
-        a = L.M * t // nt
-        b = L.M * (t + 1) // nt
-        if a < b:
-            norm_rows(L.pre_kind, L.x + a * L.d, L.d, L.xn + a * L.d, L.d, b - a, L.d,
-                      L.pw, L.pb, L.eps)
-        nc_team_barrier(tm)
-    gemm_team(&L.qkv, t, nt, tm)
-    nc_team_barrier(tm)
+        norm_part(L.pre_kind, &L.prows, L.x, L.d, L.xn, L.d, L.d, L.pw, L.pb, L.eps)
+        nc_gate_wait(&L.prows.gate)
+    gemm_team(&L.qkv)
+    nc_gate_wait(gemm_gate(&L.qkv))
     for g in range(L.ngroups):
-        attn_part(&L.attn[g], L.ascratch + t * L.ascratch_per)
-    nc_team_barrier(tm)
-    gemm_team(&L.o, t, nt, tm)
-    nc_team_barrier(tm)
-    gemm_team(&L.f1, t, nt, tm)
-    nc_team_barrier(tm)
-    gemm_team(&L.f2, t, nt, tm)
+        done += attn_part(&L.attn[g], L.ascratch + t * L.ascratch_per)
+    nc_gate_done(&L.agate, done)
+    nc_gate_wait(&L.agate)
+    gemm_team(&L.o)
+    nc_gate_wait(gemm_gate(&L.o))
+    gemm_team(&L.f1)
+    nc_gate_wait(gemm_gate(&L.f1))
+    gemm_team(&L.f2)
 
 
 cdef void gemm_job(GemmJob *j, PackedLinear lin, const float *x, Py_ssize_t M, int act,
@@ -912,8 +969,9 @@ cdef inline const float *_fptr(cnp.ndarray a) noexcept:
 cdef class EncoderLayerKernel:
     """One Transformer encoder layer (post-LN or pre-LN) in a single compiled call: the
     QKV projection, the fused attention, the output projection with its residual + norm
-    epilogue, and the feed-forward GEMMs, all in one OpenMP parallel region with a barrier
-    between stages (private: normcy.transformer builds it from its prepared weights).
+    epilogue, and the feed-forward GEMMs, all in one OpenMP parallel region with a gate
+    between stages (nc_gate: the next stage starts once every unit of this one is done;
+    private: normcy.transformer builds it from its prepared weights).
 
     The operations and their order are exactly those of the layer's stage-by-stage path
     (the same kernels on the same rows), so the results are the same bits.
@@ -998,6 +1056,9 @@ cdef class EncoderLayerKernel:
                      _fptr(self.n2w), _fptr(self.n2b), self.eps, outp, nt)
         J.ngroups = len(groups)
         J.attn = A
+        if self.pre:
+            rows_plan(&J.prows, M, nt)
+        cdef Py_ssize_t nblk = 0
         for g in range(J.ngroups):
             off, nseq, L = groups[g]
             A[g].qkv = qkvp + off * 3 * d
@@ -1015,6 +1076,8 @@ cdef class EncoderLayerKernel:
             A[g].kpm = NULL
             A[g].nblk = nseq * self.nhead
             A[g].next = 0
+            nblk += A[g].nblk
+        nc_gate_init(&J.agate, <int>nblk)
 
 
 def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
@@ -1068,6 +1131,11 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                          % (M, groups))
     if M == 0:
         return outs[nl - 1]
+    for l in range(nl):   # a stage's units are counted in an int (nc_gate)
+        if M * (<EncoderLayerKernel>kernels[l]).nhead > 2147483647:
+            raise ValueError("run_layers: %d rows x %d heads is more (sequence, head) blocks "
+                             "than one call can count; split the batch"
+                             % (M, (<EncoderLayerKernel>kernels[l]).nhead))
     cdef Py_ssize_t mr = nc_gemm_mr()
     cdef Py_ssize_t units = max((k0.l1.out_features + k0.l1._nr - 1) // k0.l1._nr,
                                 (M + mr - 1) // mr)
@@ -1082,8 +1150,6 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     cdef AttnJob *A = <AttnJob *>malloc(nl * (ng if ng else 1) * sizeof(AttnJob))
     cdef float *scratch = <float *>malloc(nt * per * sizeof(float))
     cdef int t
-    cdef nc_team_shared sh
-    cdef nc_team tm
     try:
         if J == NULL or A == NULL or scratch == NULL:
             raise MemoryError("run_layers: could not allocate %d bytes of scratch"
@@ -1101,15 +1167,13 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                     M, groups, nt)
             J[l].ascratch = scratch
             J[l].ascratch_per = per
-        memset(&sh, 0, sizeof(sh))
         with nogil:
             nc_team_enter()
             if nt <= 1:
-                nc_team_init(&tm, &sh, 1)
-                layers_team(J, nl, 0, 1, &tm)
+                layers_team(J, nl, 0)
             else:
-                with parallel(num_threads=nt):
-                    layers_team_member(J, nl, &sh)
+                for t in prange(nt, schedule='static', num_threads=nt):
+                    layers_team(J, nl, t)
             nc_team_leave()
     finally:
         free(J)
@@ -1118,23 +1182,14 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     return outs[nl - 1]
 
 
-cdef void layers_team(LayerJob *J, Py_ssize_t nl, int t, int nt,
-                      nc_team *tm) noexcept nogil:
-    """Thread t of a team of nt: the layers in order, a barrier between layers."""
+cdef void layers_team(LayerJob *J, Py_ssize_t nl, int t) noexcept nogil:
+    """Thread t of the team: the layers in order, each after the last gate of the one
+    before."""
     cdef Py_ssize_t l
     for l in range(nl):
         if l:
-            nc_team_barrier(tm)
-        layer_team(&J[l], t, nt, tm)
-
-
-cdef void layers_team_member(LayerJob *J, Py_ssize_t nl,
-                             nc_team_shared *sh) noexcept nogil:
-    """The calling thread's share of layers_team, inside the parallel region."""
-    cdef nc_team tm
-    cdef int nt = omp_get_num_threads()
-    nc_team_init(&tm, sh, nt)
-    layers_team(J, nl, omp_get_thread_num(), nt, &tm)
+            nc_gate_wait(gemm_gate(&J[l - 1].f2))
+        layer_team(&J[l], t)
 
 
 cdef int _layer_buf(object a, str name, Py_ssize_t rows, Py_ssize_t cols,

@@ -8,39 +8,45 @@ cdef extern from *:
     #ifdef _OPENMP
     #include <omp.h>
     #define NC_HAVE_OPENMP 1
-    /* an orphaned barrier: binds to the innermost enclosing parallel region */
-    static inline void nc_omp_barrier(void) { _Pragma("omp barrier") }
     #else
-    static inline void nc_omp_barrier(void) {}
     #define NC_HAVE_OPENMP 0
     static inline int omp_get_thread_num(void) { return 0; }
     static inline int omp_get_max_threads(void) { return 1; }
     static inline int omp_get_num_threads(void) { return 1; }
     #endif
 
-    /* A team barrier for the stages of one parallel region (the encoder layers' QKV ->
-       attention -> projections), which spins before it sleeps.  libgomp's own barrier
-       spins GOMP_SPINCOUNT times (normcy sets 1000 at import: a few microseconds, see
-       normcy/__init__.py) and then sleeps in the kernel; waking a sleeping thread cost
-       ~100 us on the 2-vCPU AMD EPYC VM, as long as some stages of a batch-1 layer.
-       Here a waiting thread polls with a pause instruction NC_TEAM_SPINS times (~30 ns
-       each on that machine, ~50 ns on Skylake-SP: 120-200 us), and only then sleeps
-       (Linux: a futex on the shared sense word, woken by the last thread to arrive; other
-       systems: sched_yield() polling), so that an oversubscribed machine still gets its
-       cores back.  Sense-reversing: the last thread to arrive resets the count and flips
-       the shared sense with a release store; the others see it with an acquire load, so
-       every thread's writes before the barrier are visible to every thread after it
-       (what the stages need).  While more than one of these calls runs in the process
-       (several Python threads calling the model at once: more threads than cores), a
-       waiter spins only NC_TEAM_SPINS_SHARED times (a few microseconds) before it sleeps:
-       the long spin measured 40% slower there (3 Python threads x 2 OpenMP threads on 2
-       cores, MiniLM batch 1), the cores it burns being the ones the awaited threads need;
-       with the short one, as fast as libgomp's barrier.  Alone, the long spin made the
-       batch-1 forward 3.5-9% faster (in-process A/B against libgomp's barrier).  The
-       sleeper count and the sense are accessed sequentially consistently on both sides
-       (a waiter announces itself before its last look at the sense; the releaser flips
-       the sense before it looks for sleepers), so no wake-up is lost.  shared:
-       zero-initialized, one per parallel region; each thread holds its own nc_team. */
+    /* Stage gates: how the threads of one parallel region wait for a stage's work (the
+       encoder layers' QKV -> attention -> projections -> norms) before the next stage.
+       A stage's work is a fixed set of units that any thread may claim (nc_claim,
+       nc_ranges_next); the gate counts the units not yet done, and a thread waits at it
+       until that count is zero - not until every thread has arrived, as a barrier would.
+       A thread that never got to run in a stage (a worker woken late, or one whose vCPU
+       the host has put on the same core as the caller's) holds the others up only for
+       the units it has claimed and not finished, not for its whole share: on the 2-vCPU
+       AMD EPYC (Zen 5) VM, whose host packs a lightly loaded VM's two vCPUs onto one core,
+       a batch-1 MiniLM forward with a 20 ms pause before it took 6.5 ms with a barrier
+       between stages (1.1 ms back to back, 1.7 ms single-threaded after the same pause).
+       Each thread adds the units it finished to the gate once, when it finds nothing
+       left to claim (nc_gate_done: release); a waiting thread sees zero with an acquire
+       load, so every unit's writes are visible to every thread after the gate.  A waiter
+       polls with a pause instruction NC_TEAM_SPINS times (~30 ns each on the Zen 3 VM,
+       ~50 ns on Skylake-SP: 120-200 us) and only then sleeps (Linux: a futex on the
+       count, woken by the thread that brings it to zero; other systems: sched_yield()
+       polling), so that an oversubscribed machine still gets its cores back.  libgomp's
+       own barrier sleeps after GOMP_SPINCOUNT polls (normcy sets 1000 at import, a few
+       microseconds: see normcy/__init__.py), and waking a sleeping thread cost ~100 us
+       on the Zen 3 VM, as long as some stages of a batch-1 layer; the long spin made the
+       batch-1 forward 3.5-9% faster there.  While more than one of these calls runs in
+       the process (several Python threads calling the model at once: more threads than
+       cores), a waiter polls only NC_TEAM_SPINS_SHARED times (a few microseconds): the
+       long spin measured 40% slower there (3 Python threads x 2 OpenMP threads on 2
+       cores, MiniLM batch 1), the cores it burns being the ones the awaited threads need.
+       The sleeper count and the unit count are accessed sequentially consistently on
+       both sides (a waiter announces itself before its last look at the count; the
+       thread that brings the count to zero looks for sleepers after it), so no wake-up is
+       lost.  A gate is set (nc_gate_init) before the parallel region starts. */
+    typedef struct { int left; int sleepers; } nc_gate;
+    static inline void nc_gate_init(nc_gate *g, int units) { g->left = units; g->sleepers = 0; }
     #if defined(__GNUC__)
     #include <sched.h>
     #if defined(__linux__)
@@ -64,49 +70,44 @@ cdef extern from *:
     #else
     #define NC_CPU_RELAX() ((void)0)
     #endif
-    typedef struct { int count; int sense; int sleepers; } nc_team_shared;
-    typedef struct { nc_team_shared *sh; int nt; int sense; } nc_team;
-    static inline void nc_team_init(nc_team *tm, nc_team_shared *sh, int nt)
-    { tm->sh = sh; tm->nt = nt; tm->sense = 0; }
-    static inline void nc_team_sleep(nc_team_shared *sh, int s)
+    /* n units of the gate's stage done by the calling thread */
+    static inline void nc_gate_done(nc_gate *g, int n)
     {
-        /* sleep while the sense still has its old value (1 - s) */
+        if (n <= 0) return;
+        if (__atomic_sub_fetch(&g->left, n, __ATOMIC_SEQ_CST) == 0) {
     #if defined(__linux__)
-        syscall(SYS_futex, &sh->sense, FUTEX_WAIT_PRIVATE, 1 - s, NULL, NULL, 0);
-    #else
-        (void)sh; (void)s;
-        sched_yield();
+            if (__atomic_load_n(&g->sleepers, __ATOMIC_SEQ_CST) > 0)
+                syscall(SYS_futex, &g->left, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
     #endif
-    }
-    static inline void nc_team_barrier(nc_team *tm)
-    {
-        nc_team_shared *sh = tm->sh;
-        if (tm->nt <= 1) return;
-        int s = 1 - tm->sense;
-        tm->sense = s;
-        if (__atomic_add_fetch(&sh->count, 1, __ATOMIC_ACQ_REL) == tm->nt) {
-            __atomic_store_n(&sh->count, 0, __ATOMIC_RELAXED);
-            __atomic_store_n(&sh->sense, s, __ATOMIC_SEQ_CST);
-    #if defined(__linux__)
-            if (__atomic_load_n(&sh->sleepers, __ATOMIC_SEQ_CST) > 0)
-                syscall(SYS_futex, &sh->sense, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-    #endif
-            return;
         }
+    }
+    /* wait until every unit of the gate's stage is done */
+    static inline void nc_gate_wait(nc_gate *g)
+    {
         const int lim = __atomic_load_n(&nc_team_calls, __ATOMIC_RELAXED) > 1
                         ? NC_TEAM_SPINS_SHARED : NC_TEAM_SPINS;
         for (int spins = 0; spins < lim; spins++) {
-            if (__atomic_load_n(&sh->sense, __ATOMIC_ACQUIRE) == s) return;
+            if (__atomic_load_n(&g->left, __ATOMIC_ACQUIRE) == 0) return;
             NC_CPU_RELAX();
         }
-        while (__atomic_load_n(&sh->sense, __ATOMIC_ACQUIRE) != s) {
-            __atomic_add_fetch(&sh->sleepers, 1, __ATOMIC_SEQ_CST);
-            if (__atomic_load_n(&sh->sense, __ATOMIC_SEQ_CST) != s) nc_team_sleep(sh, s);
-            __atomic_sub_fetch(&sh->sleepers, 1, __ATOMIC_SEQ_CST);
+        for (;;) {
+            int v = __atomic_load_n(&g->left, __ATOMIC_SEQ_CST);
+            if (v == 0) return;
+            __atomic_add_fetch(&g->sleepers, 1, __ATOMIC_SEQ_CST);
+            v = __atomic_load_n(&g->left, __ATOMIC_SEQ_CST);
+            if (v != 0) {
+    #if defined(__linux__)
+                /* returns at once if the count has changed since v was read */
+                syscall(SYS_futex, &g->left, FUTEX_WAIT_PRIVATE, v, NULL, NULL, 0);
+    #else
+                sched_yield();
+    #endif
+            }
+            __atomic_sub_fetch(&g->sleepers, 1, __ATOMIC_SEQ_CST);
         }
     }
     /* the next unclaimed chunk of a job shared by a team (dynamic scheduling inside one
-       parallel region; the stage's barrier publishes the chunks' results) */
+       parallel region; the stage's gate publishes the chunks' results) */
     static inline ptrdiff_t nc_claim(ptrdiff_t *next)
     { return __atomic_fetch_add(next, 1, __ATOMIC_RELAXED); }
     #else
@@ -117,12 +118,23 @@ cdef extern from *:
         c = (*next)++;
         return c;
     }
-    /* other compilers: OpenMP's barrier */
-    typedef struct { int unused; } nc_team_shared;
-    typedef struct { int nt; } nc_team;
-    static inline void nc_team_init(nc_team *tm, nc_team_shared *sh, int nt)
-    { (void)sh; tm->nt = nt; }
-    static inline void nc_team_barrier(nc_team *tm) { if (tm->nt > 1) nc_omp_barrier(); }
+    /* other compilers: OpenMP atomics, and polling with a flush */
+    static inline void nc_gate_done(nc_gate *g, int n)
+    {
+        if (n <= 0) return;
+        _Pragma("omp atomic")
+        g->left -= n;
+    }
+    static inline void nc_gate_wait(nc_gate *g)
+    {
+        for (;;) {
+            int v;
+            _Pragma("omp atomic read")
+            v = g->left;
+            if (v == 0) break;
+        }
+        _Pragma("omp flush")
+    }
     static inline void nc_team_enter(void) {}
     static inline void nc_team_leave(void) {}
     #endif
@@ -235,13 +247,11 @@ cdef extern from *:
     int omp_get_thread_num() noexcept nogil
     int omp_get_max_threads() noexcept nogil
     int omp_get_num_threads() noexcept nogil
-    void nc_omp_barrier() noexcept nogil
-    ctypedef struct nc_team_shared:
-        pass
-    ctypedef struct nc_team:
-        pass
-    void nc_team_init(nc_team *tm, nc_team_shared *sh, int nt) noexcept nogil
-    void nc_team_barrier(nc_team *tm) noexcept nogil
+    ctypedef struct nc_gate:
+        int left
+    void nc_gate_init(nc_gate *g, int units) noexcept nogil
+    void nc_gate_done(nc_gate *g, int n) noexcept nogil
+    void nc_gate_wait(nc_gate *g) noexcept nogil
     void nc_team_enter() noexcept nogil
     Py_ssize_t nc_claim(Py_ssize_t *next) noexcept nogil
     ctypedef struct nc_ranges:

@@ -164,13 +164,14 @@ def test_layer_is_thread_safe():
 
 
 @pytest.mark.parametrize("norm_first", [False, True])
-def test_stack_team_barrier_many_threads(norm_first):
-    # A stack's layers run in one parallel region whose stages meet at normcy's team
-    # barrier (spin, then sleep).  Four Python threads, each running the stack on 3
-    # OpenMP threads (more threads than this machine's cores: the short-spin path and the
-    # sleep/wake path), every stage split among the team (thresholds at zero), get the
-    # bits of one thread; so do sequences short enough for the panel split (few rows) and
-    # long enough for the row split.
+def test_stack_team_gates_many_threads(norm_first):
+    # A stack's layers run in one parallel region whose stages are separated by normcy's
+    # gates (a thread waits, spinning then sleeping, until every unit of the stage before
+    # is done, whoever did it).  Four Python threads, each running the stack on 3 OpenMP
+    # threads (more threads than this machine's cores: the short-spin path, the sleep/wake
+    # path, and threads that get no core during a stage), every stage split among the team
+    # (thresholds at zero), get the bits of one thread; so do sequences short enough for
+    # the panel split (few rows) and long enough for the row split.
     from normcy._parallel import _set_parallel_thresholds
     rng = np.random.default_rng(5)
     layers = [TransformerEncoderLayer(32, 4, 64, activation="gelu", norm_first=norm_first)
@@ -348,7 +349,7 @@ def test_workspace_grows_in_coarse_steps():
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_compiled_layer_equals_stage_by_stage(norm_first, norm):
     # Without masks the layer runs as one compiled call (EncoderLayerKernel: one parallel
-    # region, barriers between stages); with a key padding mask it runs stage by stage.  An
+    # region, gates between stages); with a key padding mask it runs stage by stage.  An
     # all-False mask changes no arithmetic, so the two paths must give the same bits, for
     # every thread count and for row counts on both sides of the GEMM's rows/panels split.
     rng = np.random.default_rng(11)

@@ -439,7 +439,6 @@ cdef class PackedLinear:
     cdef readonly Py_ssize_t out_features
     cdef cnp.ndarray _packed
     cdef cnp.ndarray _bias
-    cdef cnp.ndarray _weight
     cdef const float *_wp
     cdef Py_ssize_t _nr
 
@@ -469,8 +468,9 @@ cdef class PackedLinear:
             self._bias = np.ascontiguousarray(bias).copy()
         else:
             self._bias = None
-        self._weight = np.ascontiguousarray(weight).copy()
-        self._weight.setflags(write=False)
+        # only the packed panels are kept (the weight itself is unpacked from them on
+        # request: .weight, pickling), so a model holds its matrices once
+        cdef cnp.ndarray wc = <cnp.ndarray>np.ascontiguousarray(weight)
         self.in_features = K
         self.out_features = N
         self._nr = nc_gemm_nr()
@@ -481,15 +481,28 @@ cdef class PackedLinear:
         off = ((-raw.ctypes.data) % 64) // 4
         self._packed = raw[off:off + total]
         self._wp = <const float *>cnp.PyArray_DATA(self._packed)
-        cdef const float *w = <const float *>cnp.PyArray_DATA(self._weight)
+        cdef const float *w = <const float *>cnp.PyArray_DATA(wc)
         cdef float *wp = <float *>cnp.PyArray_DATA(self._packed)
         with nogil:
             nc_gemm_pack(w, K, N, K, wp)
 
     @property
     def weight(self):
-        """The weight (out_features, in_features), read-only."""
-        return self._weight
+        """The weight (out_features, in_features): a new read-only array, unpacked from the
+        packed panels (the packing only moves values, so these are the weight's bits)."""
+        cdef Py_ssize_t N = self.out_features, K = self.in_features, nr = self._nr
+        cdef cnp.ndarray w = np.empty((N, K), dtype=np.float32)
+        cdef float *dst = <float *>cnp.PyArray_DATA(w)
+        cdef const float *src = self._wp
+        cdef Py_ssize_t n, k, p, jj
+        with nogil:
+            for n in range(N):
+                p = n // nr
+                jj = n - p * nr
+                for k in range(K):
+                    dst[n * K + k] = src[(p * K + k) * nr + jj]
+        w.setflags(write=False)
+        return w
 
     @property
     def bias(self):
@@ -501,7 +514,7 @@ cdef class PackedLinear:
             self.in_features, self.out_features, self._bias is not None)
 
     def __reduce__(self):
-        return (PackedLinear, (self._weight, self.bias))
+        return (PackedLinear, (self.weight, self.bias))
 
     cdef int _run(self, const Rows *x, const Rows *r, const Rows *g, const Rows *z,
                   int act, int nkind, object nw, object nb, double neps,

@@ -22,6 +22,7 @@ import numpy as np
 
 from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
+from normcy._heap import release_free_heap
 from normcy._validate import as_weight
 from normcy.transformer import TransformerEncoderLayer, forward_layers
 
@@ -213,7 +214,9 @@ class BertModel:
                               "pip install 'normcy[model]'") from exc
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
-        return cls(config, load_file(st_path), num_threads=num_threads)
+        model = cls(config, load_file(st_path), num_threads=num_threads)
+        release_free_heap()     # the checkpoint's arrays and the load's temporaries
+        return model
 
     # ------------------------------------------------------------------ inputs
     def _int_input(self, a, name, shape=None):

@@ -32,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from normcy import hf
+from normcy._heap import release_free_heap
 from normcy._ops import l2_normalize_rows, pool_normalize
 
 __all__ = ["SentenceEncoder", "default_model_path", "DEFAULT_MODEL_PACKAGE", "POOLING_MODES"]
@@ -461,6 +462,8 @@ class SentenceEncoder:
         from normcy.bert import BertModel
 
         model = BertModel(config, weights, num_threads=num_threads)
+        del weights
+        release_free_heap()     # the checkpoint's arrays and the load's temporaries
         pad_id = config.get("pad_token_id")
         if pad_id is None:
             pad_id = tokenizer.token_to_id("[PAD]") or 0

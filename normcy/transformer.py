@@ -220,9 +220,19 @@ class TransformerEncoderLayer:
         self._sd = {k: as_weight(state_dict[k], k, s) for k, s in shapes.items()}
         self._prepare()
 
+    # matrices held only by their PackedLinear after loading (its .weight unpacks the same
+    # bits), so that a model keeps each of them once; the QKV weight is packed with its
+    # query rows scaled, so its original stays in _sd
+    _PACKED_ONLY = {"self_attn.out_proj.weight": "_lin_o", "linear1.weight": "_lin_1",
+                    "linear2.weight": "_lin_2"}
+
     def state_dict(self):
         """The parameters under PyTorch's names (copies, float32)."""
-        return {k: v.copy() for k, v in self._sd.items()}
+        out = {}
+        for k in self._expected_shapes():
+            attr = self._PACKED_ONLY.get(k)
+            out[k] = getattr(self, attr).weight.copy() if attr else self._sd[k].copy()
+        return out
 
     def _prepare(self):
         sd = self._sd
@@ -255,6 +265,8 @@ class TransformerEncoderLayer:
             self._lin_qkv, self._b_q, self._lin_o, self._lin_1, self._lin_2, self._n1,
             self._n2, self.layer_norm_eps, self.norm, self.activation, self.norm_first,
             self.nhead)
+        for k in self._PACKED_ONLY:
+            del sd[k]
 
     # ------------------------------------------------------------------ kernels
     def _norm(self, x, params, out):

@@ -397,6 +397,28 @@ def test_fast_call_path_same_bits_and_same_errors():
     # zero rows
     assert lin(np.zeros((0, 24), F32)).shape == (0, 40)
 
+@pytest.mark.parametrize("N,K", [(1, 1), (17, 5), (40, 384), (33, 7)])
+def test_weight_unpacked_bit_exact(N, K):
+    # PackedLinear keeps only the packed panels; .weight unpacks them: the given weight's
+    # bits (signed zeros, NaN payloads, infinities, subnormals), a new read-only array each
+    # time, independent of the array it was built from
+    w = RNG.standard_normal((N, K)).astype(F32)
+    special = np.array([-0.0, np.inf, -np.inf, 1e-45, -3e-39], F32)
+    flat = w.reshape(-1)
+    flat[:min(flat.size, 5)] = special[:min(flat.size, 5)]
+    if flat.size > 5:
+        flat.view(np.uint32)[5] = 0x7FC01234          # a NaN with a payload
+    src = w.copy()
+    lin = PackedLinear(src)
+    src[...] = 7.0
+    a, b = lin.weight, lin.weight
+    assert a is not b and not a.flags.writeable and a.shape == (N, K) and a.dtype == F32
+    assert np.array_equal(a.view(np.uint32), w.view(np.uint32))
+    # from a strided (non-contiguous) weight too
+    wt = np.asfortranarray(w)
+    assert np.array_equal(PackedLinear(wt).weight.view(np.uint32), w.view(np.uint32))
+
+
 def test_repr_properties_pickle():
     import pickle
     w = RNG.standard_normal((5, 3)).astype(F32)

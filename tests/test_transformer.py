@@ -219,7 +219,12 @@ def test_state_dict_round_trip_and_default_init():
     got = layer.state_dict()
     assert set(got) == set(sd)
     for k in sd:
-        np.testing.assert_array_equal(got[k], sd[k])
+        # bit for bit (the large matrices come back unpacked from the packed panels)
+        assert got[k].dtype == F32 and np.array_equal(got[k].view(np.uint32),
+                                                      np.asarray(sd[k], F32).view(np.uint32))
+    # copies: changing them does not change the layer
+    got["linear1.weight"][...] = 0
+    assert not np.array_equal(layer.state_dict()["linear1.weight"], got["linear1.weight"])
     fresh = TransformerEncoderLayer(16, 4, 24, activation="gelu_tanh", norm_first=True)
     y = fresh(np.random.default_rng(1).standard_normal((2, 3, 16)).astype(F32))
     assert y.shape == (2, 3, 16) and np.isfinite(y).all()
@@ -430,3 +435,45 @@ def test_compiled_encoder_equals_layer_by_layer(norm_first, final_norm):
                                       x, key_padding_mask=np.zeros((3, 9), bool)))
     layers[1].num_threads = 1
     np.testing.assert_array_equal(enc(x), a)
+
+
+def test_layer_holds_its_matrices_once():
+    # After loading, a layer's large matrices live only in their packed panels (plus the
+    # QKV weight's original, which is packed scaled): the memory a layer keeps, as
+    # tracemalloc sees NumPy's allocations, is that and a few vectors, not 2-3 copies.
+    import gc
+    import tracemalloc
+    from normcy._gemm import kernel_shape
+    d, f = 64, 320
+    sd = TransformerEncoderLayer(d, 4, f).state_dict()
+    _, nr = kernel_shape()
+
+    def packed(n, k):
+        return -(-n // nr) * nr * k * 4
+
+    expected = (packed(3 * d, d) + packed(d, d) + packed(f, d) + packed(d, f)
+                + 3 * d * d * 4)
+    gc.collect()
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        layer = TransformerEncoderLayer(d, 4, f)
+        layer.load_state_dict(sd)
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - base
+    finally:
+        tracemalloc.stop()
+    assert expected <= held < 1.25 * expected, (held, expected)
+    got = layer.state_dict()
+    for k in sd:
+        assert np.array_equal(got[k].view(np.uint32), sd[k].view(np.uint32))
+
+
+def test_release_free_heap():
+    import platform
+    import sys
+    from normcy._heap import release_free_heap
+    r = release_free_heap()
+    assert isinstance(r, bool)
+    if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
+        assert r    # glibc has malloc_trim

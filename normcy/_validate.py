@@ -83,8 +83,10 @@ def as_float(value, name, minimum=None, maximum=None, float32=False):
     return v
 
 
-def as_weight(value, name, shape):
-    """A state-dict entry as a new contiguous float32 array of the expected shape.
+def as_weight(value, name, shape, copy=True):
+    """A state-dict entry as a new contiguous float32 array of the expected shape (with
+    copy=False: the entry itself when it already is one, e.g. for a loader that hands it on
+    to a layer which copies or packs it).
 
     Raises TypeError for a non-numeric array, ValueError for a wrong shape or a NaN/Inf
     (model weights are checked once, at load).
@@ -97,7 +99,8 @@ def as_weight(value, name, shape):
         raise TypeError("%s must be a float array, got dtype %s" % (name, a.dtype))
     if tuple(a.shape) != tuple(shape):
         raise ValueError("%s must have shape %s, got %s" % (name, tuple(shape), tuple(a.shape)))
-    a = np.array(a, dtype=np.float32, order="C", copy=True)
+    a = (np.array(a, dtype=np.float32, order="C", copy=True) if copy
+         else np.ascontiguousarray(a, dtype=np.float32))
     if not np.all(np.isfinite(a)):
         raise ValueError("%s contains NaN or Inf" % name)
     return a

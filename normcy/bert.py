@@ -150,7 +150,11 @@ class BertModel:
         if extra_layers:
             raise ValueError("weights have encoder layers %s but config num_hidden_layers=%d"
                              % (extra_layers, nl))
-        p = {k: as_weight(w[k], k, s) for k, s in shapes.items()}
+        # the embeddings are copied (the model keeps them); the layers' entries are only
+        # checked here: each layer copies what it keeps and packs its matrices, so a copy
+        # here would only raise the load's peak memory (by the encoder's size)
+        p = {k: as_weight(w[k], k, s, copy=k.startswith("embeddings."))
+             for k, s in shapes.items()}
         self._word = p["embeddings.word_embeddings.weight"]
         self._pos = p["embeddings.position_embeddings.weight"]
         self._type = p["embeddings.token_type_embeddings.weight"]

@@ -88,6 +88,19 @@ def test_bert_prefix_and_ignored_heads():
     assert normcy.BertModel is BertModel
 
 
+def test_model_does_not_alias_the_weights_it_was_given():
+    # the loader copies the embeddings and each layer copies or packs what it keeps: changing
+    # the arrays afterwards changes nothing (float64 inputs are converted, so float32 here)
+    w = {k: np.array(v, dtype=F32) if v.dtype.kind == "f" else v.copy()
+         for k, v in _weights(0).items()}
+    m = BertModel(_cfg(0), w)
+    ids, am, tt = _inputs(0)
+    y0 = m(ids, am, tt).copy()
+    for v in w.values():
+        v[...] = 3
+    np.testing.assert_array_equal(m(ids, am, tt), y0)
+
+
 def test_fully_masked_sequence_gives_zeros():
     m = BertModel(_cfg(0), _weights(0))
     ids, am, tt = _inputs(0)

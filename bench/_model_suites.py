@@ -117,12 +117,22 @@ class _EncoderState:
             self.fast_path = "profiler failed: %s" % exc
         del torch
 
-    def row(self, B, S, T):
+    def row(self, B, S, T, padded=False):
+        """One layer on (B, S) tokens; padded: right padding with sequence lengths spread
+        evenly over S/4..S (key_padding_mask / src_key_padding_mask; torch's fast path
+        then runs on nested tensors, skipping the padding), errors and FLOPs counted on the
+        real tokens."""
         ctx = self.ctx
         nc, torch = ctx.nc, ctx.torch
         rng = np.random.default_rng(B * 1000 + S)
         x = rng.standard_normal((B, S, D_MODEL), dtype=np.float32)
-        flops = encoder_flops(B, S)
+        lengths = np.full(B, S)
+        pad = None
+        if padded:
+            lengths = np.linspace(S // 4, S, B).round().astype(int)
+            pad = np.arange(S)[None, :] >= lengths[:, None]
+        real = ~pad if padded else np.ones((B, S), bool)
+        flops = sum(encoder_flops(1, int(n)) for n in lengths)
         layer = self.layer
         blas = self.blas
         ndef = ctx.normcy_default_threads
@@ -131,16 +141,26 @@ class _EncoderState:
             nc.set_num_threads(T)
             blas.set(T)
 
-        impls = [Impl("normcy", lambda: layer(x), pre=nc_pre, flops=flops, family="normcy", threads=T)]
+        if padded:
+            def nc_call():
+                return np.where(real[..., None], layer(x, key_padding_mask=pad), 0)
+        else:
+            def nc_call():
+                return layer(x)
+        impls = [Impl("normcy", nc_call, pre=nc_pre, flops=flops, family="normcy", threads=T)]
         ref = None
         if torch is not None:
             xt = torch.from_numpy(x)
+            padt = torch.from_numpy(pad) if padded else None
             tl = self.torch_layer
             _torch_threads(torch, T)
-            ref = tl(xt).numpy().copy()
+            ref = tl(xt, src_key_padding_mask=padt).numpy().copy()
+            if padded:
+                ref[~real] = 0
             if self.fast_path is None:
                 self.check_fast_path(xt)
-            impls.append(Impl("torch fast path", lambda: tl(xt), pre=lambda: _torch_threads(torch, T),
+            impls.append(Impl("torch fast path", lambda: tl(xt, src_key_padding_mask=padt),
+                              pre=lambda: _torch_threads(torch, T),
                               flops=flops, family="torch", threads=T))
         # The same matrix products through NumPy's BLAS, outputs preallocated.
         d, ff, h, dh, M = D_MODEL, DIM_FF, NHEAD, D_MODEL // NHEAD, B * S
@@ -169,8 +189,9 @@ class _EncoderState:
             mm(a, w_1, out=c_1)
             mm(c_1, w_2, out=c_2)
 
-        impls.append(Impl("numpy GEMMs only", gemms, pre=lambda: blas.set(T), flops=flops,
-                          family="numpy", threads=T))
+        if not padded:      # (the padded rows compare the layers only)
+            impls.append(Impl("numpy GEMMs only", gemms, pre=lambda: blas.set(T), flops=flops,
+                              family="numpy", threads=T))
 
         def check(name, got):
             if ref is None or name != "normcy":
@@ -187,10 +208,11 @@ class _EncoderState:
         gemm = res.get("numpy GEMMs only", {}).get("gflops")
         for r in res.values():
             if "median_s" in r:
-                r["tokens_per_s"] = M / r["median_s"]
+                r["tokens_per_s"] = int(real.sum()) / r["median_s"]
                 if gemm and r.get("gflops"):
                     r["pct_of_gemm"] = 100.0 * r["gflops"] / gemm
-        return {"suite": "encoder", "case": "%dx%d" % (B, S), "shape": [B, S, D_MODEL], "threads": T,
+        return {"suite": "encoder", "case": "%dx%d%s" % (B, S, " padded" if padded else ""),
+                "padded": padded, "shape": [B, S, D_MODEL], "threads": T,
                 "flops": flops, "impls": res, "ref": "normcy" if "normcy" in res else None,
                 "noise_other_cpu_share": noise,
                 "torch_fast_path_ops": self.fast_path,
@@ -222,6 +244,9 @@ def plan_encoder(ctx):
         for T in ctx.threads:
             tasks.append(("encoder %dx%d T=%d" % (B, S, T),
                           lambda B=B, S=S, T=T: get().row(B, S, T)))
+    for T in ctx.threads:      # a padded batch (not one of the issue's targets)
+        tasks.append(("encoder 8x128 padded T=%d" % T,
+                      lambda T=T: get().row(8, 128, T, padded=True)))
     tasks.append(("release", lambda: state.clear()))
     return tasks, None
 
@@ -882,7 +907,7 @@ def targets(rows, all_cores):
                 t_t = med(row, "torch F.linear")
                 add("GEMM %s: at least as fast as torch F.linear" % row["case"].replace("x", "×"),
                     t_t / t_nc if t_t and t_nc else None, 1.0)
-        elif row["suite"] == "encoder":
+        elif row["suite"] == "encoder" and not row.get("padded"):
             t_nc = med(row, row["ref"])
             t_t = med(row, "torch fast path")
             add("encoder %s: ≥ 1.2× the torch fast path" % row["case"].replace("x", "×"),

@@ -16,7 +16,7 @@ bit-identical.  Cases: 64 x 1536 in cache at 1 thread, 4096 x 1536 at 2 threads 
 with ``out=`` on the --shapes (default 4096x384x384,4096x1536x384,4096x384x1536,1x384x1536)
 at each of --threads; for the layers, a stack of six MiniLM-sized encoder layers (d_model
 384, 12 heads, feed-forward 1536, exact GELU, post-LN; random weights) run as one compiled
-call (the encoder's unmasked path: ``EncoderLayerKernel`` and ``run_layers`` of each build's
+call (``EncoderLayerKernel`` and ``run_layers`` of each build's
 ``_gemm``) on batch x sequence-length --shapes (default 1x16,1x128,8x128,32x128).
 """
 import argparse

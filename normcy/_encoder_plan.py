@@ -82,12 +82,6 @@ class AttentionPlan:
         # rows whose every key is masked (their attention output is zero), or None
         self.dead = dead
 
-    @property
-    def unmasked(self):
-        """No padding, additive or causal mask: every key is attended (the case the
-        compiled layer stack handles)."""
-        return self.kpm is None and self.mask is None and not self.is_causal
-
 
 def padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
     kpm = None

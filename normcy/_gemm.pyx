@@ -1026,13 +1026,15 @@ cdef class EncoderLayerKernel:
         self.d, self.f, self.nhead = d, f, nhead
         self.fmas_per_row = d * (3 * d + d + 2 * f)
 
-    def run(self, x, qkv, ctx, mid, hid, out, list groups, num_threads=None, xn=None):
+    def run(self, x, qkv, ctx, mid, hid, out, list groups, num_threads=None, xn=None, *,
+            key_padding_mask=None, mask=None, bint is_causal=False):
         """x (M, d) -> out (M, d).  Workspaces (C-contiguous float32, distinct buffers):
         qkv (M, 3d), ctx (M, d), hid (M, f), mid (M, d): post-LN x1 = norm1(x + attn),
         pre-LN s = x + attn; pre-LN also xn (M, d) (norm1(x), then norm2(s)).  groups:
-        (row_offset, n_seq, seq_len) of the sequences (no masks: the caller falls back to
-        the stage-by-stage path for those)."""
-        return run_layers([self], x, [out], qkv, ctx, mid, hid, groups, num_threads, xn)
+        (row_offset, n_seq, seq_len) of the sequences.  Masks as for run_layers (queries
+        whose every key is masked need the caller's stage-by-stage path)."""
+        return run_layers([self], x, [out], qkv, ctx, mid, hid, groups, num_threads, xn,
+                          key_padding_mask=key_padding_mask, mask=mask, is_causal=is_causal)
 
     cdef void _fill(self, LayerJob *J, AttnJob *A, const float *xp, float *outp, float *qkvp,
                     float *ctxp, float *midp, float *hidp, float *xnp, Py_ssize_t M,
@@ -1094,12 +1096,19 @@ cdef class EncoderLayerKernel:
 
 
 def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_threads=None,
-               xn=None):
+               xn=None, *, key_padding_mask=None, mask=None, bint is_causal=False):
     """Layers kernels[0], kernels[1], ... in sequence, all in one OpenMP parallel region
     (package-internal: normcy.transformer).  Layer l reads x (l = 0) or outs[l-1] and writes
     outs[l]; consecutive layers may ping-pong between two buffers, x's included.  The
     workspaces are shared by the layers (see EncoderLayerKernel.run); every kernel must
-    have the same shapes and the same norm placement.  Returns outs[-1]."""
+    have the same shapes and the same norm placement.  Returns outs[-1].
+
+    Attention masks (one group (0, n_seq, L) only): key_padding_mask (n_seq, L) bool or
+    uint8, True = masked key; mask, additive float32 broadcastable to (n_seq, 1, L, L)
+    with unit last stride; is_causal.  As in the stage-by-stage path, a query whose every
+    key is masked gets zero attention weights; the caller must not use this path for such
+    queries (the layer then takes the folded value bias off their rows, which needs the
+    output projection without its fused epilogue)."""
     cdef Py_ssize_t nl = len(kernels), l, g, ng, off, nseq, L, M, d, f
     cdef EncoderLayerKernel k0, k
     if nl < 1 or len(outs) != nl:
@@ -1142,6 +1151,23 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     if covered != M:
         raise ValueError("EncoderLayerKernel.run: groups must tile the %d rows, got %r"
                          % (M, groups))
+    cdef bint masked = key_padding_mask is not None or mask is not None or is_causal
+    cdef cnp.ndarray kp = None
+    cdef list masks = []
+    if masked:
+        if ng != 1:
+            raise ValueError("run_layers: masks need a single group of equal-length "
+                             "sequences, got %r" % (groups,))
+        nseq, L = groups[0][1], groups[0][2]
+        if key_padding_mask is not None:
+            kp = <cnp.ndarray>np.ascontiguousarray(key_padding_mask, dtype=np.uint8)
+            if kp.ndim != 2 or kp.shape[0] != nseq or kp.shape[1] != L:
+                raise ValueError("run_layers: key_padding_mask must have shape (%d, %d), "
+                                 "got %s" % (nseq, L, describe(key_padding_mask)))
+        if mask is not None:
+            for l in range(nl):
+                masks.append(_attn_mask_view(mask, nseq,
+                                             (<EncoderLayerKernel>kernels[l]).nhead, L))
     if M == 0:
         return outs[nl - 1]
     for l in range(nl):   # a stage's units are counted in an int (nc_gate)
@@ -1180,6 +1206,8 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                     M, groups, nt)
             J[l].ascratch = scratch
             J[l].ascratch_per = per
+            if masked:
+                _set_masks(&A[l * ng], kp, masks[l] if masks else None, is_causal)
         with nogil:
             nc_team_enter()
             if nt <= 1:
@@ -1193,6 +1221,33 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
         free(A)
         free(scratch)
     return outs[nl - 1]
+
+
+cdef cnp.ndarray _attn_mask_view(mask, Py_ssize_t nseq, Py_ssize_t nhead, Py_ssize_t L):
+    """An additive mask as a float32 (nseq, nhead, L, L) view with unit last stride (a
+    contiguous copy when the given strides do not allow one)."""
+    cdef cnp.ndarray m
+    try:
+        m = <cnp.ndarray>np.broadcast_to(mask, (nseq, nhead, L, L))
+    except ValueError:
+        raise ValueError("attention mask %s does not broadcast to (%d, %d, %d, %d)"
+                         % (describe(mask), nseq, nhead, L, L)) from None
+    if m.dtype != np.float32 or (L > 1 and m.strides[3] != 4):
+        m = <cnp.ndarray>np.ascontiguousarray(m, dtype=np.float32)
+    return m
+
+
+cdef void _set_masks(AttnJob *a, cnp.ndarray kp, cnp.ndarray m, bint causal):
+    """The masks of an attention job (checked by the caller; the arrays outlive the job)."""
+    a.causal = 1 if causal else 0
+    if kp is not None:
+        a.kpm = <const uint8_t *>cnp.PyArray_DATA(kp)
+        a.k_ld = kp.shape[1]
+    if m is not None:
+        a.mask = <const float *>cnp.PyArray_DATA(m)
+        a.m_sb = m.strides[0] // 4
+        a.m_sh = m.strides[1] // 4
+        a.m_ld = m.strides[2] // 4
 
 
 cdef void layers_team(LayerJob *J, Py_ssize_t nl, int t) noexcept nogil:

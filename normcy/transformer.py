@@ -310,18 +310,29 @@ class TransformerEncoderLayer:
         buffers.
         """
         n, d = x.shape
+        if plan.dead is not None:
+            return self._forward_stages(x, plan, ws, out)
+        f = self.dim_feedforward
+        qkv = ws.get("qkv", (n, 3 * d))
+        ctx = ws.get("ctx", (n, d))
+        hid = ws.get("hid", (n, f))
+        mid = ws.get("sum" if self.norm_first else "x1", (n, d))
+        xn = ws.get("xn", (n, d)) if self.norm_first else None
+        self._kernel.run(x, qkv, ctx, mid, hid, out, plan.groups, self.num_threads, xn,
+                         key_padding_mask=plan.kpm, mask=plan.mask, is_causal=plan.is_causal)
+        return out
+
+    def _forward_stages(self, x, plan, ws, out):
+        """forward_rows stage by stage, one kernel call per stage (the same kernels in the
+        same order as the compiled layer, so the same bits); needed when some query has
+        every key masked (plan.dead), whose rows lose the folded value bias between the
+        output projection and its residual + norm."""
+        n, d = x.shape
         f = self.dim_feedforward
         nt = self.num_threads
         qkv = ws.get("qkv", (n, 3 * d))
         ctx = ws.get("ctx", (n, d))
         hid = ws.get("hid", (n, f))
-        if plan.unmasked:
-            if self.norm_first:
-                self._kernel.run(x, qkv, ctx, ws.get("sum", (n, d)), hid, out, plan.groups,
-                                 nt, ws.get("xn", (n, d)))
-            else:
-                self._kernel.run(x, qkv, ctx, ws.get("x1", (n, d)), hid, out, plan.groups, nt)
-            return out
         proj = ws.get("proj", (n, d))
         if self.norm_first:
             xn = ws.get("xn", (n, d))
@@ -411,9 +422,10 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
     Package-level interface (used by :class:`TransformerEncoder` and
     :class:`normcy.BertModel`).  Intermediate results alternate between the workspace
     buffers ``io + "0"`` and ``io + "1"`` (`x` may be one of them: only the first layer reads
-    it).  Without attention masks, and when the layers share their shapes, norm placement
-    and thread setting, every layer runs in one compiled call and one parallel region (the
-    same kernels as layer by layer, the same bits); otherwise layer by layer.
+    it).  Unless some query has every key masked (plan.dead), and when the layers share
+    their shapes, norm placement and thread setting, every layer runs in one compiled call
+    and one parallel region (the same kernels as layer by layer, the same bits); otherwise
+    layer by layer.
     """
     n, d = x.shape
     nl = len(layers)
@@ -421,7 +433,7 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
         np.copyto(out, x)
         return out
     l0 = layers[0]
-    if (plan.unmasked
+    if (plan.dead is None
             and all(l.d_model == d and l.dim_feedforward == l0.dim_feedforward
                     and l.norm_first == l0.norm_first and l.num_threads == l0.num_threads
                     for l in layers)):
@@ -432,7 +444,8 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
         xn = ws.get("xn", (n, d)) if l0.norm_first else None
         run_layers([l._kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
                     ws.get("ctx", (n, d)), mid, ws.get("hid", (n, f)), plan.groups,
-                    l0.num_threads, xn)
+                    l0.num_threads, xn, key_padding_mask=plan.kpm, mask=plan.mask,
+                    is_causal=plan.is_causal)
         return out
     cur = x
     for i, layer in enumerate(layers):

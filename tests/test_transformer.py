@@ -353,24 +353,68 @@ def test_workspace_grows_in_coarse_steps():
 @pytest.mark.parametrize("norm_first", [False, True])
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_compiled_layer_equals_stage_by_stage(norm_first, norm):
-    # Without masks the layer runs as one compiled call (EncoderLayerKernel: one parallel
-    # region, gates between stages); with a key padding mask it runs stage by stage.  An
-    # all-False mask changes no arithmetic, so the two paths must give the same bits, for
-    # every thread count and for row counts on both sides of the GEMM's rows/panels split.
+    # A layer (and a stack) runs as one compiled call (EncoderLayerKernel: one parallel
+    # region, gates between stages), masks included, unless some query has every key
+    # masked; then it runs stage by stage (_forward_stages).  Both use the same kernels in
+    # the same order: the same bits, for every thread count, every kind of mask, and row
+    # counts on both sides of the GEMM's rows/panels split.
+    from normcy._encoder_plan import Workspace, padded_plan
     rng = np.random.default_rng(11)
     layer = TransformerEncoderLayer(64, 4, 96, activation="gelu", norm_first=norm_first,
                                     norm=norm)
+    stack = TransformerEncoder([layer, TransformerEncoderLayer(
+        64, 4, 96, activation="gelu", norm_first=norm_first, norm=norm)])
     for shape in [(1, 1, 64), (1, 5, 64), (3, 17, 64), (2, 70, 64)]:
+        b, s, d = shape
         x = rng.standard_normal(shape).astype(np.float32)
-        ref = None
-        for nt in (1, 2, 3):
-            layer.num_threads = nt
-            a = layer(x)
-            b = layer(x, key_padding_mask=np.zeros(shape[:2], bool))
-            np.testing.assert_array_equal(a, b)
-            if ref is None:
-                ref = a
-            np.testing.assert_array_equal(a, ref)
+        pad = np.zeros((b, s), bool)
+        pad[:, s - s // 3:] = True
+        pad[:, 0] = False                       # every query keeps a key: no dead rows
+        addm = (rng.standard_normal((b, s)) * 0.5).astype(np.float32)
+        causal_bool = np.triu(np.ones((s, s), bool), 1)
+        cases = [{}, dict(key_padding_mask=np.zeros((b, s), bool)),
+                 dict(key_padding_mask=pad), dict(is_causal=True),
+                 dict(key_padding_mask=pad, is_causal=True), dict(key_padding_mask=addm),
+                 dict(attn_mask=causal_bool), dict(key_padding_mask=pad, attn_mask=causal_bool)]
+        for kw in cases:
+            plan = padded_plan(b, s, kw.get("key_padding_mask"), kw.get("attn_mask"),
+                               kw.get("is_causal", False), False)
+            assert plan.dead is None
+            ref = None
+            for nt in (1, 2, 3):
+                layer.num_threads = nt
+                a = layer(x, **kw)
+                st = np.empty((b * s, d), np.float32)
+                layer._forward_stages(x.reshape(b * s, d), plan, Workspace(), st)
+                np.testing.assert_array_equal(a.reshape(b * s, d), st)
+                if ref is None:
+                    ref = a
+                np.testing.assert_array_equal(a, ref)
+            # the stack in one call equals its layers one after the other
+            stack.num_threads = 2
+            layer.num_threads = None
+            y = stack(x, **kw)
+            np.testing.assert_array_equal(y, stack.layers[1](stack.layers[0](x, **kw), **kw))
+    layer.num_threads = None
+
+
+def test_fully_masked_queries_take_the_stage_path():
+    # A query whose every key is masked attends to nothing (zero attention output, as in
+    # PyTorch); its row then needs the stage-by-stage path: the same result either way it
+    # is asked for, and finite.
+    rng = np.random.default_rng(12)
+    layer = TransformerEncoderLayer(32, 2, 48, activation="relu")
+    x = rng.standard_normal((3, 6, 32)).astype(np.float32)
+    pad = np.zeros((3, 6), bool)
+    pad[1] = True                               # a whole sequence of padding
+    y = layer(x, key_padding_mask=pad)
+    assert np.isfinite(y).all()
+    from normcy._encoder_plan import Workspace, padded_plan
+    plan = padded_plan(3, 6, pad, None, False, False)
+    assert plan.dead is not None
+    st = np.empty((18, 32), np.float32)
+    layer._forward_stages(x.reshape(18, 32), plan, Workspace(), st)
+    np.testing.assert_array_equal(y.reshape(18, 32), st)
 
 
 def test_compiled_layer_checks_its_buffers():

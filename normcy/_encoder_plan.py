@@ -4,7 +4,8 @@
   (:class:`ThreadWorkspaces`), so that a model object may be called from many threads;
 - :class:`AttentionPlan`: how the rows of a (tokens, d_model) matrix form sequences and which
   masks apply; :func:`padded_plan` builds it for a padded (batch, seq) input and validates
-  the masks; :class:`normcy.BertModel` builds packed plans (real tokens only) directly.
+  the masks; :func:`packed_plan` packs the real tokens of a padded batch (no masks needed:
+  :class:`normcy.BertModel`, and the layers' ``skip_padding``).
 
 Used by :mod:`normcy.transformer` and :mod:`normcy.bert`; the layers themselves live in
 :mod:`normcy.transformer`.
@@ -13,7 +14,8 @@ import threading
 
 import numpy as np
 
-__all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "dead_rows"]
+__all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "packed_plan",
+           "dead_rows"]
 
 _F32 = np.float32
 
@@ -144,3 +146,43 @@ def dead_rows(b, s, kpm, mask, is_causal):
         dead = blocked.all(axis=-1)
     idx = np.flatnonzero(dead)
     return idx if idx.size else None
+
+
+def packed_plan(real, is_causal=False):
+    """Pack the real tokens of a padded (batch, seq) batch.
+
+    ``real`` is a (B, S) bool array, True for a real token (any pattern: right or left
+    padding, holes).  The real tokens of each sequence keep their order and attend only to
+    each other, which is what a key padding mask asks of them (a causal mask too: the
+    packed order is the original order); padded positions are not computed.  Sequences are
+    taken shortest first (stable), so that sequences of one length form one group.
+
+    Returns ``(b_idx, col, plan)``: packed row r is token (b_idx[r], col[r]); ``plan`` is
+    the :class:`AttentionPlan` of the packed rows.  ``b_idx`` is None when every token is
+    real (then row r is (r // S, r % S)).
+    """
+    B, S = real.shape
+    if real.all():
+        lengths = np.full(B, S, dtype=np.int64)
+        order = np.arange(B)
+        b_idx = col = None
+    else:
+        lengths = real.sum(axis=1)
+        order = np.argsort(lengths, kind="stable")
+        flat = np.flatnonzero(real[order])
+        b_idx = order[flat // S]
+        col = flat % S
+    groups = []
+    off = 0
+    sl = lengths[order]
+    i = 0
+    while i < B:
+        L = int(sl[i])
+        j = i
+        while j < B and sl[j] == L:
+            j += 1
+        if L:
+            groups.append((off, j - i, L))
+            off += (j - i) * L
+        i = j
+    return b_idx, col, AttentionPlan(groups, is_causal=bool(is_causal))

@@ -1103,9 +1103,9 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     workspaces are shared by the layers (see EncoderLayerKernel.run); every kernel must
     have the same shapes and the same norm placement.  Returns outs[-1].
 
-    Attention masks (one group (0, n_seq, L) only): key_padding_mask (n_seq, L) bool or
-    uint8, True = masked key; mask, additive float32 broadcastable to (n_seq, 1, L, L)
-    with unit last stride; is_causal.  As in the stage-by-stage path, a query whose every
+    Attention masks: is_causal (every group); key_padding_mask (n_seq, L) bool or uint8,
+    True = masked key, and mask, additive float32 broadcastable to (n_seq, 1, L, L) with
+    unit last stride (these two with one group (0, n_seq, L) only).  As in the stage-by-stage path, a query whose every
     key is masked gets zero attention weights; the caller must not use this path for such
     queries (the layer then takes the folded value bias off their rows, which needs the
     output projection without its fused epilogue)."""
@@ -1151,7 +1151,7 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
     if covered != M:
         raise ValueError("EncoderLayerKernel.run: groups must tile the %d rows, got %r"
                          % (M, groups))
-    cdef bint masked = key_padding_mask is not None or mask is not None or is_causal
+    cdef bint masked = key_padding_mask is not None or mask is not None
     cdef cnp.ndarray kp = None
     cdef list masks = []
     if masked:
@@ -1207,7 +1207,10 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
             J[l].ascratch = scratch
             J[l].ascratch_per = per
             if masked:
-                _set_masks(&A[l * ng], kp, masks[l] if masks else None, is_causal)
+                _set_masks(&A[l * ng], kp, masks[l] if masks else None)
+            if is_causal:
+                for g in range(ng):
+                    A[l * ng + g].causal = 1
         with nogil:
             nc_team_enter()
             if nt <= 1:
@@ -1237,9 +1240,8 @@ cdef cnp.ndarray _attn_mask_view(mask, Py_ssize_t nseq, Py_ssize_t nhead, Py_ssi
     return m
 
 
-cdef void _set_masks(AttnJob *a, cnp.ndarray kp, cnp.ndarray m, bint causal):
+cdef void _set_masks(AttnJob *a, cnp.ndarray kp, cnp.ndarray m):
     """The masks of an attention job (checked by the caller; the arrays outlive the job)."""
-    a.causal = 1 if causal else 0
     if kp is not None:
         a.kpm = <const uint8_t *>cnp.PyArray_DATA(kp)
         a.k_ld = kp.shape[1]

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import embed_layer_norm
-from normcy._encoder_plan import AttentionPlan, ThreadWorkspaces, Workspace
+from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan
 from normcy._heap import release_free_heap
 from normcy._validate import as_weight
 from normcy.transformer import TransformerEncoderLayer, forward_layers
@@ -305,39 +305,15 @@ class BertModel:
             if types is not None and _unsigned_max(types) >= self.type_vocab_size:
                 raise ValueError("token_type_ids must lie in [0, %d), got values in [%d, %d]"
                                  % (self.type_vocab_size, types.min(), types.max()))
-        if mask is None or mask.all():
-            # no padding: row r of the packed tokens is (r // S, r % S); the gathers below
-            # use ids/types as they are and positions 0..S-1 repeated (no index arrays)
-            lengths = np.full(B, S, dtype=np.int64)
-            order = np.arange(B)
-            b_idx = col = None
-            dense = True
-        else:
-            lengths = mask.sum(axis=1)
-            order = np.argsort(lengths, kind="stable")
-            flat = np.flatnonzero(mask[order])
-            b_idx = order[flat // S]
-            col = flat % S
-            dense = False
+        # no padding (dense): row r of the packed tokens is (r // S, r % S); the gathers
+        # below use ids/types as they are and positions 0..S-1 repeated (no index arrays)
+        b_idx, col, plan = packed_plan(np.ones((B, S), bool) if mask is None else mask)
+        dense = b_idx is None
         T = B * S if dense else b_idx.shape[0]
         # dense: every row is written by the layers; else the padded positions stay zero
         out = np.empty((B, S, H), dtype=_F32) if dense else np.zeros((B, S, H), dtype=_F32)
         if T == 0:
             return out
-        groups = []
-        off = 0
-        sl = lengths[order]
-        i = 0
-        while i < B:
-            L = int(sl[i])
-            j = i
-            while j < B and sl[j] == L:
-                j += 1
-            if L:
-                groups.append((off, j - i, L))
-                off += (j - i) * L
-            i = j
-        plan = AttentionPlan(groups)
 
         ws = self._tls.ws
         # s = (word + type) + position, as Hugging Face sums them, then the LayerNorm: one

@@ -31,7 +31,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from normcy._encoder_plan import ThreadWorkspaces, Workspace, padded_plan
+from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan, padded_plan
 from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
 from normcy._gemm import attention as attention_kernel
 from normcy._validate import as_float, as_int, as_weight
@@ -376,7 +376,8 @@ class TransformerEncoderLayer:
         return {"norm": "rms_norm", "norm_weight": params[0], "eps": self.layer_norm_eps}
 
     # ------------------------------------------------------------------ public call
-    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None):
+    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None,
+                 skip_padding=False):
         """Run the layer.
 
         Parameters
@@ -390,6 +391,13 @@ class TransformerEncoderLayer:
             Position ``i`` attends only to positions ``<= i``.
         attn_mask : ndarray, shape (seq, seq), optional
             PyTorch's ``src_mask``: additive float mask, or bool with True = not allowed.
+        skip_padding : bool, default False
+            With a boolean `key_padding_mask` (and no `attn_mask`): compute the real tokens
+            only, packed, and return zeros at the padded positions, as PyTorch's fast path
+            (nested tensors) does.  The real tokens get the values of the padded call up to
+            rounding (~1e-6), and each sequence's values no longer depend on the padding
+            or on the other sequences of the batch (bit for bit).  False (default): every
+            position holds the layer's result, padded queries included.
 
         Returns
         -------
@@ -397,13 +405,8 @@ class TransformerEncoderLayer:
             A new array with the shape of `x`.
         """
         x3, unbatched = _check_input(x, self.d_model)
-        plan = padded_plan(x3.shape[0], x3.shape[1], key_padding_mask, attn_mask, is_causal,
-                            unbatched)
-        b, s, d = x3.shape
-        out = np.empty((b, s, d), dtype=_F32)
-        if b * s:
-            self.forward_rows(x3.reshape(b * s, d), plan, self._tls.ws, out.reshape(b * s, d))
-        return out[0] if unbatched else out
+        return _run(self.forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
+                    skip_padding, self._tls.ws)
 
     def clear_workspace(self):
         """Drop this thread's cached intermediate buffers."""
@@ -414,6 +417,49 @@ class TransformerEncoderLayer:
                 "activation=%r, norm_first=%r, layer_norm_eps=%g, norm=%r)"
                 % (self.d_model, self.nhead, self.dim_feedforward, self.activation,
                    self.norm_first, self.layer_norm_eps, self.norm))
+
+
+def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws):
+    """A layer's or a stack's call: forward(rows, plan, ws, out) on the (batch, seq, d)
+    input, on every position or (skip_padding) on the real tokens packed."""
+    b, s, d = x3.shape
+    if skip_padding and key_padding_mask is not None:
+        real = _real_tokens(key_padding_mask, attn_mask, b, s, unbatched)
+        b_idx, col, plan = packed_plan(real, is_causal)
+        if b_idx is not None:
+            out = np.zeros((b, s, d), dtype=_F32)
+            if b_idx.size:
+                y = np.empty((b_idx.size, d), dtype=_F32)
+                forward(np.ascontiguousarray(x3[b_idx, col]), plan, ws, y)
+                out[b_idx, col] = y
+            return out[0] if unbatched else out
+        # no padding: the whole batch as it is
+    else:
+        plan = padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched)
+    out = np.empty((b, s, d), dtype=_F32)
+    if b * s:
+        forward(x3.reshape(b * s, d), plan, ws, out.reshape(b * s, d))
+    return out[0] if unbatched else out
+
+
+def _real_tokens(key_padding_mask, attn_mask, b, s, unbatched):
+    """The (b, s) real-token mask of a skip_padding call (True = real), checked."""
+    if attn_mask is not None:
+        raise ValueError("skip_padding=True takes a boolean key_padding_mask and no attn_mask "
+                         "(an attention mask may hide keys per query, which packing cannot "
+                         "express)")
+    k = key_padding_mask
+    if not isinstance(k, np.ndarray) or k.dtype != np.bool_:
+        raise TypeError("skip_padding=True needs key_padding_mask as a numpy.ndarray of bool "
+                        "(True = padding), got %s"
+                        % (("dtype %s" % k.dtype) if isinstance(k, np.ndarray)
+                           else type(k).__name__))
+    if unbatched and k.ndim == 1:
+        k = k[None]
+    if k.shape != (b, s):
+        raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
+                         % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+    return ~k
 
 
 def forward_layers(layers, x, plan, ws, out, io="io"):
@@ -567,15 +613,13 @@ class TransformerEncoder:
                      "kind": "layer" if "bias" in final else "rms"}
         return cls(layers, norm=fnorm)
 
-    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None):
-        """Run every layer, then the final norm.  Arguments as for the layer's call."""
+    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None,
+                 skip_padding=False):
+        """Run every layer, then the final norm.  Arguments as for the layer's call
+        (with skip_padding, the final norm too runs on the real tokens only)."""
         x3, unbatched = _check_input(x, self.d_model)
-        b, s, d = x3.shape
-        plan = padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched)
-        out = np.empty((b, s, d), dtype=_F32)
-        if b * s:
-            self._forward_rows(x3.reshape(b * s, d), plan, self._tls.ws, out.reshape(b * s, d))
-        return out[0] if unbatched else out
+        return _run(self._forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
+                    skip_padding, self._tls.ws)
 
     def _forward_rows(self, x, plan, ws, out):
         n, d = x.shape

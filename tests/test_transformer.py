@@ -521,3 +521,87 @@ def test_release_free_heap():
     assert isinstance(r, bool)
     if sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc":
         assert r    # glibc has malloc_trim
+
+
+@pytest.mark.parametrize("which,i", LAYER_PARAMS)
+def test_skip_padding_matches_pytorch_on_real_tokens(which, i):
+    # skip_padding=True computes the real tokens only (packed) and returns zeros at the
+    # padded positions (PyTorch's fast path does the same); the real tokens match PyTorch's
+    # definition (the fixtures) as closely as the padded call does.  Right, left and whole-
+    # sequence padding (kpm_allpad), with and without the causal mask.
+    z = LAYER_FIX[which]
+    cfg = json.loads(str(z["c%d/cfg" % i]))
+    layer = _layer(z, i, cfg)
+    x = z["c%d/x" % i]
+    for case in ("kpm", "causal_kpm", "kpm_allpad", "causal_kpm_allpad"):
+        kw = _case_kwargs(z, i, case)
+        real = ~kw["key_padding_mask"]
+        y = layer(x, skip_padding=True, **kw)
+        assert y.shape == x.shape and y.dtype == F32
+        assert not y[~real].any()
+        ref = z["c%d/%s/out" % (i, case)]
+        np.testing.assert_allclose(y[real], ref[real], rtol=0, atol=1e-4, err_msg=case)
+        padded = layer(x, **kw)
+        np.testing.assert_allclose(y[real], padded[real], rtol=0, atol=1e-5, err_msg=case)
+    np.testing.assert_array_equal(layer(x, skip_padding=True), layer(x))   # no mask: same call
+
+
+def test_skip_padding_encoder_matches_pytorch():
+    z = ENC_FIX
+    for i in (0, 1):
+        cfg = json.loads(str(z["c%d/cfg" % i]))
+        enc = TransformerEncoder.from_torch_state_dict(
+            _sd(z, i), cfg["num_layers"], cfg["nhead"], activation=cfg["activation"],
+            norm_first=cfg["norm_first"], layer_norm_eps=cfg["layer_norm_eps"])
+        x = z["c%d/x" % i]
+        for case in ("kpm", "causal_kpm"):
+            kw = _case_kwargs(z, i, case)
+            real = ~kw["key_padding_mask"]
+            y = enc(x, skip_padding=True, **kw)
+            assert not y[~real].any()
+            np.testing.assert_allclose(y[real], z["c%d/%s/out" % (i, case)][real], rtol=0,
+                                       atol=1e-4)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_skip_padding_sequence_bits_independent_of_batch_and_threads(is_causal):
+    # packed, a sequence's real tokens are computed the same way whatever the padding, the
+    # other sequences of the batch and the thread count: bit for bit
+    rng = np.random.default_rng(21)
+    layers = [TransformerEncoderLayer(64, 4, 96, activation="gelu") for _ in range(2)]
+    enc = TransformerEncoder(layers)
+    lengths = [5, 17, 1, 17, 0, 40, 9]
+    S = 48
+    x = rng.standard_normal((len(lengths), S, 64)).astype(F32)
+    pad = np.arange(S)[None, :] >= np.array(lengths)[:, None]
+    pad[2] = ~pad[2]                             # one sequence padded on the left instead
+    ref = None
+    for nt in (1, 2, 3):
+        enc.num_threads = nt
+        y = enc(x, key_padding_mask=pad, is_causal=is_causal, skip_padding=True)
+        if ref is None:
+            ref = y
+        np.testing.assert_array_equal(y, ref)
+    enc.num_threads = None
+    for b in range(len(lengths)):
+        real = ~pad[b]
+        alone = enc(x[b][real], is_causal=is_causal)           # the real tokens only, unpadded
+        np.testing.assert_array_equal(ref[b][real], alone)
+        assert not ref[b][~real].any()
+
+
+def test_skip_padding_errors():
+    layer = TransformerEncoderLayer(16, 2, 24)
+    x = np.zeros((2, 5, 16), F32)
+    pad = np.zeros((2, 5), bool)
+    with pytest.raises(ValueError, match="attn_mask"):
+        layer(x, key_padding_mask=pad, attn_mask=np.zeros((5, 5), F32), skip_padding=True)
+    with pytest.raises(TypeError, match="bool"):
+        layer(x, key_padding_mask=pad.astype(F32), skip_padding=True)
+    with pytest.raises(ValueError, match="key_padding_mask must have shape"):
+        layer(x, key_padding_mask=np.zeros((2, 6), bool), skip_padding=True)
+    # unbatched input with a (seq,) mask
+    pad1 = np.array([False, False, True, False, True])
+    y1 = layer(x[0], key_padding_mask=pad1, skip_padding=True)
+    np.testing.assert_array_equal(y1, layer(x[:1], key_padding_mask=pad1[None],
+                                            skip_padding=True)[0])

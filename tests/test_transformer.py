@@ -62,12 +62,16 @@ def _layer(z, i, cfg):
 LAYER_PARAMS = [(f, i) for f, z in LAYER_FIX.items() for i, _ in _configs(z)]
 
 
-@pytest.mark.parametrize("which,i", LAYER_PARAMS)
-def test_layer_matches_pytorch(which, i):
+def _fixture_layer(which, i):
+    """Fixture config i of LAYER_FIX[which]: (layer, x, the fixture, its config)."""
     z = LAYER_FIX[which]
     cfg = json.loads(str(z["c%d/cfg" % i]))
-    layer = _layer(z, i, cfg)
-    x = z["c%d/x" % i]
+    return _layer(z, i, cfg), z["c%d/x" % i], z, cfg
+
+
+@pytest.mark.parametrize("which,i", LAYER_PARAMS)
+def test_layer_matches_pytorch(which, i):
+    layer, x, z, cfg = _fixture_layer(which, i)
     x_keep = x.copy()
     for case in CASES:
         y = layer(x, **_case_kwargs(z, i, case))
@@ -529,10 +533,7 @@ def test_skip_padding_matches_pytorch_on_real_tokens(which, i):
     # padded positions (PyTorch's fast path does the same); the real tokens match PyTorch's
     # definition (the fixtures) as closely as the padded call does.  Right, left and whole-
     # sequence padding (kpm_allpad), with and without the causal mask.
-    z = LAYER_FIX[which]
-    cfg = json.loads(str(z["c%d/cfg" % i]))
-    layer = _layer(z, i, cfg)
-    x = z["c%d/x" % i]
+    layer, x, z, _ = _fixture_layer(which, i)
     for case in ("kpm", "causal_kpm", "kpm_allpad", "causal_kpm_allpad"):
         kw = _case_kwargs(z, i, case)
         real = ~kw["key_padding_mask"]

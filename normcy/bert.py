@@ -24,6 +24,7 @@ from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan
 from normcy._heap import release_free_heap
 from normcy._validate import as_weight
+from normcy.hf import WeightsFile
 from normcy.transformer import TransformerEncoderLayer, forward_layers
 
 __all__ = ["BertModel"]
@@ -55,6 +56,13 @@ def _unsigned_max(a):
     return int(a.max())
 
 
+def _shape_of(weights, key):
+    """The shape of weights[key], without reading it from a WeightsFile."""
+    if isinstance(weights, WeightsFile):
+        return weights.shape(key)
+    return np.shape(weights[key])
+
+
 def _config_int(config, key, default=None):
     v = config.get(key, default)
     if v is None:
@@ -78,7 +86,9 @@ class BertModel:
     weights : Mapping[str, ndarray]
         Hugging Face names (``embeddings.word_embeddings.weight``, ...,
         ``encoder.layer.N.attention.self.query.weight``, ...), optionally prefixed with
-        ``bert.``; ``pooler.*`` and ``cls.*`` are ignored.  Converted to float32.
+        ``bert.``; ``pooler.*`` and ``cls.*`` are ignored.  Converted to float32; the model
+        keeps copies, except from a :class:`normcy.hf.WeightsFile` (whose arrays are read
+        fresh for the caller), which is read a layer at a time.
     num_threads : int, optional
         Threads for every kernel of this model, the matrix products included (default:
         normcy's setting, see :func:`normcy.get_num_threads`; small work runs serially).
@@ -115,8 +125,11 @@ class BertModel:
             raise ValueError("config['layer_norm_eps'] must be finite and >= 0, got %r" % eps)
         self.layer_norm_eps = eps
 
+        # name -> the key in `weights`; the arrays are fetched when needed (a WeightsFile
+        # reads them then)
         w = self._strip(weights)
-        vocab = np.shape(w["embeddings.word_embeddings.weight"])[0] \
+        own = isinstance(weights, WeightsFile)     # fresh arrays: no copies needed
+        vocab = _shape_of(weights, w["embeddings.word_embeddings.weight"])[0] \
             if "embeddings.word_embeddings.weight" in w else config.get("vocab_size")
         if not isinstance(vocab, (int, np.integer)) or vocab < 1:
             raise ValueError("weights have no embeddings.word_embeddings.weight")
@@ -150,16 +163,18 @@ class BertModel:
         if extra_layers:
             raise ValueError("weights have encoder layers %s but config num_hidden_layers=%d"
                              % (extra_layers, nl))
-        # the embeddings are copied (the model keeps them); the layers' entries are only
-        # checked here: each layer copies what it keeps and packs its matrices, so a copy
-        # here would only raise the load's peak memory (by the encoder's size)
-        p = {k: as_weight(w[k], k, s, copy=k.startswith("embeddings."))
-             for k, s in shapes.items()}
-        self._word = p["embeddings.word_embeddings.weight"]
-        self._pos = p["embeddings.position_embeddings.weight"]
-        self._type = p["embeddings.token_type_embeddings.weight"]
-        self._ln = (p["embeddings.LayerNorm.weight"], p["embeddings.LayerNorm.bias"])
+
+        def fetch(k, copy):
+            return as_weight(weights[w[k]], k, shapes[k], copy=copy and not own)
+
+        # the embeddings are copied (the model keeps them); each layer's entries are fetched
+        # and checked for that layer only: it copies what it keeps and packs its matrices,
+        # so a copy here would only raise the load's peak memory
+        emb = [fetch(k, True) for k in shapes if k.startswith("embeddings.")]
+        self._word, self._pos, self._type = emb[:3]
+        self._ln = (emb[3], emb[4])
         for i in range(nl):
+            p = {k: fetch(k, False) for k in shapes if k.startswith("encoder.layer.%d." % i)}
             g = lambda k: p["encoder.layer.%d.%s" % (i, k)]  # noqa: E731
             sd = {
                 "self_attn.in_proj_weight": np.concatenate(
@@ -187,21 +202,18 @@ class BertModel:
 
     @staticmethod
     def _strip(weights):
+        """{BERT name: its key in weights} (a ``bert.`` prefix dropped; heads ignored)."""
         keys = list(weights)
         if any(isinstance(k, str) and k.startswith("bert.") for k in keys):
-            out = {}
-            for k in keys:
-                if isinstance(k, str) and k.startswith("bert."):
-                    out[k[5:]] = weights[k]
-            return out
-        return {k: weights[k] for k in keys if isinstance(k, str)
-                and not k.startswith(_IGNORED_PREFIXES)}
+            return {k[5:]: k for k in keys if isinstance(k, str) and k.startswith("bert.")}
+        return {k: k for k in keys if isinstance(k, str) and not k.startswith(_IGNORED_PREFIXES)}
 
     @classmethod
     def from_pretrained(cls, path, num_threads=None):
         """Load ``config.json`` and ``model.safetensors`` from a model directory.
 
-        Needs the ``safetensors`` package (``pip install normcy[model]``); no torch.
+        The weights are read with normcy's own safetensors reader (:class:`normcy.hf.
+        WeightsFile`), a layer at a time; no torch, no safetensors package.
         """
         path = os.fspath(path)
         cfg_path = os.path.join(path, "config.json")
@@ -211,15 +223,11 @@ class BertModel:
         if not os.path.isfile(st_path):
             raise FileNotFoundError("no model.safetensors in %r (only safetensors checkpoints "
                                     "can be read without torch)" % path)
-        try:
-            from safetensors.numpy import load_file
-        except ImportError as exc:  # pragma: no cover - depends on the environment
-            raise ImportError("BertModel.from_pretrained needs the 'safetensors' package: "
-                              "pip install 'normcy[model]'") from exc
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
-        model = cls(config, load_file(st_path), num_threads=num_threads)
-        release_free_heap()     # the checkpoint's arrays and the load's temporaries
+        # read a layer at a time as the model is built (never the whole checkpoint at once)
+        model = cls(config, WeightsFile([st_path]), num_threads=num_threads)
+        release_free_heap()     # the load's temporaries
         return model
 
     # ------------------------------------------------------------------ inputs

@@ -3,8 +3,9 @@
 A Hugging Face checkpoint directory holds ``config.json``, the weights in
 ``model.safetensors`` (or sharded ``model-0000N-of-0000M.safetensors`` files listed in
 ``model.safetensors.index.json``) and, for text models, ``tokenizer.json``. This module reads
-them with :mod:`safetensors.numpy` and the :mod:`tokenizers` package (the optional ``model``
-extra: ``pip install normcy[model]``); nothing here imports torch or transformers.
+them with :mod:`safetensors` (``safe_open``, a tensor at a time) and the :mod:`tokenizers`
+package (the optional ``model`` extra: ``pip install normcy[model]``); nothing here imports
+torch or transformers.
 
 Functions
 ---------
@@ -12,6 +13,9 @@ load_config
     Parse ``config.json`` into a dict.
 load_weights
     Read the safetensors weights as C-contiguous float32 NumPy arrays.
+open_weights
+    The same weights as a read-only mapping that reads each tensor when it is accessed
+    (what the loaders use: a model is built without the whole checkpoint in memory).
 load_tokenizer
     Load ``tokenizer.json`` as a :class:`tokenizers.Tokenizer`.
 load_bert
@@ -22,6 +26,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+from collections.abc import Mapping as _MappingABC
 from typing import Any, Dict, Mapping, Optional, Union
 
 import numpy as np
@@ -31,6 +36,8 @@ __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "load_config",
     "load_weights",
+    "open_weights",
+    "WeightsFile",
     "load_safetensors",
     "load_tokenizer",
     "check_bert_config",
@@ -239,40 +246,107 @@ def load_safetensors(filename: PathLike) -> Dict[str, np.ndarray]:
     filename = os.fspath(filename)
     if not os.path.isfile(filename):
         raise FileNotFoundError("weights file %r does not exist" % filename)
-    header, data_start = _safetensors_header(filename)
-    dtypes = {k: v.get("dtype") for k, v in header.items() if isinstance(v, dict)}
-    bad = {k: d for k, d in dtypes.items()
-           if d not in _FLOAT_DTYPES and d not in _INT_DTYPES and d != "BF16"}
-    if bad:
-        k = sorted(bad)[0]
-        raise ModelFormatError(
-            "tensor %r in %s has unsupported dtype %s (normcy reads F16, BF16, F32, F64 and "
-            "integer tensors)" % (k, filename, bad[k]))
-    if "BF16" not in dtypes.values():
-        st_numpy = _require_module("safetensors.numpy", "read model.safetensors")
-        raw = st_numpy.load_file(filename)
-        return {k: _to_float32(k, v, filename) for k, v in raw.items()}
-    # NumPy has no bfloat16 and safetensors.numpy refuses it: read the buffer ourselves.
-    # bfloat16 is the top half of a float32, so widening is exact.
-    out = {}
-    mm = np.memmap(filename, dtype=np.uint8, mode="r")
-    try:
-        for k, info in header.items():
-            b, e = info["data_offsets"]
-            shape = tuple(info["shape"])
-            buf = mm[data_start + b:data_start + e]
-            d = info["dtype"]
-            if d == "BF16":
-                u = np.frombuffer(buf.tobytes(), dtype="<u2").astype(np.uint32) << 16
-                arr = u.view(np.float32).reshape(shape)
-            else:
-                dt = np.dtype(_FLOAT_DTYPES.get(d) or _INT_DTYPES[d]).newbyteorder("<")
-                arr = np.frombuffer(buf.tobytes(), dtype=dt).reshape(shape)
-                arr = arr.astype(arr.dtype.newbyteorder("="))
-            out[k] = _to_float32(k, arr, filename)
-    finally:
-        del mm
-    return out
+    return dict(WeightsFile([filename]))
+
+
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2,
+             "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+
+
+class WeightsFile(_MappingABC):
+    """The tensors of safetensors checkpoint files, read one at a time when accessed.
+
+    A read-only mapping from tensor name to a new NumPy array, converted as
+    :func:`load_safetensors` converts (F16, BF16, F32, F64 to C-contiguous float32; integer
+    tensors keep their dtype).  Each access reads the tensor from its file into a fresh
+    array that no one else holds (:mod:`safetensors`' ``safe_open``, the file mapped only
+    while one tensor is read; BF16, which NumPy and ``safetensors.numpy`` lack, with plain
+    reads), so that only the tensors a caller keeps stay in memory.  Build it with
+    :func:`open_weights`.  The headers are read and checked when it is made: unsupported
+    dtypes, and data offsets that do not match a tensor's shape or lie outside its file,
+    raise :class:`ModelFormatError` then.
+    """
+
+    def __init__(self, files):
+        self._where = {}
+        for filename in files:
+            header, start = _safetensors_header(filename)
+            size = os.path.getsize(filename)
+            for k, info in header.items():
+                if not isinstance(info, dict):
+                    continue
+                d = info.get("dtype")
+                if d not in _ITEMSIZE:
+                    raise ModelFormatError(
+                        "tensor %r in %s has unsupported dtype %s (normcy reads F16, BF16, "
+                        "F32, F64 and integer tensors)" % (k, filename, d))
+                try:
+                    shape = tuple(int(n) for n in info["shape"])
+                    b, e = (int(o) for o in info["data_offsets"])
+                except (KeyError, TypeError, ValueError):
+                    raise ModelFormatError("tensor %r in %s has a malformed header entry"
+                                           % (k, filename)) from None
+                n = int(np.prod(shape, dtype=np.int64))
+                if (min(shape, default=0) < 0 or b < 0 or e - b != n * _ITEMSIZE[d]
+                        or start + e > size):
+                    raise ModelFormatError(
+                        "tensor %r in %s: data offsets %s do not hold a %s tensor of shape %s "
+                        "within the file" % (k, filename, [b, e], d, list(shape)))
+                if k in self._where:
+                    raise ModelFormatError("tensor %r appears in two files (%s, %s)"
+                                           % (k, self._where[k][0], filename))
+                self._where[k] = (filename, start + b, d, shape)
+
+    def __getitem__(self, name):
+        filename, offset, d, shape = self._where[name]
+        if d != "BF16":
+            st = _require_module("safetensors", "read model.safetensors")
+            with st.safe_open(filename, framework="numpy") as f:
+                return _to_float32(name, f.get_tensor(name), filename)
+        raw = np.empty(int(np.prod(shape, dtype=np.int64)), dtype="<u2")
+        with open(filename, "rb") as f:
+            f.seek(offset)
+            got = f.readinto(memoryview(raw).cast("B"))
+        if got != raw.nbytes:
+            raise ModelFormatError("%s ended inside tensor %r" % (filename, name))
+        # bfloat16 is the top half of a float32: widening is exact
+        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+
+    def shape(self, name):
+        """The shape of tensor `name` (from the header; nothing is read)."""
+        return self._where[name][3]
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self):
+        return len(self._where)
+
+
+def open_weights(path: PathLike) -> WeightsFile:
+    """The weights of a checkpoint directory (or one ``.safetensors`` file) as a
+    :class:`WeightsFile`: a mapping that reads each tensor when it is accessed.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        As for :func:`load_weights`.
+
+    Returns
+    -------
+    WeightsFile
+
+    Raises
+    ------
+    FileNotFoundError, ModelFormatError
+        As for :func:`load_weights`, when it is made.
+    """
+    path = os.fspath(path)
+    if os.path.isfile(path):
+        return WeightsFile([path])
+    if not os.path.exists(path):
+        raise FileNotFoundError("weights file %r does not exist" % path)
+    return WeightsFile(_weight_files(check_dir(path)))
 
 
 def load_weights(path: PathLike) -> Dict[str, np.ndarray]:
@@ -390,7 +464,11 @@ def load_bert(path: PathLike, num_threads: Optional[int] = None):
     path = check_dir(path)
     config = load_config(path)
     check_bert_config(config, os.path.join(path, "config.json"))
-    weights = load_weights(path)
     from normcy.bert import BertModel
 
-    return BertModel(config, weights, num_threads=num_threads)
+    # the tensors are read as the model is built (each layer's, then dropped): the whole
+    # checkpoint is never in memory at once
+    model = BertModel(config, open_weights(path), num_threads=num_threads)
+    from normcy._heap import release_free_heap
+    release_free_heap()     # the load's temporaries
+    return model

@@ -458,12 +458,11 @@ class SentenceEncoder:
         default_prompt_name = st_extra.get("default_prompt_name") if isinstance(st_extra, dict) \
             else None
 
-        weights = hf.load_weights(tdir)
         from normcy.bert import BertModel
 
-        model = BertModel(config, weights, num_threads=num_threads)
-        del weights
-        release_free_heap()     # the checkpoint's arrays and the load's temporaries
+        # the tensors are read as the model is built, a layer at a time
+        model = BertModel(config, hf.open_weights(tdir), num_threads=num_threads)
+        release_free_heap()     # the load's temporaries
         pad_id = config.get("pad_token_id")
         if pad_id is None:
             pad_id = tokenizer.token_to_id("[PAD]") or 0

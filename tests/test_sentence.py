@@ -440,10 +440,50 @@ def test_load_safetensors_dtypes(tmp_path):
     np.testing.assert_allclose(w["bf16"], x, rtol=2 ** -7)
     np.testing.assert_array_equal(w["f64"], x)
     assert w["ids"].dtype == np.int64 and w["ids"].tolist() == [0, 1, 2]
-    # without BF16 the safetensors.numpy path is used
+    # a file without BF16 reads the same
     fn2 = tmp_path / "w2.safetensors"
     _write_safetensors(fn2, {"f16": ("F16", x.shape, x.astype("<f2").tobytes())})
     np.testing.assert_array_equal(hf.load_safetensors(fn2)["f16"], w["f16"])
+    # lazily: the same arrays, each access a fresh one, shapes without reading
+    lazy = hf.open_weights(fn)
+    assert sorted(lazy) == sorted(w) and len(lazy) == 4 and lazy.shape("f16") == (2, 3)
+    for k in w:
+        a, b = lazy[k], lazy[k]
+        assert a is not b and not np.shares_memory(a, b)
+        assert a.dtype == w[k].dtype and np.array_equal(a, w[k])
+
+
+def test_weights_file_checks_offsets(tmp_path):
+    x = np.arange(6, dtype="<f4")
+    fn = tmp_path / "w.safetensors"
+    _write_safetensors(fn, {"a": ("F32", (2, 3), x.tobytes())})
+    good = fn.read_bytes()
+    (n,) = struct.unpack("<Q", good[:8])
+    header = json.loads(good[8:8 + n])
+    for offsets, shape in (([0, 20], [2, 3]), ([0, 24], [3, 3]), ([4, 28], [2, 3]),
+                           ([-4, 20], [2, 3])):
+        header["a"].update(data_offsets=offsets, shape=shape)
+        h = json.dumps(header).encode()
+        h += b" " * (-len(h) % 8)
+        bad = tmp_path / "bad.safetensors"
+        bad.write_bytes(struct.pack("<Q", len(h)) + h + x.tobytes())
+        with pytest.raises(hf.ModelFormatError, match="'a'"):
+            hf.open_weights(bad)
+    with pytest.raises(FileNotFoundError):
+        hf.open_weights(tmp_path / "missing")
+
+
+def test_model_from_a_weights_file_equals_one_from_a_dict():
+    # the loaders build the model from an open_weights mapping (a layer at a time): the
+    # same model, bit for bit, as from the whole dict
+    from normcy.bert import BertModel
+    p = default_model_path()
+    cfg = hf.load_config(p)
+    a = BertModel(cfg, hf.open_weights(p), num_threads=1)
+    b = BertModel(cfg, hf.load_weights(p), num_threads=1)
+    ids = np.array([[101, 7592, 2088, 102, 0]])
+    am = np.array([[1, 1, 1, 1, 0]])
+    np.testing.assert_array_equal(a(ids, am), b(ids, am))
 
 
 def test_load_safetensors_unsupported_dtype(tmp_path):
@@ -506,9 +546,11 @@ def test_sharded_checkpoint(tmp_path):
           for i, k in enumerate(names)}
     (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": wm}))
     w2 = hf.load_weights(str(d))
-    assert sorted(w2) == names
+    lazy = hf.open_weights(str(d))
+    assert sorted(w2) == names and sorted(lazy) == names
     for k in names:
         np.testing.assert_array_equal(w2[k], w[k])
+        np.testing.assert_array_equal(lazy[k], w[k])
 
 
 def test_load_bert_last_hidden_state(ref):

@@ -67,6 +67,10 @@ class TransformerEncoderLayer:
         Epsilon of both norms.
     norm : {"layer", "rms"}, default "layer"
         LayerNorm (weight and bias) or RMSNorm (weight only, as ``torch.nn.RMSNorm``).
+    bias : bool, default True
+        False: no biases anywhere, as ``torch.nn.TransformerEncoderLayer(..., bias=False)``
+        (its projections have none and its LayerNorms are ``LayerNorm(bias=False)``:
+        weight only, still LayerNorm, not RMSNorm).
 
     Notes
     -----
@@ -76,13 +80,13 @@ class TransformerEncoderLayer:
     """
 
     def __init__(self, d_model, nhead, dim_feedforward, *, activation="relu", norm_first=False,
-                 layer_norm_eps=1e-5, norm="layer"):
+                 layer_norm_eps=1e-5, norm="layer", bias=True):
         self._configure(d_model, nhead, dim_feedforward, activation, norm_first,
-                        layer_norm_eps, norm)
+                        layer_norm_eps, norm, bias)
         self.load_state_dict(self._init_state_dict())
 
     def _configure(self, d_model, nhead, dim_feedforward, activation, norm_first,
-                   layer_norm_eps, norm):
+                   layer_norm_eps, norm, bias):
         d_model = _check_int(d_model, "d_model")
         nhead = _check_int(nhead, "nhead")
         dim_feedforward = _check_int(dim_feedforward, "dim_feedforward")
@@ -101,6 +105,9 @@ class TransformerEncoderLayer:
         self.norm_first = bool(norm_first)
         self.layer_norm_eps = eps
         self.norm = norm
+        if not isinstance(bias, (bool, np.bool_)):
+            raise TypeError("bias must be True or False, got %r" % (bias,))
+        self.bias = bool(bias)
         self._tls = ThreadWorkspaces()
         #: Threads for every kernel of the layer (None: normcy's default, all cores; small
         #: work runs serially).  The matrix products are normcy's own (PackedLinear), so
@@ -125,6 +132,8 @@ class TransformerEncoderLayer:
         if self.norm == "layer":
             shapes["norm1.bias"] = (d,)
             shapes["norm2.bias"] = (d,)
+        if not self.bias:
+            shapes = {k: v for k, v in shapes.items() if not k.endswith("bias")}
         return shapes
 
     def _init_state_dict(self):
@@ -149,11 +158,11 @@ class TransformerEncoderLayer:
         if self.norm == "layer":
             sd["norm1.bias"] = np.zeros(d, _F32)
             sd["norm2.bias"] = np.zeros(d, _F32)
-        return sd
+        return {k: v for k, v in sd.items() if k in self._expected_shapes()}
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, nhead, *, activation="relu", norm_first=False,
-                              layer_norm_eps=1e-5, norm="layer"):
+                              layer_norm_eps=1e-5, norm="layer", bias=None):
         """Build a layer from the state dict of ``torch.nn.TransformerEncoderLayer``.
 
         Parameters
@@ -162,13 +171,16 @@ class TransformerEncoderLayer:
             Exactly the keys of ``torch.nn.TransformerEncoderLayer(...).state_dict()``
             (``self_attn.in_proj_weight``, ``self_attn.in_proj_bias``,
             ``self_attn.out_proj.weight``/``bias``, ``linear1.*``, ``linear2.*``, ``norm1.*``,
-            ``norm2.*``; with ``norm="rms"`` the norms have only a ``weight``), as NumPy
-            arrays (``tensor.numpy()``).  ``d_model`` and ``dim_feedforward`` are read from
-            the shapes.
+            ``norm2.*``; with ``norm="rms"`` the norms have only a ``weight``; a layer made
+            with ``bias=False`` has no ``*bias`` keys), as NumPy arrays (``tensor.numpy()``).
+            ``d_model`` and ``dim_feedforward`` are read from the shapes.
         nhead : int
         activation, norm_first, layer_norm_eps, norm
             As for the constructor; they must match the PyTorch layer's settings (they are
             not stored in a state dict).
+        bias : bool, optional
+            As for the constructor; None (default): False when the state dict has no
+            ``self_attn.in_proj_bias`` (a PyTorch layer made with ``bias=False``).
 
         Returns
         -------
@@ -189,8 +201,10 @@ class TransformerEncoderLayer:
         if len(f) != 2:
             raise ValueError("linear1.weight must have shape (dim_feedforward, d_model), got %s"
                              % (tuple(f),))
+        if bias is None:
+            bias = "self_attn.in_proj_bias" in state_dict
         layer = cls.__new__(cls)
-        layer._configure(w[1], nhead, f[0], activation, norm_first, layer_norm_eps, norm)
+        layer._configure(w[1], nhead, f[0], activation, norm_first, layer_norm_eps, norm, bias)
         layer.load_state_dict(state_dict)
         return layer
 
@@ -209,13 +223,18 @@ class TransformerEncoderLayer:
             if unexpected:
                 msg.append("unexpected keys %s" % unexpected)
             hint = ""
-            if self.norm == "layer" and "norm1.bias" in missing:
-                hint = " (a state dict without norm biases needs norm='rms')"
+            if not self.bias and any(k.endswith("bias") for k in unexpected):
+                hint = " (a layer made with bias=False has no biases)"
+            elif self.bias and "self_attn.in_proj_bias" in missing:
+                hint = " (a state dict without biases needs bias=False)"
+            elif self.norm == "layer" and "norm1.bias" in missing:
+                hint = (" (norms without a bias: RMSNorm needs norm='rms'; a PyTorch layer "
+                        "made with bias=False, bias=False)")
             elif self.norm == "rms" and "norm1.bias" in unexpected:
                 hint = " (a state dict with norm biases needs norm='layer')"
             raise ValueError("state_dict does not match a TransformerEncoderLayer(d_model=%d, "
-                             "dim_feedforward=%d, norm=%r): %s%s"
-                             % (self.d_model, self.dim_feedforward, self.norm,
+                             "dim_feedforward=%d, norm=%r, bias=%r): %s%s"
+                             % (self.d_model, self.dim_feedforward, self.norm, self.bias,
                                 "; ".join(msg), hint))
         self._sd = {k: as_weight(state_dict[k], k, s) for k, s in shapes.items()}
         self._prepare()
@@ -239,7 +258,8 @@ class TransformerEncoderLayer:
         d = self.d_model
         scale = 1.0 / math.sqrt(self.head_dim)
         w_in = sd["self_attn.in_proj_weight"].astype(np.float64)
-        b_in = sd["self_attn.in_proj_bias"].astype(np.float64)
+        b_in = (sd["self_attn.in_proj_bias"].astype(np.float64) if self.bias
+                else np.zeros(3 * d))
         w_in[:d] *= scale
         # one packed GEMM gives [q*scale | k | v] (no bias: the query bias is added by the
         # attention kernel, the key bias cancels in the softmax, the value bias is folded
@@ -249,10 +269,13 @@ class TransformerEncoderLayer:
         w_o = sd["self_attn.out_proj.weight"].astype(np.float64)
         o_bv = w_o @ b_in[2 * d:]
         self._o_bv = o_bv.astype(_F32)
-        b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
+        if self.bias:
+            b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
+        else:
+            b_o = None          # no value bias to fold either (o_bv is zero)
         self._lin_o = PackedLinear(sd["self_attn.out_proj.weight"], b_o)
-        self._lin_1 = PackedLinear(sd["linear1.weight"], sd["linear1.bias"])
-        self._lin_2 = PackedLinear(sd["linear2.weight"], sd["linear2.bias"])
+        self._lin_1 = PackedLinear(sd["linear1.weight"], sd.get("linear1.bias"))
+        self._lin_2 = PackedLinear(sd["linear2.weight"], sd.get("linear2.bias"))
         self._n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
         self._n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
         # PackedLinear keyword arguments of the fused residual + norm epilogues (built once:
@@ -414,9 +437,10 @@ class TransformerEncoderLayer:
 
     def __repr__(self):
         return ("TransformerEncoderLayer(d_model=%d, nhead=%d, dim_feedforward=%d, "
-                "activation=%r, norm_first=%r, layer_norm_eps=%g, norm=%r)"
+                "activation=%r, norm_first=%r, layer_norm_eps=%g, norm=%r%s)"
                 % (self.d_model, self.nhead, self.dim_feedforward, self.activation,
-                   self.norm_first, self.layer_norm_eps, self.norm))
+                   self.norm_first, self.layer_norm_eps, self.norm,
+                   "" if self.bias else ", bias=False"))
 
 
 def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws):
@@ -563,13 +587,15 @@ class TransformerEncoder:
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_layers, nhead, *, activation="relu",
                               norm_first=False, layer_norm_eps=1e-5, norm="layer",
-                              final_norm_eps=None):
+                              final_norm_eps=None, final_norm=None):
         """Build from the state dict of ``torch.nn.TransformerEncoder``.
 
         Keys are ``layers.N.<TransformerEncoderLayer key>`` for ``N < num_layers`` and, when
-        the encoder has a final norm, ``norm.weight`` (and ``norm.bias``).  The final norm
-        uses `final_norm_eps` (default: `layer_norm_eps`) and is a LayerNorm when it has a
-        bias, an RMSNorm otherwise.
+        the encoder has a final norm, ``norm.weight`` (and ``norm.bias``).  The layers'
+        ``bias`` is read from their keys (see :meth:`TransformerEncoderLayer.
+        from_torch_state_dict`).  The final norm uses `final_norm_eps` (default:
+        `layer_norm_eps`) and is of kind `final_norm` ("layer" or "rms"; default: `norm`):
+        a LayerNorm without ``norm.bias`` is ``LayerNorm(bias=False)``.
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a mapping of names to arrays, got %s"
@@ -610,7 +636,7 @@ class TransformerEncoder:
                 raise ValueError("final norm has a bias but no norm.weight")
             eps = layer_norm_eps if final_norm_eps is None else final_norm_eps
             fnorm = {"weight": final["weight"], "bias": final.get("bias"), "eps": eps,
-                     "kind": "layer" if "bias" in final else "rms"}
+                     "kind": norm if final_norm is None else final_norm}
         return cls(layers, norm=fnorm)
 
     def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None,

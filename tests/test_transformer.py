@@ -54,9 +54,11 @@ def _case_kwargs(z, i, case):
 
 
 def _layer(z, i, cfg):
-    return TransformerEncoderLayer.from_torch_state_dict(
+    layer = TransformerEncoderLayer.from_torch_state_dict(
         _sd(z, i), cfg["nhead"], activation=cfg["activation"], norm_first=cfg["norm_first"],
         layer_norm_eps=cfg["layer_norm_eps"], norm=cfg["norm"])
+    assert layer.bias == cfg.get("bias", True)     # read from the keys
+    return layer
 
 
 LAYER_PARAMS = [(f, i) for f, z in LAYER_FIX.items() for i, _ in _configs(z)]
@@ -85,8 +87,10 @@ def test_layer_matches_pytorch(which, i):
     np.testing.assert_array_equal(x, x_keep)          # input untouched
 
 
-@pytest.mark.parametrize("i", [0, 1])
+@pytest.mark.parametrize("i", [0, 1, 2])
 def test_encoder_matches_pytorch(i):
+    # c2: layers made with bias=False and a LayerNorm(bias=False) final norm (LayerNorm
+    # without a bias, not RMSNorm)
     z = ENC_FIX
     cfg = json.loads(str(z["c%d/cfg" % i]))
     enc = TransformerEncoder.from_torch_state_dict(
@@ -606,3 +610,24 @@ def test_skip_padding_errors():
     y1 = layer(x[0], key_padding_mask=pad1, skip_padding=True)
     np.testing.assert_array_equal(y1, layer(x[:1], key_padding_mask=pad1[None],
                                             skip_padding=True)[0])
+
+
+def test_bias_false_layers():
+    # torch.nn.TransformerEncoderLayer(..., bias=False): no biases, LayerNorm(bias=False)
+    z = LAYER_FIX["post"]
+    i = next(i for i, c in _configs(z) if c.get("bias") is False)
+    sd = _sd(z, i)
+    assert not any(k.endswith("bias") for k in sd)
+    layer = TransformerEncoderLayer.from_torch_state_dict(sd, 4, activation="gelu")
+    assert not layer.bias and "bias=False" in repr(layer)
+    assert sorted(layer.state_dict()) == sorted(sd)
+    with pytest.raises(ValueError, match="needs bias=False"):
+        TransformerEncoderLayer.from_torch_state_dict(sd, 4, activation="gelu", bias=True)
+    with pytest.raises(ValueError, match="bias=False has no biases"):
+        TransformerEncoderLayer.from_torch_state_dict(_sd(z, 0), 4, bias=False)
+    fresh = TransformerEncoderLayer(32, 4, 48, bias=False)
+    assert not any(k.endswith("bias") for k in fresh.state_dict())
+    y = fresh(np.random.default_rng(2).standard_normal((2, 5, 32)).astype(F32))
+    assert np.isfinite(y).all()
+    with pytest.raises(TypeError, match="bias must be True or False"):
+        TransformerEncoderLayer(32, 4, 48, bias="no")

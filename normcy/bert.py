@@ -212,8 +212,8 @@ class BertModel:
     def from_pretrained(cls, path, num_threads=None):
         """Load ``config.json`` and ``model.safetensors`` from a model directory.
 
-        The weights are read with normcy's own safetensors reader (:class:`normcy.hf.
-        WeightsFile`), a layer at a time; no torch, no safetensors package.
+        The weights are read a layer at a time through :class:`normcy.hf.WeightsFile`
+        (safetensors' ``safe_open``; ``pip install normcy[model]``); no torch.
         """
         path = os.fspath(path)
         cfg_path = os.path.join(path, "config.json")

@@ -71,6 +71,9 @@ class TransformerEncoderLayer:
         False: no biases anywhere, as ``torch.nn.TransformerEncoderLayer(..., bias=False)``
         (its projections have none and its LayerNorms are ``LayerNorm(bias=False)``:
         weight only, still LayerNorm, not RMSNorm).
+    batch_first : bool, default True
+        Inputs and outputs are (batch, seq, d_model); False: (seq, batch, d_model), PyTorch's
+        default layout.  The key padding mask is (batch, seq) either way, as in PyTorch.
 
     Notes
     -----
@@ -80,13 +83,13 @@ class TransformerEncoderLayer:
     """
 
     def __init__(self, d_model, nhead, dim_feedforward, *, activation="relu", norm_first=False,
-                 layer_norm_eps=1e-5, norm="layer", bias=True):
+                 layer_norm_eps=1e-5, norm="layer", bias=True, batch_first=True):
         self._configure(d_model, nhead, dim_feedforward, activation, norm_first,
-                        layer_norm_eps, norm, bias)
+                        layer_norm_eps, norm, bias, batch_first)
         self.load_state_dict(self._init_state_dict())
 
     def _configure(self, d_model, nhead, dim_feedforward, activation, norm_first,
-                   layer_norm_eps, norm, bias):
+                   layer_norm_eps, norm, bias, batch_first):
         d_model = _check_int(d_model, "d_model")
         nhead = _check_int(nhead, "nhead")
         dim_feedforward = _check_int(dim_feedforward, "dim_feedforward")
@@ -108,6 +111,9 @@ class TransformerEncoderLayer:
         if not isinstance(bias, (bool, np.bool_)):
             raise TypeError("bias must be True or False, got %r" % (bias,))
         self.bias = bool(bias)
+        if not isinstance(batch_first, (bool, np.bool_)):
+            raise TypeError("batch_first must be True or False, got %r" % (batch_first,))
+        self.batch_first = bool(batch_first)
         self._tls = ThreadWorkspaces()
         #: Threads for every kernel of the layer (None: normcy's default, all cores; small
         #: work runs serially).  The matrix products are normcy's own (PackedLinear), so
@@ -162,7 +168,7 @@ class TransformerEncoderLayer:
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, nhead, *, activation="relu", norm_first=False,
-                              layer_norm_eps=1e-5, norm="layer", bias=None):
+                              layer_norm_eps=1e-5, norm="layer", bias=None, batch_first=True):
         """Build a layer from the state dict of ``torch.nn.TransformerEncoderLayer``.
 
         Parameters
@@ -175,7 +181,7 @@ class TransformerEncoderLayer:
             with ``bias=False`` has no ``*bias`` keys), as NumPy arrays (``tensor.numpy()``).
             ``d_model`` and ``dim_feedforward`` are read from the shapes.
         nhead : int
-        activation, norm_first, layer_norm_eps, norm
+        activation, norm_first, layer_norm_eps, norm, batch_first
             As for the constructor; they must match the PyTorch layer's settings (they are
             not stored in a state dict).
         bias : bool, optional
@@ -204,7 +210,8 @@ class TransformerEncoderLayer:
         if bias is None:
             bias = "self_attn.in_proj_bias" in state_dict
         layer = cls.__new__(cls)
-        layer._configure(w[1], nhead, f[0], activation, norm_first, layer_norm_eps, norm, bias)
+        layer._configure(w[1], nhead, f[0], activation, norm_first, layer_norm_eps, norm, bias,
+                         batch_first)
         layer.load_state_dict(state_dict)
         return layer
 
@@ -406,7 +413,8 @@ class TransformerEncoderLayer:
         Parameters
         ----------
         x : ndarray of float32, shape (batch, seq, d_model) or (seq, d_model)
-            Input (batch first); not modified.
+            Input, not modified ((seq, batch, d_model) for a layer made with
+            ``batch_first=False``).
         key_padding_mask : ndarray of bool, shape (batch, seq) or (seq,), optional
             True marks padding: those keys get no attention weight (PyTorch's
             ``src_key_padding_mask``).  A float array is an additive mask instead.
@@ -427,9 +435,9 @@ class TransformerEncoderLayer:
         ndarray of float32
             A new array with the shape of `x`.
         """
-        x3, unbatched = _check_input(x, self.d_model)
+        x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self.forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
-                    skip_padding, self._tls.ws)
+                    skip_padding, self._tls.ws, self.batch_first)
 
     def clear_workspace(self):
         """Drop this thread's cached intermediate buffers."""
@@ -440,13 +448,17 @@ class TransformerEncoderLayer:
                 "activation=%r, norm_first=%r, layer_norm_eps=%g, norm=%r%s)"
                 % (self.d_model, self.nhead, self.dim_feedforward, self.activation,
                    self.norm_first, self.layer_norm_eps, self.norm,
-                   "" if self.bias else ", bias=False"))
+                   ("" if self.bias else ", bias=False")
+                   + ("" if self.batch_first else ", batch_first=False")))
 
 
-def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws):
+def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws,
+         batch_first=True):
     """A layer's or a stack's call: forward(rows, plan, ws, out) on the (batch, seq, d)
-    input, on every position or (skip_padding) on the real tokens packed."""
+    input, on every position or (skip_padding) on the real tokens packed; the result in
+    the caller's layout (batch_first=False: (seq, batch, d), a new C-contiguous array)."""
     b, s, d = x3.shape
+    plan = None
     if skip_padding and key_padding_mask is not None:
         real = _real_tokens(key_padding_mask, attn_mask, b, s, unbatched)
         b_idx, col, plan = packed_plan(real, is_causal)
@@ -456,14 +468,21 @@ def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_pa
                 y = np.empty((b_idx.size, d), dtype=_F32)
                 forward(np.ascontiguousarray(x3[b_idx, col]), plan, ws, y)
                 out[b_idx, col] = y
-            return out[0] if unbatched else out
+            return _layout(out, unbatched, batch_first)
         # no padding: the whole batch as it is
-    else:
+    if plan is None:
         plan = padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched)
     out = np.empty((b, s, d), dtype=_F32)
     if b * s:
         forward(x3.reshape(b * s, d), plan, ws, out.reshape(b * s, d))
-    return out[0] if unbatched else out
+    return _layout(out, unbatched, batch_first)
+
+
+def _layout(out, unbatched, batch_first):
+    """A (batch, seq, d) result in the caller's layout."""
+    if unbatched:
+        return out[0]
+    return out if batch_first else np.ascontiguousarray(out.transpose(1, 0, 2))
 
 
 def _real_tokens(key_padding_mask, attn_mask, b, s, unbatched):
@@ -525,18 +544,21 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
     return out
 
 
-def _check_input(x, d_model):
+def _check_input(x, d_model, batch_first=True):
+    """x as a C-contiguous (batch, seq, d_model) array, and whether it was unbatched
+    ((seq, d_model)); batch_first=False: a 3-D x is (seq, batch, d_model)."""
+    layout = "(batch, seq" if batch_first else "(seq, batch"
     if not isinstance(x, np.ndarray):
-        raise TypeError("x must be a float32 numpy.ndarray of shape (batch, seq, %d), got %s"
-                        % (d_model, type(x).__name__))
+        raise TypeError("x must be a float32 numpy.ndarray of shape %s, %d), got %s"
+                        % (layout, d_model, type(x).__name__))
     if x.dtype != _F32:
         raise TypeError("x must have dtype float32, got %s (shape %s); normcy does not cast "
                         "activations" % (x.dtype, tuple(x.shape)))
     if x.ndim not in (2, 3) or x.shape[-1] != d_model:
-        raise ValueError("x must have shape (batch, seq, %d) or (seq, %d), got %s"
-                         % (d_model, d_model, tuple(x.shape)))
+        raise ValueError("x must have shape %s, %d) or (seq, %d), got %s"
+                         % (layout, d_model, d_model, tuple(x.shape)))
     unbatched = x.ndim == 2
-    x3 = x[None] if unbatched else x
+    x3 = x[None] if unbatched else (x if batch_first else x.transpose(1, 0, 2))
     if not x3.flags.c_contiguous:
         x3 = np.ascontiguousarray(x3)
     return x3, unbatched
@@ -566,8 +588,12 @@ class TransformerEncoder:
         d = layers[0].d_model
         if any(layer.d_model != d for layer in layers):
             raise ValueError("all layers must have the same d_model")
+        if any(layer.batch_first != layers[0].batch_first for layer in layers):
+            raise ValueError("all layers must have the same batch_first")
         self.layers = layers
         self.d_model = d
+        #: the layers' input layout (as torch.nn.TransformerEncoder takes its layers')
+        self.batch_first = layers[0].batch_first
         self.norm = _final_norm(norm, d)
         self._tls = ThreadWorkspaces()
         self._num_threads = None
@@ -587,7 +613,7 @@ class TransformerEncoder:
     @classmethod
     def from_torch_state_dict(cls, state_dict, num_layers, nhead, *, activation="relu",
                               norm_first=False, layer_norm_eps=1e-5, norm="layer",
-                              final_norm_eps=None, final_norm=None):
+                              final_norm_eps=None, final_norm=None, batch_first=True):
         """Build from the state dict of ``torch.nn.TransformerEncoder``.
 
         Keys are ``layers.N.<TransformerEncoderLayer key>`` for ``N < num_layers`` and, when
@@ -595,7 +621,8 @@ class TransformerEncoder:
         ``bias`` is read from their keys (see :meth:`TransformerEncoderLayer.
         from_torch_state_dict`).  The final norm uses `final_norm_eps` (default:
         `layer_norm_eps`) and is of kind `final_norm` ("layer" or "rms"; default: `norm`):
-        a LayerNorm without ``norm.bias`` is ``LayerNorm(bias=False)``.
+        a LayerNorm without ``norm.bias`` is ``LayerNorm(bias=False)``.  `batch_first` is
+        the layers' (as in ``torch.nn.TransformerEncoderLayer``).
         """
         if not isinstance(state_dict, Mapping):
             raise TypeError("state_dict must be a mapping of names to arrays, got %s"
@@ -627,7 +654,7 @@ class TransformerEncoder:
             try:
                 layers.append(TransformerEncoderLayer.from_torch_state_dict(
                     sd, nhead, activation=activation, norm_first=norm_first,
-                    layer_norm_eps=layer_norm_eps, norm=norm))
+                    layer_norm_eps=layer_norm_eps, norm=norm, batch_first=batch_first))
             except ValueError as exc:
                 raise ValueError("layers.%d: %s" % (i, exc)) from None
         fnorm = None
@@ -643,9 +670,9 @@ class TransformerEncoder:
                  skip_padding=False):
         """Run every layer, then the final norm.  Arguments as for the layer's call
         (with skip_padding, the final norm too runs on the real tokens only)."""
-        x3, unbatched = _check_input(x, self.d_model)
+        x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self._forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
-                    skip_padding, self._tls.ws)
+                    skip_padding, self._tls.ws, self.batch_first)
 
     def _forward_rows(self, x, plan, ws, out):
         n, d = x.shape

@@ -631,3 +631,33 @@ def test_bias_false_layers():
     assert np.isfinite(y).all()
     with pytest.raises(TypeError, match="bias must be True or False"):
         TransformerEncoderLayer(32, 4, 48, bias="no")
+
+
+def test_batch_first_false_layout():
+    # batch_first=False (PyTorch's default layout): (seq, batch, d) in and out, the key
+    # padding mask still (batch, seq); the same bits as the batch-first call
+    rng = np.random.default_rng(31)
+    sd = TransformerEncoderLayer(32, 4, 48, activation="gelu").state_dict()
+    bf = TransformerEncoderLayer.from_torch_state_dict(sd, 4, activation="gelu")
+    sf = TransformerEncoderLayer.from_torch_state_dict(sd, 4, activation="gelu",
+                                                       batch_first=False)
+    assert "batch_first=False" in repr(sf)
+    x = rng.standard_normal((3, 7, 32)).astype(F32)              # (batch, seq, d)
+    pad = np.zeros((3, 7), bool)
+    pad[1, 4:] = True
+    for kw in ({}, dict(key_padding_mask=pad), dict(key_padding_mask=pad, skip_padding=True),
+               dict(is_causal=True)):
+        ref = bf(x, **kw)
+        got = sf(np.ascontiguousarray(x.transpose(1, 0, 2)), **kw)
+        assert got.shape == (7, 3, 32) and got.flags.c_contiguous
+        np.testing.assert_array_equal(got, ref.transpose(1, 0, 2))
+    np.testing.assert_array_equal(sf(x[0]), bf(x[0]))                  # unbatched: (seq, d)
+    enc = TransformerEncoder([sf, TransformerEncoderLayer.from_torch_state_dict(
+        sd, 4, activation="gelu", batch_first=False)])
+    assert enc.batch_first is False
+    np.testing.assert_array_equal(enc(x.transpose(1, 0, 2)),
+                                  TransformerEncoder([bf, bf])(x).transpose(1, 0, 2))
+    with pytest.raises(ValueError, match="batch_first"):
+        TransformerEncoder([bf, sf])
+    with pytest.raises(ValueError, match=r"\(seq, batch, 32\)"):
+        sf(np.zeros((7, 3, 31), F32))

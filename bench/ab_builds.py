@@ -70,23 +70,39 @@ def main():
     for shape, inner, T in cases:
         x = (rng.standard_normal(shape) * 2).astype(np.float32)
         y = np.empty_like(x)
-        res = {t: [] for t in mods}
-        for rep in range(a.reps):
-            order = list(mods.items())
-            if rep % 2:
-                order = order[::-1]
-            for t, m in order:
-                f = getattr(m, a.kernel)
-                f(x, out=y, num_threads=T)
-                t0 = time.perf_counter_ns()
-                for _ in range(inner):
-                    f(x, out=y, num_threads=T)
-                res[t].append((time.perf_counter_ns() - t0) / inner / x.size)
-        base = np.array(res[next(iter(mods))])
-        print("%s %s, %d thread%s: " % (a.kernel, "x".join(map(str, shape)), T, "s"[:T > 1])
-              + "  ".join("%s %.3f ns/el (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
-                          for t, v in res.items()))
+        calls = {t: (lambda f=getattr(m, a.kernel): f(x, out=y, num_threads=T))
+                 for t, m in mods.items()}
+        res = alternate(calls, a.reps, inner, x.size)
+        report("%s %s, %d thread%s" % (a.kernel, "x".join(map(str, shape)), T, "s"[:T > 1]),
+               res, "%.3f ns/el")
 
+
+def alternate(calls, reps, inner, per):
+    """Time each build's call (calls: {name: f}), the builds alternating in reversed order
+    every other repeat so that they share the machine's phases: per repeat, one untimed
+    call then `inner` timed ones; {name: [ns per call / per, ...]}."""
+    res = {t: [] for t in calls}
+    for rep in range(reps):
+        order = list(calls.items())
+        if rep % 2:
+            order = order[::-1]
+        for t, f in order:
+            f()
+            t0 = time.perf_counter_ns()
+            for _ in range(inner):
+                f()
+            res[t].append((time.perf_counter_ns() - t0) / inner / per)
+    return res
+
+
+def report(label, res, fmt, same=None):
+    """One line: each build's median, and the median of its per-repeat ratios to the first
+    build (> 1: faster); with same, whether the outputs were bit-identical."""
+    base = np.array(next(iter(res.values())))
+    print(label + ": "
+          + "  ".join(("%s " + fmt + " (x%.3f)") % (t, np.median(v), np.median(base / np.array(v)))
+                      for t, v in res.items())
+          + ("" if same is None else "  (same bits)" if same else "  (BITS DIFFER)"))
 
 
 def gemm_ab(mods, a, rng):
@@ -103,23 +119,12 @@ def gemm_ab(mods, a, rng):
         y = np.empty((M, N), np.float32)
         inner = max(3, int(2e8 / (2 * M * N * K)))
         for T in (int(v) for v in a.threads.split(",")):
-            warm_up(lambda: [lin(x, out=y, num_threads=T) for lin in lins.values()])
-            res = {t: [] for t in mods}
-            for rep in range(a.reps):
-                order = list(lins.items())
-                if rep % 2:
-                    order = order[::-1]
-                for t, lin in order:
-                    lin(x, out=y, num_threads=T)
-                    t0 = time.perf_counter_ns()
-                    for _ in range(inner):
-                        lin(x, out=y, num_threads=T)
-                    res[t].append((time.perf_counter_ns() - t0) / inner / 1e3)
-            base = np.array(res[next(iter(mods))])
-            print("gemm %dx%dx%d, %d thread%s: " % (M, N, K, T, "s"[:T > 1])
-                  + "  ".join("%s %.1f us (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
-                              for t, v in res.items())
-                  + ("  (same bits)" if same else "  (BITS DIFFER)"))
+            calls = {t: (lambda lin=lin: lin(x, out=y, num_threads=T))
+                     for t, lin in lins.items()}
+            warm_up(lambda: [f() for f in calls.values()])
+            res = alternate(calls, a.reps, inner, 1e3)
+            report("gemm %dx%dx%d, %d thread%s" % (M, N, K, T, "s"[:T > 1]), res, "%.1f us",
+                   same)
 
 
 def warm_up(f, seconds=0.3):
@@ -179,23 +184,11 @@ def layers_ab(mods, a, rng):
             first = r if first is None else first
         inner = max(1, int(2e8 / (2 * M * nl * d * (4 * d + 2 * f))))
         for T in (int(v) for v in a.threads.split(",")):
-            warm_up(lambda: [run(t, T) for t in stacks])
-            res = {t: [] for t in stacks}
-            for rep in range(a.reps):
-                order = list(stacks)
-                if rep % 2:
-                    order = order[::-1]
-                for t in order:
-                    run(t, T)
-                    t0 = time.perf_counter_ns()
-                    for _ in range(inner):
-                        run(t, T)
-                    res[t].append((time.perf_counter_ns() - t0) / inner / 1e3)
-            base = np.array(res[next(iter(stacks))])
-            print("layers %dx%d (6 x d384), %d thread%s: " % (B, L, T, "s"[:T > 1])
-                  + "  ".join("%s %.1f us (x%.3f)" % (t, np.median(v), np.median(base / np.array(v)))
-                              for t, v in res.items())
-                  + ("  (same bits)" if same else "  (BITS DIFFER)"))
+            calls = {t: (lambda t=t: run(t, T)) for t in stacks}
+            warm_up(lambda: [f() for f in calls.values()])
+            res = alternate(calls, a.reps, inner, 1e3)
+            report("layers %dx%d (6 x d384), %d thread%s" % (B, L, T, "s"[:T > 1]), res,
+                   "%.1f us", same)
 
 
 if __name__ == "__main__":

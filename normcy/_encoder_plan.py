@@ -15,7 +15,7 @@ import threading
 import numpy as np
 
 __all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "packed_plan",
-           "dead_rows"]
+           "key_padding_2d", "dead_rows"]
 
 _F32 = np.float32
 
@@ -85,19 +85,26 @@ class AttentionPlan:
         self.dead = dead
 
 
+def key_padding_2d(key_padding_mask, b, s, unbatched):
+    """A key padding mask as a (b, s) ndarray (an unbatched call's (s,) one gets a batch
+    axis); TypeError / ValueError naming it otherwise.  Its dtype is the caller's to check."""
+    k = key_padding_mask
+    if not isinstance(k, np.ndarray):
+        raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
+                        % type(k).__name__)
+    if unbatched and k.ndim == 1:
+        k = k[None]
+    if k.shape != (b, s):
+        raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
+                         % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+    return k
+
+
 def padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
     kpm = None
     mask = None
     if key_padding_mask is not None:
-        k = key_padding_mask
-        if not isinstance(k, np.ndarray):
-            raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
-                            % type(k).__name__)
-        if unbatched and k.ndim == 1:
-            k = k[None]
-        if k.shape != (b, s):
-            raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
-                             % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+        k = key_padding_2d(key_padding_mask, b, s, unbatched)
         if k.dtype == np.bool_:
             kpm = k
         elif k.dtype.kind == "f":

@@ -1165,9 +1165,12 @@ def run_layers(list kernels, x, list outs, qkv, ctx, mid, hid, list groups, num_
                 raise ValueError("run_layers: key_padding_mask must have shape (%d, %d), "
                                  "got %s" % (nseq, L, describe(key_padding_mask)))
         if mask is not None:
+            views = {}      # one view per head count (the layers may differ in it)
             for l in range(nl):
-                masks.append(_attn_mask_view(mask, nseq,
-                                             (<EncoderLayerKernel>kernels[l]).nhead, L))
+                h = (<EncoderLayerKernel>kernels[l]).nhead
+                if h not in views:
+                    views[h] = _attn_mask_view(mask, nseq, h, L)
+                masks.append(views[h])
     if M == 0:
         return outs[nl - 1]
     for l in range(nl):   # a stage's units are counted in an int (nc_gate)

@@ -31,7 +31,8 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan, padded_plan
+from normcy._encoder_plan import (ThreadWorkspaces, Workspace, key_padding_2d, packed_plan,
+                                  padded_plan)
 from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
 from normcy._gemm import attention as attention_kernel
 from normcy._validate import as_float, as_int, as_weight
@@ -164,7 +165,8 @@ class TransformerEncoderLayer:
         if self.norm == "layer":
             sd["norm1.bias"] = np.zeros(d, _F32)
             sd["norm2.bias"] = np.zeros(d, _F32)
-        return {k: v for k, v in sd.items() if k in self._expected_shapes()}
+        keep = self._expected_shapes()
+        return {k: v for k, v in sd.items() if k in keep}
 
     @classmethod
     def from_torch_state_dict(cls, state_dict, nhead, *, activation="relu", norm_first=False,
@@ -491,17 +493,10 @@ def _real_tokens(key_padding_mask, attn_mask, b, s, unbatched):
         raise ValueError("skip_padding=True takes a boolean key_padding_mask and no attn_mask "
                          "(an attention mask may hide keys per query, which packing cannot "
                          "express)")
-    k = key_padding_mask
-    if not isinstance(k, np.ndarray) or k.dtype != np.bool_:
+    k = key_padding_2d(key_padding_mask, b, s, unbatched)
+    if k.dtype != np.bool_:
         raise TypeError("skip_padding=True needs key_padding_mask as a numpy.ndarray of bool "
-                        "(True = padding), got %s"
-                        % (("dtype %s" % k.dtype) if isinstance(k, np.ndarray)
-                           else type(k).__name__))
-    if unbatched and k.ndim == 1:
-        k = k[None]
-    if k.shape != (b, s):
-        raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
-                         % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+                        "(True = padding), got dtype %s" % k.dtype)
     return ~k
 
 

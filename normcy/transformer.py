@@ -408,9 +408,13 @@ class TransformerEncoderLayer:
         return {"norm": "rms_norm", "norm_weight": params[0], "eps": self.layer_norm_eps}
 
     # ------------------------------------------------------------------ public call
-    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None,
-                 skip_padding=False):
+    def __call__(self, x, *args, key_padding_mask=None, attn_mask=None, is_causal=False,
+                 skip_padding=False, src_mask=None, src_key_padding_mask=None):
         """Run the layer.
+
+        Every argument after `x` is a keyword: PyTorch's second positional argument is the
+        attention mask and normcy's was the padding mask, so a positional mask is refused
+        (TypeError) rather than read as the wrong one.  PyTorch's names work too.
 
         Parameters
         ----------
@@ -419,11 +423,14 @@ class TransformerEncoderLayer:
             ``batch_first=False``).
         key_padding_mask : ndarray of bool, shape (batch, seq) or (seq,), optional
             True marks padding: those keys get no attention weight (PyTorch's
-            ``src_key_padding_mask``).  A float array is an additive mask instead.
-        is_causal : bool, default False
-            Position ``i`` attends only to positions ``<= i``.
+            ``src_key_padding_mask``, also accepted under that name).  A float array is an
+            additive mask instead.
         attn_mask : ndarray, shape (seq, seq), optional
-            PyTorch's ``src_mask``: additive float mask, or bool with True = not allowed.
+            Additive float mask, or bool with True = not allowed (PyTorch's ``src_mask``,
+            also accepted under that name).
+        is_causal : bool, default False
+            Position ``i`` attends only to positions ``<= i``, together with any
+            `attn_mask` (PyTorch treats it as a hint that `attn_mask` is causal).
         skip_padding : bool, default False
             With a boolean `key_padding_mask` (and no `attn_mask`): compute the real tokens
             only, packed, and return zeros at the padded positions, as PyTorch's fast path
@@ -437,6 +444,9 @@ class TransformerEncoderLayer:
         ndarray of float32
             A new array with the shape of `x`.
         """
+        key_padding_mask, attn_mask, is_causal, skip_padding = _call_options(
+            "TransformerEncoderLayer", args, key_padding_mask, attn_mask, is_causal,
+            skip_padding, src_key_padding_mask, ("src_mask", src_mask))
         x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self.forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
                     skip_padding, self._tls.ws, self.batch_first)
@@ -452,6 +462,31 @@ class TransformerEncoderLayer:
                    self.norm_first, self.layer_norm_eps, self.norm,
                    ("" if self.bias else ", bias=False")
                    + ("" if self.batch_first else ", batch_first=False")))
+
+
+def _call_options(owner, args, key_padding_mask, attn_mask, is_causal, skip_padding,
+                  torch_kpm, torch_mask):
+    """A layer's or a stack's call options, checked, PyTorch's names folded into normcy's:
+    (key_padding_mask, attn_mask, is_causal, skip_padding)."""
+    mask_name, torch_attn = torch_mask
+    if args:
+        raise TypeError("%s takes x as its only positional argument (got %d more): pass masks "
+                        "by keyword, attn_mask= (PyTorch's %s) or key_padding_mask= (PyTorch's "
+                        "src_key_padding_mask)" % (owner, len(args), mask_name))
+    if torch_kpm is not None:
+        if key_padding_mask is not None:
+            raise TypeError("give key_padding_mask or src_key_padding_mask, not both")
+        key_padding_mask = torch_kpm
+    if torch_attn is not None:
+        if attn_mask is not None:
+            raise TypeError("give attn_mask or %s, not both" % mask_name)
+        attn_mask = torch_attn
+    if is_causal is None:
+        is_causal = False
+    for name, v in (("is_causal", is_causal), ("skip_padding", skip_padding)):
+        if not isinstance(v, (bool, np.bool_)):
+            raise TypeError("%s must be a bool, got %s" % (name, type(v).__name__))
+    return key_padding_mask, attn_mask, bool(is_causal), bool(skip_padding)
 
 
 def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws,
@@ -567,9 +602,10 @@ class TransformerEncoder:
     layers : sequence of TransformerEncoderLayer
         Applied in order; all with the same ``d_model``.
     norm : None, or a (weight, bias) pair / dict, optional
-        Final LayerNorm applied to the output (``torch.nn.TransformerEncoder(norm=...)``).
-        Give ``{"weight": w, "bias": b, "eps": 1e-5}``, or ``{"weight": w, "eps": ...,
-        "kind": "rms"}`` for an RMSNorm.
+        Final norm applied to the output (``torch.nn.TransformerEncoder(norm=...)``): a
+        LayerNorm ``{"weight": w, "bias": b, "eps": 1e-5}`` (``"bias": None`` or no bias:
+        ``LayerNorm(bias=False)``), or an RMSNorm ``{"weight": w, "eps": ..., "kind":
+        "rms"}``.  A ``(weight, bias[, eps])`` tuple is a LayerNorm.
     """
 
     def __init__(self, layers, norm=None):
@@ -661,10 +697,15 @@ class TransformerEncoder:
                      "kind": norm if final_norm is None else final_norm}
         return cls(layers, norm=fnorm)
 
-    def __call__(self, x, key_padding_mask=None, is_causal=False, *, attn_mask=None,
-                 skip_padding=False):
+    def __call__(self, x, *args, key_padding_mask=None, attn_mask=None, is_causal=False,
+                 skip_padding=False, mask=None, src_key_padding_mask=None):
         """Run every layer, then the final norm.  Arguments as for the layer's call
-        (with skip_padding, the final norm too runs on the real tokens only)."""
+        (keywords only; PyTorch's names here are ``mask`` and ``src_key_padding_mask``,
+        and ``is_causal=None`` means False); with skip_padding, the final norm too runs on
+        the real tokens only."""
+        key_padding_mask, attn_mask, is_causal, skip_padding = _call_options(
+            "TransformerEncoder", args, key_padding_mask, attn_mask, is_causal, skip_padding,
+            src_key_padding_mask, ("mask", mask))
         x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self._forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
                     skip_padding, self._tls.ws, self.batch_first)
@@ -690,10 +731,17 @@ def _final_norm(norm, d):
     if norm is None:
         return None
     if isinstance(norm, Mapping):
-        w = norm.get("weight")
+        extra = sorted(map(str, set(norm) - {"weight", "bias", "eps", "kind"}))
+        if extra:
+            raise ValueError("norm: unknown keys %s (expected 'weight', 'bias', 'eps', 'kind')"
+                             % extra)
+        if norm.get("weight") is None:
+            raise ValueError("norm needs a 'weight'")
+        w = norm["weight"]
         b = norm.get("bias")
         eps = norm.get("eps", 1e-5)
-        kind = norm.get("kind", "layer" if b is not None else "rms")
+        # a LayerNorm unless told otherwise, with or without a bias (LayerNorm(bias=False))
+        kind = norm.get("kind", "layer")
     elif isinstance(norm, (tuple, list)) and len(norm) in (2, 3):
         w, b = norm[0], norm[1]
         eps = norm[2] if len(norm) == 3 else 1e-5

@@ -296,6 +296,56 @@ def test_call_errors():
         layer(x, attn_mask=np.zeros((2, 2), F32))
 
 
+def test_masks_by_keyword_and_pytorch_names():
+    # PyTorch's second positional argument is the attention mask, normcy's used to be the
+    # padding mask: a positional mask is refused, and PyTorch's keyword names work.
+    layer, x, z = _post_layer()
+    kpm = z["c2/kpm"]
+    s = x.shape[1]
+    am = np.triu(np.full((s, s), -1.0, F32), 1)
+    with pytest.raises(TypeError, match="only positional argument.*attn_mask=.*src_mask"):
+        layer(x, am)
+    with pytest.raises(TypeError, match="only positional argument"):
+        layer(x, kpm, True)
+    np.testing.assert_array_equal(layer(x, src_mask=am, src_key_padding_mask=kpm),
+                                  layer(x, attn_mask=am, key_padding_mask=kpm))
+    with pytest.raises(TypeError, match="not both"):
+        layer(x, attn_mask=am, src_mask=am)
+    with pytest.raises(TypeError, match="not both"):
+        layer(x, key_padding_mask=kpm, src_key_padding_mask=kpm)
+    for bad in ("yes", 1, np.array([True, False])):
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            layer(x, is_causal=bad)
+    with pytest.raises(TypeError, match="skip_padding must be a bool"):
+        layer(x, key_padding_mask=kpm, skip_padding="no")
+    np.testing.assert_array_equal(layer(x, is_causal=np.bool_(True)), layer(x, is_causal=True))
+    enc = TransformerEncoder([layer])
+    with pytest.raises(TypeError, match="only positional argument.*attn_mask=.*mask"):
+        enc(x, am)
+    np.testing.assert_array_equal(enc(x, mask=am, src_key_padding_mask=kpm, is_causal=None),
+                                  enc(x, attn_mask=am, key_padding_mask=kpm))
+
+
+def test_final_norm_dict_is_a_layer_norm_unless_told():
+    # {"weight": w} (or "bias": None) is LayerNorm(bias=False), as the docstring says; an
+    # RMSNorm needs "kind": "rms" (it used to be the silent default without a bias)
+    rng = np.random.default_rng(5)
+    layer = TransformerEncoderLayer(32, 4, 48)
+    w = (1 + rng.standard_normal(32)).astype(F32)
+    x = rng.standard_normal((2, 5, 32)).astype(F32)
+    body = TransformerEncoder([layer])(x)
+    ref = normcy.layer_norm(body, w, np.zeros(32, F32), eps=1e-5)
+    for norm in ({"weight": w}, {"weight": w, "bias": None}, (w, None)):
+        np.testing.assert_array_equal(TransformerEncoder([layer], norm=norm)(x), ref)
+    np.testing.assert_array_equal(
+        TransformerEncoder([layer], norm={"weight": w, "kind": "rms", "eps": 1e-6})(x),
+        normcy.rms_norm(body, w, eps=1e-6))
+    with pytest.raises(ValueError, match="unknown keys \\['bais'\\]"):
+        TransformerEncoder([layer], norm={"weight": w, "bais": w})
+    with pytest.raises(ValueError, match="needs a 'weight'"):
+        TransformerEncoder([layer], norm={"bias": w})
+
+
 def test_float_key_padding_mask_and_bool_attn_mask_equivalents():
     layer, x, z = _post_layer()
     kpm = z["c2/kpm"]

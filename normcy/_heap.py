@@ -19,15 +19,18 @@ _looked = False
 def _malloc_trim():
     global _trim, _looked
     if not _looked:
-        _looked = True
+        # _looked only after _trim is set: a thread that sees it True finds the function
+        # (two first callers may both look it up: harmless)
+        f = None
         if sys.platform.startswith("linux"):
             try:
                 f = ctypes.CDLL(None).malloc_trim
                 f.argtypes = [ctypes.c_size_t]
                 f.restype = ctypes.c_int
-                _trim = f
             except (OSError, AttributeError):
-                _trim = None
+                f = None
+        _trim = f
+        _looked = True
     return _trim
 
 

@@ -129,11 +129,20 @@ class BertModel:
         # reads them then)
         w = self._strip(weights)
         own = isinstance(weights, WeightsFile)     # fresh arrays: no copies needed
-        vocab = _shape_of(weights, w["embeddings.word_embeddings.weight"])[0] \
-            if "embeddings.word_embeddings.weight" in w else config.get("vocab_size")
-        if not isinstance(vocab, (int, np.integer)) or vocab < 1:
+        if "embeddings.word_embeddings.weight" not in w:
             raise ValueError("weights have no embeddings.word_embeddings.weight")
-        self.vocab_size = int(vocab)
+        ws = tuple(_shape_of(weights, w["embeddings.word_embeddings.weight"]))
+        if len(ws) != 2 or ws[0] < 1 or ws[1] != H:
+            raise ValueError("embeddings.word_embeddings.weight must have shape (vocab_size >= "
+                             "1, hidden_size=%d), got %s" % (H, ws))
+        self.vocab_size = int(ws[0])
+        # the layers the weights hold, before anything is sized by the config's layer count
+        # (a hostile num_hidden_layers must not allocate per claimed layer)
+        have = {int(m.group(1)) for m in map(_LAYER_RE.match, w) if m}
+        if nl > len(have) or any(i not in have for i in range(nl)):
+            lack = [i for i in range(min(nl, len(have) + 1)) if i not in have]
+            raise ValueError("config num_hidden_layers=%d but the weights have no encoder layer "
+                             "%d (encoder.layer.%d.*)" % (nl, lack[0], lack[0]))
         shapes = {
             "embeddings.word_embeddings.weight": (self.vocab_size, H),
             "embeddings.position_embeddings.weight": (self.max_position_embeddings, H),
@@ -158,8 +167,7 @@ class BertModel:
         if missing:
             raise ValueError("weights are missing %d entries for this config, e.g. %s"
                              % (len(missing), missing[:5]))
-        extra_layers = sorted({int(m.group(1)) for m in map(_LAYER_RE.match, w) if m
-                               and int(m.group(1)) >= nl})
+        extra_layers = sorted(i for i in have if i >= nl)
         if extra_layers:
             raise ValueError("weights have encoder layers %s but config num_hidden_layers=%d"
                              % (extra_layers, nl))
@@ -213,7 +221,7 @@ class BertModel:
         """Load ``config.json`` and ``model.safetensors`` from a model directory.
 
         The weights are read a layer at a time through :class:`normcy.hf.WeightsFile`
-        (safetensors' ``safe_open``; ``pip install normcy[model]``); no torch.
+        (its headers checked when it is made); no torch.
         """
         path = os.fspath(path)
         cfg_path = os.path.join(path, "config.json")

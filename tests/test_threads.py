@@ -523,10 +523,19 @@ def wait_child(pid, timeout=60):
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.parametrize("where", ["main_thread", "other_thread", "never"])
-def test_fork_after_parallel_use(h, where):
+@pytest.mark.parametrize("where, how", [("main_thread", "os"), ("other_thread", "os"),
+                                        ("never", "os"), ("main_thread", "libc"),
+                                        ("never", "libc")])
+def test_fork_after_parallel_use(h, where, how):
+    # how="libc": fork() called from C (here through ctypes), which Python's
+    # os.register_at_fork hooks never see; normcy's pthread_atfork handler does
     code = FORK_PRELUDE + """
-WHERE = %r
+WHERE, HOW = %r, %r
+if HOW == "libc":
+    import ctypes
+    FORK = ctypes.CDLL(None, use_errno=True).fork
+else:
+    FORK = os.fork
 if WHERE == "main_thread":
     assert same(run_all(2), EXPECTED)
 elif WHERE == "other_thread":
@@ -539,7 +548,7 @@ else:
     for _ in range(3):
         normcy.layer_norm(np.ones((1, 384), np.float32))
         normcy.add_layer_norm(np.ones((1, 384), np.float32), np.ones((1, 384), np.float32))
-pid = os.fork()
+pid = FORK()
 if pid == 0:
     code = 0
     try:
@@ -563,7 +572,7 @@ assert same(run_all(2), EXPECTED), "parent results changed after fork"
 assert normcy.fork_serial() is False
 print("CHILD_RC", rc)
 sys.exit(rc)
-""" % where
+""" % (where, how)
     p = _python(code, h)
     assert p.returncode == 0, (p.stdout, p.stderr)
     assert "CHILD_RC 0" in p.stdout

@@ -650,7 +650,13 @@ class SentenceEncoder:
                             "first")
         if isinstance(sentences, np.ndarray):
             if sentences.ndim == 0:
-                return [str(sentences)], True
+                # a 0-d array of a str ('U', or an object array holding a str) is one text;
+                # anything else (None, numbers, bytes) is refused as for a plain object
+                v = sentences.item()
+                if not isinstance(v, str):
+                    raise TypeError("sentences must be str or a sequence of str, got a 0-d "
+                                    "array of %s" % type(v).__name__)
+                return [v], True
             if sentences.ndim != 1:
                 raise ValueError("sentences array must be 1-D, got shape %s" % (sentences.shape,))
             sentences = sentences.tolist()
@@ -664,7 +670,7 @@ class SentenceEncoder:
         return texts, False
 
     def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32,
-               normalize_embeddings: bool = True, show_progress_bar: Optional[bool] = False,
+               normalize_embeddings: bool = False, show_progress_bar: Optional[bool] = False,
                output_value: Optional[str] = "sentence_embedding", convert_to_numpy: bool = True,
                convert_to_tensor: bool = False, precision: str = "float32",
                truncate_dim: Optional[int] = None, prompt_name: Optional[str] = None,
@@ -681,10 +687,11 @@ class SentenceEncoder:
         sentences : str or sequence of str
             One string (returns a 1-D vector) or a list of strings (returns ``(n, dim)``).
         batch_size : int, default 32
-        normalize_embeddings : bool, default True
-            L2-normalize the output. Note: a ``Normalize`` module in the model's own pipeline
-            (as in all-MiniLM-L6-v2) is applied regardless, as in sentence-transformers; set
-            :attr:`normalize_module` to False to skip it.
+        normalize_embeddings : bool, default False
+            L2-normalize the output (after `truncate_dim`), as sentence-transformers'
+            argument of that name does.  A ``Normalize`` module in the model's own pipeline
+            (as in all-MiniLM-L6-v2) is applied regardless, before any truncation, as in
+            sentence-transformers; set :attr:`normalize_module` to False to skip it.
         show_progress_bar : bool, default False
             Print progress to ``progress_stream`` (stderr).
         output_value : {"sentence_embedding", "token_embeddings"}
@@ -729,9 +736,12 @@ class SentenceEncoder:
             raise ValueError("precision must be 'float32', got %r" % (precision,))
         if device not in (None, "cpu"):
             raise ValueError("device must be None or 'cpu', got %r" % (device,))
-        if truncate_dim is not None and (not isinstance(truncate_dim, (int, np.integer))
-                                         or truncate_dim < 1):
-            raise ValueError("truncate_dim must be a positive integer, got %r" % (truncate_dim,))
+        if truncate_dim is not None:
+            if isinstance(truncate_dim, (bool, np.bool_)) \
+                    or not isinstance(truncate_dim, (int, np.integer)) or truncate_dim < 1:
+                raise ValueError("truncate_dim must be a positive integer, got %r"
+                                 % (truncate_dim,))
+            truncate_dim = int(truncate_dim)
 
         if prompt is None:
             if prompt_name is None:
@@ -751,7 +761,11 @@ class SentenceEncoder:
         if n == 0:
             if output_value == "token_embeddings" or not convert_to_numpy:
                 return []
-            return np.empty((0, truncate_dim or dim or 0), dtype=np.float32)
+            # the width a non-empty call would have: truncate_dim caps it, never widens it
+            width = dim if dim is not None else (truncate_dim or 0)
+            if truncate_dim is not None:
+                width = min(width, truncate_dim)
+            return np.empty((0, width), dtype=np.float32)
 
         encs = self._encodings(texts)
         ids_list = [e.ids for e in encs]     # each .ids builds a new list: read them once

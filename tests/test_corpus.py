@@ -80,8 +80,9 @@ def run(args, stdin=b"", timeout=300):
 
 
 def _windows_encode(enc, texts, window, batch_size=32):
-    """What the command computes: encode() per window of `window` records."""
-    return np.concatenate([enc.encode(texts[i:i + window], batch_size=batch_size)
+    """What the command computes: encode() per window of `window` records (normalized,
+    as the command is by default)."""
+    return np.concatenate([enc.encode(texts[i:i + window], batch_size=batch_size, normalize_embeddings=True)
                            for i in range(0, len(texts), window)]) if texts else None
 
 
@@ -117,7 +118,7 @@ def test_jsonl_to_parquet_keeps_ids_and_order(tmp_path, model, enc):
                            for s in range(0, 150, 64)])
     assert np.array_equal(emb, want)
     # and what one encode() call gives, up to float rounding of the batch composition
-    assert np.abs(emb - enc.encode(texts)).max() <= 1e-6
+    assert np.abs(emb - enc.encode(texts, normalize_embeddings=True)).max() <= 1e-6
 
 
 def test_text_lines_to_npy_shards_with_ids(tmp_path, model, enc):
@@ -133,7 +134,7 @@ def test_text_lines_to_npy_shards_with_ids(tmp_path, model, enc):
     emb = np.concatenate([np.load(out / "part-00000.npy"), np.load(out / "part-00001.npy")])
     ids = [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()]
     assert ids == list(range(70))
-    want = np.concatenate([enc.encode(texts[:50]), enc.encode(texts[50:])])
+    want = np.concatenate([enc.encode(texts[:50], normalize_embeddings=True), enc.encode(texts[50:], normalize_embeddings=True)])
     assert emb.dtype == np.float32 and np.array_equal(emb, want)
 
 
@@ -151,7 +152,7 @@ def test_parquet_input_to_jsonl_keeps_non_ascii(tmp_path, model, enc):
     assert "東京は日本の首都です。".encode("utf-8") in raw and b"\\u" not in raw
     recs = [json.loads(x) for x in raw.decode("utf-8").splitlines()]
     assert [r["key"] for r in recs] == [7, 8, 9] and [r["text"] for r in recs] == texts
-    want = enc.encode(texts)
+    want = enc.encode(texts, normalize_embeddings=True)
     assert np.abs(np.array([r["embedding"] for r in recs]) - want).max() <= 1e-7
 
 
@@ -217,7 +218,7 @@ def test_on_error_skip_records_every_skipped_id(tmp_path, model, enc):
                                                                    (4, 5, "e")]
     assert all(s["source"] == str(src) and s["error"] for s in skipped)
     assert "skipped 3 bad record(s) of 6" in err
-    want = enc.encode(["first", "fourth", "sixth"])
+    want = enc.encode(["first", "fourth", "sixth"], normalize_embeddings=True)
     assert np.abs(np.array([r["embedding"] for r in recs]) - want).max() <= 1e-7
 
 
@@ -311,7 +312,7 @@ def test_partial_shard_is_not_taken_for_finished(tmp_path, model, enc):
     assert "after 1 finished shard(s)" in err
     _no_temp_files(out)
     emb = np.concatenate([np.load(out / ("part-%05d.npy" % k)) for k in range(3)])
-    assert np.array_equal(emb, np.concatenate([enc.encode(texts[s:s + 10])
+    assert np.array_equal(emb, np.concatenate([enc.encode(texts[s:s + 10], normalize_embeddings=True)
                                                for s in (0, 10, 20)]))
     assert [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()] == \
         list(range(30))
@@ -348,7 +349,7 @@ def test_fifo_output_is_written_not_replaced(tmp_path, model, enc):
     th.join(30)
     assert rc == 0, err
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
-    assert np.array_equal(np.load(io.BytesIO(got["data"])), enc.encode(["one", "two"]))
+    assert np.array_equal(np.load(io.BytesIO(got["data"])), enc.encode(["one", "two"], normalize_embeddings=True))
     _no_temp_files(tmp_path)
 
 

@@ -201,7 +201,10 @@ def test_no_normalize_module_in_modules_json(tmp_path, ref):
     assert not e.normalize_module
     S = ref["sentences"][:6]
     _check_parity(e.encode(S, normalize_embeddings=False), ref["pooled"][:6], "no Normalize")
-    _check_parity(e.encode(S), ref["embeddings"][:6], "no Normalize, normalize_embeddings")
+    _check_parity(e.encode(S, normalize_embeddings=True), ref["embeddings"][:6],
+                  "no Normalize, normalize_embeddings")
+    # sentence-transformers' default: normalize_embeddings=False
+    np.testing.assert_array_equal(e.encode(S), e.encode(S, normalize_embeddings=False))
 
 
 # --------------------------------------------------------------------------- pooling
@@ -351,9 +354,27 @@ def test_encode_contract(enc, ref):
     assert empty.shape == (0, 384) and empty.dtype == np.float32
     lst = enc.encode(["A sentence to embed.", "Another one."], convert_to_numpy=False)
     assert isinstance(lst, list) and len(lst) == 2 and lst[1].shape == (384,)
+    # truncate_dim as in sentence-transformers: the model's own Normalize module, then the
+    # first components (not re-normalized unless normalize_embeddings=True)
+    full = enc.encode(["A sentence to embed."])
     td = enc.encode(["A sentence to embed."], truncate_dim=64)
     assert td.shape == (1, 64)
-    np.testing.assert_allclose(np.linalg.norm(td, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_array_equal(td, full[:, :64])
+    assert np.linalg.norm(td) < 0.99
+    tdn = enc.encode(["A sentence to embed."], truncate_dim=64, normalize_embeddings=True)
+    np.testing.assert_allclose(np.linalg.norm(tdn, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(tdn, td / np.linalg.norm(td), rtol=0, atol=1e-6)
+    # truncation never widens: an empty call has the width a non-empty one would have
+    assert enc.encode([], truncate_dim=1000).shape == (0, 384)
+    assert enc.encode(["x"], truncate_dim=1000).shape == (1, 384)
+    assert enc.encode([], truncate_dim=64).shape == (0, 64)
+    with pytest.raises(ValueError, match="truncate_dim must be a positive integer"):
+        enc.encode(["x"], truncate_dim=True)
+    # 0-d arrays: a str is one text, anything else a TypeError (not its repr embedded)
+    np.testing.assert_array_equal(enc.encode(np.array("A sentence to embed.")), one)
+    for bad in (np.array(None, dtype=object), np.array(5), np.array(b"a b")):
+        with pytest.raises(TypeError, match="0-d array of"):
+            enc.encode(bad)
     assert enc.get_sentence_embedding_dimension() == 384
 
 

@@ -149,8 +149,8 @@ def enc():
 @pytest.fixture(scope="module")
 def bitwise(enc):
     """Whether encode() is batch-invariant bit for bit here (then the server must be too)."""
-    batch = enc.encode(SENTENCES + [LONG], batch_size=64)
-    return all(np.array_equal(enc.encode([s])[0], batch[i])
+    batch = enc.encode(SENTENCES + [LONG], batch_size=64, normalize_embeddings=True)
+    return all(np.array_equal(enc.encode([s], normalize_embeddings=True)[0], batch[i])
                for i, s in enumerate(SENTENCES + [LONG]))
 
 
@@ -165,7 +165,9 @@ def assert_parity(got, want, bitwise):
 
 
 def alone(enc, sentences, **kw):
-    """Each sentence encoded on its own (no batch neighbours), stacked."""
+    """Each sentence encoded on its own (no batch neighbours), stacked; normalized, as the
+    server's routes do by default."""
+    kw.setdefault("normalize_embeddings", True)
     return np.stack([enc.encode([s], **kw)[0] for s in sentences])
 
 
@@ -231,7 +233,7 @@ def test_openai_client_unchanged(server, enc, bitwise):
         assert res.model == "all-MiniLM-L6-v2"
     one = cl.embeddings.create(model="m", input="Hello world!", user="someone")
     assert len(one.data) == 1 and one.model == "m"
-    assert_parity(one.data[0].embedding, enc.encode(["Hello world!"])[0], bitwise)
+    assert_parity(one.data[0].embedding, enc.encode(["Hello world!"], normalize_embeddings=True)[0], bitwise)
     # dimensions: truncate, then re-normalize (encode's truncate_dim)
     res = cl.embeddings.create(model="m", input=SENTENCES[:4], dimensions=64)
     got = np.array([d.embedding for d in res.data], dtype=np.float32)
@@ -261,7 +263,7 @@ def test_openai_base64_and_token_ids(client, enc, bitwise):
     assert_parity([d["embedding"] for d in body["data"]], alone(enc, SENTENCES[:3]), bitwise)
     assert body["usage"]["prompt_tokens"] == sum(len(x) for x in ids)
     r = client.post("/v1/embeddings", json={"input": ids[1]})
-    assert_parity(r.json()["data"][0]["embedding"], enc.encode([SENTENCES[1]])[0], bitwise)
+    assert_parity(r.json()["data"][0]["embedding"], enc.encode([SENTENCES[1]], normalize_embeddings=True)[0], bitwise)
     # /tokenize hands out the same ids
     toks = client.post("/tokenize", json={"inputs": SENTENCES[:3]}).json()
     assert [[t["id"] for t in row] for row in toks] == ids
@@ -280,7 +282,7 @@ def test_tei_embed(client, enc, bitwise):
     assert float(r.headers["x-total-time"]) >= float(r.headers["x-inference-time"])
     # a single string gives a list of one vector
     r = client.post("/embed", json={"inputs": "Hello world!"})
-    assert_parity(r.json(), enc.encode(["Hello world!"]), bitwise)
+    assert_parity(r.json(), enc.encode(["Hello world!"], normalize_embeddings=True), bitwise)
     # normalize: false is the raw pooled vector (the model's own Normalize module skipped)
     raw_enc = copy.copy(enc)
     raw_enc.normalize_module = False
@@ -308,7 +310,7 @@ def test_over_long_inputs(client, enc, bitwise):
     r = client.post("/embed", json={"inputs": LONG, "truncation_direction": "left"})
     assert r.status_code == 200
     left = np.array(r.json()[0], dtype=np.float32)
-    right = enc.encode([LONG])[0]
+    right = enc.encode([LONG], normalize_embeddings=True)[0]
     assert np.abs(left - right).max() > 1e-3
 
 
@@ -562,7 +564,7 @@ def test_health_states_in_process(enc):
             time.sleep(0.02)
         assert c.get("/health").status_code == 200
         assert np.allclose(c.post("/embed", json={"inputs": "x"}).json()[0],
-                           enc.encode("x"), atol=1e-6)
+                           enc.encode("x", normalize_embeddings=True), atol=1e-6)
 
     def failing_loader():
         raise FileNotFoundError("no such model")

@@ -29,14 +29,16 @@ class _Terminated(KeyboardInterrupt):
     """SIGTERM, raised in the main thread so that clean-up code runs."""
 
 
-def positive_int(name):
+def positive_int(name, minimum=1):
+    what = "a positive integer" if minimum == 1 else "an integer >= %d" % minimum
+
     def conv(s):
         try:
             v = int(s)
         except ValueError:
-            raise argparse.ArgumentTypeError("%s must be a positive integer, got %r" % (name, s))
-        if v < 1:
-            raise argparse.ArgumentTypeError("%s must be a positive integer, got %r" % (name, s))
+            raise argparse.ArgumentTypeError("%s must be %s, got %r" % (name, what, s))
+        if v < minimum:
+            raise argparse.ArgumentTypeError("%s must be %s, got %r" % (name, what, s))
         return v
     return conv
 
@@ -96,7 +98,7 @@ def add_embed_parser(sub, func) -> argparse.ArgumentParser:
     e.add_argument("-t", "--threads", type=positive_int("--threads"), default=None,
                    metavar="N", help="threads (default: normcy.get_num_threads(); at most the "
                                      "CPUs this process may use)")
-    e.add_argument("--max-seq-length", type=positive_int("--max-seq-length"), default=None,
+    e.add_argument("--max-seq-length", type=positive_int("--max-seq-length", 2), default=None,
                    metavar="N", help="override the model's maximum tokens per input")
     e.add_argument("--no-normalize", action="store_true",
                    help="output the raw pooled embeddings: skip L2 normalization, including "
@@ -154,6 +156,13 @@ def _inputs(args, stdin) -> List[corpus._Input]:
             raise CLIError("nothing to embed: give TEXT arguments, --input FILE, or pipe lines "
                            "on standard input (try `normcy embed --help`)")
         inputs.append(from_stdin())
+    if args.id_field is not None:
+        plain = [i.source for i in inputs if i.kind == "args" or i.fmt == "text"]
+        if plain:
+            raise CLIError("--id-field %r needs JSON Lines or Parquet input: %s ha%s no fields "
+                           "(its ids are the record positions)"
+                           % (args.id_field, ", ".join(plain[:3]), "s" if len(plain) == 1
+                              else "ve"))
     return inputs
 
 
@@ -353,6 +362,10 @@ def _run(args, stdin, stdout, stderr) -> int:
             skip_log.abort()
         raise
     _report(stderr, n_rec, n_emb, skip_log.count if skip_log else 0, skip_log and skip_log.path)
+    if fmt == "npy" and skip_log is not None and skip_log.count:
+        stderr.write("normcy embed: note: %s holds no ids: its %d rows are the records kept, "
+                     "in input order (write .jsonl, .parquet or a directory to keep ids)\n"
+                     % (out or "the .npy output", n_emb))
     return 0
 
 

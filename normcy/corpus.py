@@ -19,11 +19,14 @@ from __future__ import annotations
 import io
 import json
 import os
+import secrets
 import stat
 import tempfile
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
+
+from normcy._heap import release_free_heap
 
 __all__ = ["BadRecord", "InputError", "Record", "iter_records", "count_records", "embed_records",
            "input_format_of", "open_parquet", "JsonlSink", "NpySink", "ShardSink", "OutputFile", "SkipLog"]
@@ -123,6 +126,9 @@ def _parse_jsonl(line: str, source: str, n: int, text_field: str,
         if isinstance(rid, bool) or not isinstance(rid, (str, int)):
             raise BadRecord(source, n, "id field %r must be a string or an integer, got %s"
                             % (id_field, json.dumps(rid)[:40]), id=None)
+        if isinstance(rid, int) and not -2 ** 63 <= rid < 2 ** 63:
+            raise BadRecord(source, n, "id field %r: %s does not fit a 64-bit integer"
+                            % (id_field, str(rid)[:40]), id=None)
     if text_field not in obj:
         raise BadRecord(source, n, "no text field %r" % text_field, id=rid)
     text = obj[text_field]
@@ -374,7 +380,26 @@ class OutputFile:
         self.direct = False
         self.target = os.path.realpath(path)
         d, name = os.path.split(self.target)
-        fd, self.tmp = tempfile.mkstemp(prefix=".%s." % name, suffix=".tmp", dir=d)
+        # created as open(path, "w") would create it (0666 less the umask), or with the mode
+        # of the file it replaces; mkstemp's 0600 would outlive the rename
+        for _ in range(100):
+            tmp = os.path.join(d, ".%s.%s.tmp" % (name, secrets.token_hex(4)))
+            try:
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
+                             0o666)
+                break
+            except FileExistsError:
+                continue
+            except OSError as exc:
+                raise InputError("cannot write output %r: %s" % (path, exc.strerror or exc))
+        else:  # pragma: no cover - 100 name collisions
+            raise InputError("cannot create a temporary file beside %r" % path)
+        self.tmp = tmp
+        if st is not None:
+            try:
+                os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            except OSError:
+                pass
         self.f = os.fdopen(fd, "wb")
 
     def seekable(self) -> bool:
@@ -419,6 +444,30 @@ def _npy_header(n: int, dim: int, size: int = 128) -> bytes:
     return b"\x93NUMPY\x01\x00" + len(d).to_bytes(2, "little") + d.encode("latin1")
 
 
+def _write_all(f, data) -> None:
+    """Write all of `data` (bytes, or str to a text stream) to `f`, or raise.
+
+    A buffered stream may take only part of a large write when a pipe's reader goes away
+    meanwhile: it returns the shorter count, and a text stream above it drops the rest
+    without a word (``normcy embed ... | head`` then exited 0).  The rest is written again
+    here, so that the broken pipe surfaces as BrokenPipeError."""
+    if isinstance(data, str):
+        buf = getattr(f, "buffer", None)
+        if buf is None:        # io.StringIO and the like: nothing is cut short
+            f.write(data)
+            return
+        f.flush()
+        data = data.encode(getattr(f, "encoding", None) or "utf-8",
+                           getattr(f, "errors", None) or "strict")
+        f = buf
+    mv = memoryview(data)
+    while len(mv):
+        n = f.write(mv)
+        if n is None:          # a non-blocking raw stream that took nothing: try again
+            continue
+        mv = mv[n:]
+
+
 class _NpyWriter:
     """Write float32 rows to a ``.npy`` stream whose row count is known only at the end."""
 
@@ -443,13 +492,13 @@ class _NpyWriter:
             self.body.seek(0, os.SEEK_END)
         else:
             f = getattr(self.out.f, "buffer", self.out.f)
-            f.write(hdr)
+            _write_all(f, hdr)
             self.body.seek(0)
             while True:
                 buf = self.body.read(1 << 20)
                 if not buf:
                     break
-                f.write(buf)
+                _write_all(f, buf)
             self.body.close()
 
 
@@ -500,7 +549,7 @@ class JsonlSink:
                 parts.append('{%s:%s,"embedding":[%s]}\n' % (
                     self._key, json.dumps(ids[i], ensure_ascii=False), vec))
         s = "".join(parts)
-        self.out.f.write(s if self.text_stream else s.encode("utf-8"))
+        _write_all(self.out.f, s if self.text_stream else s.encode("utf-8"))
         if self.text_stream:
             self.out.f.flush()
 
@@ -509,7 +558,11 @@ class JsonlSink:
 
 
 class NpySink:
-    """One ``(n, dim)`` float32 ``.npy`` (ids are the input positions, not stored)."""
+    """One ``(n, dim)`` float32 ``.npy``: row i is the i-th record embedded, in input order.
+
+    No ids are stored: without skipped records row i is input record i; with
+    ``--on-error skip`` the skipped records have no row (their indexes are in the skipped
+    file), so use a ``.jsonl`` / ``.parquet`` / directory output to keep ids beside rows."""
 
     def __init__(self, out: OutputFile, dim: int):
         self.w = _NpyWriter(out, dim)
@@ -587,8 +640,14 @@ class ShardSink:
             import pyarrow as pa
             import pyarrow.parquet as pq
 
-            t = pq.read_schema(self.shard_name(0)).field(self.id_name).type
-            self.id_type = "int" if pa.types.is_integer(t) else "str"
+            # the first shard with rows tells; shards whose every record was skipped were
+            # written with the default type and are rewritten once the type is known
+            for j in range(k):
+                pf = pq.ParquetFile(self.shard_name(j))
+                if pf.metadata.num_rows:
+                    t = pf.schema_arrow.field(self.id_name).type
+                    self.id_type = "int" if pa.types.is_integer(t) else "str"
+                    break
         return k, False
 
     def _tmp(self, final: str) -> str:
@@ -606,6 +665,7 @@ class ShardSink:
 
             if self.id_type is None and ids:
                 self.id_type = "str" if isinstance(ids[0], str) else "int"
+                self._retype_empty_shards(c["k"])
             if c["writer"] is None:
                 tmp = self._tmp(self.shard_name(c["k"]))
                 c["tmps"].append(tmp)
@@ -624,6 +684,21 @@ class ShardSink:
 
     def skip(self, err: BadRecord) -> None:
         self._cur["skipped"].append(err.as_dict())
+
+    def _retype_empty_shards(self, upto: int) -> None:
+        """Shards [0, upto) hold no rows (every record skipped) and were written before the
+        id type was known: give them the run's id column type, so that the directory reads
+        as one table and a resumed run finds the type."""
+        import pyarrow.parquet as pq
+
+        schema = self._schema()
+        for j in range(upto):
+            final = self.shard_name(j)
+            if os.path.exists(final) and not pq.read_schema(final).equals(schema):
+                tmp = self._tmp(final)
+                pq.write_table(self._table([], np.empty((0, self.dim), np.float32)), tmp)
+                os.replace(tmp, final)
+        _fsync_dir(self.dir)
 
     def _schema(self):
         import pyarrow as pa
@@ -711,6 +786,11 @@ class ShardSink:
 
     def finish(self, n_shards: int) -> int:
         """Merge the side files and mark the run complete; return the skipped count."""
+        if n_shards == 0:
+            # no input: one empty shard, so that readers find the columns
+            self.begin_shard(0)
+            self.end_shard()
+            n_shards = 1
         skipped = []
         for k in range(n_shards):
             p = os.path.join(self.dir, "_part-%05d.skipped.jsonl" % k)
@@ -745,36 +825,16 @@ class ShardSink:
 
 
 # ------------------------------------------------------------------------- memory
-_TRIM = None
-
-
 def release_free_memory() -> None:
     """Give the allocator's free pages back to the OS (glibc ``malloc_trim(0)``; no-op
-    elsewhere).
+    elsewhere; :func:`normcy._heap.release_free_heap`).
 
     Called once per window: each window's batches allocate arrays of other sizes (their
     longest sequence), and glibc keeps the freed pages inside its heaps, so without this
     the resident set creeps up with the number of windows seen (+27 MiB from 20,000 to
     200,000 lines) rather than staying bounded by one window's working set.
     """
-    global _TRIM
-    if _TRIM is None:
-        _TRIM = False
-        try:
-            import ctypes
-            import ctypes.util
-
-            name = ctypes.util.find_library("c")
-            if name and os.uname().sysname == "Linux":
-                fn = getattr(ctypes.CDLL(name), "malloc_trim", None)
-                if fn is not None:
-                    fn.argtypes = [ctypes.c_size_t]
-                    fn.restype = ctypes.c_int
-                    _TRIM = fn
-        except (OSError, AttributeError):  # not glibc: nothing to do
-            _TRIM = False
-    if _TRIM:
-        _TRIM(0)
+    release_free_heap()
 
 
 # ------------------------------------------------------------------------- pipeline

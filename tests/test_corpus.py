@@ -490,3 +490,126 @@ def test_release_free_memory_is_safe_to_call():
     del junk
     release_free_memory()
     release_free_memory()
+
+
+# ------------------------------------------------------------------ found in session 19
+def test_shards_whose_records_were_all_skipped_take_the_runs_id_type(tmp_path, model):
+    # shard 0's records are all bad, so it is written before any id is seen (default
+    # int64); the string ids of shard 1 must not leave the directory unreadable
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "in.jsonl"
+    with open(src, "w", encoding="utf-8") as f:
+        for i in range(30):
+            rec = {"id": "s%d" % i} if i < 10 else {"id": "s%d" % i, "text": "text %d" % i}
+            f.write(json.dumps(rec) + "\n")
+    out = tmp_path / "out.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o", str(out),
+                      "--on-error", "skip", "--shard-size", "10", "--no-progress"])
+    assert rc == 0, err
+    t = pq.read_table(str(out))
+    assert t.num_rows == 20 and t.column("id").to_pylist() == ["s%d" % i for i in range(10, 30)]
+
+
+def test_shard_sink_resume_after_only_empty_shards(tmp_path):
+    # a resumed run whose finished shards are all empty learns the id type from the
+    # first ids it writes, and rewrites the empty shards with it
+    pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+    from normcy.corpus import ShardSink
+
+    d = str(tmp_path / "o")
+    run = {"normcy_embed": 1, "x": 1}
+    s = ShardSink(d, "parquet", 4, run, id_name="id")
+    assert s.open_run() == (0, False)
+    s.begin_shard(0)
+    s.end_shard()                                   # every record skipped
+    s2 = ShardSink(d, "parquet", 4, run, id_name="id")
+    assert s2.open_run() == (1, False) and s2.id_type is None
+    s2.begin_shard(1)
+    s2.write(["a", "b"], None, np.ones((2, 4), np.float32))
+    s2.end_shard()
+    s2.finish(2)
+    t = pq.read_table(d)
+    assert t.column("id").to_pylist() == ["a", "b"]
+
+
+def test_output_files_get_the_usual_mode(tmp_path, model):
+    old = os.umask(0o022)
+    try:
+        out = tmp_path / "o.npy"
+        rc, _, err = cli(["embed", "-m", model, "one", "two", "-o", str(out)])
+        assert rc == 0, err
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+        os.chmod(out, 0o640)                      # a replaced file keeps its mode
+        rc, _, err = cli(["embed", "-m", model, "three", "-o", str(out)])
+        assert rc == 0, err
+        assert stat.S_IMODE(os.stat(out).st_mode) == 0o640
+        assert np.load(out).shape[0] == 1
+    finally:
+        os.umask(old)
+
+
+def test_id_that_fits_no_64_bit_integer_is_a_bad_record(tmp_path, model):
+    src = tmp_path / "in.jsonl"
+    src.write_text("\n".join(json.dumps(r) for r in (
+        {"id": 1, "text": "a"}, {"id": 2 ** 70, "text": "b"}, {"id": 3, "text": "c"})) + "\n")
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o", str(out),
+                      "--on-error", "skip", "--no-progress"])
+    assert rc == 0, err
+    skipped = [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()]
+    assert [s["line"] for s in skipped] == [2] and "64-bit" in skipped[0]["error"]
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o",
+                      str(tmp_path / "p.parquet"), "--no-progress"])
+    assert rc == 2 and "line 2" in err and "does not fit a 64-bit integer" in err, err
+
+
+def test_cli_argument_errors_found_late_before(tmp_path, model):
+    txt = tmp_path / "in.txt"
+    txt.write_text("a\nb\n")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(txt), "--id-field", "doc"])
+    assert rc == 2 and "--id-field 'doc' needs JSON Lines or Parquet input" in err, err
+    rc, _, err = cli(["embed", "-m", model, "x", "--id-field", "doc"])
+    assert rc == 2 and "arguments" in err, err
+    p = run(["embed", "-m", model, "x", "--max-seq-length", "1"])   # argparse: its own stderr
+    assert p.returncode == 2 and b"--max-seq-length must be an integer >= 2" in p.stderr
+
+
+def test_empty_input_gives_a_readable_shard_directory(tmp_path, model):
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = tmp_path / "empty.jsonl"
+    src.write_text("")
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(out), "--no-progress"])
+    assert rc == 0, err
+    t = pq.read_table(str(out))
+    assert t.num_rows == 0 and t.column_names == ["index", "embedding"]
+
+
+def test_single_npy_with_skipped_records_says_rows_are_the_kept_ones(tmp_path, model):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"text": "a"}\n{"nope": 1}\n{"text": "c"}\n')
+    out = tmp_path / "o.npy"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(out), "--on-error", "skip",
+                      "--no-progress"])
+    assert rc == 0 and "its 2 rows are the records kept" in err, err
+    assert np.load(out).shape[0] == 2
+
+
+@pytest.mark.skipif(os.name != "posix", reason="SIGPIPE status")
+@pytest.mark.parametrize("fmt", ["jsonl", "npy"])
+def test_stdout_reader_going_away_is_not_success(tmp_path, model, fmt):
+    # one large write cut short by a closing pipe used to be dropped silently (exit 0)
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(_texts(300)) + "\n")
+    p = subprocess.Popen([sys.executable, "-m", "normcy", "embed", "-m", model, "-i", str(src),
+                          "-f", fmt, "-t", "1", "--no-progress"], stdout=subprocess.PIPE,
+                         stderr=subprocess.DEVNULL, env=_env(), cwd=_PKG_PARENT)
+    try:
+        assert len(p.stdout.read(100)) == 100
+        p.stdout.close()
+        assert p.wait(timeout=120) == 141
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()

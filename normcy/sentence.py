@@ -476,6 +476,13 @@ class SentenceEncoder:
         return enc
 
     # ----------------------------------------------------------------- pickling
+    def __copy__(self):
+        """A shallow copy: the same model, tokenizer, workspaces and lock, with attributes
+        of its own (``copy.copy``; pickling, below, goes by reference instead)."""
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        return new
+
     def __reduce__(self):
         """Pickle by reference: the model directory and the options, never the weights.
 

@@ -675,3 +675,116 @@ def test_batcher_waits_only_after_a_busy_round(wait):
     assert r3.embeddings.tolist() == [[3, 3, 0, 1]]
     assert batches == ([1, 2] if wait else [1, 1, 1])
     assert r1.queue_s < 0.04                            # the first, idle round did not wait
+
+
+# ------------------------------------------------------------------ found in session 19
+def test_batches_use_a_private_view_of_the_encoder(enc, bitwise):
+    """Each batch runs on a shallow copy of the encoder: a TEI normalize:false request must
+    not change the rows of later requests, the model is not loaded again, and an encoder
+    made with the constructor (which cannot be pickled) serves too."""
+    from starlette.testclient import TestClient
+
+    from normcy.serve import create_app
+
+    c1 = copy.copy(enc)
+    assert c1.model is enc.model and c1.tokenizer is enc.tokenizer and c1 is not enc
+    c1.normalize_module = False
+    assert enc.normalize_module is True
+    sents = SENTENCES[:6]
+    want64 = alone(enc, sents, truncate_dim=64)
+    with TestClient(create_app(enc)) as c:
+        def dims64():
+            r = c.post("/v1/embeddings", json={"input": sents, "dimensions": 64})
+            assert r.status_code == 200, r.text
+            return np.array([d["embedding"] for d in r.json()["data"]], np.float32)
+        assert_parity(dims64(), want64, bitwise)
+        r = c.post("/embed", json={"inputs": sents, "normalize": False})
+        # raw pooled rows: the model's Normalize module skipped too (c1)
+        assert_parity(r.json(), alone(c1, sents, normalize_embeddings=False), bitwise)
+        assert_parity(dims64(), want64, bitwise)         # unchanged by the request before
+    # an encoder not made by from_pretrained
+    own = SentenceEncoder(enc.model, enc.tokenizer, max_seq_length=enc.max_seq_length,
+                          normalize_module=True, hidden_size=384)
+    import pickle
+    with pytest.raises(pickle.PicklingError):
+        pickle.dumps(own)                               # what copy.copy used to go through
+    with TestClient(create_app(own)) as c:
+        r = c.post("/embed", json={"inputs": ["Hello world!"]})
+        assert r.status_code == 200, r.text
+        assert_parity(r.json(), alone(own, ["Hello world!"]), bitwise)
+
+
+def test_tokenize_keeps_every_token_and_refuses_empty_strings(enc):
+    from starlette.testclient import TestClient
+
+    from normcy.serve import create_app
+
+    from tokenizers import Tokenizer
+
+    text = " ".join(["tokenization"] * 400)
+    full = Tokenizer.from_str(enc.tokenizer.to_str())
+    full.no_truncation()
+    full.no_padding()
+    n_all = len(full.encode(text).ids)
+    with TestClient(create_app(enc)) as c:
+        r = c.post("/tokenize", json={"inputs": text})
+        assert r.status_code == 200
+        toks = r.json()[0]
+        assert len(toks) > enc.max_seq_length            # not cut at the model's length
+        assert toks[0]["special"] and toks[-1]["special"]
+        assert toks[-2]["stop"] == len(text)             # the last word is there
+        assert len(toks) == n_all
+        r = c.post("/tokenize", json={"inputs": "hello world"})
+        assert r.headers["x-compute-characters"] == "11"
+        r = c.post("/tokenize", json={"inputs": ["ok", ""]})
+        assert_tei_error(r, 400, "empty")
+
+
+def test_api_key_bytes_scheme_and_json_404_405(enc):
+    from starlette.testclient import TestClient
+
+    from normcy.serve import create_app
+
+    with TestClient(create_app(enc, api_key="clé-secrète")) as c:
+        for auth in ("Bearer clé-secrète".encode("utf-8"), "bearer clé-secrète".encode("utf-8"),
+                     "BEARER  clé-secrète ".encode("utf-8")):
+            r = c.post("/embed", json={"inputs": "x"}, headers={"Authorization": auth})
+            assert r.status_code == 200, (auth, r.text)
+        for auth in (b"Bearer cle-secrete", "Basic clé-secrète".encode("utf-8"), "Bearer clé".encode("utf-8"), b""):
+            r = c.post("/embed", json={"inputs": "x"}, headers={"Authorization": auth})
+            assert_tei_error(r, 401, "unauthorized")
+        r = c.post("/v1/embedding", json={"input": "x"})
+        assert_openai_error(r, 404)
+        r = c.get("/v1/embeddings")
+        assert_openai_error(r, 405)
+        r = c.request("OPTIONS", "/embed")
+        assert_tei_error(r, 405, "validation")
+        r = c.get("/nowhere")
+        assert_tei_error(r, 404, "validation")
+
+
+def test_stalled_upload_times_out_and_frees_its_slot(enc):
+    """A client that stops sending its body gets 408 after --body-timeout, and its slot of
+    --max-concurrent-requests is free again (uvicorn subprocess, raw socket)."""
+    srv = Server("--max-concurrent-requests", "1", "--body-timeout", "1")
+    try:
+        host, port = srv.url.split("//")[1].split(":")
+        s = socket.create_connection((host, int(port)), timeout=30)
+        s.sendall(b"POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 100\r\n\r\n{\"inputs\": ")
+        time.sleep(0.3)
+        r = httpx.post(srv.url + "/embed", json={"inputs": "x"}, timeout=30)
+        assert r.status_code == 429                     # the stalled request holds the slot
+        s.settimeout(30)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+        assert data.startswith(b"HTTP/1.1 408"), data[:100]
+        s.close()
+        r = httpx.post(srv.url + "/embed", json={"inputs": "x"}, timeout=30)
+        assert r.status_code == 200
+    finally:
+        assert srv.stop(timeout=30) == 0

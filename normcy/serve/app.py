@@ -174,6 +174,7 @@ class _Service:
         self.load_error: Optional[BaseException] = None
         self.in_flight = 0
         self._left_tokenizer = None
+        self._full_tokenizer = None
         self._load_task = None
 
     # -- lifecycle
@@ -220,12 +221,26 @@ class _Service:
 
     def require_ready(self) -> None:
         if self.state == "loading":
+            self.metrics.rejected.labels("not_ready").inc()
             raise APIError(503, "the model is loading; retry shortly", "unhealthy",
                            headers={"Retry-After": "1"})
         if self.state == "failed":
+            self.metrics.rejected.labels("not_ready").inc()
             raise APIError(503, "the model failed to load: %s" % self.load_error, "unhealthy")
 
     # -- tokenization
+    def untruncated_tokenizer(self):
+        """The model's tokenizer without truncation or padding (TEI's /tokenize gives every
+        token of the text)."""
+        if self._full_tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(self.encoder.tokenizer.to_str())
+            tok.no_padding()
+            tok.no_truncation()
+            self._full_tokenizer = tok
+        return self._full_tokenizer
+
     def _tokenizer(self, direction: str):
         if direction == "right":
             return self.encoder.tokenizer
@@ -387,7 +402,7 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
     def endpoint(route: str, handler, openai_style: bool):
         protected = route not in _OPEN_ROUTES and cfg.api_key is not None
         limited = route in _WORK_ROUTES
-        expected = ("Bearer " + cfg.api_key).encode() if cfg.api_key else b""
+        expected = cfg.api_key.encode("utf-8") if cfg.api_key else b""
 
         async def wrapped(request: Request) -> Response:
             t0 = time.perf_counter()
@@ -395,8 +410,12 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
             counted = False
             try:
                 if protected:
-                    got = request.headers.get("authorization", "").encode()
-                    if not hmac.compare_digest(got, expected):
+                    # the header's own bytes (Starlette decodes headers as latin-1); the
+                    # scheme is case-insensitive (RFC 9110)
+                    got = request.headers.get("authorization", "").encode("latin-1")
+                    scheme, _, token = got.strip().partition(b" ")
+                    if scheme.lower() != b"bearer" \
+                            or not hmac.compare_digest(token.strip(), expected):
                         metrics.rejected.labels("unauthorized").inc()
                         raise APIError(401, "missing or invalid API key: send 'Authorization: "
                                        "Bearer <key>'", "unauthorized",
@@ -451,15 +470,22 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
         if cl is not None and cl.isdigit() and int(cl) > cfg.max_body_bytes:
             raise _bad("request body of %s bytes: more than the limit of %d (--max-body-bytes)"
                        % (cl, cfg.max_body_bytes), None, 413)
-        chunks = []
-        size = 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > cfg.max_body_bytes:
-                raise _bad("request body larger than the limit of %d bytes (--max-body-bytes)"
-                           % cfg.max_body_bytes, None, 413)
-            chunks.append(chunk)
-        raw = b"".join(chunks)
+        async def receive_all() -> bytes:
+            chunks = []
+            size = 0
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > cfg.max_body_bytes:
+                    raise _bad("request body larger than the limit of %d bytes "
+                               "(--max-body-bytes)" % cfg.max_body_bytes, None, 413)
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+        try:
+            raw = await asyncio.wait_for(receive_all(), cfg.body_timeout_s)
+        except asyncio.TimeoutError:
+            raise _bad("request body not received within %g s (--body-timeout)"
+                       % cfg.body_timeout_s, None, 408) from None
         try:
             text = raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -562,13 +588,16 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
                        "(--max-client-batch-size)" % (len(items), cfg.max_client_batch_size),
                        "inputs", 413)
         for i, s in enumerate(items):
+            if not s:
+                raise _bad("'inputs[%d]' is an empty string; send at least one character" % i,
+                           "inputs", 400, "empty")
             if len(s) > cfg.max_input_chars:
                 raise _bad("'inputs[%d]' has %d characters: more than the limit of %d "
                            "(--max-input-chars)" % (i, len(s), cfg.max_input_chars),
                            "inputs", 413)
         t0 = time.perf_counter()
         try:
-            encs = await run_in_threadpool(svc.encoder.tokenizer.encode_batch, items,
+            encs = await run_in_threadpool(svc.untruncated_tokenizer().encode_batch, items,
                                            add_special_tokens=add_special)
         except Exception as exc:  # noqa: BLE001
             raise _bad("cannot tokenize 'inputs': %s" % exc, "inputs", 422, "tokenizer")
@@ -581,7 +610,7 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
                              "start": None if special else a, "stop": None if special else b})
             out.append(toks)
         ctx.update(inputs=len(items), tokens=sum(len(e.ids) for e in encs),
-                   tokenization_s=time.perf_counter() - t0)
+                   chars=sum(len(s) for s in items), tokenization_s=time.perf_counter() - t0)
         return _JSONResponse(out)
 
     # -- GET routes
@@ -645,7 +674,19 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
         finally:
             await svc.shutdown()
 
-    app = Starlette(routes=routes, lifespan=lifespan)
+    async def no_route(request: Request, exc) -> Response:
+        # 404 / 405 (OPTIONS included) in the JSON shape of the route's dialect
+        status = getattr(exc, "status_code", 404)
+        path = request.url.path
+        msg = ("no route %s" % path if status == 404
+               else "method %s not allowed on %s" % (request.method, path))
+        err = APIError(status, msg, "validation")
+        openai_style = path.startswith("/v1/") or path == "/embeddings"
+        return _JSONResponse(err.openai_body() if openai_style else err.tei_body(),
+                             status_code=status, headers=getattr(exc, "headers", None))
+
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: no_route, 405: no_route})
     app.state.normcy = svc
     return app
 

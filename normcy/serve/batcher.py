@@ -110,7 +110,11 @@ class Batcher:
         self.max_batch_tokens = int(max_batch_tokens)
         self.max_batch_wait = float(max_batch_wait)
         self.metrics = metrics
-        self.dim = int(encoder.get_sentence_embedding_dimension())
+        dim = encoder.get_sentence_embedding_dimension()
+        if dim is None:
+            raise ValueError("the encoder's embedding dimension is unknown (a SentenceEncoder "
+                             "made without hidden_size=): the service needs it")
+        self.dim = int(dim)
         self._pending: List[Tuple[_Job, int, int]] = []   # (job, row, length)
         self._wakeup: Optional[asyncio.Event] = None
         self._task: Optional[asyncio.Task] = None

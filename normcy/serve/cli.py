@@ -69,6 +69,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    metavar="MS", help="after a busy batch, wait up to this long (and at most "
                    "a tenth of that batch's time) for more requests to join the next one "
                    "(default %g; 0: never wait)" % d.max_batch_wait_ms)
+    s.add_argument("--body-timeout", type=float, default=d.body_timeout_s, metavar="S",
+                   help="seconds a request body may take to arrive before a 408 (default "
+                        "%g): a stalled upload must not hold a request slot for ever"
+                        % d.body_timeout_s)
     s.add_argument("--api-key", default=os.environ.get("NORMCY_API_KEY"), metavar="KEY",
                    help="require 'Authorization: Bearer KEY' (default: $NORMCY_API_KEY; "
                         "/health and /metrics stay open)")
@@ -183,7 +187,7 @@ def run(args, stdin, stdout, stderr) -> int:
                          max_input_chars=args.max_input_chars,
                          max_body_bytes=args.max_body_bytes, api_key=args.api_key,
                          max_batch_wait_ms=args.max_batch_wait_ms,
-                         model_id=args.model_id)
+                         body_timeout_s=args.body_timeout, model_id=args.model_id)
     except ValueError as exc:
         raise CLIError(str(exc))
     config = uvicorn.Config(app, host=args.host, port=args.port, log_config=None,

@@ -35,6 +35,10 @@ class ServeConfig:
     max_batch_wait_ms : float, default 5.0
         Longest wait for more inputs before a batch that follows a busy one (see
         :class:`normcy.serve.batcher.Batcher`); 0 disables it.
+    body_timeout_s : float, default 30.0
+        Longest time a request's body may take to arrive (408 beyond): a client that
+        stalls mid-upload would otherwise hold one of the ``max_concurrent_requests``
+        slots, and a graceful shutdown would wait for it, for ever.
     """
 
     max_batch_tokens: int = 16384
@@ -46,6 +50,7 @@ class ServeConfig:
     model_id: Optional[str] = None
     retry_after: int = 1
     max_batch_wait_ms: float = 5.0
+    body_timeout_s: float = 30.0
 
     def validate(self) -> None:
         """Raise ValueError for a limit that is not a positive integer."""
@@ -57,5 +62,9 @@ class ServeConfig:
         w = self.max_batch_wait_ms
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not 0 <= w <= 1000:
             raise ValueError("max_batch_wait_ms must be a number from 0 to 1000, got %r" % (w,))
+        t = self.body_timeout_s
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t <= 3600:
+            raise ValueError("body_timeout_s must be a number of seconds in (0, 3600], got %r"
+                             % (t,))
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")

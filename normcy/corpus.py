@@ -382,11 +382,11 @@ class OutputFile:
         d, name = os.path.split(self.target)
         # created as open(path, "w") would create it (0666 less the umask), or with the mode
         # of the file it replaces; mkstemp's 0600 would outlive the rename
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0)
         for _ in range(100):
             tmp = os.path.join(d, ".%s.%s.tmp" % (name, secrets.token_hex(4)))
             try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0),
-                             0o666)
+                fd = os.open(tmp, flags, 0o666)
                 break
             except FileExistsError:
                 continue

@@ -204,11 +204,11 @@ def _weight_files(path: str):
 # the longest header read (safetensors' own limit is 100 MB)
 _MAX_HEADER = 100_000_000
 
-_ITEMSIZE = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1, "I16": 2, "U16": 2,
-             "I32": 4, "U32": 4, "I64": 8, "U64": 8}
-# the stored (little-endian) element type of each tag; BF16 is read as its 16 bits
+# the stored (little-endian) element type of each dtype tag normcy reads; BF16 is read as
+# its 16 bits
 _STORED = {"BF16": "<u2", "F16": "<f2", "F32": "<f4", "F64": "<f8", "I8": "<i1", "U8": "<u1",
            "I16": "<i2", "U16": "<u2", "I32": "<i4", "U32": "<u4", "I64": "<i8", "U64": "<u8"}
+_ITEMSIZE = {tag: np.dtype(t).itemsize for tag, t in _STORED.items()}
 
 
 class _DuplicateKey(ValueError):

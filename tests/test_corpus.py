@@ -82,7 +82,8 @@ def run(args, stdin=b"", timeout=300):
 def _windows_encode(enc, texts, window, batch_size=32):
     """What the command computes: encode() per window of `window` records (normalized,
     as the command is by default)."""
-    return np.concatenate([enc.encode(texts[i:i + window], batch_size=batch_size, normalize_embeddings=True)
+    return np.concatenate([enc.encode(texts[i:i + window], batch_size=batch_size,
+                                      normalize_embeddings=True)
                            for i in range(0, len(texts), window)]) if texts else None
 
 
@@ -134,7 +135,8 @@ def test_text_lines_to_npy_shards_with_ids(tmp_path, model, enc):
     emb = np.concatenate([np.load(out / "part-00000.npy"), np.load(out / "part-00001.npy")])
     ids = [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()]
     assert ids == list(range(70))
-    want = np.concatenate([enc.encode(texts[:50], normalize_embeddings=True), enc.encode(texts[50:], normalize_embeddings=True)])
+    want = np.concatenate([enc.encode(texts[:50], normalize_embeddings=True),
+                           enc.encode(texts[50:], normalize_embeddings=True)])
     assert emb.dtype == np.float32 and np.array_equal(emb, want)
 
 
@@ -312,7 +314,8 @@ def test_partial_shard_is_not_taken_for_finished(tmp_path, model, enc):
     assert "after 1 finished shard(s)" in err
     _no_temp_files(out)
     emb = np.concatenate([np.load(out / ("part-%05d.npy" % k)) for k in range(3)])
-    assert np.array_equal(emb, np.concatenate([enc.encode(texts[s:s + 10], normalize_embeddings=True)
+    assert np.array_equal(emb, np.concatenate([enc.encode(texts[s:s + 10],
+                                                          normalize_embeddings=True)
                                                for s in (0, 10, 20)]))
     assert [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()] == \
         list(range(30))

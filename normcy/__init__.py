@@ -99,16 +99,24 @@ _LAZY = {
 }
 
 
+# the model and application layers' modules, imported on first attribute access too
+# (`normcy.sentence.default_model_path()` after a bare `import normcy`)
+_SUBMODULES = ("transformer", "bert", "sentence", "hf", "corpus", "cli", "integrations",
+               "serve")
+
+
 def __getattr__(name):
     # The Transformer/model layer is imported on first use so that `import normcy`
     # stays cheap and does not need the optional model dependencies.
+    import importlib
+
+    if name in _SUBMODULES:
+        return importlib.import_module("normcy." + name)
     mod = _LAZY.get(name)
     if mod is None:
         raise AttributeError("module 'normcy' has no attribute %r" % name)
-    import importlib
-
     return getattr(importlib.import_module(mod), name)
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_LAZY))
+    return sorted(set(globals()) | set(_LAZY) | set(_SUBMODULES))

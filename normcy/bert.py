@@ -8,12 +8,10 @@ one input projection).
 Padding costs nothing in the token-wise work: the real tokens of a batch (``attention_mask``
 == 1) are packed into one (tokens, hidden) matrix for every projection, feed-forward and norm;
 attention runs per group of equally long sequences (the batch is ordered by length inside the
-model).  A sequence's result therefore does not depend on which other sequences share its batch
-(beyond float rounding in the BLAS).  Padded positions of the output are zero (Hugging Face
-computes values there that no pooling should use).
+model).  A sequence's result therefore does not depend on which other sequences share its batch,
+bit for bit (normcy's own GEMM and attention are batch-invariant).  Padded positions of the
+output are zero (Hugging Face computes values there that no pooling should use).
 """
-import json
-import math
 import os
 import re
 from collections.abc import Mapping
@@ -23,7 +21,8 @@ import numpy as np
 from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan
 from normcy._heap import release_free_heap
-from normcy._validate import as_weight
+from normcy._validate import as_float, as_weight
+from normcy import hf
 from normcy.hf import WeightsFile
 from normcy.transformer import TransformerEncoderLayer, forward_layers
 
@@ -113,6 +112,14 @@ class BertModel:
         if H % nh:
             raise ValueError("hidden_size (%d) must be divisible by num_attention_heads (%d)"
                              % (H, nh))
+        if config.get("is_decoder") or config.get("add_cross_attention"):
+            raise ValueError("decoder / cross-attention BERT configs are not supported "
+                             "(is_decoder / add_cross_attention)")
+        mt = config.get("model_type", "bert")
+        if mt != "bert":
+            raise ValueError("config model_type %r is not BERT (normcy runs 'bert': other "
+                             "types share its tensor names but not its positions or layers)"
+                             % (mt,))
         act = config.get("hidden_act", "gelu")
         if act not in _ACT:
             raise ValueError("unsupported hidden_act %r; supported: %s" % (act, sorted(_ACT)))
@@ -120,9 +127,8 @@ class BertModel:
         if pet != "absolute":
             raise ValueError("only position_embedding_type='absolute' is supported, got %r"
                              % (pet,))
-        eps = float(config.get("layer_norm_eps", 1e-12))
-        if not math.isfinite(eps) or eps < 0:
-            raise ValueError("config['layer_norm_eps'] must be finite and >= 0, got %r" % eps)
+        eps = as_float(config.get("layer_norm_eps", 1e-12), "config['layer_norm_eps']",
+                       minimum=0.0)
         self.layer_norm_eps = eps
 
         # name -> the key in `weights`; the arrays are fetched when needed (a WeightsFile
@@ -211,35 +217,39 @@ class BertModel:
     @staticmethod
     def _strip(weights):
         """{BERT name: its key in weights} (a ``bert.`` prefix dropped; heads ignored)."""
-        keys = list(weights)
-        if any(isinstance(k, str) and k.startswith("bert.") for k in keys):
-            return {k[5:]: k for k in keys if isinstance(k, str) and k.startswith("bert.")}
-        return {k: k for k in keys if isinstance(k, str) and not k.startswith(_IGNORED_PREFIXES)}
+        out = {}
+        for k in weights:
+            if not isinstance(k, str):
+                continue
+            name = k[5:] if k.startswith("bert.") else k
+            if name.startswith(_IGNORED_PREFIXES):
+                continue
+            if name in out:
+                raise ValueError("weights hold both %r and %r" % (out[name], k))
+            out[name] = k
+        return out
 
     @classmethod
     def from_pretrained(cls, path, num_threads=None):
-        """Load ``config.json`` and ``model.safetensors`` from a model directory.
+        """Load ``config.json`` and ``model.safetensors`` (or a sharded checkpoint) from a
+        Hugging Face model directory, checked by :func:`normcy.hf.check_bert_config`.
 
         The weights are read a layer at a time through :class:`normcy.hf.WeightsFile`
         (its headers checked when it is made); no torch.
         """
-        path = os.fspath(path)
-        cfg_path = os.path.join(path, "config.json")
-        st_path = os.path.join(path, "model.safetensors")
-        if not os.path.isfile(cfg_path):
-            raise FileNotFoundError("no config.json in %r" % path)
-        if not os.path.isfile(st_path):
-            raise FileNotFoundError("no model.safetensors in %r (only safetensors checkpoints "
-                                    "can be read without torch)" % path)
-        with open(cfg_path, encoding="utf-8") as f:
-            config = json.load(f)
+        path = hf.check_dir(path)
+        config = hf.load_config(path)
+        hf.check_bert_config(config, os.path.join(path, "config.json"))
         # read a layer at a time as the model is built (never the whole checkpoint at once)
-        model = cls(config, WeightsFile([st_path]), num_threads=num_threads)
+        model = cls(config, hf.open_weights(path), num_threads=num_threads)
         release_free_heap()     # the load's temporaries
         return model
 
     # ------------------------------------------------------------------ inputs
     def _int_input(self, a, name, shape=None):
+        if isinstance(a, np.ma.MaskedArray):
+            raise TypeError("%s must be a plain integer array, got a masked array (its mask "
+                            "would be ignored: pass attention_mask instead)" % name)
         if not isinstance(a, np.ndarray):
             try:
                 a = np.asarray(a)
@@ -312,7 +322,11 @@ class BertModel:
             return np.zeros((B, S, H), dtype=_F32)
 
         # ---- pack the real tokens, sequences ordered by length (stable)
-        if mask is not None and not mask.all():
+        # (uint64 values past the int64 range would wrap in the int64 gather below: checked
+        # here as unsigned, like padded batches, so the error shows the value given)
+        wide = any(a is not None and a.dtype.kind == "u" and a.dtype.itemsize == 8
+                   for a in (ids, types))
+        if (mask is not None and not mask.all()) or wide:
             # padded: the embedding kernel sees the real tokens only; every position is
             # checked here, as an embedding lookup over the whole batch would
             if _unsigned_max(ids) >= self.vocab_size:

@@ -516,14 +516,6 @@ def load_bert(path: PathLike, num_threads: Optional[int] = None):
     -------
     normcy.BertModel
     """
-    path = check_dir(path)
-    config = load_config(path)
-    check_bert_config(config, os.path.join(path, "config.json"))
     from normcy.bert import BertModel
 
-    # the tensors are read as the model is built (each layer's, then dropped): the whole
-    # checkpoint is never in memory at once
-    model = BertModel(config, open_weights(path), num_threads=num_threads)
-    from normcy._heap import release_free_heap
-    release_free_heap()     # the load's temporaries
-    return model
+    return BertModel.from_pretrained(path, num_threads=num_threads)

@@ -269,3 +269,71 @@ def test_num_threads_setting_reaches_every_layer():
         m.num_threads = 0
     with pytest.raises(TypeError, match="num_threads"):
         m.num_threads = 1.5
+
+
+# ------------------------------------------------------------------ found in session 19
+def test_from_pretrained_checks_the_config_as_load_bert_does(tmp_path):
+    # a decoder BERT or a RoBERTa checkpoint shares BERT's tensor names but not its
+    # attention or positions: refused, not run as an encoder BERT
+    st = pytest.importorskip("safetensors.numpy")
+    from normcy import hf
+    w = {k: np.ascontiguousarray(v) for k, v in _weights(0).items()}
+    st.save_file(w, str(tmp_path / "model.safetensors"))
+    for extra, match in (({"is_decoder": True}, "decoder"),
+                         ({"model_type": "roberta"}, "model_type 'roberta'")):
+        (tmp_path / "config.json").write_text(json.dumps(dict(_cfg(0), **extra)))
+        with pytest.raises(hf.ModelFormatError, match=match):
+            BertModel.from_pretrained(tmp_path)
+        with pytest.raises(hf.ModelFormatError, match=match):
+            hf.load_bert(tmp_path)
+        with pytest.raises(ValueError, match=match):
+            BertModel(dict(_cfg(0), **extra), _weights(0))
+
+
+def test_config_values_and_inputs_checked():
+    cfg, w = _cfg(0), _weights(0)
+    for bad in (True, "1e-12", None, 1j):
+        with pytest.raises(TypeError, match="layer_norm_eps"):
+            BertModel(dict(cfg, layer_norm_eps=bad), w)
+    with pytest.raises(ValueError, match="layer_norm_eps"):
+        BertModel(dict(cfg, layer_norm_eps=-1.0), w)
+    m = BertModel(cfg, w)
+    ids, am, tt = _inputs(0)
+    with pytest.raises(TypeError, match="masked array"):
+        m(np.ma.masked_array(ids, mask=am == 0))
+    # uint64 ids past the int64 range: the error shows the value given (dense batch too)
+    big = np.zeros((1, 3), np.uint64)
+    big[0, 1] = 2 ** 64 - 1
+    with pytest.raises(ValueError, match="18446744073709551615"):
+        m(big)
+    with pytest.raises(ValueError, match="18446744073709551615"):
+        m(big, np.array([[1, 1, 0]]))
+
+
+def test_bert_prefix_stripped_where_present():
+    cfg, w = _cfg(0), _weights(0)
+    ids, am, tt = _inputs(0)
+    ref = BertModel(cfg, w)(ids, am, tt)
+    mixed = dict(w)
+    mixed["bert.pooler.dense.weight"] = np.zeros((2, 2), F32)        # a head: ignored
+    np.testing.assert_array_equal(BertModel(cfg, mixed)(ids, am, tt), ref)
+    pre = {"bert." + k: v for k, v in w.items()}
+    pre["cls.predictions.bias"] = np.zeros(3, F32)
+    np.testing.assert_array_equal(BertModel(cfg, pre)(ids, am, tt), ref)
+    clash = dict(w)
+    k = "embeddings.LayerNorm.bias"
+    clash["bert." + k] = w[k]
+    with pytest.raises(ValueError, match="both"):
+        BertModel(cfg, clash)
+
+
+def test_submodules_reachable_after_a_bare_import():
+    import subprocess
+    import sys
+    code = ("import normcy; normcy.sentence.default_model_path; normcy.hf.open_weights; "
+            "normcy.corpus.iter_records; print('ok')")
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(normcy.__file__)))
+    env = dict(os.environ, PYTHONPATH=pkg_parent)
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       timeout=120, env=env, cwd=pkg_parent)
+    assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr

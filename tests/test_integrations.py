@@ -41,7 +41,8 @@ def texts():
 @pytest.fixture(scope="module")
 def reference(model, texts):
     enc = SentenceEncoder.from_pretrained(model)
-    return np.stack([enc.encode([t], batch_size=1)[0] for t in texts])
+    return np.stack([enc.encode([t], batch_size=1, normalize_embeddings=True)[0]
+                     for t in texts])
 
 
 def _check(ids, embs, reference):
@@ -167,3 +168,36 @@ def test_dask_embed_rejects_missing_column(model):
     ddf = dd.from_pandas(pd.DataFrame({"body": ["x"]}), npartitions=1)
     with pytest.raises(KeyError, match="no column 'text'"):
         embed(ddf, model)
+
+
+def test_dask_embed_to_parquet_and_argument_checks(model, texts, reference, tmp_path):
+    """The documented write (to_parquet with schema=None) round-trips, an empty partition
+    included; options that an encoder object cannot take are refused, not ignored."""
+    dd = pytest.importorskip("dask.dataframe")
+    pytest.importorskip("pyarrow")
+    import dask
+    import pandas as pd
+
+    from normcy import SentenceEncoder
+    from normcy.integrations.dask import embed
+
+    ddf = dd.from_pandas(pd.DataFrame({"id": range(N), "text": texts}), npartitions=3)
+    ddf = ddf[(ddf["id"] < N // 3) | (ddf["id"] >= 2 * N // 3)]     # the middle one empty
+    with dask.config.set(scheduler="sync"):
+        out = embed(ddf, model, batch_size=4)
+        out.to_parquet(str(tmp_path / "emb"), schema=None)
+        back = pd.read_parquet(str(tmp_path / "emb")).sort_values("id")
+    keep = [i for i in range(N) if not N // 3 <= i < 2 * N // 3]
+    assert back["id"].tolist() == keep
+    for i, e in zip(back["id"], back["embedding"]):
+        assert np.array_equal(np.asarray(e, np.float32), reference[i]), i
+    enc = SentenceEncoder.from_pretrained(model)
+    with pytest.raises(TypeError, match="num_threads and max_seq_length"):
+        embed(ddf, enc, num_threads=2)
+    with pytest.raises(TypeError, match="num_threads and max_seq_length"):
+        embed(ddf, enc, max_seq_length=8)
+    for bad in ("8", 2.5, True):
+        with pytest.raises(TypeError, match="batch_size"):
+            embed(ddf, enc, batch_size=bad)
+    with pytest.raises(ValueError, match="batch_size"):
+        embed(ddf, enc, batch_size=0)

@@ -6,7 +6,11 @@ Example
 >>> from normcy.integrations.dask import embed
 >>> ddf = dd.read_parquet("corpus.parquet")                  # doctest: +SKIP
 >>> out = embed(ddf, text_column="text")                     # doctest: +SKIP
->>> out.to_parquet("embeddings/")                            # doctest: +SKIP
+>>> out.to_parquet("embeddings/", schema=None)               # doctest: +SKIP
+
+``schema=None``: each partition's own Parquet schema.  Dask's default (``"infer"``) builds the
+schema from placeholder values of object columns, which an array-valued column such as the
+embeddings cannot have (``ArrowInvalid: Could not convert <object object ...>``).
 """
 from __future__ import annotations
 
@@ -48,28 +52,39 @@ def embed(ddf, model: Any = None, text_column: str = "text", output_column: str 
         New column: one float32 vector (a 1-D NumPy array) per row; other columns are kept.
     batch_size : int, default 32
     num_threads : int, optional
-        Kernel threads per worker process (default 1: one thread per Dask worker thread).
+        Kernel threads of the encoder (default 1: one per Dask worker thread, so that a
+        worker's threads do not oversubscribe its cores); only with a model directory.
     normalize_embeddings : bool, default True
     max_seq_length : int, optional
+        Only with a model directory (an encoder object has its own).
 
     Returns
     -------
     dask.dataframe.DataFrame
+        Write it to Parquet with ``to_parquet(path, schema=None)`` (see the module's
+        docstring).
     """
     import pandas as pd
 
+    from normcy._validate import as_int
     from normcy.sentence import SentenceEncoder
+
+    batch_size = as_int(batch_size, "batch_size", minimum=1)
 
     if text_column not in ddf.columns:
         raise KeyError("no column %r in the DataFrame (columns: %s)"
                        % (text_column, list(ddf.columns)))
     if isinstance(model, SentenceEncoder):
+        if num_threads is not None or max_seq_length is not None:
+            raise TypeError("num_threads and max_seq_length apply to a model directory; an "
+                            "encoder object has its own (set them when you load it)")
         enc = model
     else:
         # loaded here once to check the model; workers load their own copy from its path
-        enc = SentenceEncoder.from_pretrained(model, num_threads=num_threads,
-                                              max_seq_length=max_seq_length)
+        enc = SentenceEncoder.from_pretrained(
+            model, num_threads=1 if num_threads is None else num_threads,
+            max_seq_length=max_seq_length)
     meta = ddf._meta.copy()
     meta[output_column] = pd.Series([], dtype=object)
     return ddf.map_partitions(_embed_partition, enc, text_column, output_column,
-                              int(batch_size), bool(normalize_embeddings), meta=meta)
+                              batch_size, bool(normalize_embeddings), meta=meta)

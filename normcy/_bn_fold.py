@@ -30,6 +30,11 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
         The folded parameters, in ``weight``'s floating dtype (float32 for integer input);
         computed in float64.
     """
+    for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
+                    ("running_var", running_var), ("bn_weight", bn_weight),
+                    ("bn_bias", bn_bias)):
+        if isinstance(p, np.ma.MaskedArray):
+            raise TypeError("%s must not be a masked array (its mask would be ignored)" % name)
     try:
         w = np.asarray(weight)
     except Exception as exc:

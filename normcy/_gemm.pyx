@@ -72,14 +72,20 @@ DEF SERIAL_FMAS = 131072
 DEF ROWS_PER_THREAD = 48
 DEF ROWS_PER_THREAD_WIDE = 192
 DEF PANELS_PER_THREAD = 8
+# PackedLinear's default eps (the default object itself is not checked again on each call)
+cdef object _EPS_DEFAULT = 1e-5
+
 # chunks per thread that a team claims dynamically (gemm_plan, the attention's blocks)
 DEF CHUNKS_PER_THREAD = 4
 
 
 cdef int _act_code(object activation) except -1:
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError("activation must be None or a str ('relu', 'gelu', 'gelu_tanh'), got "
+                        "%s" % type(activation).__name__)
     try:
         return _ACTIVATIONS[activation]
-    except (KeyError, TypeError):
+    except KeyError:
         raise ValueError("activation must be one of None, 'relu', 'gelu', 'gelu_tanh', got %r"
                          % (activation,)) from None
 
@@ -554,7 +560,7 @@ cdef class PackedLinear:
         return 0
 
     def __call__(self, x, *, activation=None, residual=None, norm=None, norm_weight=None,
-                 norm_bias=None, eps=1e-5, sum_out=None, out=None, num_threads=None):
+                 norm_bias=None, eps=_EPS_DEFAULT, sum_out=None, out=None, num_threads=None):
         """``act(x @ weight.T + bias) (+ residual)``, optionally normalized row by row.
 
         Parameters
@@ -596,6 +602,8 @@ cdef class PackedLinear:
         cdef cnp.npy_intp fdims[32]
         cdef int fk, xnd
         cdef bint fast
+        if eps is not _EPS_DEFAULT:
+            parse_eps(eps, "eps")       # also when no norm uses it: a bad value is an error
         if (norm is None and sum_out is None and norm_weight is None and norm_bias is None
                 and _plain_rows(x, self.in_features, False, &xw)
                 and (residual is None or
@@ -650,6 +658,7 @@ cdef class PackedLinear:
         elif norm_weight is not None or norm_bias is not None or sum_out is not None:
             raise ValueError("norm_weight, norm_bias and sum_out need norm='layer_norm' or "
                              "'rms_norm'")
+
         if not isinstance(x, np.ndarray):
             raise TypeError("x must be a numpy.ndarray, got %s" % type(x).__name__)
         if (<cnp.ndarray>x).dtype != np.float32:
@@ -681,6 +690,7 @@ cdef class PackedLinear:
                 check_overlap(<cnp.ndarray>sum_out, "sum_out", nw, "norm_weight", False)
                 check_overlap(<cnp.ndarray>sum_out, "sum_out", nb, "norm_bias", False)
         if M == 0:
+            resolve_threads(num_threads, 0, 1)     # checked as for any other call
             return out if caller_out is None else caller_out
         cdef cnp.ndarray xr = _as_rows(x, self.in_features)
         cdef cnp.ndarray rr = _as_rows(residual, self.out_features) if residual is not None else None

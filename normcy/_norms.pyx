@@ -478,6 +478,9 @@ cdef object as_param(object p, Py_ssize_t n, str name):
     cdef cnp.ndarray a
     if p is None:
         return None
+    if isinstance(p, np.ma.MaskedArray):
+        raise TypeError("%s must not be a masked array (its mask would be ignored), got %s"
+                        % (name, describe(p)))
     if (cnp.PyArray_Check(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
             and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>p)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p)):
@@ -746,6 +749,9 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
 
 
 def param64(p, name, Py_ssize_t c):
+    if isinstance(p, np.ma.MaskedArray):
+        raise TypeError("%s must not be a masked array (its mask would be ignored), got %s"
+                        % (name, describe(p)))
     try:
         a = np.asarray(p)
     except Exception as exc:
@@ -803,7 +809,8 @@ cdef tuple _fold_fast(object running_mean, object running_var, object weight, ob
 
 
 cdef bint _is_f32_vec(object p, Py_ssize_t c) noexcept:
-    return (cnp.PyArray_Check(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
+    # exactly an ndarray: subclasses (a masked array among them) take param64's checks
+    return (cnp.PyArray_CheckExact(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
             and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and cnp.PyArray_DIMS(<cnp.ndarray>p)[0] == c
             and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>p) and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p))
 

@@ -40,7 +40,7 @@ cdef extern from "nc_api_ops.h" nogil:
     int NCO_ACT_GELU
     int NCO_ACT_GELU_TANH
 
-DEF MAXD = 32
+DEF MAXD = 64
 # Long rows are cut into segments of this many floats so that element-wise work on a few
 # long rows still spreads over threads.
 DEF SEG = 8192
@@ -192,9 +192,12 @@ cdef object broadcast_last_unit(object m, tuple shape, str name, object dtype, i
 
 
 cdef int act_code(object activation) except -1:
+    if activation is not None and not isinstance(activation, str):
+        raise TypeError("activation must be None or a str ('identity', 'relu', 'gelu', "
+                        "'gelu_tanh'), got %s" % type(activation).__name__)
     try:
         return _ACTIVATIONS[activation]
-    except (KeyError, TypeError):
+    except KeyError:
         raise ValueError("activation must be one of 'identity', 'relu', 'gelu', 'gelu_tanh', "
                          "got %r" % (activation,)) from None
 
@@ -321,6 +324,8 @@ def softmax(x, *, scale=None, mask=None, key_padding_mask=None, is_causal=False,
     cdef tuple shape = shape_of(x)
     cdef int nd = len(shape)
     s = 1.0 if scale is None else parse_f32_real(scale, "scale")
+    if not isinstance(is_causal, (bool, np.bool_)):
+        raise TypeError("is_causal must be a bool, got %s" % type(is_causal).__name__)
     causal = bool(is_causal)
     if causal and nd < 2:
         raise ValueError("is_causal=True needs x with at least 2 dimensions (queries, keys), "
@@ -560,9 +565,13 @@ def gelu(x, *, approximate="none", out=None, num_threads=None):
     cancellation in ``1 + erf(x / sqrt(2))`` (PyTorch's float32 ``F.gelu`` returns 0 for
     x <= -6 and is 4% off at x = -5).  For |x| > 13.16 the result is `x` (x > 0) or -0
     (x < 0, where the true value is below 1.2e-38 in magnitude).  ``"tanh"``: relative
-    error at most ``4e-7 * max(5, 2 |u|)``, u the tanh argument.  NaN gives NaN, -inf
-    gives -0, +inf gives +inf.
+    error at most ``4e-7 * max(5, 2 |u|)``, u the tanh argument, down to x = -10.06; below
+    it the result is -0 (the true value is below 2.3e-38 in magnitude).  NaN gives NaN,
+    -inf gives -0, +inf gives +inf.
     """
+    if not isinstance(approximate, str):
+        raise TypeError("approximate must be 'none' or 'tanh', got %s"
+                        % type(approximate).__name__)
     if approximate == "none":
         act = NCO_ACT_GELU
     elif approximate == "tanh":

@@ -705,3 +705,52 @@ def test_attention_scratch_allocation_failure_is_a_memory_error():
     assert not np.isnan(ctx).any() and np.array_equal(ctx, want)
     print("OK")
     ''')
+
+
+# ------------------------------------------------------------------ found in session 19
+def test_masked_parameters_are_refused_too():
+    x = np.ones((2, 4), np.float32)
+    m = np.ma.masked_array(np.array([100, 1, 1, 1], np.float32), mask=[1, 0, 0, 0])
+    for call in (lambda: normcy.layer_norm(x, m), lambda: normcy.layer_norm(x, None, m),
+                 lambda: normcy.rms_norm(x, m), lambda: normcy.add_layer_norm(x, x, m),
+                 lambda: normcy.add_layer_norm(x, x, x_bias=m),
+                 lambda: normcy.add_rms_norm(x, x, m),
+                 lambda: normcy.batch_norm(x, m, np.ones(4, np.float32), axis=-1),
+                 lambda: normcy.batch_norm(x, np.zeros(4, np.float32), m, axis=-1),
+                 lambda: normcy.fold_batch_norm(m, np.ones(4, np.float32)),
+                 lambda: normcy.fold_batch_norm_into_linear(np.ones((4, 3), np.float32), None,
+                                                            m, np.ones(4, np.float32)),
+                 lambda: normcy.PackedLinear(np.ones((4, 4), np.float32))(
+                     x, norm="layer_norm", norm_weight=m)):
+        with pytest.raises(TypeError, match="masked array"):
+            call()
+
+
+def test_argument_kinds_are_type_errors():
+    x = np.ones((2, 3), np.float32)
+    for bad in ("False", None, np.array([True, False]), 1):
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            normcy.softmax(x, is_causal=bad)
+    with pytest.raises(TypeError, match="approximate"):
+        normcy.gelu(x, approximate=True)
+    with pytest.raises(TypeError, match="activation"):
+        normcy.bias_activation(x, np.zeros(3, np.float32), ["relu"])
+    lin = normcy.PackedLinear(np.ones((3, 3), np.float32))
+    with pytest.raises(TypeError, match="activation"):
+        lin(x, activation=["relu"])
+    with pytest.raises(TypeError, match="eps"):
+        lin(x, eps="abc")
+    empty = np.zeros((0, 3), np.float32)
+    for bad, exc in ((0, ValueError), (-5, ValueError), ("x", TypeError), (True, TypeError)):
+        with pytest.raises(exc, match="num_threads"):
+            lin(empty, num_threads=bad)
+    assert lin(empty, num_threads=2).shape == (0, 3)
+
+
+def test_elementwise_ops_take_numpys_64_dimensions():
+    x = np.arange(6, dtype=np.float32).reshape((1,) * 62 + (2, 3))
+    for f in (normcy.relu, normcy.gelu, lambda a: normcy.softmax(a),
+              lambda a: normcy.bias_add(a, np.ones(3, np.float32))):
+        y = f(x)
+        assert y.shape == x.shape
+    np.testing.assert_array_equal(normcy.relu(x), np.maximum(x, 0))

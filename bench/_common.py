@@ -41,7 +41,8 @@ import time
 
 __all__ = [
     "Impl", "Config", "measure", "NoiseMeter", "environment", "Progress",
-    "fmt_us", "fmt_gbs", "fmt_x", "md_table", "settle", "ncpu_stat",
+    "fmt_us", "fmt_gbs", "fmt_x", "md_table", "settle", "ncpu_stat", "targets_table",
+    "fmt_target_value",
 ]
 
 
@@ -617,6 +618,25 @@ def md_table(header, rows):
     for r in rows:
         out.append("| " + " | ".join(str(c) for c in r) + " |")
     return "\n".join(out)
+
+
+def fmt_target_value(kind, v):
+    """A target's measured value or goal as printed: a percentage or a ratio."""
+    if v is None:
+        return "n/a"
+    return "%.0f%%" % (100 * v) if kind == "fraction" else "%.2f×" % v
+
+
+def targets_table(targets, title):
+    """The markdown table of evaluated targets (dicts with target, value, goal, kind, met,
+    note), under a ``### title`` heading."""
+    body = []
+    for t in targets:
+        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.3g×" % t["goal"]
+        met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
+        body.append([t["target"], fmt_target_value(t["kind"], t["value"]), goal,
+                     met + (" (%s)" % t["note"] if t.get("note") else "")])
+    return "### %s\n\n" % title + md_table(["target", "measured", "goal", "met"], body)
 
 
 class Targets:

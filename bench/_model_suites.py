@@ -932,14 +932,3 @@ def targets(rows, all_cores):
                 add("MiniLM batch 1: latency ≤ 0.8× ONNX Runtime's (speed ≥ 1.25×)",
                     t_o / t_nc if t_o and t_nc else None, 1.25)
     return tg.out
-
-
-def targets_table(tg):
-    body = []
-    for t in tg:
-        v = t["value"]
-        val = "n/a" if v is None else ("%.0f%%" % (100 * v) if t["kind"] == "fraction" else "%.2f×" % v)
-        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.3g×" % t["goal"]
-        met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
-        body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t.get("note") else "")])
-    return "### GEMM / encoder / MiniLM speed targets (this run)\n\n" + md_table(["target", "measured", "goal", "met"], body)

@@ -29,7 +29,7 @@ if HERE not in sys.path:
 import numpy as np  # noqa: E402
 
 from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fmt_x,  # noqa: E402
-                     md_table)
+                     md_table, targets_table)
 
 ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
               "add_rms_norm", "batch_norm", "ops", "gemm", "encoder", "minilm"]
@@ -317,23 +317,6 @@ def out_of_cache(per_array, rows, copy_gbs):
     return per_array >= OUT_OF_CACHE_BYTES
 
 
-def targets_table(targets):
-    body = []
-    for t in targets:
-        v = t["value"]
-        if v is None:
-            val = "n/a"
-        elif t["kind"] == "fraction":
-            val = "%.0f%%" % (100 * v)
-        else:
-            val = "%.2f×" % v
-        goal = "%.0f%%" % (100 * t["goal"]) if t["kind"] == "fraction" else "%.3g×" % t["goal"]
-        met = {True: "yes", False: "**NO**", None: "n/a"}[t["met"]]
-        body.append([t["target"], val, goal, met + (" (%s)" % t["note"] if t["note"] else "")])
-    return "### Norm and BatchNorm kernel targets (all cores, this run)\n\n" + md_table(
-        ["target", "measured", "goal", "met"], body)
-
-
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
@@ -524,10 +507,12 @@ def main(argv=None):
             out.append("### %s\n\nskipped: %s\n" % (suite, skipped[suite]))
     targets = evaluate_targets(rows, copy_gbs, all_cores) if norm_sel else []
     if targets:
-        out.append(targets_table(targets) + "\n")
+        out.append(targets_table(targets, "Norm and BatchNorm kernel targets (all cores, "
+                                          "this run)") + "\n")
     extra = _model_suites.targets(rows, all_cores)
     if extra:
-        out.append(_model_suites.targets_table(extra) + "\n")
+        out.append(targets_table(extra, "GEMM / encoder / MiniLM speed targets (this run)")
+                   + "\n")
     if failures:
         out.append("### Failures\n\n" + "\n".join("- %s: %s" % (f["task"], f["error"]) for f in failures) + "\n")
     elapsed = time.perf_counter() - t_start
@@ -569,6 +554,8 @@ def main(argv=None):
             "environment": env,
             "rows": rows,
             "targets": targets + extra,
+            "cpu_isa": isa_cpu,
+            "kernel_variant": variant,
             "failures": failures,
             "elapsed_s": elapsed,
             "markdown": text,

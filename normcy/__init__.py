@@ -26,6 +26,10 @@ def _tune_libgomp_wait():
     cheap and gives the cores back to BLAS quickly.  Set GOMP_SPINCOUNT or
     OMP_WAIT_POLICY yourself to override; it has no effect if libgomp was already loaded.
     """
+    if (_os.environ.get("GOMP_SPINCOUNT") == "1000" and "OMP_WAIT_POLICY" not in _os.environ
+            and _os.environ.get("NORMCY_SET_GOMP_SPINCOUNT") == "1"):
+        # inherited from a parent process in which normcy set it
+        return "GOMP_SPINCOUNT=1000 (set by normcy in a parent process)"
     if "GOMP_SPINCOUNT" in _os.environ or "OMP_WAIT_POLICY" in _os.environ:
         return "user setting (GOMP_SPINCOUNT=%s, OMP_WAIT_POLICY=%s)" % (
             _os.environ.get("GOMP_SPINCOUNT", "unset"), _os.environ.get("OMP_WAIT_POLICY", "unset"))
@@ -36,6 +40,7 @@ def _tune_libgomp_wait():
     except OSError:
         pass
     _os.environ["GOMP_SPINCOUNT"] = "1000"
+    _os.environ["NORMCY_SET_GOMP_SPINCOUNT"] = "1"    # so that child processes can tell
     return "GOMP_SPINCOUNT=1000 (set by normcy at import)"
 
 

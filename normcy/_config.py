@@ -33,7 +33,9 @@ def get_config():
         "kernel_isa": _norms.kernel_isa(),
         "kernel_variant": isa["name"],
         "vector_bytes": isa["vector_bytes"],
-        "isa_cap": isa["cap"] or None,
+        # an ignored (invalid) cap is not a cap
+        "isa_cap": (isa["cap"] or None) if not isa["cap_invalid"] else None,
+        "isa_cap_ignored": isa["cap"] if isa["cap_invalid"] else None,
         "supported_variants": isa["supported"],
         "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
         "gemm_k_block": blocking[1],
@@ -81,7 +83,9 @@ def show_config(file=None):
                                                            c["l1d_bytes"] // 1024),
         "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
                                       "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]
-                                      if c["isa_cap"] else ""),
+                                      if c["isa_cap"] else
+                                      "  [NORMCY_MAX_ISA=%r ignored: no such variant]"
+                                      % c["isa_cap_ignored"] if c["isa_cap_ignored"] else ""),
         "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else "no (portable)"),
         "  compiler:         %s" % c["compiler"],
         "  compile args:     %s" % " ".join(c["compile_args"]),

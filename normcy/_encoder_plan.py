@@ -59,8 +59,14 @@ class Workspace:
 
 
 class ThreadWorkspaces(threading.local):
+    """Each thread's Workspace (cached buffers).  A copy or an unpickled one starts empty:
+    the buffers are a cache, not state."""
+
     def __init__(self):
         self.ws = Workspace()
+
+    def __reduce__(self):
+        return (ThreadWorkspaces, ())
 
 
 class AttentionPlan:

@@ -49,11 +49,15 @@ def _parse_env_threads(name):
         return None
     # OMP_NUM_THREADS may be a list ("4,2" for nested levels): take the first.
     first = v.split(",")[0].strip()
-    try:
-        n = int(first)
-    except ValueError:
-        return None
-    return n if n >= 1 else None
+    # plain ASCII digits only (int() would also take "1_0" and other scripts' digits)
+    n = int(first) if first.isascii() and first.isdigit() else 0
+    if n >= 1:
+        return n
+    if name == "NORMCY_NUM_THREADS":     # libgomp itself complains about OMP_NUM_THREADS
+        import warnings
+        warnings.warn("NORMCY_NUM_THREADS=%r is not a positive integer; ignored" % v,
+                      RuntimeWarning, stacklevel=2)
+    return None
 
 
 def available_cpus():

@@ -24,7 +24,7 @@ from normcy._heap import release_free_heap
 from normcy._validate import as_float, as_weight
 from normcy import hf
 from normcy.hf import WeightsFile
-from normcy.transformer import TransformerEncoderLayer, forward_layers
+from normcy.transformer import TransformerEncoderLayer, check_num_threads, forward_layers
 
 __all__ = ["BertModel"]
 
@@ -276,13 +276,7 @@ class BertModel:
 
     @num_threads.setter
     def num_threads(self, num_threads):
-        if num_threads is not None:
-            if isinstance(num_threads, bool) or not isinstance(num_threads, (int, np.integer)):
-                raise TypeError("num_threads must be an int or None, got %s"
-                                % type(num_threads).__name__)
-            if num_threads < 1:
-                raise ValueError("num_threads must be >= 1, got %d" % num_threads)
-            num_threads = int(num_threads)
+        num_threads = check_num_threads(num_threads)
         self._num_threads = num_threads
         for layer in self.layers:
             layer.num_threads = num_threads

@@ -26,6 +26,7 @@ Masks follow PyTorch: ``key_padding_mask`` is (batch, seq) bool with True markin
 applies the causal mask by itself (PyTorch additionally needs the mask passed as a hint).
 """
 import math
+import os
 from collections.abc import Mapping
 
 import numpy as np
@@ -42,6 +43,30 @@ __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 _F32 = np.float32
 _ACTIVATIONS = ("relu", "gelu", "gelu_tanh")
 _NORMS = ("layer", "rms")
+
+
+def check_num_threads(value):
+    """A model's ``num_threads`` setting: None, or an integer >= 1 (normcy's rules:
+    anything ``operator.index`` accepts, not a bool)."""
+    return None if value is None else as_int(value, "num_threads", minimum=1)
+
+
+def _physical_memory():
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not POSIX
+        return None
+
+
+def _check_fits_memory(d_model, dim_feedforward):
+    """A layer's float32 weights (4 d^2 + 2 d f values, about) must fit in this machine's
+    memory: a clear error instead of a MemoryError (or an OOM kill) half way."""
+    nbytes = 4 * (4 * d_model * d_model + 2 * d_model * dim_feedforward)
+    mem = _physical_memory()
+    if mem is not None and nbytes > mem:
+        raise ValueError("d_model=%d, dim_feedforward=%d: the layer's weights need %.1f GB, "
+                         "more than this machine's %.1f GB of memory"
+                         % (d_model, dim_feedforward, nbytes / 1e9, mem / 1e9))
 
 
 def _check_int(v, name, minimum=1, maximum=2 ** 31 - 1):
@@ -96,9 +121,12 @@ class TransformerEncoderLayer:
         dim_feedforward = _check_int(dim_feedforward, "dim_feedforward")
         if d_model % nhead:
             raise ValueError("d_model (%d) must be divisible by nhead (%d)" % (d_model, nhead))
-        if activation not in _ACTIVATIONS:
+        _check_fits_memory(d_model, dim_feedforward)
+        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
             raise ValueError("activation must be one of %s, got %r" % (_ACTIVATIONS, activation))
-        if norm not in _NORMS:
+        if not isinstance(norm_first, (bool, np.bool_)):
+            raise TypeError("norm_first must be True or False, got %r" % (norm_first,))
+        if not isinstance(norm, str) or norm not in _NORMS:
             raise ValueError("norm must be 'layer' or 'rms', got %r" % (norm,))
         eps = as_float(layer_norm_eps, "layer_norm_eps", minimum=0.0)
         self.d_model = d_model
@@ -116,10 +144,18 @@ class TransformerEncoderLayer:
             raise TypeError("batch_first must be True or False, got %r" % (batch_first,))
         self.batch_first = bool(batch_first)
         self._tls = ThreadWorkspaces()
-        #: Threads for every kernel of the layer (None: normcy's default, all cores; small
-        #: work runs serially).  The matrix products are normcy's own (PackedLinear), so
-        #: one OpenMP pool serves the whole layer.
         self.num_threads = None
+
+    @property
+    def num_threads(self):
+        """Threads for every kernel of the layer (None: normcy's default, all cores; small
+        work runs serially).  The matrix products are normcy's own (PackedLinear), so one
+        OpenMP pool serves the whole layer.  Checked when set (any integer >= 1, or None)."""
+        return self._num_threads
+
+    @num_threads.setter
+    def num_threads(self, value):
+        self._num_threads = check_num_threads(value)
 
     # ------------------------------------------------------------------ parameters
     def _expected_shapes(self):
@@ -148,7 +184,11 @@ class TransformerEncoderLayer:
         d, f = self.d_model, self.dim_feedforward
 
         def uni(shape, bound):
-            return rng.uniform(-bound, bound, size=shape).astype(_F32)
+            # drawn in float32 (a float64 draw would need twice the weights' memory)
+            a = rng.random(size=shape, dtype=_F32)
+            a *= _F32(2 * bound)
+            a -= _F32(bound)
+            return a
 
         sd = {
             "self_attn.in_proj_weight": uni((3 * d, d), math.sqrt(6.0 / (4 * d))),
@@ -224,7 +264,7 @@ class TransformerEncoderLayer:
                             % type(state_dict).__name__)
         shapes = self._expected_shapes()
         missing = sorted(set(shapes) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(shapes))
+        unexpected = sorted(set(state_dict) - set(shapes), key=repr)
         if missing or unexpected:
             msg = []
             if missing:
@@ -637,6 +677,7 @@ class TransformerEncoder:
 
     @num_threads.setter
     def num_threads(self, value):
+        value = check_num_threads(value)
         for layer in self.layers:
             layer.num_threads = value
         self._num_threads = value
@@ -659,7 +700,7 @@ class TransformerEncoder:
             raise TypeError("state_dict must be a mapping of names to arrays, got %s"
                             % type(state_dict).__name__)
         num_layers = _check_int(num_layers, "num_layers")
-        per = [dict() for _ in range(num_layers)]
+        per = {}      # layer index -> its keys, for the layers the state dict has
         final = {}
         unexpected = []
         for key, value in state_dict.items():
@@ -669,7 +710,7 @@ class TransformerEncoder:
             if key.startswith("layers."):
                 idx, _, rest = key[len("layers."):].partition(".")
                 if idx.isdigit() and int(idx) < num_layers and rest:
-                    per[int(idx)][rest] = value
+                    per.setdefault(int(idx), {})[rest] = value
                     continue
             elif key.startswith("norm.") and key[5:] in ("weight", "bias"):
                 final[key[5:]] = value
@@ -679,7 +720,8 @@ class TransformerEncoder:
             raise ValueError("unexpected keys in a TransformerEncoder state dict with %d layers: "
                              "%s" % (num_layers, sorted(map(str, unexpected))[:10]))
         layers = []
-        for i, sd in enumerate(per):
+        for i in range(num_layers):      # stops at the first layer the state dict lacks
+            sd = per.get(i)
             if not sd:
                 raise ValueError("state_dict has no keys for layer %d (layers.%d.*)" % (i, i))
             try:

@@ -635,3 +635,12 @@ sys.exit(0 if rcs == [0, 0, 0] and not bad else 1)
 """
     p = _python(code, h)
     assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+def test_bad_normcy_num_threads_warns_and_is_ignored(h):
+    for bad in ("0", "-1", "abc", "4.0", "1_0"):
+        env = {"NORMCY_NUM_THREADS": bad, "OMP_NUM_THREADS": "1"}
+        p = _python("import normcy; print('N', normcy.get_num_threads())", h, extra_env=env)
+        assert p.returncode == 0, p.stderr
+        assert "N 1" in p.stdout and "NORMCY_NUM_THREADS=%r is not a positive integer" % bad \
+            in p.stderr, (bad, p.stdout, p.stderr)

@@ -711,3 +711,48 @@ def test_batch_first_false_layout():
         TransformerEncoder([bf, sf])
     with pytest.raises(ValueError, match=r"\(seq, batch, 32\)"):
         sf(np.zeros((7, 3, 31), F32))
+
+
+def test_layers_pickle_and_copy_with_the_same_bits():
+    import copy
+    import pickle
+    rng = np.random.default_rng(3)
+    layer = TransformerEncoderLayer(32, 4, 48, activation="gelu")
+    enc = TransformerEncoder([layer, TransformerEncoderLayer(32, 4, 48, norm_first=True)],
+                             norm={"weight": np.ones(32, F32), "bias": np.zeros(32, F32)})
+    x = rng.standard_normal((2, 5, 32)).astype(F32)
+    kpm = np.zeros((2, 5), bool)
+    kpm[1, 3:] = True
+    for obj in (layer, enc):
+        want = obj(x, key_padding_mask=kpm)
+        for clone in (copy.deepcopy(obj), pickle.loads(pickle.dumps(obj))):
+            np.testing.assert_array_equal(clone(x, key_padding_mask=kpm), want)
+
+
+def test_constructor_and_state_dict_checks():
+    with pytest.raises(TypeError, match="norm_first must be True or False"):
+        TransformerEncoderLayer(32, 4, 48, norm_first="False")
+    with pytest.raises(ValueError, match="activation must be one of"):
+        TransformerEncoderLayer(32, 4, 48, activation=np.array(["gelu"]))
+    with pytest.raises(ValueError, match="more than this machine's"):
+        TransformerEncoderLayer(2 ** 20, 1, 16)
+    with pytest.raises(ValueError, match="more than this machine's"):
+        TransformerEncoderLayer(2 ** 31 - 1, 1, 1)
+    layer = TransformerEncoderLayer(32, 4, 48)
+    for bad, exc in ((0, ValueError), (-1, ValueError), (True, TypeError), ("2", TypeError),
+                     (2.0, TypeError)):
+        with pytest.raises(exc, match="num_threads"):
+            layer.num_threads = bad
+    layer.num_threads = np.int64(2)
+    assert layer.num_threads == 2 and type(layer.num_threads) is int
+    with pytest.raises(ValueError, match="unexpected keys"):
+        bad = layer.state_dict()
+        bad[1] = bad["foo"] = np.zeros(1)              # mixed key types, reported as such
+        layer.load_state_dict(bad)
+    # a huge num_layers fails at the first missing layer, sizing nothing per claimed layer
+    sd = {"layers.0." + k: v for k, v in layer.state_dict().items()}
+    with pytest.raises(ValueError, match="no keys for layer 1"):
+        TransformerEncoder.from_torch_state_dict(sd, 2 ** 31 - 1, 4)
+    enc = TransformerEncoder([layer])
+    with pytest.raises(ValueError, match="num_threads"):
+        enc.num_threads = 0

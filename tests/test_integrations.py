@@ -201,3 +201,16 @@ def test_dask_embed_to_parquet_and_argument_checks(model, texts, reference, tmp_
             embed(ddf, enc, batch_size=bad)
     with pytest.raises(ValueError, match="batch_size"):
         embed(ddf, enc, batch_size=0)
+
+
+def test_ray_embedder_checks_its_arguments(model):
+    # (no Ray needed: the class is plain Python until map_batches uses it)
+    from normcy.integrations.ray import Embedder
+
+    for kw, exc in (({"batch_size": "8"}, TypeError), ({"batch_size": 0}, ValueError),
+                    ({"num_threads": 0}, ValueError), ({"num_threads": True}, TypeError)):
+        with pytest.raises(exc, match=next(iter(kw))):
+            Embedder(model, **kw)
+    e = Embedder(model, batch_size=4, num_threads=1)
+    out = e({"text": np.array(["a b", "c"], dtype=object)})
+    assert out["embedding"].shape == (2, e.encoder.get_sentence_embedding_dimension())

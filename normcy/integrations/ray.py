@@ -61,8 +61,12 @@ class Embedder:
                  num_threads: Optional[int] = None, normalize_embeddings: bool = True,
                  max_seq_length: Optional[int] = None):
         import normcy
+        from normcy._validate import as_int
         from normcy.sentence import SentenceEncoder
 
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
+        if num_threads is not None:
+            num_threads = as_int(num_threads, "num_threads", minimum=1)
         threads = num_threads or _cpu_allotment() or 1
         self.num_threads = int(threads)
         normcy.set_num_threads(self.num_threads)
@@ -71,7 +75,7 @@ class Embedder:
                                                        max_seq_length=max_seq_length)
         self.text_column = text_column
         self.output_column = output_column
-        self.batch_size = int(batch_size)
+        self.batch_size = batch_size
         self.normalize_embeddings = bool(normalize_embeddings)
 
     def _texts(self, col) -> list:

@@ -9,7 +9,7 @@ Run from the repository root (after ``pip install .``, or with an in-place build
     python bench/run.py --only 'add_layer_norm*,batch_norm' --threads 1,2
 
 Suites: ceiling, layer_norm, add_layer_norm, add_layer_norm_sum, rms_norm, add_rms_norm,
-batch_norm, encoder, minilm (``--only`` takes comma-separated shell patterns).
+batch_norm, ops, gemm, encoder, minilm (``--only`` takes comma-separated shell patterns).
 See bench/README.md for what is measured and the formulas.
 """
 import argparse

@@ -14,6 +14,8 @@ import threading
 
 import numpy as np
 
+from normcy._validate import refuse_masked
+
 __all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "packed_plan",
            "key_padding_2d", "dead_rows"]
 
@@ -95,6 +97,7 @@ def key_padding_2d(key_padding_mask, b, s, unbatched):
     """A key padding mask as a (b, s) ndarray (an unbatched call's (s,) one gets a batch
     axis); TypeError / ValueError naming it otherwise.  Its dtype is the caller's to check."""
     k = key_padding_mask
+    refuse_masked(k, "key_padding_mask")
     if not isinstance(k, np.ndarray):
         raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
                         % type(k).__name__)
@@ -120,6 +123,7 @@ def padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
                             "additive float mask, got dtype %s" % k.dtype)
     if attn_mask is not None:
         m = attn_mask
+        refuse_masked(m, "attn_mask")
         if not isinstance(m, np.ndarray):
             raise TypeError("attn_mask must be a numpy.ndarray, got %s" % type(m).__name__)
         if m.shape != (s, s):

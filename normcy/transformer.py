@@ -36,7 +36,7 @@ from normcy._encoder_plan import (ThreadWorkspaces, Workspace, key_padding_2d, p
                                   padded_plan)
 from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
 from normcy._gemm import attention as attention_kernel
-from normcy._validate import as_float, as_int, as_weight
+from normcy._validate import as_float, as_int, as_weight, refuse_masked
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
@@ -122,11 +122,16 @@ class TransformerEncoderLayer:
         if d_model % nhead:
             raise ValueError("d_model (%d) must be divisible by nhead (%d)" % (d_model, nhead))
         _check_fits_memory(d_model, dim_feedforward)
-        if not isinstance(activation, str) or activation not in _ACTIVATIONS:
+        if not isinstance(activation, str):
+            raise TypeError("activation must be a str, one of %s, got %s"
+                            % (_ACTIVATIONS, type(activation).__name__))
+        if activation not in _ACTIVATIONS:
             raise ValueError("activation must be one of %s, got %r" % (_ACTIVATIONS, activation))
         if not isinstance(norm_first, (bool, np.bool_)):
             raise TypeError("norm_first must be True or False, got %r" % (norm_first,))
-        if not isinstance(norm, str) or norm not in _NORMS:
+        if not isinstance(norm, str):
+            raise TypeError("norm must be 'layer' or 'rms', got %s" % type(norm).__name__)
+        if norm not in _NORMS:
             raise ValueError("norm must be 'layer' or 'rms', got %r" % (norm,))
         eps = as_float(layer_norm_eps, "layer_norm_eps", minimum=0.0)
         self.d_model = d_model
@@ -618,6 +623,7 @@ def _check_input(x, d_model, batch_first=True):
     """x as a C-contiguous (batch, seq, d_model) array, and whether it was unbatched
     ((seq, d_model)); batch_first=False: a 3-D x is (seq, batch, d_model)."""
     layout = "(batch, seq" if batch_first else "(seq, batch"
+    refuse_masked(x, "x")
     if not isinstance(x, np.ndarray):
         raise TypeError("x must be a float32 numpy.ndarray of shape %s, %d), got %s"
                         % (layout, d_model, type(x).__name__))

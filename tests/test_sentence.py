@@ -403,7 +403,7 @@ def test_encode_progress_bar(enc):
     (dict(sentences=b"bytes"), TypeError, "bytes"),
     (dict(sentences=None), TypeError, "sentences must be str"),
     (dict(sentences=["a"], batch_size=0), ValueError, "batch_size"),
-    (dict(sentences=["a"], batch_size=2.5), ValueError, "batch_size"),
+    (dict(sentences=["a"], batch_size=2.5), TypeError, "batch_size"),   # a wrong kind
     (dict(sentences=["a"], output_value="x"), ValueError, "output_value"),
     (dict(sentences=["a"], convert_to_tensor=True), ValueError, "convert_to_tensor"),
     (dict(sentences=["a"], precision="int8"), ValueError, "precision"),

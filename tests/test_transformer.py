@@ -732,7 +732,7 @@ def test_layers_pickle_and_copy_with_the_same_bits():
 def test_constructor_and_state_dict_checks():
     with pytest.raises(TypeError, match="norm_first must be True or False"):
         TransformerEncoderLayer(32, 4, 48, norm_first="False")
-    with pytest.raises(ValueError, match="activation must be one of"):
+    with pytest.raises(TypeError, match="activation must be a str"):
         TransformerEncoderLayer(32, 4, 48, activation=np.array(["gelu"]))
     with pytest.raises(ValueError, match="more than this machine's"):
         TransformerEncoderLayer(2 ** 20, 1, 16)
@@ -756,3 +756,30 @@ def test_constructor_and_state_dict_checks():
     enc = TransformerEncoder([layer])
     with pytest.raises(ValueError, match="num_threads"):
         enc.num_threads = 0
+
+
+def test_masked_arrays_refused_by_layers_and_stacks():
+    layer = TransformerEncoderLayer(32, 4, 48)
+    enc = TransformerEncoder([layer])
+    x = np.zeros((2, 3, 32), F32)
+    kpm = np.ma.masked_array(np.zeros((2, 3), bool), mask=[[1, 0, 0], [0, 0, 0]])
+    am = np.ma.masked_array(np.zeros((3, 3), F32), mask=np.eye(3, dtype=bool))
+    for obj in (layer, enc):
+        with pytest.raises(TypeError, match="x must not be a masked array"):
+            obj(np.ma.masked_array(x))
+        with pytest.raises(TypeError, match="key_padding_mask must not be a masked array"):
+            obj(x, key_padding_mask=kpm)
+        with pytest.raises(TypeError, match="key_padding_mask must not be a masked array"):
+            obj(x, key_padding_mask=kpm, skip_padding=True)
+        with pytest.raises(TypeError, match="attn_mask must not be a masked array"):
+            obj(x, attn_mask=am)
+    sd = layer.state_dict()
+    sd["linear1.bias"] = np.ma.masked_array(sd["linear1.bias"])
+    with pytest.raises(TypeError, match="linear1.bias must not be a masked array"):
+        layer.load_state_dict(sd)
+    with pytest.raises(TypeError, match="must not be a masked array"):
+        TransformerEncoder([layer], norm={"weight": np.ma.masked_array(np.ones(32, F32))})
+    with pytest.raises(TypeError, match="activation must be a str"):
+        TransformerEncoderLayer(32, 4, 48, activation=1)
+    with pytest.raises(TypeError, match="norm must be"):
+        TransformerEncoderLayer(32, 4, 48, norm=1)

@@ -1,7 +1,7 @@
 """``normcy serve``: an embedding service for OpenAI and text-embeddings-inference clients.
 
-The app (:func:`create_app`) needs the ``serve`` extra (``pip install "normcy[serve]"``:
-Starlette, uvicorn, prometheus_client, orjson); it is imported on first use, so that
+The app (:func:`create_app`) needs the ``serve`` extra (``pip install ".[serve]"`` in the
+checkout: Starlette, uvicorn, prometheus_client, orjson); it is imported on first use, so that
 ``import normcy.serve`` and the ``normcy`` command line work without it.
 
 Example

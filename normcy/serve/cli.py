@@ -47,7 +47,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Serve sentence embeddings over HTTP: POST /v1/embeddings (OpenAI), "
                     "POST /embed and /tokenize (text-embeddings-inference), GET /health, "
                     "/info, /metrics (Prometheus). Concurrent requests are batched under a "
-                    "token budget. Needs the serve extra: pip install 'normcy[serve]'.",
+                    "token budget. Needs the serve extra: pip install '.[serve]' in the "
+                    "checkout, or its packages by name.",
         epilog="example: normcy serve --port 8080, then curl 127.0.0.1:8080/embed "
                "-H 'Content-Type: application/json' -d '{\"inputs\": \"Hello\"}'")
     s.add_argument("-m", "--model", metavar="DIR", default=None,
@@ -142,8 +143,9 @@ def run(args, stdin, stdout, stderr) -> int:
 
     missing = missing_dependencies()
     if missing:
-        raise CLIError("missing dependencies %s: install the serve extra with "
-                       "pip install 'normcy[serve]'" % ", ".join(missing))
+        raise CLIError("missing dependencies %s: install the serve extra (pip install "
+                       "'.[serve]' in the checkout) or these packages by name"
+                       % ", ".join(missing))
     if args.model is not None and not os.path.isdir(args.model):
         raise CLIError("model directory %r does not exist" % args.model
                        if not os.path.exists(args.model)

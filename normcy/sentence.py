@@ -21,6 +21,7 @@ Example
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import sys
@@ -222,6 +223,33 @@ class _Progress:
         self._write(final=True)
 
 
+def _sync_bert_normalizer(tokenizer, tdir: str) -> None:
+    """Apply ``tokenizer_config.json``'s ``do_lower_case`` / ``strip_accents`` /
+    ``tokenize_chinese_chars`` to a BERT tokenizer's normalizer where they differ from
+    ``tokenizer.json``'s: transformers' BertTokenizerFast (which sentence-transformers
+    loads) rebuilds the normalizer from them, and they win.  Only keys the file states are
+    applied."""
+    cfg = _read_json_opt(os.path.join(tdir, "tokenizer_config.json"), {})
+    if not isinstance(cfg, dict) or cfg.get("tokenizer_class") not in ("BertTokenizer",
+                                                                      "BertTokenizerFast"):
+        return
+    state = json.loads(tokenizer.to_str()).get("normalizer") or {}
+    if state.get("type") != "BertNormalizer":
+        return
+    want = dict(state)
+    for key, field in (("do_lower_case", "lowercase"), ("strip_accents", "strip_accents"),
+                       ("tokenize_chinese_chars", "handle_chinese_chars")):
+        if key in cfg:
+            want[field] = cfg[key]
+    if want != state:
+        from tokenizers import normalizers
+
+        tokenizer.normalizer = normalizers.BertNormalizer(
+            clean_text=want.get("clean_text", True),
+            handle_chinese_chars=want.get("handle_chinese_chars", True),
+            strip_accents=want.get("strip_accents"), lowercase=want.get("lowercase", True))
+
+
 class _DenseModule:
     """sentence-transformers' ``Dense``: y = activation(x @ W.T + b)."""
 
@@ -235,6 +263,12 @@ class _DenseModule:
             raise hf.ModelFormatError("Dense module %r: unsupported activation_function %r "
                                       "(supported: %s)" % (path, act, ", ".join(_ACTIVATIONS)))
         self.activation = _ACTIVATIONS[act]
+        if cfg.get("use_residual"):
+            raise hf.ModelFormatError("Dense module %r: use_residual is not supported" % path)
+        for key in ("module_input_name", "module_output_name"):
+            if cfg.get(key, "sentence_embedding") != "sentence_embedding":
+                raise hf.ModelFormatError("Dense module %r: %s %r is not supported (only "
+                                          "'sentence_embedding')" % (path, key, cfg[key]))
         wfile = os.path.join(path, "model.safetensors")
         if not os.path.isfile(wfile):
             raise FileNotFoundError("Dense module %r has no model.safetensors (normcy reads only "
@@ -365,6 +399,12 @@ class SentenceEncoder:
             modules = hf.read_json(modules_file)
             if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
                 raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
+            for m in modules:
+                idx, mpath = m.get("idx", 0), m.get("path")
+                if isinstance(idx, bool) or not isinstance(idx, int) \
+                        or (mpath is not None and not isinstance(mpath, str)):
+                    raise hf.ModelFormatError("%s: a module's idx must be an integer and its "
+                                              "path a string, got %r" % (modules_file, m))
             modules = sorted(modules, key=lambda m: m.get("idx", 0))
         else:
             if not os.path.isfile(os.path.join(root, "config.json")):
@@ -439,6 +479,9 @@ class SentenceEncoder:
                         raise hf.ModelFormatError("%s must hold a JSON object" % pfile)
                     pooling_modes, include_prompt = _parse_pooling(pcfg, pfile)
                     dim = pcfg.get("word_embedding_dimension", pcfg.get("embedding_dimension"))
+                    if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int)):
+                        raise hf.ModelFormatError("%s: word_embedding_dimension must be an "
+                                                  "integer, got %r" % (pfile, dim))
                     if dim is not None and int(dim) != int(config["hidden_size"]):
                         raise hf.ModelFormatError(
                             "%s: word_embedding_dimension %s != hidden_size %s of config.json"
@@ -458,6 +501,18 @@ class SentenceEncoder:
         prompts = st_extra.get("prompts") if isinstance(st_extra, dict) else None
         default_prompt_name = st_extra.get("default_prompt_name") if isinstance(st_extra, dict) \
             else None
+        if prompts is not None and not (isinstance(prompts, dict) and all(
+                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+            raise hf.ModelFormatError("config_sentence_transformers.json: prompts must be an "
+                                      "object of strings, got %r" % (prompts,))
+        # each Dense module takes the width of what comes before it
+        width = len(pooling_modes) * int(config["hidden_size"])
+        for dm in dense:
+            if dm.weight_t.shape[0] != width:
+                raise hf.ModelFormatError("a Dense module takes %d features, but %d come "
+                                          "before it" % (dm.weight_t.shape[0], width))
+            width = dm.out_features
+        _sync_bert_normalizer(tokenizer, tdir)
 
         from normcy.bert import BertModel
 

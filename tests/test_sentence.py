@@ -337,6 +337,58 @@ def test_dense_module(tmp_path, ref):
     path = _model_variant(tmp_path / "x", {"modules.json": modules, "2_Dense/config.json": cfg})
     with pytest.raises(hf.ModelFormatError, match="my.Activation"):
         SentenceEncoder.from_pretrained(path)
+    # what normcy does not run is refused, never run differently (sentence-transformers 6
+    # adds a residual, or routes the output elsewhere): found in session 19
+    cases = [({"use_residual": True}, "use_residual"),
+             ({"module_output_name": "dense_out"}, "module_output_name 'dense_out'")]
+    for i, (extra, match) in enumerate(cases):
+        c = dict(cfg, activation_function="torch.nn.modules.activation.Tanh", **extra)
+        path = _model_variant(tmp_path / ("r%d" % i),
+                              {"modules.json": modules, "2_Dense/config.json": c})
+        save_file({"linear.weight": W, "linear.bias": b},
+                  os.path.join(path, "2_Dense", "model.safetensors"))
+        with pytest.raises(hf.ModelFormatError, match=match):
+            SentenceEncoder.from_pretrained(path)
+    # a Dense weight that does not take the pooled width: refused at load, not at encode
+    c = dict(cfg, activation_function="torch.nn.modules.activation.Tanh")
+    path = _model_variant(tmp_path / "w", {"modules.json": modules, "2_Dense/config.json": c})
+    save_file({"linear.weight": W[:, :100].copy(), "linear.bias": b},
+              os.path.join(path, "2_Dense", "model.safetensors"))
+    with pytest.raises(hf.ModelFormatError, match="takes 100 features, but 384"):
+        SentenceEncoder.from_pretrained(path)
+
+
+def test_tokenizer_config_settings_win_over_tokenizer_json(tmp_path, enc):
+    # transformers' BertTokenizerFast rebuilds its normalizer from tokenizer_config.json:
+    # a tokenizer.json saved with lowercase=false and strip_accents=false still lowercases
+    # and strips accents when the config says so (and keeps accents when it says not to)
+    src = json.load(open(os.path.join(default_model_path(), "tokenizer.json")))
+    src["normalizer"].update(lowercase=False, strip_accents=False)
+    cfg = json.load(open(os.path.join(default_model_path(), "tokenizer_config.json")))
+    S = ["Hello Wörld, naïve CAFÉ!", "plain text"]
+    path = _model_variant(tmp_path, {"tokenizer.json": src,
+                                     "tokenizer_config.json": dict(cfg, strip_accents=None)})
+    np.testing.assert_allclose(SentenceEncoder.from_pretrained(path).encode(S), enc.encode(S),
+                               rtol=0, atol=1e-6)
+    path = _model_variant(tmp_path / "keep", {"tokenizer_config.json": dict(cfg,
+                                                                            strip_accents=False)})
+    keep = SentenceEncoder.from_pretrained(path)
+    assert keep.tokenize(["naïve"])["input_ids"].tolist() != enc.tokenize(["naïve"])[
+        "input_ids"].tolist()
+
+
+def test_malformed_sentence_transformers_configs(tmp_path):
+    modules = json.load(open(os.path.join(default_model_path(), "modules.json")))
+    bad = [dict(m, idx=str(m["idx"])) for m in modules]
+    with pytest.raises(hf.ModelFormatError, match="idx must be an integer"):
+        SentenceEncoder.from_pretrained(_model_variant(tmp_path / "a", {"modules.json": bad}))
+    with pytest.raises(hf.ModelFormatError, match="prompts must be an object of strings"):
+        SentenceEncoder.from_pretrained(_model_variant(
+            tmp_path / "b", {"config_sentence_transformers.json": {"prompts": ["q: "]}}))
+    pool = json.load(open(os.path.join(default_model_path(), "1_Pooling", "config.json")))
+    with pytest.raises(hf.ModelFormatError, match="word_embedding_dimension must be an integer"):
+        SentenceEncoder.from_pretrained(_model_variant(
+            tmp_path / "c", {"1_Pooling/config.json": dict(pool, word_embedding_dimension="x")}))
 
 
 # --------------------------------------------------------------------------- encode contract

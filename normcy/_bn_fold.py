@@ -2,7 +2,7 @@
 import numpy as np
 
 from normcy._norms import param64, fold_batch_norm
-from normcy._validate import as_float
+from normcy._validate import as_float, refuse_masked
 
 
 def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weight=None,
@@ -33,8 +33,7 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
     for name, p in (("weight", weight), ("bias", bias), ("running_mean", running_mean),
                     ("running_var", running_var), ("bn_weight", bn_weight),
                     ("bn_bias", bn_bias)):
-        if isinstance(p, np.ma.MaskedArray):
-            raise TypeError("%s must not be a masked array (its mask would be ignored)" % name)
+        refuse_masked(p, name)
     try:
         w = np.asarray(weight)
     except Exception as exc:

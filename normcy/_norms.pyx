@@ -16,6 +16,7 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
+from normcy._validate import refuse_masked
 from normcy._arraychecks cimport (shape_of, describe, extent, identical_view, check_overlap, plain,
                                   parse_eps, check_no_self_overlap)
 
@@ -478,9 +479,8 @@ cdef object as_param(object p, Py_ssize_t n, str name):
     cdef cnp.ndarray a
     if p is None:
         return None
-    if isinstance(p, np.ma.MaskedArray):
-        raise TypeError("%s must not be a masked array (its mask would be ignored), got %s"
-                        % (name, describe(p)))
+    if cnp.PyArray_Check(p) and not cnp.PyArray_CheckExact(p):
+        refuse_masked(p, name)      # subclasses only: a plain ndarray pays nothing
     if (cnp.PyArray_Check(p) and cnp.PyArray_TYPE(<cnp.ndarray>p) == cnp.NPY_FLOAT32
             and cnp.PyArray_NDIM(<cnp.ndarray>p) == 1 and cnp.PyArray_ISCARRAY_RO(<cnp.ndarray>p)
             and cnp.PyArray_ISNOTSWAPPED(<cnp.ndarray>p)):
@@ -749,9 +749,7 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
 
 
 def param64(p, name, Py_ssize_t c):
-    if isinstance(p, np.ma.MaskedArray):
-        raise TypeError("%s must not be a masked array (its mask would be ignored), got %s"
-                        % (name, describe(p)))
+    refuse_masked(p, name)
     try:
         a = np.asarray(p)
     except Exception as exc:

@@ -21,7 +21,7 @@ import numpy as np
 from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan
 from normcy._heap import release_free_heap
-from normcy._validate import as_float, as_weight
+from normcy._validate import as_float, as_weight, refuse_masked
 from normcy import hf
 from normcy.hf import WeightsFile
 from normcy.transformer import TransformerEncoderLayer, check_num_threads, forward_layers
@@ -247,9 +247,7 @@ class BertModel:
 
     # ------------------------------------------------------------------ inputs
     def _int_input(self, a, name, shape=None):
-        if isinstance(a, np.ma.MaskedArray):
-            raise TypeError("%s must be a plain integer array, got a masked array (its mask "
-                            "would be ignored: pass attention_mask instead)" % name)
+        refuse_masked(a, name)
         if not isinstance(a, np.ndarray):
             try:
                 a = np.asarray(a)

@@ -229,29 +229,32 @@ class _Service:
             raise APIError(503, "the model failed to load: %s" % self.load_error, "unhealthy")
 
     # -- tokenization
+    def _tokenizer_copy(self, truncation: Optional[str]):
+        """A copy of the model's tokenizer without padding, truncating from the `truncation`
+        side at the model's length (None: not at all)."""
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(self.encoder.tokenizer.to_str())
+        tok.no_padding()
+        if truncation is None:
+            tok.no_truncation()
+        else:
+            tok.enable_truncation(max_length=self.encoder.max_seq_length, stride=0,
+                                  strategy="longest_first", direction=truncation)
+        return tok
+
     def untruncated_tokenizer(self):
         """The model's tokenizer without truncation or padding (TEI's /tokenize gives every
         token of the text)."""
         if self._full_tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_str(self.encoder.tokenizer.to_str())
-            tok.no_padding()
-            tok.no_truncation()
-            self._full_tokenizer = tok
+            self._full_tokenizer = self._tokenizer_copy(None)
         return self._full_tokenizer
 
     def _tokenizer(self, direction: str):
         if direction == "right":
             return self.encoder.tokenizer
         if self._left_tokenizer is None:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_str(self.encoder.tokenizer.to_str())
-            tok.no_padding()
-            tok.enable_truncation(max_length=self.encoder.max_seq_length, stride=0,
-                                  strategy="longest_first", direction="left")
-            self._left_tokenizer = tok
+            self._left_tokenizer = self._tokenizer_copy("left")
         return self._left_tokenizer
 
     async def encodings(self, kind: str, items: List[Any], *, truncate: bool, param: str,

@@ -144,9 +144,8 @@ cdef int check_x(object x) except -1:
     check_f32(x, "x")
     if cnp.PyArray_NDIM(<cnp.ndarray>x) == 0:
         raise ValueError("x must have at least one dimension, got a 0-d array")
-    cdef cnp.ndarray xa = <cnp.ndarray>x
-    if cnp.PyArray_DIMS(xa)[cnp.PyArray_NDIM(xa) - 1] == 0:
-        raise ValueError("x must have a non-empty last axis, got shape %s" % (shape_of(x),))
+    # an empty array of any shape is valid ((3, 0) as (0, 3)): the callers return the
+    # (empty) output after validating the other arguments, before any kernel runs
     if cnp.PyArray_NDIM(<cnp.ndarray>x) > MAXD:
         raise ValueError("x has %d dimensions; at most %d are supported"
                          % (cnp.PyArray_NDIM(<cnp.ndarray>x), MAXD))

@@ -59,12 +59,28 @@ DEF MAXD = 64
 cdef Py_ssize_t _stream_min_bytes = 48 * 1024 * 1024
 
 nc_stream_init()
+def _user_stacklevel():
+    """The warnings stacklevel of the first frame outside the import machinery and normcy:
+    the user's ``import normcy`` line, so that the warning names it."""
+    import sys
+    f = sys._getframe(0)
+    level = 1
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not (fn.startswith("<frozen importlib") or "importlib" + "/" in fn
+                or f.f_globals.get("__name__", "").split(".")[0] == "normcy"):
+            return level
+        f = f.f_back
+        level += 1
+    return 1
+
+
 if nc_isa_cap_invalid():
     import warnings as _warnings
     _warnings.warn("NORMCY_MAX_ISA=%r names no kernel variant (use avx512, avx2, sse2 or "
                    "generic); ignored, using %s" % ((<bytes>nc_isa_cap()).decode(),
                                                    (<bytes>nc_isa()).decode()),
-                   RuntimeWarning, stacklevel=2)
+                   RuntimeWarning, stacklevel=_user_stacklevel())
 
 
 def _set_streaming_threshold(nbytes):

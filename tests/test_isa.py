@@ -30,7 +30,8 @@ def test_isa_info_consistent():
 
 
 @pytest.mark.parametrize("cap,expect", [("sse2", "baseline"), ("generic", "baseline"),
-                                        ("AVX2", "avx2"), ("avx512", None)])
+                                        ("AVX2", "avx2"), ("avx512", None),
+                                        (" avx2\t", "avx2"), ("  SSE2 ", "baseline")])
 def test_max_isa_caps_the_variant(cap, expect):
     supported = _norms.isa_info()["supported"]
     if supported == ["native"]:
@@ -44,7 +45,7 @@ def test_max_isa_caps_the_variant(cap, expect):
     if want not in supported:          # e.g. an AVX2 cap on an SSE2-only CPU
         want = supported[-1]
     assert info["name"] == want
-    assert info["cap"] == cap.lower()
+    assert info["cap"] == cap.strip().lower()
 
 
 def test_invalid_cap_warns_and_is_ignored():
@@ -53,6 +54,11 @@ def test_invalid_cap_warns_and_is_ignored():
     assert r.returncode == 0, r.stderr
     assert "NORMCY_MAX_ISA" in r.stderr and "avx9000" in r.stderr
     assert r.stdout.strip() == _norms.isa_info()["supported"][0]
+    # the warning names the line that imported normcy, not the import machinery
+    r = _run("import warnings; warnings.simplefilter('always')\nimport json\nimport normcy",
+             NORMCY_MAX_ISA="avx9000")
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.startswith("<string>:3: RuntimeWarning: NORMCY_MAX_ISA='avx9000'"), r.stderr
 
 
 def test_show_config_reports_variant_and_cap():

@@ -262,8 +262,13 @@ static void nc_dispatch_init(void)
     if (cap != NULL && cap[0] != '\0') {
         size_t k;
         char low[32];
+        /* case-insensitive; surrounding blanks (a quoted " avx2") are ignored */
+        while (*cap == ' ' || *cap == '\t')
+            cap++;
         for (k = 0; k < sizeof low - 1 && cap[k]; k++)
             low[k] = (char)((cap[k] >= 'A' && cap[k] <= 'Z') ? cap[k] + 32 : cap[k]);
+        while (k > 0 && (low[k - 1] == ' ' || low[k - 1] == '\t' || low[k - 1] == '\n'))
+            k--;
         low[k] = '\0';
         memcpy(nc_cap_req, low, k + 1);
         if (!strcmp(low, "avx512") || !strcmp(low, "x86-64-v4") || !strcmp(low, "avx512_core"))

@@ -986,7 +986,7 @@ cdef void gemm_job(GemmJob *j, PackedLinear lin, const float *x, Py_ssize_t M, i
 
 
 cdef inline const float *_fptr(cnp.ndarray a) noexcept:
-    return NULL if a is None else <const float *>cnp.PyArray_DATA(a)
+    return <const float *>NULL if a is None else <const float *>cnp.PyArray_DATA(a)
 
 
 cdef class EncoderLayerKernel:
@@ -1063,7 +1063,7 @@ cdef class EncoderLayerKernel:
         #         hid = act(xn W1); out = s + hid W2
         # post-LN: qkv = x W; x1 = norm1(x + attn) (mid); hid = act(x1 W1);
         #          out = norm2(x1 + hid W2)
-        cdef const float *qin = xnp if self.pre else xp
+        cdef const float *qin = <const float *>xnp if self.pre else xp
         cdef float *onorm_out = xnp if self.pre else midp
         cdef const float *f1in = xnp if self.pre else midp
         cdef cnp.ndarray ow = self.n2w if self.pre else self.n1w

@@ -185,7 +185,7 @@ cdef inline void row_moments(const NormJob *j, const float *xp, const float *rp,
         st.mean = 0.0
     else:
         nc_moments(xp, j.xb, rp, d, j.n, &st.mean, &st.m2)
-    st.src = d if j.has_r else xp
+    st.src = <const float *>d if j.has_r else xp
 
 
 cdef inline void row_finish(const NormJob *j, RowState *st) noexcept nogil:

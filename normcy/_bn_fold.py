@@ -65,7 +65,7 @@ def fold_batch_norm_into_linear(weight, bias, running_mean, running_var, bn_weig
                                  % (name, cout, w.shape, a.shape))
             p64[name] = param64(a, name, cout)
     eps = as_float(eps, "eps", minimum=0.0)
-    # validates eps and running_var >= 0 the same way batch_norm does
+    # validates eps and running_var + eps > 0 the same way batch_norm does
     fold_batch_norm(p64["running_mean"], p64["running_var"], p64.get("bn_weight"),
                     p64.get("bn_bias"), eps)
     scale64 = p64["bn_weight"] if bn_weight is not None else np.ones(cout)

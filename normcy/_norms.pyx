@@ -37,8 +37,9 @@ cdef extern from "nc_api_norms.h" nogil:
     void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b, Py_ssize_t n,
                        double mean, double scale)
     void nc_scale_apply_d(const float *s, float *y, const float *w, Py_ssize_t n, double scale)
-    void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float a, float b)
-    void nc_affine_vec(const float *x, float *y, const float *a, const float *b, Py_ssize_t n)
+    void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float m, float a, float b)
+    void nc_affine_vec(const float *x, float *y, const float *m, const float *a, const float *b,
+                       Py_ssize_t n)
     const char *nc_isa()
     const char *nc_isa_name()
     const char *nc_isa_cap()
@@ -736,9 +737,13 @@ def add_rms_norm(x, residual, weight=None, eps=1e-6, *, x_bias=None, out=None, s
 def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5):
     """Fold inference-mode BatchNorm into a per-channel affine map.
 
-    ``batch_norm(x) == x * scale + shift`` (per channel) with
+    ``batch_norm(x) ~= x * scale + shift`` (per channel) with
     ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
-    computed in float64.
+    computed in float64, for use where the map must be one multiply-add (e.g. folded into
+    another layer).  :func:`batch_norm` itself evaluates the centred form
+    ``(x - running_mean) * scale + bias``, which stays accurate when ``|running_mean|`` is
+    large against ``sqrt(running_var)``; ``x * scale + shift`` loses digits there to
+    cancellation (about ``|shift| * 6e-8`` absolute).
 
     Parameters
     ----------
@@ -754,8 +759,7 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     mean = param64(running_mean, "running_mean", -1)
     c = mean.shape[0]
     var = param64(running_var, "running_var", c)
-    if np.any(var < 0):
-        raise ValueError("running_var must be >= 0")
+    _check_var(var, e)
     w = param64(weight, "weight", c) if weight is not None else 1.0
     b = param64(bias, "bias", c) if bias is not None else 0.0
     scale = w / np.sqrt(var + e)
@@ -778,48 +782,60 @@ def param64(p, name, Py_ssize_t c):
     return a.astype(np.float64)
 
 
-cdef tuple _fold_fast(object running_mean, object running_var, object weight, object bias,
+def _check_var(var, double e):
+    """running_var + eps must be positive (and not NaN) in every channel: the channel's
+    1 / sqrt(running_var + eps) is otherwise inf or NaN.  A slightly negative running_var
+    that eps lifts above zero is accepted, as PyTorch computes it."""
+    bad = np.flatnonzero(~(var + e > 0))
+    if bad.size:
+        k = int(bad[0])
+        raise ValueError("running_var + eps must be > 0 in every channel; channel %d has "
+                         "running_var = %r, eps = %r" % (k, float(var[k]), e))
+
+
+cdef tuple _bn_params(object running_mean, object running_var, object weight, object bias,
                       object eps, Py_ssize_t c):
-    """(scale, shift) as float32 arrays; a C loop for float32 parameters (no NumPy temporaries)."""
+    """(mean, scale, bias) as float32 (C,) arrays for the centred kernel
+    y = (x - mean) * scale + bias.  Float32 parameters are used as given (a C loop makes the
+    scale: no NumPy temporaries); others are converted through float64, where a mean that is
+    not a float32 value is split into its float32 value m32 and the rest, which moves into
+    the bias: bias + (m32 - mean) * scale."""
     cdef double e
-    cdef cnp.ndarray sc, sh
-    cdef const float *m
+    cdef cnp.ndarray sc
     cdef const float *v
     cdef const float *w = NULL
-    cdef const float *b = NULL
     cdef float *ps
-    cdef float *pb
     cdef Py_ssize_t k
-    cdef double a
+    cdef cnp.npy_intp dim = c
     if not (_is_f32_vec(running_mean, c) and _is_f32_vec(running_var, c)
             and (weight is None or _is_f32_vec(weight, c))
             and (bias is None or _is_f32_vec(bias, c))):
         # each parameter converted once (an object's __array__ is not asked twice)
+        e = check_eps(eps)
         mean = param64(running_mean, "running_mean", c)
         var = param64(running_var, "running_var", c)
-        w64 = param64(weight, "weight", c) if weight is not None else None
-        b64 = param64(bias, "bias", c) if bias is not None else None
-        return fold_batch_norm(mean, var, w64, b64, eps)
+        _check_var(var, e)
+        scale = (param64(weight, "weight", c) if weight is not None else 1.0) / np.sqrt(var + e)
+        scale = np.broadcast_to(scale, (c,))
+        m32 = mean.astype(np.float32)
+        b64 = param64(bias, "bias", c) if bias is not None else np.zeros(c)
+        b64 = b64 + (m32.astype(np.float64) - mean) * scale
+        return (m32, np.ascontiguousarray(scale, dtype=np.float32),
+                np.ascontiguousarray(b64, dtype=np.float32))
     e = check_eps(eps)
-    m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
     v = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_var)
     if weight is not None:
         w = <const float *>cnp.PyArray_DATA(<cnp.ndarray>weight)
-    if bias is not None:
-        b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias)
     for k in range(c):
-        if v[k] < 0:
-            raise ValueError("running_var must be >= 0 (running_var[%d] = %r)" % (k, v[k]))
-    cdef cnp.npy_intp dim = c
+        if not (<double>v[k] + e > 0):
+            _check_var(np.asarray(running_var, dtype=np.float64), e)
     sc = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
-    sh = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
     ps = <float *>cnp.PyArray_DATA(sc)
-    pb = <float *>cnp.PyArray_DATA(sh)
     for k in range(c):
-        a = (w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e)
-        ps[k] = <float>a
-        pb[k] = <float>((b[k] if b != NULL else 0.0) - <double>m[k] * a)
-    return sc, sh
+        ps[k] = <float>((w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e))
+    if bias is None:
+        bias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT32, 0)
+    return running_mean, sc, bias
 
 
 cdef bint _is_f32_vec(object p, Py_ssize_t c) noexcept:
@@ -832,6 +848,7 @@ cdef bint _is_f32_vec(object p, Py_ssize_t c) noexcept:
 cdef struct BNJob:
     const char *x
     char *y
+    const float *m
     const float *a
     const float *b
     Py_ssize_t outer, c, inner
@@ -841,11 +858,12 @@ cdef struct BNJob:
 cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
     cdef Py_ssize_t ch
     if j.rows:
-        nc_affine_vec(<const float *>j.x + p * j.c, <float *>j.y + p * j.c, j.a, j.b, j.c)
+        nc_affine_vec(<const float *>j.x + p * j.c, <float *>j.y + p * j.c, j.m, j.a, j.b,
+                      j.c)
     else:
         ch = p % j.c
         nc_affine_scalar(<const float *>j.x + p * j.inner, <float *>j.y + p * j.inner,
-                         j.inner, j.a[ch], j.b[ch])
+                         j.inner, j.m[ch], j.a[ch], j.b[ch])
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, axis=1,
@@ -853,7 +871,10 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     """Inference-mode BatchNorm with running statistics.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel,
-    evaluated as ``x * scale[c] + shift[c]`` (see :func:`fold_batch_norm`).
+    evaluated as ``fma(x - running_mean[c], scale[c], bias[c])`` with
+    ``scale = weight / sqrt(running_var + eps)`` (float64, rounded once): accurate to about
+    an ulp of the output even when ``|running_mean|`` is large against the channel's spread,
+    where the folded ``x * scale + shift`` (:func:`fold_batch_norm`) cancels.
 
     Parameters
     ----------
@@ -896,7 +917,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     c = cnp.PyArray_DIMS(xa)[ax]
     if c == 0:
         raise ValueError("x has zero channels along axis %d (shape %s)" % (ax, shape_of(xa)))
-    scale, shift = _fold_fast(running_mean, running_var, weight, bias, eps, c)
+    mean32, scale, bias32 = _bn_params(running_mean, running_var, weight, bias, eps, c)
     if out is not None:
         oa = <cnp.ndarray>plain(prepare_out(out, xa, "out"), "out")
     else:
@@ -930,8 +951,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             return oa if out_arg is None else out_arg
     j.x = <const char *>cnp.PyArray_DATA(xv)
     j.y = <char *>cnp.PyArray_DATA(ov)
+    j.m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>mean32)
     j.a = <const float *>cnp.PyArray_DATA(<cnp.ndarray>scale)
-    j.b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>shift)
+    j.b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias32)
     j.outer = outer
     j.c = c
     j.inner = inner

@@ -181,6 +181,64 @@ def test_batch_norm_extreme_magnitudes(h):
         np.testing.assert_allclose(y, ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
+@pytest.mark.parametrize("layout", ["nchw", "nhwc", "nc"])
+@pytest.mark.parametrize("mean,std", [(1e4, 1.0), (1e4, 0.1), (1e5, 1.0), (1e6, 10.0),
+                                      (-3e4, 0.5), (3e7, 4.0)])
+def test_batch_norm_large_mean_small_spread(h, layout, mean, std):
+    """Outputs of order 1 from inputs far from zero: the centred evaluation keeps ~1 ulp,
+    where x * scale + shift (the fold) would lose |shift| * 6e-8 to cancellation (6.8e-3 at
+    mean 1e4, std 0.1)."""
+    rng = h.rng_for("bn-offset", layout, mean, std)
+    c = 19
+    m = (mean * (1 + 0.01 * rng.standard_normal(c))).astype(F32)
+    v = (std * rng.uniform(0.5, 2.0, c)).astype(F32) ** 2
+    w = (1.0 + 0.2 * rng.standard_normal(c)).astype(F32)
+    b = (0.3 * rng.standard_normal(c)).astype(F32)
+    shape, axis = {"nchw": ((3, c, 5, 7), 1), "nhwc": ((3, 5, 7, c), -1),
+                   "nc": ((64, c), 1)}[layout]
+    bshape = [1] * len(shape)
+    bshape[axis] = c
+    x = (m.reshape(bshape) + std * 2 * rng.standard_normal(shape)).astype(F32)
+    eps = 1e-5
+    ref = h.ref_batch_norm(x, m, v, w, b, eps, axis)
+    d = np.abs(ref - b.astype(F64).reshape(bshape))
+    # scale rounded to float32 once (6e-8 of |y - b|), x - mean exact (Sterbenz: x is
+    # within a factor of 2 of the mean), one rounding of the fused multiply-add
+    bound = 1.3e-7 * d + 6e-8 * np.abs(ref) + 1e-38
+    for params in ((m, v, w, b), tuple(p.astype(F64) for p in (m, v, w, b))):
+        for nt in (1, 2):
+            y = normcy.batch_norm(x, *params, eps, axis=axis, num_threads=nt)
+            err = np.abs(y - ref)
+            assert np.all(err <= bound), (err.max(), (err / bound).max())
+    # a float64 mean between float32 values: its remainder moves into the bias
+    m64 = m.astype(F64) + std * 1e-3
+    ref = h.ref_batch_norm(x, m64, v, w, b, eps, axis)
+    y = normcy.batch_norm(x, m64, v.astype(F64), w, b, eps, axis=axis)
+    bound = 1.3e-7 * np.abs(ref - b.astype(F64).reshape(bshape)) + 1.2e-7 * np.abs(ref) + 1e-38
+    assert np.all(np.abs(y - ref) <= bound)
+
+
+def test_batch_norm_variance_plus_eps_must_be_positive(h):
+    x = np.ones((2, 3, 4), F32)
+    m = np.zeros(3, F32)
+    for v, eps in ((np.array([1, 0, 1], F32), 0.0), (np.array([1, np.nan, 1], F32), 1e-5),
+                   (np.array([1, -2e-5, 1], F32), 1e-5), (np.array([1, -np.inf, 1], F32), 1e-5)):
+        for vv in (v, v.astype(F64), v.tolist()):
+            with pytest.raises(ValueError, match=r"running_var \+ eps must be > 0.*channel 1"):
+                normcy.batch_norm(x, m, vv, eps=eps)
+            with pytest.raises(ValueError, match=r"running_var \+ eps must be > 0.*channel 1"):
+                normcy.fold_batch_norm(m, vv, eps=eps)
+            with pytest.raises(ValueError, match=r"running_var \+ eps must be > 0.*channel 1"):
+                normcy.fold_batch_norm_into_linear(np.ones((3, 2), F32), None, m, vv, None,
+                                                   None, eps)
+    # a slightly negative running_var that eps lifts above zero is computed, as in PyTorch
+    v = np.array([1, -1e-6, 1], F32)
+    y = normcy.batch_norm(x, m, v, eps=1e-5)
+    np.testing.assert_allclose(y, h.ref_batch_norm(x, m, v, None, None, 1e-5, 1), rtol=1e-6)
+    scale, shift = normcy.fold_batch_norm(m, v, eps=1e-5)
+    assert np.all(np.isfinite(scale)) and np.all(np.isfinite(shift))
+
+
 def test_batch_norm_zero_batch(h):
     m, v, w, b = _stats(h.rng_for("bn0"), 3)
     y = normcy.batch_norm(np.empty((0, 3, 4), F32), m, v, w, b)

@@ -71,8 +71,9 @@ typedef struct nc_ktable {
     void (*ln_apply_d)(const float *, float *, const float *, const float *, ptrdiff_t,
                        double, double);
     void (*scale_apply_d)(const float *, float *, const float *, ptrdiff_t, double);
-    void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float);
-    void (*affine_vec)(const float *, float *, const float *, const float *, ptrdiff_t);
+    void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float, float);
+    void (*affine_vec)(const float *, float *, const float *, const float *, const float *,
+                       ptrdiff_t);
     void (*stream_copy)(float *, const float *, ptrdiff_t);
     void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
                       const float *, ptrdiff_t, float, float, float, float, float, float);
@@ -334,11 +335,12 @@ static inline void nc_ln_apply_d(const float *s, float *y, const float *w, const
 static inline void nc_scale_apply_d(const float *s, float *y, const float *w, ptrdiff_t n,
                                     double scale)
 { nc_kt->scale_apply_d(s, y, w, n, scale); }
-static inline void nc_affine_scalar(const float *x, float *y, ptrdiff_t n, float a, float b)
-{ nc_kt->affine_scalar(x, y, n, a, b); }
-static inline void nc_affine_vec(const float *x, float *y, const float *a, const float *b,
-                                 ptrdiff_t n)
-{ nc_kt->affine_vec(x, y, a, b, n); }
+static inline void nc_affine_scalar(const float *x, float *y, ptrdiff_t n, float m, float a,
+                                    float b)
+{ nc_kt->affine_scalar(x, y, n, m, a, b); }
+static inline void nc_affine_vec(const float *x, float *y, const float *m, const float *a,
+                                 const float *b, ptrdiff_t n)
+{ nc_kt->affine_vec(x, y, m, a, b, n); }
 static inline void nc_stream_copy(float *dst, const float *src, ptrdiff_t n)
 { nc_kt->stream_copy(dst, src, n); }
 static inline void nc_stream_fence(void)

@@ -449,6 +449,11 @@ cdef class PackedLinear:
     cdef Py_ssize_t _nr
 
     def __init__(self, weight, bias=None):
+        # immutable once made: a second __init__ (another thread may be inside a call,
+        # reading the packed panels without the GIL) would free what that call reads
+        if self._packed is not None:
+            raise TypeError("PackedLinear.__init__ may run only once (a PackedLinear is "
+                            "immutable); make a new PackedLinear instead")
         weight = plain(weight, "weight")
         bias = plain(bias, "bias")
         if not isinstance(weight, np.ndarray):
@@ -471,26 +476,30 @@ cdef class PackedLinear:
             if bias.shape != (N,):
                 raise ValueError("bias must have shape (%d,) to match weight %s, got %s"
                                  % (N, weight.shape, describe(bias)))
-            self._bias = np.ascontiguousarray(bias).copy()
+            bias_c = np.ascontiguousarray(bias).copy()
         else:
-            self._bias = None
+            bias_c = None
         # only the packed panels are kept (the weight itself is unpacked from them on
         # request: .weight, pickling), so a model holds its matrices once
         cdef cnp.ndarray wc = <cnp.ndarray>np.ascontiguousarray(weight)
-        self.in_features = K
-        self.out_features = N
-        self._nr = nc_gemm_nr()
-        cdef Py_ssize_t npan = (N + self._nr - 1) // self._nr
-        cdef Py_ssize_t total = npan * K * self._nr
+        cdef Py_ssize_t nr = nc_gemm_nr()
+        cdef Py_ssize_t npan = (N + nr - 1) // nr
+        cdef Py_ssize_t total = npan * K * nr
         # 64-byte aligned buffer: every panel row is then aligned for the vector loads
         raw = np.empty(total + 16, dtype=np.float32)
         off = ((-raw.ctypes.data) % 64) // 4
-        self._packed = raw[off:off + total]
-        self._wp = <const float *>cnp.PyArray_DATA(self._packed)
+        cdef cnp.ndarray packed = raw[off:off + total]
         cdef const float *w = <const float *>cnp.PyArray_DATA(wc)
-        cdef float *wp = <float *>cnp.PyArray_DATA(self._packed)
+        cdef float *wp = <float *>cnp.PyArray_DATA(packed)
         with nogil:
             nc_gemm_pack(w, K, N, K, wp)
+        # the object's state is set only here, when nothing can fail any more
+        self._bias = bias_c
+        self.in_features = K
+        self.out_features = N
+        self._nr = nr
+        self._packed = packed
+        self._wp = <const float *>wp
 
     @property
     def weight(self):
@@ -596,6 +605,9 @@ cdef class PackedLinear:
         numpy.ndarray
             `out`, or a new C-contiguous array.
         """
+        if self._wp == NULL:
+            raise TypeError("this PackedLinear was never initialized (made with __new__ "
+                            "without __init__)")
         cdef int act = _act_code(activation)
         cdef Rows xw, yw, rw
         cdef Rows *rp = NULL
@@ -1010,6 +1022,11 @@ cdef class EncoderLayerKernel:
     def __init__(self, PackedLinear lin_qkv, bq, PackedLinear lin_o, PackedLinear lin_1,
                  PackedLinear lin_2, norm1, norm2, double eps, str norm, activation,
                  bint norm_first, Py_ssize_t nhead):
+        if self.lqkv is not None:
+            raise TypeError("EncoderLayerKernel.__init__ may run only once")
+        for lin in (lin_qkv, lin_o, lin_1, lin_2):
+            if (<PackedLinear>lin)._wp == NULL:
+                raise TypeError("EncoderLayerKernel: an uninitialized PackedLinear")
         cdef Py_ssize_t d = lin_o.out_features, f = lin_1.out_features
         if (lin_qkv.in_features != d or lin_qkv.out_features != 3 * d
                 or lin_o.in_features != d or lin_1.in_features != d

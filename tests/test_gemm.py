@@ -431,6 +431,32 @@ def test_repr_properties_pickle():
     assert np.array_equal(lin2(x), lin(x))
     mr, nr = kernel_shape()
     assert mr >= 1 and nr % 4 == 0
+    import copy
+    lin3 = copy.deepcopy(lin)
+    assert np.array_equal(lin3(x), lin(x))
+
+
+def test_immutable_after_init():
+    """A second __init__ would free the packed panels that a call in another thread reads
+    without the GIL: refused, and a failed first __init__ leaves no half-made object."""
+    w = RNG.standard_normal((64, 32)).astype(F32)
+    lin = PackedLinear(w, np.ones(64, F32))
+    x = RNG.standard_normal((3, 32)).astype(F32)
+    y = lin(x)
+    with pytest.raises(TypeError, match="only once"):
+        lin.__init__(w * 2)
+    with pytest.raises(TypeError, match="only once"):
+        lin.__init__(np.broadcast_to(F32(1), (1, 2 ** 40)), np.zeros(1, F32))
+    assert np.array_equal(lin(x), y) and np.array_equal(lin.bias, np.ones(64, F32))
+    raw = PackedLinear.__new__(PackedLinear)
+    with pytest.raises(TypeError, match="never initialized"):
+        raw(np.zeros((4, 0), F32))
+    with pytest.raises((MemoryError, ValueError)):
+        raw.__init__(np.broadcast_to(F32(1), (1, 2 ** 40)), np.zeros(1, F32))
+    with pytest.raises(TypeError, match="never initialized"):
+        raw(x)
+    raw.__init__(w)                      # a failed __init__ left nothing behind
+    np.testing.assert_array_equal(raw(x), PackedLinear(w)(x))
 
 
 # ----------------------------------------------------------------- fused attention

@@ -1,7 +1,7 @@
 """Workspaces and attention planning for the encoder (package-internal).
 
-- :class:`Workspace`: named, grow-only float32 buffers, one per thread
-  (:class:`ThreadWorkspaces`), so that a model object may be called from many threads;
+- :class:`Workspace`: named, grow-only float32 buffers, lent to one call at a time by a
+  :class:`WorkspacePool`, so that a model object may be called from many threads;
 - :class:`AttentionPlan`: how the rows of a (tokens, d_model) matrix form sequences and which
   masks apply; :func:`padded_plan` builds it for a padded (batch, seq) input and validates
   the masks; :func:`packed_plan` packs the real tokens of a padded batch (no masks needed:
@@ -10,13 +10,11 @@
 Used by :mod:`normcy.transformer` and :mod:`normcy.bert`; the layers themselves live in
 :mod:`normcy.transformer`.
 """
-import threading
-
 import numpy as np
 
 from normcy._validate import refuse_masked
 
-__all__ = ["Workspace", "ThreadWorkspaces", "AttentionPlan", "padded_plan", "packed_plan",
+__all__ = ["Workspace", "WorkspacePool", "AttentionPlan", "padded_plan", "packed_plan",
            "key_padding_2d", "dead_rows"]
 
 _F32 = np.float32
@@ -39,12 +37,13 @@ def _capacity(n):
 
 
 class Workspace:
-    """Named, grow-only float32 buffers handed out as reshaped views (one per thread)."""
+    """Named, grow-only float32 buffers handed out as reshaped views (one call at a time)."""
 
-    __slots__ = ("_bufs",)
+    __slots__ = ("_bufs", "gen")
 
-    def __init__(self):
+    def __init__(self, gen=0):
         self._bufs = {}
+        self.gen = gen
 
     def get(self, name, shape):
         n = 1
@@ -60,15 +59,42 @@ class Workspace:
         return sum(b.nbytes for b in self._bufs.values())
 
 
-class ThreadWorkspaces(threading.local):
-    """Each thread's Workspace (cached buffers).  A copy or an unpickled one starts empty:
-    the buffers are a cache, not state."""
+class WorkspacePool:
+    """Workspaces lent to calls: a call takes one (the most recently returned, or a new one)
+    and gives it back when done, so a model called from many threads holds as many
+    workspaces as calls ever ran at the same time, not one per thread that ever called it
+    (a 40-thread web server pool calling one model in turn would otherwise keep 40 sets of
+    the largest batch's buffers).  Taking and returning are single list operations, atomic
+    under the GIL: no lock (nothing to be left held in a forked child).  A copy or an
+    unpickled pool starts empty: the buffers are a cache, not state."""
+
+    __slots__ = ("_free", "_gen")
 
     def __init__(self):
-        self.ws = Workspace()
+        self._free = []
+        self._gen = 0
+
+    def acquire(self):
+        try:
+            return self._free.pop()
+        except IndexError:
+            return Workspace(self._gen)
+
+    def release(self, ws):
+        if ws.gen == self._gen:          # not made before a clear()
+            self._free.append(ws)
+
+    def clear(self):
+        """Drop the cached buffers (those of calls running now are dropped when they end)."""
+        self._gen += 1
+        self._free = []
+
+    def idle(self):
+        """The workspaces not lent out now (for tests and diagnostics)."""
+        return list(self._free)
 
     def __reduce__(self):
-        return (ThreadWorkspaces, ())
+        return (WorkspacePool, ())
 
 
 class AttentionPlan:

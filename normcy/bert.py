@@ -19,7 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import embed_layer_norm
-from normcy._encoder_plan import ThreadWorkspaces, Workspace, packed_plan
+from normcy._encoder_plan import WorkspacePool, packed_plan
 from normcy._heap import release_free_heap
 from normcy._validate import as_float, as_weight, refuse_masked
 from normcy import hf
@@ -212,7 +212,7 @@ class BertModel:
                 sd, nh, activation=_ACT[act], norm_first=False, layer_norm_eps=eps)
             layer.num_threads = num_threads
             self.layers.append(layer)
-        self._tls = ThreadWorkspaces()
+        self._wsp = WorkspacePool()
 
     @staticmethod
     def _strip(weights):
@@ -337,7 +337,15 @@ class BertModel:
         if T == 0:
             return out
 
-        ws = self._tls.ws
+        ws = self._wsp.acquire()
+        try:
+            return self._forward_tokens(ids, types, out, ws, b_idx, col, plan, dense, T, S, H)
+        finally:
+            self._wsp.release(ws)
+
+    def _forward_tokens(self, ids, types, out, ws, b_idx, col, plan, dense, T, S, H):
+        """Embeddings + layers of the T real tokens into `out` (B, S, H), on workspace ws."""
+        B = out.shape[0]
         # s = (word + type) + position, as Hugging Face sums them, then the LayerNorm: one
         # compiled pass (which range-checks the indices)
         tok = np.ascontiguousarray(ids.reshape(-1) if dense else ids[b_idx, col], dtype=np.int64)
@@ -356,8 +364,9 @@ class BertModel:
         return out
 
     def clear_workspace(self):
-        """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = Workspace()
+        """Drop the cached intermediate buffers (those of a call running now in another
+        thread when it ends)."""
+        self._wsp.clear()
 
     def __repr__(self):
         return ("BertModel(hidden_size=%d, layers=%d, heads=%d, intermediate=%d, act=%r)"

@@ -32,7 +32,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from normcy._norms import add_layer_norm, add_rms_norm, layer_norm, rms_norm
-from normcy._encoder_plan import (ThreadWorkspaces, Workspace, key_padding_2d, packed_plan,
+from normcy._encoder_plan import (WorkspacePool, key_padding_2d, packed_plan,
                                   padded_plan)
 from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
 from normcy._gemm import attention as attention_kernel
@@ -148,7 +148,7 @@ class TransformerEncoderLayer:
         if not isinstance(batch_first, (bool, np.bool_)):
             raise TypeError("batch_first must be True or False, got %r" % (batch_first,))
         self.batch_first = bool(batch_first)
-        self._tls = ThreadWorkspaces()
+        self._wsp = WorkspacePool()
         self.num_threads = None
 
     @property
@@ -494,11 +494,12 @@ class TransformerEncoderLayer:
             skip_padding, src_key_padding_mask, ("src_mask", src_mask))
         x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self.forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
-                    skip_padding, self._tls.ws, self.batch_first)
+                    skip_padding, self._wsp, self.batch_first)
 
     def clear_workspace(self):
-        """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = Workspace()
+        """Drop the cached intermediate buffers (those of a call running now in another
+        thread when it ends)."""
+        self._wsp.clear()
 
     def __repr__(self):
         return ("TransformerEncoderLayer(d_model=%d, nhead=%d, dim_feedforward=%d, "
@@ -534,11 +535,22 @@ def _call_options(owner, args, key_padding_mask, attn_mask, is_causal, skip_padd
     return key_padding_mask, attn_mask, bool(is_causal), bool(skip_padding)
 
 
-def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws,
+def _run(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, pool,
          batch_first=True):
     """A layer's or a stack's call: forward(rows, plan, ws, out) on the (batch, seq, d)
-    input, on every position or (skip_padding) on the real tokens packed; the result in
-    the caller's layout (batch_first=False: (seq, batch, d), a new C-contiguous array)."""
+    input, on every position or (skip_padding) on the real tokens packed, with a workspace
+    lent by `pool`; the result in the caller's layout (batch_first=False: (seq, batch, d), a
+    new C-contiguous array)."""
+    ws = pool.acquire()
+    try:
+        return _run_on(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal,
+                       skip_padding, ws, batch_first)
+    finally:
+        pool.release(ws)
+
+
+def _run_on(forward, x3, unbatched, key_padding_mask, attn_mask, is_causal, skip_padding, ws,
+            batch_first):
     b, s, d = x3.shape
     plan = None
     if skip_padding and key_padding_mask is not None:
@@ -672,7 +684,7 @@ class TransformerEncoder:
         #: the layers' input layout (as torch.nn.TransformerEncoder takes its layers')
         self.batch_first = layers[0].batch_first
         self.norm = _final_norm(norm, d)
-        self._tls = ThreadWorkspaces()
+        self._wsp = WorkspacePool()
         self._num_threads = None
 
     @property
@@ -756,7 +768,7 @@ class TransformerEncoder:
             src_key_padding_mask, ("mask", mask))
         x3, unbatched = _check_input(x, self.d_model, self.batch_first)
         return _run(self._forward_rows, x3, unbatched, key_padding_mask, attn_mask, is_causal,
-                    skip_padding, self._tls.ws, self.batch_first)
+                    skip_padding, self._wsp, self.batch_first)
 
     def _forward_rows(self, x, plan, ws, out):
         n, d = x.shape
@@ -771,8 +783,9 @@ class TransformerEncoder:
         return out
 
     def clear_workspace(self):
-        """Drop this thread's cached intermediate buffers."""
-        self._tls.ws = Workspace()
+        """Drop the cached intermediate buffers (those of a call running now in another
+        thread when it ends)."""
+        self._wsp.clear()
 
 
 def _final_norm(norm, d):

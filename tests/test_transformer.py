@@ -141,12 +141,52 @@ def test_sequence_result_independent_of_batch_mates():
 def test_workspace_reused_between_calls():
     layer, x, _ = _post_layer()
     layer(x)
-    bufs = dict(layer._tls.ws._bufs)
+    (ws,) = layer._wsp.idle()
+    bufs = dict(ws._bufs)
     assert bufs
     layer(x + 1)
-    assert all(layer._tls.ws._bufs[k] is v for k, v in bufs.items())
+    assert layer._wsp.idle() == [ws]
+    assert all(ws._bufs[k] is v for k, v in bufs.items())
     layer.clear_workspace()
-    assert not layer._tls.ws._bufs
+    assert layer._wsp.idle() == []
+    layer(x)
+    assert len(layer._wsp.idle()) == 1 and layer._wsp.idle()[0] is not ws
+
+
+def test_workspaces_follow_concurrency_not_thread_count():
+    """Calls from many threads in turn share one workspace (a thread pool of a web server
+    calling one model must not keep one set of the largest batch's buffers per thread);
+    concurrent calls get one each, returned after the call."""
+    import threading
+    layer, x, _ = _post_layer()
+    ref = layer(x)
+    lock = threading.Lock()
+    outs = []
+
+    def in_turn():
+        with lock:
+            outs.append(layer(x))
+
+    threads = [threading.Thread(target=in_turn) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(layer._wsp.idle()) == 1
+    assert all(np.array_equal(o, ref) for o in outs)
+    barrier = threading.Barrier(4)
+
+    def together():
+        barrier.wait()
+        outs.append(layer(x))
+
+    threads = [threading.Thread(target=together) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert 1 <= len(layer._wsp.idle()) <= 4
+    assert all(np.array_equal(o, ref) for o in outs)
 
 
 def test_layer_is_thread_safe():

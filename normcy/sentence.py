@@ -25,7 +25,6 @@ import json
 import math
 import os
 import sys
-import threading
 import time
 import warnings
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
@@ -33,6 +32,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 
 from normcy import hf
+from normcy._forksafe import ForkSafeLock
 from normcy._heap import release_free_heap
 from normcy._ops import l2_normalize_rows, pool_normalize
 from normcy._validate import as_int
@@ -357,7 +357,7 @@ class SentenceEncoder:
         self.include_prompt = bool(include_prompt)
         self.hidden_size = hidden_size
         self.path = path
-        self._lock = threading.Lock()
+        self._lock = ForkSafeLock()    # unlocked again in a forked child
         self._max_seq_length = max_seq_length
         self.tokenizer = tokenizer
         self._configure_tokenizer()
@@ -901,7 +901,7 @@ class SentenceEncoder:
 
 
 _REFERENCE_CACHE: Dict[tuple, "SentenceEncoder"] = {}
-_REFERENCE_LOCK = threading.Lock()
+_REFERENCE_LOCK = ForkSafeLock()
 
 
 def _from_reference(path, num_threads, max_seq_length, normalize_module, default_prompt_name):

@@ -634,3 +634,67 @@ def test_load_bert_last_hidden_state(ref):
     out = model(ids, np.ones_like(ids), np.zeros_like(ids))
     assert out.shape == (1, n, 384) and out.dtype == np.float32
     np.testing.assert_allclose(out[0], ref["hidden_states"][j, :n], rtol=0, atol=1e-4)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_fork_while_another_thread_encodes():
+    """A child forked while another thread of the parent is inside encode() (holding the
+    encoder's lock) encodes normally instead of waiting forever for that lock; the same for
+    the unpickling cache's lock."""
+    import subprocess
+    import sys
+    from conftest import normcy_pythonpath_env
+    code = r"""
+import os, pickle, sys, threading, time
+import numpy as np
+import normcy
+enc = normcy.SentenceEncoder.from_pretrained()
+ref = enc.encode(["hello world"])
+blob = pickle.dumps(enc)
+
+def wait_child(pid, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        p, status = os.waitpid(pid, os.WNOHANG)
+        if p:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, 9); os.waitpid(pid, 0)
+            return 99
+
+def child():
+    try:
+        ok = np.array_equal(enc.encode(["hello world"]), ref)
+        ok = ok and np.array_equal(pickle.loads(blob).encode(["hello world"]), ref)
+        os._exit(0 if ok else 3)
+    except BaseException:
+        os._exit(4)
+
+rcs = []
+# deterministic: the locks held by this thread, as another thread inside encode() would
+import normcy.sentence as S
+with enc._lock, S._REFERENCE_LOCK:
+    pid = os.fork()
+    if pid == 0:
+        child()
+rcs.append(wait_child(pid))
+# realistic: a thread encoding in a loop while the main thread forks
+stop = threading.Event()
+def busy():
+    while not stop.is_set():
+        enc.encode(["a much longer sentence to keep the lock held for a while"] * 8)
+t = threading.Thread(target=busy); t.start()
+for _ in range(3):
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:
+        child()
+    rcs.append(wait_child(pid))
+stop.set(); t.join()
+print("RCS", rcs)
+sys.exit(0 if rcs == [0, 0, 0, 0] else 1)
+"""
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       env=normcy_pythonpath_env(), timeout=600,
+                       cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert p.returncode == 0, (p.stdout, p.stderr)

@@ -16,6 +16,14 @@ Thread control: :func:`get_num_threads`, :func:`set_num_threads`; build report:
 import os as _os
 
 
+def _read_build_info():
+    try:
+        from normcy import _build_info as bi
+        return bi
+    except ImportError:      # the uncompiled source folder: the error comes below
+        return None
+
+
 def _tune_libgomp_wait():
     """Bound how long idle OpenMP threads spin (GNU libgomp reads this when it loads).
 
@@ -30,6 +38,9 @@ def _tune_libgomp_wait():
             and _os.environ.get("NORMCY_SET_GOMP_SPINCOUNT") == "1"):
         # inherited from a parent process in which normcy set it
         return "GOMP_SPINCOUNT=1000 (set by normcy in a parent process)"
+    bi = _read_build_info()
+    if bi is not None and not bi.openmp:
+        return "serial build (no OpenMP): not set"
     if "GOMP_SPINCOUNT" in _os.environ or "OMP_WAIT_POLICY" in _os.environ:
         return "user setting (GOMP_SPINCOUNT=%s, OMP_WAIT_POLICY=%s)" % (
             _os.environ.get("GOMP_SPINCOUNT", "unset"), _os.environ.get("OMP_WAIT_POLICY", "unset"))
@@ -71,6 +82,20 @@ from normcy._bn_fold import fold_batch_norm_into_linear
 from normcy._gemm import PackedLinear
 from normcy._config import show_config
 
+
+def _warn_if_serial_by_accident():
+    bi = _read_build_info()
+    if bi is not None and not bi.openmp and not getattr(bi, "openmp_disabled", False):
+        import warnings
+        from normcy._validate import user_stacklevel
+        warnings.warn("normcy was built without OpenMP (%s): every kernel runs on one core. "
+                      "Rebuild with an OpenMP-capable compiler (gcc, or clang with libomp), "
+                      "or build with NORMCY_DISABLE_OPENMP=1 to choose serial kernels on "
+                      "purpose." % bi.openmp_detail, RuntimeWarning, stacklevel=user_stacklevel())
+
+
+_warn_if_serial_by_accident()
+
 __all__ = [
     "__version__",
     "layer_norm",
@@ -110,17 +135,26 @@ _SUBMODULES = ("transformer", "bert", "sentence", "hf", "corpus", "cli", "integr
                "serve")
 
 
-def __getattr__(name):
-    # The Transformer/model layer is imported on first use so that `import normcy`
-    # stays cheap and does not need the optional model dependencies.
-    import importlib
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
-    if name in _SUBMODULES:
-        return importlib.import_module("normcy." + name)
-    mod = _LAZY.get(name)
-    if mod is None:
-        raise AttributeError("module 'normcy' has no attribute %r" % name)
-    return getattr(importlib.import_module(mod), name)
+if _TYPE_CHECKING:
+    # what the lazy attributes below are, for type checkers (mypy, pyright)
+    from normcy import bert, cli, corpus, hf, integrations, sentence, serve, transformer
+    from normcy.bert import BertModel
+    from normcy.sentence import SentenceEncoder
+    from normcy.transformer import TransformerEncoder, TransformerEncoderLayer
+else:
+    def __getattr__(name):
+        # The Transformer/model layer is imported on first use so that `import normcy`
+        # stays cheap and does not need the optional model dependencies.
+        import importlib
+
+        if name in _SUBMODULES:
+            return importlib.import_module("normcy." + name)
+        mod = _LAZY.get(name)
+        if mod is None:
+            raise AttributeError("module 'normcy' has no attribute %r" % name)
+        return getattr(importlib.import_module(mod), name)
 
 
 def __dir__():

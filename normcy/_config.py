@@ -9,7 +9,8 @@ def get_config():
 
     Keys: version, openmp, openmp_runtime, default_threads, available_cpus, kernel_isa,
     kernel_variant, vector_bytes, isa_cap, supported_variants, gemm_tile, runtime_dispatch,
-    native_build, compile_args, link_args, compiler, numpy, blas, python, fork_serial.
+    native_build, compile_args, link_args, compiler, compiler_version, user_cflags, numpy,
+    blas, python, fork_serial.
     """
     from normcy import _build_info as bi
     from normcy._version import __version__
@@ -36,6 +37,7 @@ def get_config():
         # an ignored (invalid) cap is not a cap
         "isa_cap": (isa["cap"] or None) if not isa["cap_invalid"] else None,
         "isa_cap_ignored": isa["cap"] if isa["cap_invalid"] else None,
+        "isa_cap_ignored_reason": isa["cap_ignored_reason"] or None,
         "supported_variants": isa["supported"],
         "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
         "gemm_k_block": blocking[1],
@@ -45,6 +47,8 @@ def get_config():
         "compile_args": list(bi.compile_args),
         "link_args": list(bi.link_args),
         "compiler": bi.compiler,
+        "compiler_version": getattr(bi, "compiler_version", None),
+        "user_cflags": getattr(bi, "user_cflags", ""),
         "numpy": np.__version__,
         "blas": blas,
         "python": sys.version.split()[0],
@@ -84,10 +88,15 @@ def show_config(file=None):
         "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
                                       "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]
                                       if c["isa_cap"] else
-                                      "  [NORMCY_MAX_ISA=%r ignored: no such variant]"
-                                      % c["isa_cap_ignored"] if c["isa_cap_ignored"] else ""),
-        "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else "no (portable)"),
-        "  compiler:         %s" % c["compiler"],
+                                      "  [NORMCY_MAX_ISA=%r ignored: %s]"
+                                      % (c["isa_cap_ignored"], c["isa_cap_ignored_reason"])
+                                      if c["isa_cap_ignored"] else ""),
+        "  native build:     %s" % ("yes (-march=native)" if c["native_build"] else
+                                    "no (portable, runtime dispatch)" if c["runtime_dispatch"]
+                                    else "no; single variant: " + c["kernel_isa"]),
+        "  user CFLAGS:      %s" % (c["user_cflags"] or "(none)"),
+        "  compiler:         %s%s" % (c["compiler"], " (%s)" % c["compiler_version"]
+                                       if c["compiler_version"] else ""),
         "  compile args:     %s" % " ".join(c["compile_args"]),
         "  link args:        %s" % " ".join(c["link_args"]),
         "  NumPy:            %s (BLAS: %s)" % (c["numpy"], c["blas"]),

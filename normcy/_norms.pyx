@@ -16,7 +16,7 @@ cimport numpy as cnp
 import numpy as np
 
 from normcy._parallel cimport resolve_threads
-from normcy._validate import refuse_masked
+from normcy._validate import refuse_masked, user_stacklevel
 from normcy._arraychecks cimport (shape_of, describe, extent, identical_view, check_overlap, plain,
                                   parse_eps, check_no_self_overlap)
 
@@ -60,28 +60,21 @@ DEF MAXD = 64
 cdef Py_ssize_t _stream_min_bytes = 48 * 1024 * 1024
 
 nc_stream_init()
-def _user_stacklevel():
-    """The warnings stacklevel of the first frame outside the import machinery and normcy:
-    the user's ``import normcy`` line, so that the warning names it."""
-    import sys
-    f = sys._getframe(0)
-    level = 1
-    while f is not None:
-        fn = f.f_code.co_filename
-        if not (fn.startswith("<frozen importlib") or "importlib" + "/" in fn
-                or f.f_globals.get("__name__", "").split(".")[0] == "normcy"):
-            return level
-        f = f.f_back
-        level += 1
-    return 1
+def _cap_ignored_reason():
+    """Why NORMCY_MAX_ISA was ignored ("" if it was not)."""
+    if nc_isa_cap_invalid() == 2:
+        return "this build has a single kernel variant"
+    if nc_isa_cap_invalid():
+        return "no such variant (use avx512, avx2, sse2 or generic)"
+    return ""
 
 
 if nc_isa_cap_invalid():
     import warnings as _warnings
-    _warnings.warn("NORMCY_MAX_ISA=%r names no kernel variant (use avx512, avx2, sse2 or "
-                   "generic); ignored, using %s" % ((<bytes>nc_isa_cap()).decode(),
-                                                   (<bytes>nc_isa()).decode()),
-                   RuntimeWarning, stacklevel=_user_stacklevel())
+    _warnings.warn("NORMCY_MAX_ISA=%r ignored: %s; using %s"
+                   % ((<bytes>nc_isa_cap()).decode(), _cap_ignored_reason(),
+                      (<bytes>nc_isa()).decode()),
+                   RuntimeWarning, stacklevel=user_stacklevel())
 
 
 def _set_streaming_threshold(nbytes):
@@ -984,6 +977,7 @@ def isa_info():
         "vector_bytes": nc_isa_vbytes(),
         "cap": (<bytes>nc_isa_cap()).decode(),
         "cap_invalid": bool(nc_isa_cap_invalid()),
+        "cap_ignored_reason": _cap_ignored_reason(),
         "supported": (<bytes>nc_isa_supported()).decode().split(","),
     }
 

@@ -73,13 +73,11 @@ def available_cpus():
 
 
 def _initial_threads():
-    if not NC_HAVE_OPENMP:
-        return 1
     for name in ("NORMCY_NUM_THREADS", "OMP_NUM_THREADS"):
-        n = _parse_env_threads(name)
+        n = _parse_env_threads(name)     # checked (a typo warns) in every build
         if n is not None:
-            return n
-    return available_cpus()
+            return n if NC_HAVE_OPENMP else 1
+    return available_cpus() if NC_HAVE_OPENMP else 1
 
 
 def get_num_threads():
@@ -94,7 +92,7 @@ def get_num_threads():
     -------
     int
     """
-    if _fork_serial:
+    if _fork_serial or not NC_HAVE_OPENMP:
         return 1
     return _default_threads
 
@@ -160,7 +158,7 @@ def _set_parallel_thresholds(min_parallel_work=None, min_work_per_thread=None):
 
 
 cdef int default_threads() noexcept nogil:
-    if _fork_serial:
+    if _fork_serial or not NC_HAVE_OPENMP:
         return 1
     return _default_threads
 

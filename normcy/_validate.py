@@ -9,6 +9,7 @@ checked inline there with the same rules (see ``_arraychecks.pxd``).
 """
 import math
 import operator
+import sys
 
 import numpy as np
 
@@ -82,6 +83,23 @@ def as_float(value, name, minimum=None, maximum=None, float32=False):
     if maximum is not None and v > maximum:
         raise ValueError("%s must be <= %r, got %s" % (name, maximum, _short(value)))
     return v
+
+
+def user_stacklevel():
+    """The ``warnings.warn`` stacklevel, for the function calling this one, of the first
+    frame outside normcy and the import machinery: a warning raised while ``import normcy``
+    runs then names the user's import line.  (Called from Cython code, which has no frames
+    of its own, the count starts at the topmost Python frame, as warn's does.)"""
+    f = sys._getframe(1)
+    level = 1
+    while f is not None:
+        fn = f.f_code.co_filename
+        if not (fn.startswith("<frozen importlib") or "importlib" + "/" in fn
+                or f.f_globals.get("__name__", "").split(".")[0] == "normcy"):
+            return level
+        f = f.f_back
+        level += 1
+    return 1
 
 
 def refuse_masked(value, name):

@@ -61,6 +61,21 @@ def test_invalid_cap_warns_and_is_ignored():
     assert r.stderr.startswith("<string>:3: RuntimeWarning: NORMCY_MAX_ISA='avx9000'"), r.stderr
 
 
+def test_single_variant_build_ignores_the_cap_and_says_so():
+    """A single-variant build (NORMCY_NATIVE=1, CFLAGS=-march=..., no GCC >= 12) has
+    nothing to cap: NORMCY_MAX_ISA warns and show_config reports it ignored, never as
+    applied (.ci/run stage 4 builds one)."""
+    if _norms.isa_info()["supported"] != ["native"]:
+        pytest.skip("multi-variant build (test_max_isa_caps_the_variant)")
+    r = _run("import warnings; warnings.simplefilter('always'); import normcy, normcy._norms as n;"
+             "print(n.isa_info()['name']); normcy.show_config()", NORMCY_MAX_ISA="avx2")
+    assert r.returncode == 0, r.stderr
+    assert "NORMCY_MAX_ISA='avx2' ignored: this build has a single kernel variant" in r.stderr
+    assert r.stdout.splitlines()[0] == "native"
+    assert "ignored: this build has a single kernel variant" in r.stdout
+    assert "capped by" not in r.stdout
+
+
 def test_show_config_reports_variant_and_cap():
     r = _run("import normcy; normcy.show_config()", NORMCY_MAX_ISA="sse2")
     assert r.returncode == 0, r.stderr

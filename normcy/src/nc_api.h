@@ -16,7 +16,11 @@
  * NORMCY_MAX_ISA=avx512|avx2|sse2|baseline|generic (read once, at import; like oneDNN's
  * ONEDNN_MAX_CPU_ISA), so that every variant can be tested and measured on one machine.
  * A NORMCY_NATIVE=1 build (NC_NATIVE_BUILD, -march=native) compiles one variant with the
- * build host's widest vectors.  Other compilers/architectures get the baseline variant.
+ * build host's widest vectors; so does a build whose compiler flags (CFLAGS=-march=...)
+ * already target AVX or more: GCC refuses to inline the intrinsics of a variant region
+ * that asks for less than the command line, and a "baseline" variant compiled for AVX2
+ * would not be the portable one.  Other compilers/architectures get the baseline variant.
+ * A single-variant build ignores NORMCY_MAX_ISA (and says so: nc_cap_invalid = 2).
  */
 #ifndef NC_API_H
 #define NC_API_H
@@ -109,7 +113,7 @@ typedef struct nc_ktable {
 #else
 #define NC_CLANG_MULTI 0
 #endif
-#if defined(NC_NATIVE_BUILD) || !defined(__GNUC__) || \
+#if defined(NC_NATIVE_BUILD) || defined(__AVX__) || !defined(__GNUC__) || \
     !(NC_CLANG_MULTI || (!defined(__clang__) && defined(__x86_64__) && __GNUC__ >= 12))
 /* one variant: the compiler's own target */
 #define NC_MULTI 0
@@ -212,6 +216,14 @@ static const nc_ktable nc_table_v1 = NC_TABLE(v1, "baseline", "x86-64 baseline (
 static const nc_ktable nc_table_one = NC_TABLE(one, "native",
 #if defined(NC_NATIVE_BUILD)
     "native (-march=native, single variant)",
+#elif defined(__AVX__)
+#if NC_ONE_VB == 64
+    "the compiler flags' target, AVX-512 (single variant, no runtime dispatch)",
+#elif NC_ONE_VB == 32
+    "the compiler flags' target, AVX2+FMA (single variant, no runtime dispatch)",
+#else
+    "the compiler flags' target, 16-byte vectors (single variant, no runtime dispatch)",
+#endif
 #else
     "portable (single variant, no runtime dispatch)",
 #endif
@@ -283,6 +295,10 @@ static void nc_dispatch_init(void)
             nc_cap_invalid = 1;
     }
     if (level > lim) level = lim;
+#if !NC_MULTI
+    if (nc_cap_req[0] != '\0')
+        nc_cap_invalid = 2;     /* one variant: nothing to cap */
+#endif
 #if NC_MULTI
     nc_kt = level >= 4 ? &nc_table_v4 : level == 3 ? &nc_table_v3 : &nc_table_v1;
 #else

@@ -18,6 +18,7 @@ cdef Py_ssize_t _min_work_per_thread = DEF_MIN_WORK_PER_THREAD
 cdef int _default_threads = 1
 cdef int _omp_used = 0        # this process has started an OpenMP region
 cdef int _fork_serial = 0     # forked after the parent used OpenMP: stay serial
+cdef int _foreign_gomp = 0    # at the last fork, another loaded library used libgomp
 
 
 def _cgroup_cpu_limit():
@@ -115,35 +116,109 @@ def set_num_threads(n):
 
 
 def fork_serial():
-    """True if this process was forked after its parent ran an OpenMP region.
+    """True if this process was forked after an OpenMP thread pool may have started.
 
     GNU libgomp's thread pool does not survive ``fork()``: a child that starts a
     parallel region can hang forever.  normcy therefore runs every kernel serially
-    in such a child (correct results, one core).  Start workers with the
-    ``spawn``/``forkserver`` methods, or fork before the first large call, to keep
-    all cores in worker processes.
+    in a child forked after its parent ran a parallel normcy call, or while another
+    loaded library that uses libgomp (PyTorch, for one) was present, since that library
+    may have started the shared pool (correct results, one core).  Start workers with
+    the ``spawn``/``forkserver`` methods, or fork before the first large call (and before
+    importing such a library), to keep all cores in worker processes.
     """
     return bool(_fork_serial)
+
+
+cdef void _before_fork() noexcept nogil:
+    # the parent, just before fork(): the loader's list of objects can be read safely here
+    # (not in the child, where another thread may have held the loader's lock)
+    global _foreign_gomp
+    if not _omp_used and NC_HAVE_OPENMP:
+        _foreign_gomp = nc_foreign_gomp_user()
 
 
 cdef void _after_fork_in_child() noexcept nogil:
     # runs in the child of every fork() of this process (os.fork, multiprocessing, and a
     # fork() called from C code that Python's os.register_at_fork hooks never see)
     global _fork_serial
-    if _omp_used:
+    if _omp_used or _foreign_gomp:
         _fork_serial = 1
 
 
 cdef extern from *:
     """
     #if defined(_WIN32)
-    static int nc_at_fork_child(void (*child)(void)) { (void)child; return 0; }
+    static int nc_at_fork(void (*prepare)(void), void (*child)(void))
+    { (void)prepare; (void)child; return 0; }
     #else
     #include <pthread.h>
-    static int nc_at_fork_child(void (*child)(void)) { return pthread_atfork(NULL, NULL, child); }
+    static int nc_at_fork(void (*prepare)(void), void (*child)(void))
+    { return pthread_atfork(prepare, NULL, child); }
     #endif
+
+    /* Is a library other than normcy's own extension modules, which may start GNU
+       libgomp's (process-wide, shared) thread pool, loaded?  Any loaded ELF object that
+       is not in normcy's package directory and lists a libgomp among its DT_NEEDED
+       entries counts (PyTorch's libtorch_cpu, ...).  glibc on Linux only; elsewhere 0. */
+    static char nc_own_dir[4096];
+    #if defined(__linux__) && defined(__GLIBC__)
+    #include <link.h>
+    #include <string.h>
+    static int nc_gomp_cb(struct dl_phdr_info *info, size_t size, void *data)
+    {
+        const ElfW(Dyn) *dyn = NULL, *d;
+        const char *strtab = NULL;
+        int i;
+        (void)size;
+        if (info->dlpi_name && nc_own_dir[0] &&
+            strncmp(info->dlpi_name, nc_own_dir, strlen(nc_own_dir)) == 0)
+            return 0;                                   /* one of normcy's modules */
+        for (i = 0; i < info->dlpi_phnum; i++)
+            if (info->dlpi_phdr[i].p_type == PT_DYNAMIC)
+                dyn = (const ElfW(Dyn) *)(info->dlpi_addr + info->dlpi_phdr[i].p_vaddr);
+        if (dyn == NULL)
+            return 0;
+        for (d = dyn; d->d_tag != DT_NULL; d++)
+            if (d->d_tag == DT_STRTAB) {
+                ElfW(Addr) a = d->d_un.d_ptr;
+                /* glibc relocates the dynamic entries of loaded objects in place; the
+                   vDSO's (and any other left unrelocated) are offsets */
+                if (a < info->dlpi_addr)
+                    a += info->dlpi_addr;
+                strtab = (const char *)a;
+            }
+        if (strtab == NULL)
+            return 0;
+        for (d = dyn; d->d_tag != DT_NULL; d++)
+            if (d->d_tag == DT_NEEDED && strncmp(strtab + d->d_un.d_val, "libgomp", 7) == 0) {
+                *(int *)data = 1;
+                return 1;                               /* found: stop */
+            }
+        return 0;
+    }
+    static int nc_foreign_gomp_user(void)
+    {
+        int found = 0;
+        dl_iterate_phdr(nc_gomp_cb, &found);
+        return found;
+    }
+    #else
+    static int nc_foreign_gomp_user(void) { return 0; }
+    #endif
+    static void nc_set_own_dir(const char *d)
+    {
+        strncpy(nc_own_dir, d, sizeof nc_own_dir - 1);
+        nc_own_dir[sizeof nc_own_dir - 1] = 0;
+    }
     """
-    int nc_at_fork_child(void (*child)() noexcept nogil) nogil
+    int nc_at_fork(void (*prepare)() noexcept nogil, void (*child)() noexcept nogil) nogil
+    int nc_foreign_gomp_user() noexcept nogil
+    void nc_set_own_dir(const char *d) noexcept
+
+
+def _foreign_gomp_user():
+    """Whether another loaded library uses libgomp now (what a fork would find)."""
+    return bool(nc_foreign_gomp_user())
 
 
 def _set_parallel_thresholds(min_parallel_work=None, min_work_per_thread=None):
@@ -193,5 +268,13 @@ cdef int resolve_threads(object num_threads, Py_ssize_t work, Py_ssize_t max_par
 
 
 _default_threads = <int>min(_initial_threads(), _MAX_THREADS)
-if nc_at_fork_child(_after_fork_in_child) != 0:
+def _register_own_dir():
+    # normcy's extension modules, as the loader names them (the path Python's import
+    # system passed to dlopen, which is __file__'s)
+    cdef bytes d = os.fsencode(os.path.dirname(os.path.abspath(__file__)) + os.sep)
+    nc_set_own_dir(d)
+
+
+_register_own_dir()
+if nc_at_fork(_before_fork, _after_fork_in_child) != 0:
     raise ImportError("normcy: pthread_atfork failed (no memory?)")

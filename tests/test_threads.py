@@ -655,3 +655,54 @@ def test_bad_normcy_num_threads_warns_and_is_ignored(h):
         assert p.returncode == 0, p.stderr
         assert "N 1" in p.stdout and "NORMCY_NUM_THREADS=%r is not a positive integer" % bad \
             in p.stderr, (bad, p.stdout, p.stderr)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
+                    reason="needs os.fork and glibc's loader")
+def test_fork_after_another_library_used_libgomp(h, tmp_path):
+    """libgomp's thread pool is shared by every library in the process: a child forked after
+    another library (PyTorch, here a small stand-in built with -fopenmp) ran a parallel
+    region must not start one in normcy either.  The child runs normcy serially."""
+    import shutil
+    cc = shutil.which("gcc") or shutil.which("cc")
+    if cc is None:
+        pytest.skip("no C compiler to build the stand-in library")
+    if not OPENMP:
+        pytest.skip("serial build")
+    src = tmp_path / "foreign.c"
+    src.write_text("#include <omp.h>\n"
+                   "int foreign_parallel(void) {\n"
+                   "    int n = 0;\n"
+                   "    #pragma omp parallel num_threads(2) reduction(+:n)\n"
+                   "    n += 1;\n"
+                   "    return n;\n"
+                   "}\n")
+    lib = tmp_path / "libforeign.so"
+    r = subprocess.run([cc, "-shared", "-fPIC", "-fopenmp", str(src), "-o", str(lib)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip("cannot build an OpenMP library here: " + r.stderr[-300:])
+    code = FORK_PRELUDE + """
+import ctypes
+from normcy import _parallel
+assert not _parallel._foreign_gomp_user()
+foreign = ctypes.CDLL(%r)
+assert _parallel._foreign_gomp_user()
+assert foreign.foreign_parallel() >= 1       # the shared pool now exists; normcy never ran
+pid = os.fork()
+if pid == 0:
+    code = 0
+    try:
+        if not normcy.fork_serial():
+            code = 5
+        elif not same(run_all(2), EXPECTED):
+            code = 3
+    except BaseException:
+        traceback.print_exc(); code = 4
+    os._exit(code)
+rc = wait_child(pid)
+print("RC", rc)
+sys.exit(0 if rc == 0 else 1)
+""" % str(lib)
+    p = _python(code, h)
+    assert p.returncode == 0, (p.stdout, p.stderr)

@@ -360,6 +360,7 @@ class SentenceEncoder:
         self._lock = ForkSafeLock()    # unlocked again in a forked child
         self._max_seq_length = max_seq_length
         self.tokenizer = tokenizer
+        self._tokenizer_shared = False   # with a copy.copy() of this encoder
         self._configure_tokenizer()
 
     # ------------------------------------------------------------------ loading
@@ -537,6 +538,9 @@ class SentenceEncoder:
         of its own (``copy.copy``; pickling, below, goes by reference instead)."""
         new = object.__new__(type(self))
         new.__dict__.update(self.__dict__)
+        # the tokenizer holds the truncation length: whichever of the two sets
+        # max_seq_length first takes a tokenizer of its own
+        self._tokenizer_shared = new._tokenizer_shared = True
         return new
 
     def __reduce__(self):
@@ -592,9 +596,17 @@ class SentenceEncoder:
         value = int(value)
         if value < 2:
             raise ValueError("max_seq_length must be >= 2, got %d" % value)
+        tok = self.tokenizer
+        if getattr(self, "_tokenizer_shared", False) and hasattr(tok, "to_str"):
+            # shared with a copy (copy.copy): truncating it would truncate the other too
+            from tokenizers import Tokenizer
+
+            tok = Tokenizer.from_str(tok.to_str())
+            self._tokenizer_shared = False
+        tok.enable_truncation(max_length=value, stride=0, strategy="longest_first",
+                              direction="right")
+        self.tokenizer = tok
         self._max_seq_length = value
-        self.tokenizer.enable_truncation(max_length=value, stride=0, strategy="longest_first",
-                                         direction="right")
 
     def get_sentence_embedding_dimension(self) -> Optional[int]:
         """Length of the embeddings :meth:`encode` returns."""

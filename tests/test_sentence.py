@@ -698,3 +698,25 @@ sys.exit(0 if rcs == [0, 0, 0, 0] else 1)
                        env=normcy_pythonpath_env(), timeout=600,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert p.returncode == 0, (p.stdout, p.stderr)
+
+
+def test_copy_max_seq_length_is_its_own():
+    """copy.copy(enc) shares the model and tokenizer; setting max_seq_length on either copy
+    must not truncate the other (the tokenizer holds the truncation length)."""
+    import copy
+    enc = SentenceEncoder.from_pretrained()
+    text = " ".join(["word"] * 40)
+    before = enc.encode([text])
+    short = copy.copy(enc)
+    short.max_seq_length = 8
+    assert enc.max_seq_length == 256 and short.max_seq_length == 8
+    np.testing.assert_array_equal(enc.encode([text]), before)
+    assert len(short.tokenize([text])["input_ids"][0]) == 8
+    assert len(enc.tokenize([text])["input_ids"][0]) == 42
+    assert not np.allclose(short.encode([text]), before)
+    # the original's own setting leaves the copy alone too
+    enc2 = SentenceEncoder.from_pretrained()
+    other = copy.copy(enc2)
+    enc2.max_seq_length = 16
+    assert len(other.tokenize([text])["input_ids"][0]) == 42
+    assert len(enc2.tokenize([text])["input_ids"][0]) == 16

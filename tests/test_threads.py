@@ -323,9 +323,14 @@ def test_kernels_release_the_gil(big_arrays, name):
     t_kernel = min(alone)
     if t_kernel < 0.004:  # pragma: no cover - far faster machine than expected
         pytest.skip("kernel too fast (%.1f ms) to observe GIL release" % (1e3 * t_kernel))
-    windows, gaps = _spinner_gaps(call)
     # GIL held: every window has a stall >= ~t_kernel (measured 1.2-1.4x with a spinner
-    # competing).  Released: only scheduler-quantum stalls (4-16 ms on a busy 2-core box).
+    # competing).  Released: only scheduler-quantum stalls (4-16 ms on a busy 2-core box,
+    # which can fill every window of one measurement when other processes load both
+    # cores: up to three measurements; a held GIL fails all three).
+    for _ in range(3):
+        windows, gaps = _spinner_gaps(call)
+        if min(gaps) < 0.7 * t_kernel:
+            break
     assert min(gaps) < 0.7 * t_kernel, (
         "another Python thread stalled for the whole %s call in every window (kernel alone "
         "%.1f ms, longest stall per window %s ms): the GIL is held"

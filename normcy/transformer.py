@@ -73,6 +73,16 @@ def _check_int(v, name, minimum=1, maximum=2 ** 31 - 1):
     return as_int(v, name, minimum=minimum, maximum=maximum)
 
 
+class _Prepared:
+    """A layer's weights as its kernels use them (made by ``_prepare``, replaced whole by
+    ``load_state_dict``): the packed projections, the query bias and folded value bias, the
+    norm parameters and epilogue arguments, the compiled layer, and the state-dict arrays
+    that are not held by a PackedLinear."""
+
+    __slots__ = ("lin_qkv", "b_q", "o_bv", "lin_o", "lin_1", "lin_2", "n1", "n2", "epi1",
+                 "epi2", "kernel", "sd")
+
+
 class TransformerEncoderLayer:
     """Transformer encoder layer (self-attention + feed-forward), PyTorch-compatible.
 
@@ -290,25 +300,29 @@ class TransformerEncoderLayer:
                              "dim_feedforward=%d, norm=%r, bias=%r): %s%s"
                              % (self.d_model, self.dim_feedforward, self.norm, self.bias,
                                 "; ".join(msg), hint))
-        self._sd = {k: as_weight(state_dict[k], k, s) for k, s in shapes.items()}
-        self._prepare()
+        # all or nothing: the new weights are prepared aside and replace the old ones in one
+        # assignment, so that a failed or interrupted load leaves the layer as it was, and a
+        # call running in another thread sees the old weights or the new, never a mix
+        self._p = self._prepare({k: as_weight(state_dict[k], k, s) for k, s in shapes.items()})
 
     # matrices held only by their PackedLinear after loading (its .weight unpacks the same
     # bits), so that a model keeps each of them once; the QKV weight is packed with its
-    # query rows scaled, so its original stays in _sd
-    _PACKED_ONLY = {"self_attn.out_proj.weight": "_lin_o", "linear1.weight": "_lin_1",
-                    "linear2.weight": "_lin_2"}
+    # query rows scaled, so its original stays in sd
+    _PACKED_ONLY = {"self_attn.out_proj.weight": "lin_o", "linear1.weight": "lin_1",
+                    "linear2.weight": "lin_2"}
 
     def state_dict(self):
         """The parameters under PyTorch's names (copies, float32)."""
+        p = self._p
         out = {}
         for k in self._expected_shapes():
             attr = self._PACKED_ONLY.get(k)
-            out[k] = getattr(self, attr).weight.copy() if attr else self._sd[k].copy()
+            out[k] = getattr(p, attr).weight.copy() if attr else p.sd[k].copy()
         return out
 
-    def _prepare(self):
-        sd = self._sd
+    def _prepare(self, sd):
+        """The prepared weights of state dict `sd` (checked float32 arrays, which it takes
+        over): a :class:`_Prepared`."""
         d = self.d_model
         scale = 1.0 / math.sqrt(self.head_dim)
         w_in = sd["self_attn.in_proj_weight"].astype(np.float64)
@@ -318,32 +332,32 @@ class TransformerEncoderLayer:
         # one packed GEMM gives [q*scale | k | v] (no bias: the query bias is added by the
         # attention kernel, the key bias cancels in the softmax, the value bias is folded
         # into the output projection's bias)
-        self._lin_qkv = PackedLinear(w_in.astype(_F32))
-        self._b_q = (b_in[:d] * scale).astype(_F32)
+        p = _Prepared()
+        p.lin_qkv = PackedLinear(w_in.astype(_F32))
+        p.b_q = (b_in[:d] * scale).astype(_F32)
         w_o = sd["self_attn.out_proj.weight"].astype(np.float64)
         o_bv = w_o @ b_in[2 * d:]
-        self._o_bv = o_bv.astype(_F32)
+        p.o_bv = o_bv.astype(_F32)
         if self.bias:
             b_o = (sd["self_attn.out_proj.bias"].astype(np.float64) + o_bv).astype(_F32)
         else:
             b_o = None          # no value bias to fold either (o_bv is zero)
-        self._lin_o = PackedLinear(sd["self_attn.out_proj.weight"], b_o)
-        self._lin_1 = PackedLinear(sd["linear1.weight"], sd.get("linear1.bias"))
-        self._lin_2 = PackedLinear(sd["linear2.weight"], sd.get("linear2.bias"))
-        self._n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
-        self._n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
+        p.lin_o = PackedLinear(sd["self_attn.out_proj.weight"], b_o)
+        p.lin_1 = PackedLinear(sd["linear1.weight"], sd.get("linear1.bias"))
+        p.lin_2 = PackedLinear(sd["linear2.weight"], sd.get("linear2.bias"))
+        p.n1 = (sd["norm1.weight"], sd.get("norm1.bias"))
+        p.n2 = (sd["norm2.weight"], sd.get("norm2.bias"))
         # PackedLinear keyword arguments of the fused residual + norm epilogues (built once:
         # they are passed on every forward)
-        self._epi1 = self._epilogue(self._n1)
-        self._epi2 = self._epilogue(self._n2)
+        p.epi1 = self._epilogue(p.n1)
+        p.epi2 = self._epilogue(p.n2)
         # the whole layer as one compiled call (one parallel region, no Python between the
         # stages) for attention without masks: the same kernels, the same bits
-        self._kernel = EncoderLayerKernel(
-            self._lin_qkv, self._b_q, self._lin_o, self._lin_1, self._lin_2, self._n1,
-            self._n2, self.layer_norm_eps, self.norm, self.activation, self.norm_first,
-            self.nhead)
-        for k in self._PACKED_ONLY:
-            del sd[k]
+        p.kernel = EncoderLayerKernel(
+            p.lin_qkv, p.b_q, p.lin_o, p.lin_1, p.lin_2, p.n1, p.n2, self.layer_norm_eps,
+            self.norm, self.activation, self.norm_first, self.nhead)
+        p.sd = {k: v for k, v in sd.items() if k not in self._PACKED_ONLY}
+        return p
 
     # ------------------------------------------------------------------ kernels
     def _norm(self, x, params, out):
@@ -360,7 +374,7 @@ class TransformerEncoderLayer:
         return add_rms_norm(x, residual, params[0], self.layer_norm_eps, x_bias=x_bias,
                             out=out, sum_out=sum_out, num_threads=self.num_threads)
 
-    def _attention(self, qkv, ctx, plan):
+    def _attention(self, qkv, ctx, plan, b_q):
         """Scaled dot-product attention from the (rows, 3d) projections into ctx (rows, d):
         one fused kernel per (sequence, head) (scores stay in cache; no BLAS)."""
         h = self.nhead
@@ -374,7 +388,7 @@ class TransformerEncoderLayer:
                 kpm = kpm[first:first + nseq]
             if mask is not None and mask.ndim == 4:
                 mask = mask[first:first + nseq]
-            attention_kernel(qkv[off:off + rows], self._b_q, ctx[off:off + rows], nseq, L, h,
+            attention_kernel(qkv[off:off + rows], b_q, ctx[off:off + rows], nseq, L, h,
                               mask=mask, key_padding_mask=kpm, is_causal=plan.is_causal,
                               num_threads=nt)
 
@@ -395,7 +409,7 @@ class TransformerEncoderLayer:
         hid = ws.get("hid", (n, f))
         mid = ws.get("sum" if self.norm_first else "x1", (n, d))
         xn = ws.get("xn", (n, d)) if self.norm_first else None
-        self._kernel.run(x, qkv, ctx, mid, hid, out, plan.groups, self.num_threads, xn,
+        self._p.kernel.run(x, qkv, ctx, mid, hid, out, plan.groups, self.num_threads, xn,
                          key_padding_mask=plan.kpm, mask=plan.mask, is_causal=plan.is_causal)
         return out
 
@@ -404,6 +418,7 @@ class TransformerEncoderLayer:
         same order as the compiled layer, so the same bits); needed when some query has
         every key masked (plan.dead), whose rows lose the folded value bias between the
         output projection and its residual + norm."""
+        p = self._p               # read once: a concurrent load_state_dict swaps it whole
         n, d = x.shape
         f = self.dim_feedforward
         nt = self.num_threads
@@ -413,36 +428,36 @@ class TransformerEncoderLayer:
         proj = ws.get("proj", (n, d))
         if self.norm_first:
             xn = ws.get("xn", (n, d))
-            self._norm(x, self._n1, xn)
-            self._lin_qkv(xn, out=qkv, num_threads=nt)
+            self._norm(x, p.n1, xn)
+            p.lin_qkv(xn, out=qkv, num_threads=nt)
         else:
-            self._lin_qkv(x, out=qkv, num_threads=nt)
-        self._attention(qkv, ctx, plan)
+            p.lin_qkv(x, out=qkv, num_threads=nt)
+        self._attention(qkv, ctx, plan, p.b_q)
         # The residual add + norm after each sub-layer runs in the GEMM's epilogue (the
         # same bits as add_layer_norm / add_rms_norm), except after an attention with dead
         # rows: their folded value bias must come off before the residual is added.
-        n_o, epi_o = (self._n2, self._epi2) if self.norm_first else (self._n1, self._epi1)
+        n_o, epi_o = (p.n2, p.epi2) if self.norm_first else (p.n1, p.epi1)
         if plan.dead is not None:
-            self._lin_o(ctx, out=proj, num_threads=nt)
-            proj[plan.dead] -= self._o_bv
+            p.lin_o(ctx, out=proj, num_threads=nt)
+            proj[plan.dead] -= p.o_bv
         if self.norm_first:
             s = ws.get("sum", (n, d))
             # s = x + attn ; xn = norm2(s)
             if plan.dead is not None:
                 self._add_norm(proj, x, n_o, None, out=xn, sum_out=s)
             else:
-                self._lin_o(ctx, residual=x, out=xn, sum_out=s, num_threads=nt,
+                p.lin_o(ctx, residual=x, out=xn, sum_out=s, num_threads=nt,
                             **epi_o)
-            self._lin_1(xn, activation=self.activation, out=hid, num_threads=nt)
-            self._lin_2(hid, residual=s, out=out, num_threads=nt)
+            p.lin_1(xn, activation=self.activation, out=hid, num_threads=nt)
+            p.lin_2(hid, residual=s, out=out, num_threads=nt)
         else:
             x1 = ws.get("x1", (n, d))
             if plan.dead is not None:
                 self._add_norm(proj, x, n_o, None, out=x1)
             else:
-                self._lin_o(ctx, residual=x, out=x1, num_threads=nt, **epi_o)
-            self._lin_1(x1, activation=self.activation, out=hid, num_threads=nt)
-            self._lin_2(hid, residual=x1, out=out, num_threads=nt, **self._epi2)
+                p.lin_o(ctx, residual=x, out=x1, num_threads=nt, **epi_o)
+            p.lin_1(x1, activation=self.activation, out=hid, num_threads=nt)
+            p.lin_2(hid, residual=x1, out=out, num_threads=nt, **p.epi2)
         return out
 
     def _epilogue(self, params):
@@ -618,7 +633,7 @@ def forward_layers(layers, x, plan, ws, out, io="io"):
         f = l0.dim_feedforward
         mid = ws.get("sum" if l0.norm_first else "x1", (n, d))
         xn = ws.get("xn", (n, d)) if l0.norm_first else None
-        run_layers([l._kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
+        run_layers([l._p.kernel for l in layers], x, outs, ws.get("qkv", (n, 3 * d)),
                     ws.get("ctx", (n, d)), mid, ws.get("hid", (n, f)), plan.groups,
                     l0.num_threads, xn, key_padding_mask=plan.kpm, mask=plan.mask,
                     is_causal=plan.is_causal)

@@ -518,7 +518,7 @@ def test_fully_masked_queries_take_the_stage_path():
 def test_compiled_layer_checks_its_buffers():
     from normcy._gemm import EncoderLayerKernel
     layer = TransformerEncoderLayer(32, 2, 48, activation="relu")
-    k = layer._kernel
+    k = layer._p.kernel
     assert isinstance(k, EncoderLayerKernel)
     M = 6
     f32 = np.float32
@@ -823,3 +823,74 @@ def test_masked_arrays_refused_by_layers_and_stacks():
         TransformerEncoderLayer(32, 4, 48, activation=1)
     with pytest.raises(TypeError, match="norm must be"):
         TransformerEncoderLayer(32, 4, 48, norm=1)
+
+
+def _two_weight_sets(d=32, f=48, seed=7):
+    rng = np.random.default_rng(seed)
+    base = TransformerEncoderLayer(d, 2, f, activation="relu")
+    sd1 = base.state_dict()
+    sd2 = {k: (v + 0.1 * rng.standard_normal(v.shape)).astype(np.float32)
+           for k, v in sd1.items()}
+    return base, sd1, sd2
+
+
+def test_load_state_dict_is_all_or_nothing(monkeypatch):
+    """A load that fails part-way (here the third packing) leaves the layer exactly as it
+    was: the new weights replace the old ones in one assignment."""
+    import normcy.transformer as T
+    layer, sd1, sd2 = _two_weight_sets()
+    x = np.random.default_rng(1).standard_normal((2, 5, 32)).astype(np.float32)
+    pad = np.zeros((2, 5), bool)
+    pad[1] = True                         # a fully padded sequence: the stage-by-stage path
+    before = (layer(x), layer(x, key_padding_mask=pad))
+    calls = []
+    real = T.PackedLinear
+
+    def failing(*a, **k):
+        calls.append(1)
+        if len(calls) == 3:
+            raise MemoryError("simulated")
+        return real(*a, **k)
+
+    monkeypatch.setattr(T, "PackedLinear", failing)
+    with pytest.raises(MemoryError):
+        layer.load_state_dict(sd2)
+    monkeypatch.setattr(T, "PackedLinear", real)
+    np.testing.assert_array_equal(layer(x), before[0])
+    np.testing.assert_array_equal(layer(x, key_padding_mask=pad), before[1])
+    for k, v in layer.state_dict().items():
+        np.testing.assert_array_equal(v, sd1[k])
+
+
+def test_load_state_dict_while_other_threads_run():
+    """Calls running while another thread loads new weights see the old weights or the new,
+    never a mix (also on the stage-by-stage path taken with fully masked rows)."""
+    import threading
+    layer, sd1, sd2 = _two_weight_sets()
+    x = np.random.default_rng(2).standard_normal((2, 5, 32)).astype(np.float32)
+    pad = np.zeros((2, 5), bool)
+    pad[1] = True
+    refs = []
+    for sd in (sd1, sd2):
+        layer.load_state_dict(sd)
+        refs.append((layer(x), layer(x, key_padding_mask=pad)))
+    stop = threading.Event()
+    bad = []
+
+    def run():
+        while not stop.is_set():
+            a, b = layer(x), layer(x, key_padding_mask=pad)
+            if not any(np.array_equal(a, r[0]) for r in refs):
+                bad.append("compiled")
+            if not any(np.array_equal(b, r[1]) for r in refs):
+                bad.append("stages")
+
+    threads = [threading.Thread(target=run) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for i in range(60):
+        layer.load_state_dict((sd1, sd2)[i % 2])
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not bad, bad[:5]

@@ -300,7 +300,11 @@ def _ops_row(ctx, kind, shape, T):
         g = g if kind == "softmax" else g[:64]
         rel = np.abs(g - ref) / (np.abs(ref) + 1e-30)
         e = float(np.max(rel))
-        ok = e <= 1e-5 if kind == "softmax" else bool(np.all(rel <= bound))
+        # correct: within normcy's documented relative bound, or within 1e-6 absolute (a
+        # float32 GELU that returns 0 where the true value is 1e-20 is right to 1e-20, though
+        # 100% off relatively: PyTorch's for x < -6)
+        ok = (e <= 1e-5 if kind == "softmax"
+              else bool(np.all((rel <= bound) | (np.abs(g - ref) <= 1e-6))))
         return {"max_rel_err_vs_f64": e, "check_ok": bool(ok)}
 
     res, noise = measure(impls, ctx.cfg, check=check)
@@ -369,6 +373,13 @@ class _GemmState:
             F = torch.nn.functional
             impls.append(Impl("torch F.linear", lambda: F.linear(xt, wtt),
                               get=lambda: F.linear(xt, wtt).numpy(),
+                              pre=lambda: _torch_threads(torch, T), flops=flops,
+                              family="torch", threads=T))
+            # PyTorch writing into a preallocated output too, as normcy and NumPy do
+            o3 = np.empty((M, N), np.float32)
+            ot, wtt_t = torch.from_numpy(o3), wtt.t()
+            impls.append(Impl("torch mm out=", lambda: torch.mm(xt, wtt_t, out=ot),
+                              get=lambda: (torch.mm(xt, wtt_t, out=ot), o3)[1],
                               pre=lambda: _torch_threads(torch, T), flops=flops,
                               family="torch", threads=T))
         rows_chk = x[: min(M, 8)].astype(np.float64)
@@ -755,8 +766,9 @@ def table(suite, rows):
                  "normcy `softmax(x, out=)` / `gelu(x, out=)` vs `torch.softmax(x, -1)` / "
                  "`F.gelu(x)` on the same arrays (x = 3 · standard normal); GB/s counts 8 "
                  "bytes per element. The last column is the largest relative error against "
-                 "float64 over the first 64 rows (GELU: x Phi(x) through erfc; ✓ within "
-                 "normcy's documented bound, 4e-7 · max(5, x²/2) for GELU, 1e-5 for softmax).", ""]
+                 "float64 (softmax: every row; GELU: the first 64 rows, against x Phi(x) "
+                 "through erfc; ✓ within normcy's documented bound, 1e-5 for softmax, "
+                 "4e-7 · max(5, x²/2) or 1e-6 absolute for GELU).", ""]
         body = []
         for row in rows:
             ref = row["impls"].get("normcy")
@@ -779,7 +791,8 @@ def table(suite, rows):
         lines = ["### gemm: normcy.PackedLinear vs NumPy matmul vs torch F.linear", "",
                  "`y = x @ W^T`, x (M, K), W (N, K); normcy's weight packed once (micro-kernel "
                  "%s), NumPy with the pre-transposed contiguous weight and `out=`, torch "
-                 "`F.linear(x, W)`. GFLOP/s = 2·M·N·K / median time. Single-thread M=4096 "
+                 "`F.linear(x, W)` and `torch.mm(x, W.t(), out=)` (the F.linear target takes "
+                 "the faster). GFLOP/s = 2·M·N·K / median time. Single-thread M=4096 "
                  "rows also give the fraction of the FP32 FMA peak measured in the same run "
                  "(12 independent FMA chains)." % ("MR×NR = %d×%d" % tuple(k) if k else "?"), ""]
         body = []
@@ -885,7 +898,7 @@ def table(suite, rows):
 
 def targets(rows, all_cores):
     tg = Targets("† its threads waited for a CPU")
-    med, add = tg.med, tg.add
+    med, add, fastest = tg.med, tg.add, tg.fastest
 
     for row in rows:
         if row["suite"] == "ops" and row["threads"] == all_cores:
@@ -909,9 +922,10 @@ def targets(rows, all_cores):
                 t_np / t_nc if t_np and t_nc else None, goal)
             if M <= 32:
                 t_nc = med(row, "normcy")
-                t_t = med(row, "torch F.linear")
+                t_t = fastest(row, "torch")
                 add("GEMM %s: at least as fast as torch F.linear" % row["case"].replace("x", "×"),
-                    t_t / t_nc if t_t and t_nc else None, 1.0)
+                    t_t / t_nc if t_t and t_nc else None, 1.0,
+                    note="the faster of F.linear and torch.mm(out=)")
         elif row["suite"] == "encoder" and not row.get("padded"):
             t_nc = med(row, row["ref"])
             t_t = med(row, "torch fast path")

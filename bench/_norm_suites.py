@@ -190,9 +190,11 @@ def _subset(shape, max_elems=1 << 20, rows=64):
     return np.unique(np.linspace(0, n0 - 1, k).astype(np.intp))
 
 
-def _check_factory(refs, shape, idx, tol=2e-3):
+def _check_factory(refs, shape, idx, tol=1e-4):
     """refs: float64 references at rows ``idx`` (axis 0) of arrays of ``shape``; every output
-    is reshaped to ``shape`` and compared there. Records the max abs error."""
+    is reshaped to ``shape`` and compared there. Records the max abs error.  The tolerance
+    (outputs are O(1): standard-normal inputs) is 50x the float32 errors seen and 5x below
+    what a different eps gives (1e-5 vs 1e-3: 5e-4)."""
     def check(name, got):
         if not isinstance(got, (tuple, list)):
             got = (got,)

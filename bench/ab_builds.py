@@ -18,6 +18,12 @@ at each of --threads; for the layers, a stack of six MiniLM-sized encoder layers
 384, 12 heads, feed-forward 1536, exact GELU, post-LN; random weights) run as one compiled
 call (``EncoderLayerKernel`` and ``run_layers`` of each build's
 ``_gemm``) on batch x sequence-length --shapes (default 1x16,1x128,8x128,32x128).
+
+Limitation: only the named extension is loaded per build.  What it imports from normcy's
+other compiled modules (``_gemm`` takes its row norms from ``normcy._norms`` and its thread
+policy from ``normcy._parallel``) comes from the one normcy on the path, for every build:
+an A/B of a change to the norm kernels through --kernel gemm or layers compares nothing.
+Run such changes as separate processes (``bench/run.py`` per build) instead.
 """
 import argparse
 import glob

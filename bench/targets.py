@@ -34,8 +34,12 @@ def load(path):
     if "targets" not in doc:
         raise SystemExit("%s: not a bench/run.py --json file (no 'targets')" % path)
     env = doc.get("environment", {})
-    machine = ((env.get("cpu") or {}).get("model"), doc.get("cpu_isa"), doc.get("all_cores"),
-               doc.get("kernel_variant"))
+    cpu = env.get("cpu") or {}
+    # the model string alone is not enough ("AMD EPYC" names every Zen generation on some
+    # hypervisors): family, model number and cache sizes too
+    caches = ",".join("%s %s" % kv for kv in sorted((cpu.get("caches") or {}).items()))
+    machine = (cpu.get("model"), cpu.get("vendor"), cpu.get("family"), cpu.get("model_number"),
+               caches or None, doc.get("cpu_isa"), doc.get("all_cores"), doc.get("kernel_variant"))
     return machine, doc["targets"]
 
 
@@ -48,10 +52,11 @@ def main(argv=None):
     if len(machines) > 1:
         raise SystemExit("runs of different machines or kernel variants: %s (summarize each "
                          "machine's runs on their own)" % sorted(map(str, machines)))
-    model, isa, cores, variant = next(iter(machines))
-    print("_CPU: %s (%s, %s cores); normcy kernel variant: %s; %d runs: %s._\n"
-          % (model, isa, cores, variant, len(runs), ", ".join(os.path.basename(p)
-                                                               for p, _, _ in runs)))
+    model, vendor, family, model_no, caches, isa, cores, variant = next(iter(machines))
+    print("_CPU: %s (%s family %s model %s; %s; %s, %s cores); normcy kernel variant: %s; "
+          "%d runs: %s._\n"
+          % (model, vendor, family, model_no, caches, isa, cores, variant, len(runs),
+             ", ".join(os.path.basename(p) for p, _, _ in runs)))
     order, seen = [], {}
     for _, _, targets in runs:
         for t in targets:
@@ -69,7 +74,10 @@ def main(argv=None):
                 continue
             n += 1
             met += t["met"] is True
-            vals.append(fmt_target_value(t["kind"], t["value"]) + ("†" if t.get("note") else ""))
+            # † = measured while this process's threads waited for a CPU (files written before
+            # the flag existed: any note)
+            flag = t["contended"] if "contended" in t else bool(t.get("note"))
+            vals.append(fmt_target_value(t["kind"], t["value"]) + ("†" if flag else ""))
         got = [t["value"] for _, _, ts in runs for t in ts
                if t["target"] == name and t["value"] is not None]
         rng = ("%s-%s" % (fmt_target_value(t0["kind"], min(got)),

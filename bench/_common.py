@@ -492,10 +492,13 @@ def steady_allocator():
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
-        ok = libc.mallopt(m_mmap_max, 0) == 1 and libc.mallopt(m_trim_threshold, 1 << 40) == 1
+        # (mallopt's value is a C int: 2^31 - 1, the largest, is 2 GiB of free heap top)
+        libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+        ok = (libc.mallopt(m_mmap_max, 0) == 1
+              and libc.mallopt(m_trim_threshold, 2 ** 31 - 1) == 1)
     except (OSError, AttributeError):
         return None
-    ALLOCATOR_NOTE[0] = "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^40)" if ok else None
+    ALLOCATOR_NOTE[0] = "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else None
     return ALLOCATOR_NOTE[0]
 
 

@@ -300,11 +300,13 @@ def _ops_row(ctx, kind, shape, T):
         g = g if kind == "softmax" else g[:64]
         rel = np.abs(g - ref) / (np.abs(ref) + 1e-30)
         e = float(np.max(rel))
-        # correct: within normcy's documented relative bound, or within 1e-6 absolute (a
-        # float32 GELU that returns 0 where the true value is 1e-20 is right to 1e-20, though
-        # 100% off relatively: PyTorch's for x < -6)
+        # the same function: within normcy's documented relative bound, or within 1e-5
+        # absolute (the inputs are O(3)): PyTorch's float32 GELU loses relative accuracy to
+        # the cancellation in 1 + erf(x / sqrt 2) for negative x (1e-3 relative, 1.04e-6
+        # absolute at x = -3.45; 0 where the true value is 1e-20), which is its accuracy,
+        # not another computation
         ok = (e <= 1e-5 if kind == "softmax"
-              else bool(np.all((rel <= bound) | (np.abs(g - ref) <= 1e-6))))
+              else bool(np.all((rel <= bound) | (np.abs(g - ref) <= 1e-5))))
         return {"max_rel_err_vs_f64": e, "check_ok": bool(ok)}
 
     res, noise = measure(impls, ctx.cfg, check=check)
@@ -768,7 +770,7 @@ def table(suite, rows):
                  "bytes per element. The last column is the largest relative error against "
                  "float64 (softmax: every row; GELU: the first 64 rows, against x Phi(x) "
                  "through erfc; ✓ within normcy's documented bound, 1e-5 for softmax, "
-                 "4e-7 · max(5, x²/2) or 1e-6 absolute for GELU).", ""]
+                 "4e-7 · max(5, x²/2) or 1e-5 absolute for GELU).", ""]
         body = []
         for row in rows:
             ref = row["impls"].get("normcy")

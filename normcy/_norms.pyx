@@ -9,7 +9,7 @@ count.
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy
-from libc.math cimport sqrt, isfinite
+from libc.math cimport sqrt, isfinite, fabs
 from cython.parallel cimport prange, parallel
 
 cimport numpy as cnp
@@ -37,9 +37,10 @@ cdef extern from "nc_api_norms.h" nogil:
     void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b, Py_ssize_t n,
                        double mean, double scale)
     void nc_scale_apply_d(const float *s, float *y, const float *w, Py_ssize_t n, double scale)
-    void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float m, float a, float b)
-    void nc_affine_vec(const float *x, float *y, const float *m, const float *a, const float *b,
-                       Py_ssize_t n)
+    void nc_affine_scalar(const float *x, float *y, Py_ssize_t n, float m, float a, float b,
+                          int centred)
+    void nc_affine_rows(const float *x, float *y, const float *m, const float *a,
+                        const float *b, Py_ssize_t n, Py_ssize_t nrows)
     const char *nc_isa()
     const char *nc_isa_name()
     const char *nc_isa_cap()
@@ -733,10 +734,10 @@ def fold_batch_norm(running_mean, running_var, weight=None, bias=None, eps=1e-5)
     ``batch_norm(x) ~= x * scale + shift`` (per channel) with
     ``scale = weight / sqrt(running_var + eps)`` and ``shift = bias - running_mean * scale``,
     computed in float64, for use where the map must be one multiply-add (e.g. folded into
-    another layer).  :func:`batch_norm` itself evaluates the centred form
-    ``(x - running_mean) * scale + bias``, which stays accurate when ``|running_mean|`` is
-    large against ``sqrt(running_var)``; ``x * scale + shift`` loses digits there to
-    cancellation (about ``|shift| * 6e-8`` absolute).
+    another layer).  ``x * scale + shift`` loses digits to cancellation when
+    ``|running_mean|`` is large against ``sqrt(running_var)`` (about ``|shift| * 6e-8``
+    absolute); :func:`batch_norm` then evaluates the centred
+    ``(x - running_mean) * scale + bias`` instead.
 
     Parameters
     ----------
@@ -788,17 +789,25 @@ def _check_var(var, double e):
 
 cdef tuple _bn_params(object running_mean, object running_var, object weight, object bias,
                       object eps, Py_ssize_t c):
-    """(mean, scale, bias) as float32 (C,) arrays for the centred kernel
-    y = (x - mean) * scale + bias.  Float32 parameters are used as given (a C loop makes the
-    scale: no NumPy temporaries); others are converted through float64, where a mean that is
+    """The kernel's per-channel float32 (C,) arrays (mean, scale, bias): the centred form
+    y = (x - mean) * scale + bias, or, with mean None, the folded y = x * scale + shift.
+    Folded when every |running_mean| <= 2 sqrt(running_var + eps), where its error stays
+    within ~3 ulps of |weight| and it streams one parameter array fewer; centred otherwise,
+    where the fold's large shift would cancel (see nc_norm_kern.h).  Scale and shift are
+    computed in float64 and rounded once; float32 parameters take a C loop (no NumPy
+    temporaries) and are used as given where possible; for the centred form a mean that is
     not a float32 value is split into its float32 value m32 and the rest, which moves into
     the bias: bias + (m32 - mean) * scale."""
-    cdef double e
-    cdef cnp.ndarray sc
+    cdef double e, a, mk
+    cdef cnp.ndarray sc, sh
+    cdef const float *m
     cdef const float *v
     cdef const float *w = NULL
+    cdef const float *b = NULL
     cdef float *ps
+    cdef float *pb
     cdef Py_ssize_t k
+    cdef bint centred = False
     cdef cnp.npy_intp dim = c
     if not (_is_f32_vec(running_mean, c) and _is_f32_vec(running_var, c)
             and (weight is None or _is_f32_vec(weight, c))
@@ -810,25 +819,41 @@ cdef tuple _bn_params(object running_mean, object running_var, object weight, ob
         _check_var(var, e)
         scale = (param64(weight, "weight", c) if weight is not None else 1.0) / np.sqrt(var + e)
         scale = np.broadcast_to(scale, (c,))
-        m32 = mean.astype(np.float32)
         b64 = param64(bias, "bias", c) if bias is not None else np.zeros(c)
+        if bool(np.all(np.abs(mean) <= 2.0 * np.sqrt(var + e))):
+            return (None, np.ascontiguousarray(scale, dtype=np.float32),
+                    np.ascontiguousarray(b64 - mean * scale, dtype=np.float32))
+        m32 = mean.astype(np.float32)
         b64 = b64 + (m32.astype(np.float64) - mean) * scale
         return (m32, np.ascontiguousarray(scale, dtype=np.float32),
                 np.ascontiguousarray(b64, dtype=np.float32))
     e = check_eps(eps)
+    m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_mean)
     v = <const float *>cnp.PyArray_DATA(<cnp.ndarray>running_var)
     if weight is not None:
         w = <const float *>cnp.PyArray_DATA(<cnp.ndarray>weight)
+    if bias is not None:
+        b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias)
     for k in range(c):
         if not (<double>v[k] + e > 0):
             _check_var(np.asarray(running_var, dtype=np.float64), e)
+        if fabs(<double>m[k]) > 2.0 * sqrt(<double>v[k] + e):
+            centred = True
     sc = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
     ps = <float *>cnp.PyArray_DATA(sc)
+    if centred:
+        for k in range(c):
+            ps[k] = <float>((w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e))
+        if bias is None:
+            bias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT32, 0)
+        return running_mean, sc, bias
+    sh = <cnp.ndarray>cnp.PyArray_EMPTY(1, &dim, cnp.NPY_FLOAT32, 0)
+    pb = <float *>cnp.PyArray_DATA(sh)
     for k in range(c):
-        ps[k] = <float>((w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e))
-    if bias is None:
-        bias = cnp.PyArray_ZEROS(1, &dim, cnp.NPY_FLOAT32, 0)
-    return running_mean, sc, bias
+        a = (w[k] if w != NULL else 1.0) / sqrt(<double>v[k] + e)
+        ps[k] = <float>a
+        pb[k] = <float>((b[k] if b != NULL else 0.0) - <double>m[k] * a)
+    return None, sc, sh
 
 
 cdef bint _is_f32_vec(object p, Py_ssize_t c) noexcept:
@@ -845,18 +870,22 @@ cdef struct BNJob:
     const float *a
     const float *b
     Py_ssize_t outer, c, inner
+    Py_ssize_t rpb   # rows of C per work item (channels last)
     int rows     # 1: rows of C (channels last); 0: planes of `inner`
 
 
 cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
     cdef Py_ssize_t ch
+    cdef Py_ssize_t r0
     if j.rows:
-        nc_affine_vec(<const float *>j.x + p * j.c, <float *>j.y + p * j.c, j.m, j.a, j.b,
-                      j.c)
+        r0 = p * j.rpb
+        nc_affine_rows(<const float *>j.x + r0 * j.c, <float *>j.y + r0 * j.c, j.m, j.a, j.b,
+                       j.c, min(j.rpb, j.outer - r0))
     else:
         ch = p % j.c
         nc_affine_scalar(<const float *>j.x + p * j.inner, <float *>j.y + p * j.inner,
-                         j.inner, j.m[ch], j.a[ch], j.b[ch])
+                         j.inner, j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch],
+                         j.m != NULL)
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, axis=1,
@@ -864,10 +893,14 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     """Inference-mode BatchNorm with running statistics.
 
     ``y = (x - running_mean) / sqrt(running_var + eps) * weight + bias`` per channel,
-    evaluated as ``fma(x - running_mean[c], scale[c], bias[c])`` with
-    ``scale = weight / sqrt(running_var + eps)`` (float64, rounded once): accurate to about
-    an ulp of the output even when ``|running_mean|`` is large against the channel's spread,
-    where the folded ``x * scale + shift`` (:func:`fold_batch_norm`) cancels.
+    with ``scale = weight / sqrt(running_var + eps)`` (float64, rounded once).  When some
+    channel's ``|running_mean|`` exceeds ``2 * sqrt(running_var + eps)`` the call evaluates
+    the centred ``fma(x - running_mean[c], scale[c], bias[c])``, accurate to about an ulp of
+    the output even for means far from zero, where the folded ``x * scale + shift``
+    (:func:`fold_batch_norm`) cancels (6.8e-3 off at mean 1e4, std 0.1); otherwise the
+    folded form, within ~3 ulps of ``|weight|`` there and one parameter stream cheaper.
+    The choice depends on the parameters only: every layout and thread count gives the
+    same bits.
 
     Parameters
     ----------
@@ -944,13 +977,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             return oa if out_arg is None else out_arg
     j.x = <const char *>cnp.PyArray_DATA(xv)
     j.y = <char *>cnp.PyArray_DATA(ov)
-    j.m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>mean32)
+    j.m = <const float *>cnp.PyArray_DATA(<cnp.ndarray>mean32) if mean32 is not None else NULL
     j.a = <const float *>cnp.PyArray_DATA(<cnp.ndarray>scale)
     j.b = <const float *>cnp.PyArray_DATA(<cnp.ndarray>bias32)
     j.outer = outer
     j.c = c
     j.inner = inner
-    items = outer if j.rows else outer * c
+    # channels last: blocks of an even number of rows (~16K floats; pairs share their
+    # parameter loads), at least two rows
+    j.rpb = max(2, min(256, (16384 // c) & ~1))
+    items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
     work = outer * c * inner
     nt = resolve_threads(num_threads, work, items)
     _run_bn(&j, items, nt)

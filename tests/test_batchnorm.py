@@ -463,3 +463,35 @@ def test_fold_into_linear_bad_shapes():
         normcy.fold_batch_norm_into_linear(W, None, m, v, np.ones(5, F32), None)
     with pytest.raises(ValueError, match=r"\beps\b"):
         normcy.fold_batch_norm_into_linear(W, None, m, v, None, None, -1.0)
+
+
+@pytest.mark.parametrize("spread", ["small_means", "large_means"])
+def test_batch_norm_same_bits_in_every_layout(h, spread):
+    """The form (folded or centred) is chosen from the parameters alone: NCHW, NHWC, a
+    strided view and every thread count give the same bits; with small means the result is
+    exactly the fold's x * scale + shift (fused)."""
+    rng = h.rng_for("bn-layout-bits", spread)
+    c = 24
+    m, v, w, b = _stats(rng, c)
+    if spread == "large_means":
+        m = (m + 50.0).astype(F32)
+    x = h.randn(rng, (3, c, 5, 7), scale=2.0) + (m.reshape(1, c, 1, 1) if spread ==
+                                                  "large_means" else 0)
+    x = x.astype(F32)
+    ref = normcy.batch_norm(x, m, v, w, b, num_threads=1)
+    nhwc = normcy.batch_norm(np.ascontiguousarray(x.transpose(0, 2, 3, 1)), m, v, w, b,
+                             axis=-1, num_threads=2)
+    np.testing.assert_array_equal(nhwc.transpose(0, 3, 1, 2), ref)
+    big = np.zeros((3, c, 5, 14), F32)
+    big[..., ::2] = x
+    np.testing.assert_array_equal(normcy.batch_norm(big[..., ::2], m, v, w, b), ref)
+    np.testing.assert_array_equal(normcy.batch_norm(x, m, v, w, b, num_threads=3), ref)
+    if spread == "small_means":
+        scale, shift = normcy.fold_batch_norm(m, v, w, b)
+        sc, sh = scale.reshape(1, c, 1, 1), shift.reshape(1, c, 1, 1)
+        from normcy import _norms
+        if _norms.isa_info()["name"] == "baseline":     # SSE2: no FMA, two roundings
+            want = (x * sc) + sh
+        else:                                           # a fused multiply-add: one
+            want = (x.astype(F64) * sc.astype(F64) + sh.astype(F64)).astype(F32)
+        np.testing.assert_array_equal(ref, want)

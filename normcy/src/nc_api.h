@@ -75,9 +75,9 @@ typedef struct nc_ktable {
     void (*ln_apply_d)(const float *, float *, const float *, const float *, ptrdiff_t,
                        double, double);
     void (*scale_apply_d)(const float *, float *, const float *, ptrdiff_t, double);
-    void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float, float);
-    void (*affine_vec)(const float *, float *, const float *, const float *, const float *,
-                       ptrdiff_t);
+    void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float, float, int);
+    void (*affine_rows)(const float *, float *, const float *, const float *, const float *,
+                        ptrdiff_t, ptrdiff_t);
     void (*stream_copy)(float *, const float *, ptrdiff_t);
     void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
                       const float *, ptrdiff_t, float, float, float, float, float, float);
@@ -186,7 +186,7 @@ typedef struct nc_ktable {
 
 #if NC_FAMILIES & NC_F_NORM
 #define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
-     nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_vec_##S,     \
+     nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_rows_##S,     \
      nc_stream_copy_##S, nc_ln_apply2_##S, nc_scale_apply2_##S
 #else
 #define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
@@ -352,11 +352,11 @@ static inline void nc_scale_apply_d(const float *s, float *y, const float *w, pt
                                     double scale)
 { nc_kt->scale_apply_d(s, y, w, n, scale); }
 static inline void nc_affine_scalar(const float *x, float *y, ptrdiff_t n, float m, float a,
-                                    float b)
-{ nc_kt->affine_scalar(x, y, n, m, a, b); }
-static inline void nc_affine_vec(const float *x, float *y, const float *m, const float *a,
-                                 const float *b, ptrdiff_t n)
-{ nc_kt->affine_vec(x, y, m, a, b, n); }
+                                    float b, int centred)
+{ nc_kt->affine_scalar(x, y, n, m, a, b, centred); }
+static inline void nc_affine_rows(const float *x, float *y, const float *m, const float *a,
+                                  const float *b, ptrdiff_t n, ptrdiff_t nrows)
+{ nc_kt->affine_rows(x, y, m, a, b, n, nrows); }
 static inline void nc_stream_copy(float *dst, const float *src, ptrdiff_t n)
 { nc_kt->stream_copy(dst, src, n); }
 static inline void nc_stream_fence(void)

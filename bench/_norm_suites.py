@@ -7,6 +7,8 @@ from _common import Impl, measure
 LN_SHAPES_FULL = [(1, 384), (1, 768), (32, 384), (4096, 384), (4096, 768), (16384, 1024),
                   (64, 8192), (2, 1048576)]
 # --quick: add_layer_norm at the four shapes of the issue-3 targets, the others at two
+# arrays at least this large get in-row copy references (NormBench._copy_refs)
+IN_ROW_COPY_BYTES = 48 << 20
 LN_SHAPES_QUICK = {"add_layer_norm": [(1, 384), (32, 384), (4096, 768), (16384, 1024)],
                    "*": [(32, 384), (4096, 768)]}
 # (label, shape, channel axis)
@@ -285,6 +287,23 @@ class NormBench:
             out.append(Impl("normcy nt=1", make_call(1), nbytes=nbytes, family="normcy", threads=1))
         return out
 
+    def _copy_refs(self, x, T):
+        """Copies of an array of x's size, timed among this row's implementations (family
+        "copy": references, not competitors): the copy bandwidth side by side with the row's
+        figures.  On the shared VMs the machine's bandwidth moves between phases (a 2-thread
+        copy measured 45 GB/s and 75 GB/s in one run), so a ceiling measured at other
+        moments is not comparable."""
+        c = np.empty_like(x)
+        xr = x
+        out = [Impl("copy np.copyto", lambda: np.copyto(c, xr), nbytes=2 * x.nbytes,
+                    family="copy", threads=1, checked=False)]
+        torch = self.torch
+        if torch is not None:
+            tx, tc = torch.from_numpy(xr), torch.from_numpy(c)
+            out.append(Impl("copy torch copy_ %dT" % T, lambda: tc.copy_(tx), pre=self._torch_pre(T),
+                            nbytes=2 * x.nbytes, family="copy", threads=T, checked=False))
+        return out
+
     # ---- layer-norm family ----------------------------------------------------------
     def ln_row(self, suite, N, H, T):
         d = self._ln_data(N, H)
@@ -429,6 +448,8 @@ class NormBench:
         else:
             raise ValueError(suite)
         d["refs"][suite] = refs
+        if 4 * N * H >= IN_ROW_COPY_BYTES:
+            impls += self._copy_refs(x, T)
         res, noise = measure(impls, self.ctx.cfg, check=_check_factory(refs, x.shape, idx))
         return self._row(suite, "%dx%d" % (N, H), (N, H), T, nbytes, res, noise)
 

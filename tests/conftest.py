@@ -244,6 +244,24 @@ def params(rng, d, with_weight=True, with_bias=True):
     return w, b
 
 
+# wait_child(pid, timeout): a forked child's exit code, or 99 after killing it if it hung;
+# for the child interpreters of the fork tests (a source string: they run it themselves)
+WAIT_CHILD_SRC = """
+def wait_child(pid, timeout=60):
+    deadline = time.monotonic() + timeout
+    while True:
+        p, status = os.waitpid(pid, os.WNOHANG)
+        if p:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            print("CHILD HUNG")
+            return 99
+        time.sleep(0.02)
+"""
+
+
 def normcy_pythonpath_env(extra=None, drop=()):
     """Environment for a child interpreter that imports the very same normcy."""
     env = dict(os.environ)

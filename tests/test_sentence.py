@@ -643,7 +643,7 @@ def test_fork_while_another_thread_encodes():
     the unpickling cache's lock."""
     import subprocess
     import sys
-    from conftest import normcy_pythonpath_env
+    from conftest import WAIT_CHILD_SRC, normcy_pythonpath_env
     code = r"""
 import os, pickle, sys, threading, time
 import numpy as np
@@ -651,17 +651,7 @@ import normcy
 enc = normcy.SentenceEncoder.from_pretrained()
 ref = enc.encode(["hello world"])
 blob = pickle.dumps(enc)
-
-def wait_child(pid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        p, status = os.waitpid(pid, os.WNOHANG)
-        if p:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9); os.waitpid(pid, 0)
-            return 99
-
+""" + WAIT_CHILD_SRC + r"""
 def child():
     try:
         ok = np.array_equal(enc.encode(["hello world"]), ref)

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import normcy
+from conftest import WAIT_CHILD_SRC
 
 F32 = np.float32
 SUBPROCESS_TIMEOUT = 180
@@ -523,19 +524,7 @@ try:
 except ImportError:
     HAVE_OMP = True
 
-def wait_child(pid, timeout=60):
-    deadline = time.monotonic() + timeout
-    while True:
-        p, status = os.waitpid(pid, os.WNOHANG)
-        if p:
-            return os.waitstatus_to_exitcode(status)
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            os.waitpid(pid, 0)
-            print("CHILD HUNG")
-            return 99
-        time.sleep(0.02)
-"""
+""" + WAIT_CHILD_SRC
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")

@@ -163,15 +163,18 @@ def test_workspaces_follow_concurrency_not_thread_count():
     lock = threading.Lock()
     outs = []
 
+    def run_threads(fn, n):
+        threads = [threading.Thread(target=fn) for _ in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+
     def in_turn():
         with lock:
             outs.append(layer(x))
 
-    threads = [threading.Thread(target=in_turn) for _ in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(in_turn, 8)
     assert len(layer._wsp.idle()) == 1
     assert all(np.array_equal(o, ref) for o in outs)
     barrier = threading.Barrier(4)
@@ -180,11 +183,7 @@ def test_workspaces_follow_concurrency_not_thread_count():
         barrier.wait()
         outs.append(layer(x))
 
-    threads = [threading.Thread(target=together) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(together, 4)
     assert 1 <= len(layer._wsp.idle()) <= 4
     assert all(np.array_equal(o, ref) for o in outs)
 

@@ -126,7 +126,12 @@ if disable_omp:
 else:
     omp_ok, omp_runtime, omp_flags, omp_detail = _probe_openmp()
 
-if not omp_ok:
+if not omp_ok and disable_omp:
+    if require_omp:
+        raise SystemExit("normcy: NORMCY_REQUIRE_OPENMP=1 and NORMCY_DISABLE_OPENMP=1 "
+                         "contradict each other; unset one")
+    sys.stderr.write("normcy: serial kernels (NORMCY_DISABLE_OPENMP=1)\n")
+elif not omp_ok:
     msg = ("\n" + "!" * 78 + "\n"
            "normcy: OpenMP is NOT available (%s).\n"
            "normcy: building SERIAL kernels; every call will use one core.\n"

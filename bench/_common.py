@@ -478,7 +478,7 @@ def _git_rev(root):
         return {"commit": None}
 
 
-ALLOCATOR_NOTE = [None]     # what steady_allocator() did in this process
+_ALLOCATOR_NOTE = None      # what steady_allocator() did in this process
 
 
 def steady_allocator():
@@ -490,6 +490,7 @@ def steady_allocator():
     against 6.9 ms at 16384x1024): the competitors are measured in their best state.
     Returns a description for the report, or None where it does not apply."""
     import ctypes
+    global _ALLOCATOR_NOTE
     try:
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_max = -1, -4
@@ -499,8 +500,8 @@ def steady_allocator():
               and libc.mallopt(m_trim_threshold, 2 ** 31 - 1) == 1)
     except (OSError, AttributeError):
         return None
-    ALLOCATOR_NOTE[0] = "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else None
-    return ALLOCATOR_NOTE[0]
+    _ALLOCATOR_NOTE = "glibc mallopt(M_MMAP_MAX=0, M_TRIM_THRESHOLD=2^31-1)" if ok else None
+    return _ALLOCATOR_NOTE
 
 
 THREAD_ENV = ("OMP_NUM_THREADS", "NORMCY_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
@@ -524,7 +525,7 @@ def environment(nc, torch, ort, root):
         "loadavg_start": os.getloadavg() if hasattr(os, "getloadavg") else None,
         "sched_policy": _sched_policy(),
         "thread_env": {k: os.environ.get(k) for k in THREAD_ENV},
-        "allocator": ALLOCATOR_NOTE[0],
+        "allocator": _ALLOCATOR_NOTE,
         "versions": {
             "normcy": getattr(nc, "__version__", None) if nc is not None else None,
             "numpy": np.__version__,

@@ -293,16 +293,8 @@ class NormBench:
         figures.  On the shared VMs the machine's bandwidth moves between phases (a 2-thread
         copy measured 45 GB/s and 75 GB/s in one run), so a ceiling measured at other
         moments is not comparable."""
-        c = np.empty_like(x)
-        xr = x
-        out = [Impl("copy np.copyto", lambda: np.copyto(c, xr), nbytes=2 * x.nbytes,
-                    family="copy", threads=1, checked=False)]
-        torch = self.torch
-        if torch is not None:
-            tx, tc = torch.from_numpy(xr), torch.from_numpy(c)
-            out.append(Impl("copy torch copy_ %dT" % T, lambda: tc.copy_(tx), pre=self._torch_pre(T),
-                            nbytes=2 * x.nbytes, family="copy", threads=T, checked=False))
-        return out
+        return copy_impls(self.torch, x, np.empty_like(x), (T,), prefix="copy ",
+                          family="copy")
 
     # ---- layer-norm family ----------------------------------------------------------
     def ln_row(self, suite, N, H, T):
@@ -511,25 +503,42 @@ class NormBench:
 # --------------------------------------------------------------------------------------
 # bandwidth ceiling
 # --------------------------------------------------------------------------------------
-def ceiling_row(ctx, nbytes_per_array, threads_list):
-    n = max(1, nbytes_per_array // 4)
-    rng = np.random.default_rng(7)
-    a = rng.standard_normal(n, dtype=np.float32)
-    b2 = rng.standard_normal(n, dtype=np.float32)
-    c = np.empty_like(a)
-    impls = [
-        Impl("numpy copyto", lambda: np.copyto(c, a), nbytes=2 * 4 * n, family="numpy", threads=1),
-        Impl("numpy add", lambda: np.add(a, b2, out=c), nbytes=3 * 4 * n, family="numpy", threads=1),
-    ]
-    torch = ctx.torch
+def copy_impls(torch, a, c, threads_list, prefix="", family=None):
+    """Copies of `a` into `c`: NumPy's one-thread ``np.copyto`` and PyTorch's ``copy_`` at
+    each thread count (named ``prefix + "numpy copyto"`` / ``prefix + "torch copy_ {T}T"``;
+    `family`: the implementations' family, default their library's; another family makes
+    them references that the row's output check skips)."""
+    out = [Impl(prefix + "numpy copyto", lambda: np.copyto(c, a), nbytes=2 * a.nbytes,
+                family=family or "numpy", threads=1, checked=family is None)]
     if torch is not None:
         ta, tc = torch.from_numpy(a), torch.from_numpy(c)
         for T in threads_list:
             def pre(T=T):
                 if torch.get_num_threads() != T:
                     torch.set_num_threads(T)
-            impls.append(Impl("torch copy_ %dT" % T, lambda: tc.copy_(ta), pre=pre,
-                              nbytes=2 * 4 * n, family="torch", threads=T))
+            out.append(Impl(prefix + "torch copy_ %dT" % T, lambda: tc.copy_(ta), pre=pre,
+                            nbytes=2 * a.nbytes, family=family or "torch", threads=T,
+                            checked=family is None))
+    return out
+
+
+def copy_gbs_of(row):
+    """The fastest copy timed in a row (``np.copyto`` or PyTorch's ``copy_``), GB/s, or None."""
+    g = [m["gbs"] for name, m in row["impls"].items()
+         if ("numpy copyto" in name or "torch copy_" in name) and m.get("gbs")]
+    return max(g) if g else None
+
+
+def ceiling_row(ctx, nbytes_per_array, threads_list):
+    n = max(1, nbytes_per_array // 4)
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal(n, dtype=np.float32)
+    b2 = rng.standard_normal(n, dtype=np.float32)
+    c = np.empty_like(a)
+    copies = copy_impls(ctx.torch, a, c, threads_list)
+    impls = copies[:1] + [
+        Impl("numpy add", lambda: np.add(a, b2, out=c), nbytes=3 * 4 * n, family="numpy", threads=1),
+    ] + copies[1:]
     res, noise = measure(impls, ctx.cfg)
     return {"suite": "ceiling", "case": _fmt_bytes(4 * n), "array_bytes": 4 * n, "threads": None,
             "impls": res, "noise_other_cpu_share": noise}

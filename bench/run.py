@@ -30,6 +30,7 @@ import numpy as np  # noqa: E402
 
 from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fmt_x,  # noqa: E402
                      md_table, targets_table)
+from _norm_suites import copy_gbs_of  # noqa: E402
 
 ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
               "add_rms_norm", "batch_norm", "ops", "gemm", "encoder", "minilm"]
@@ -269,9 +270,8 @@ def evaluate_targets(rows, copy_gbs, all_cores):
         med(row, row["ref"])
         g = row["impls"][row["ref"]].get("gbs")
         # the copies timed in the same row, side by side (else the run's ceiling)
-        in_row = [m["gbs"] for m in row["impls"].values()
-                  if m.get("family") == "copy" and m.get("gbs")]
-        ceil = max(in_row) if in_row else copy_gbs
+        in_row = copy_gbs_of(row)
+        ceil = in_row or copy_gbs
         add("add_layer_norm 16384×1024: ≥ 80% of copy bandwidth", g / ceil if g else None,
             0.8, kind="fraction",
             note="copy %.1f GB/s %s" % (ceil, "in the same row" if in_row else "(run ceiling)"))
@@ -500,9 +500,7 @@ def main(argv=None):
     # the copy ceiling: the faster of NumPy's one-thread copy and PyTorch's copy_ at each
     # measured thread count (a normcy figure at T threads is compared with a copy that
     # could use T threads too)
-    copy_gbs = max((g for r in big for name, m in r["impls"].items()
-                    if (name == "numpy copyto" or name.startswith("torch copy_"))
-                    for g in [m.get("gbs")] if g), default=None) if big else None
+    copy_gbs = max((g for g in map(copy_gbs_of, big) if g), default=None)
 
     out = []
     out.append("## normcy benchmark (%s)\n" % ("--quick" if args.quick else "full"))

@@ -817,12 +817,12 @@ cdef tuple _bn_params(object running_mean, object running_var, object weight, ob
         mean = param64(running_mean, "running_mean", c)
         var = param64(running_var, "running_var", c)
         _check_var(var, e)
-        scale = (param64(weight, "weight", c) if weight is not None else 1.0) / np.sqrt(var + e)
-        scale = np.broadcast_to(scale, (c,))
-        b64 = param64(bias, "bias", c) if bias is not None else np.zeros(c)
+        w64 = param64(weight, "weight", c) if weight is not None else None
+        b64 = param64(bias, "bias", c) if bias is not None else None
         if bool(np.all(np.abs(mean) <= 2.0 * np.sqrt(var + e))):
-            return (None, np.ascontiguousarray(scale, dtype=np.float32),
-                    np.ascontiguousarray(b64 - mean * scale, dtype=np.float32))
+            return (None,) + fold_batch_norm(mean, var, w64, b64, e)
+        scale = np.broadcast_to((w64 if w64 is not None else 1.0) / np.sqrt(var + e), (c,))
+        b64 = b64 if b64 is not None else np.zeros(c)
         m32 = mean.astype(np.float32)
         b64 = b64 + (m32.astype(np.float64) - mean) * scale
         return (m32, np.ascontiguousarray(scale, dtype=np.float32),

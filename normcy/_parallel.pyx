@@ -93,7 +93,7 @@ def get_num_threads():
     -------
     int
     """
-    if _fork_serial or not NC_HAVE_OPENMP:
+    if _fork_serial:
         return 1
     return _default_threads
 
@@ -112,7 +112,8 @@ def set_num_threads(n):
     global _default_threads
     from normcy._validate import as_int
     n = as_int(n, "num_threads", minimum=1)
-    _default_threads = <int>min(n, _MAX_THREADS)
+    # without OpenMP every kernel runs serially: the default stays 1 (checked all the same)
+    _default_threads = <int>min(n, _MAX_THREADS) if NC_HAVE_OPENMP else 1
 
 
 def fork_serial():
@@ -233,7 +234,7 @@ def _set_parallel_thresholds(min_parallel_work=None, min_work_per_thread=None):
 
 
 cdef int default_threads() noexcept nogil:
-    if _fork_serial or not NC_HAVE_OPENMP:
+    if _fork_serial:
         return 1
     return _default_threads
 

@@ -48,7 +48,11 @@ cdef extern from "nc_api_norms.h" nogil:
     int nc_isa_vbytes()
     const char *nc_isa_supported()
     void nc_stream_init()
-    void nc_stream_copy(float *dst, const float *src, Py_ssize_t n)
+    ctypedef struct nc_carry:
+        float *line
+        Py_ssize_t fill
+    void nc_stream_row(float *dst, const float *src, Py_ssize_t n, nc_carry *c)
+    void nc_stream_flush(nc_carry *c)
     void nc_stream_fence()
     int NC_HAVE_STREAM
     int NC_HAVE_CLONES
@@ -238,9 +242,44 @@ cdef inline void fast_apply(const NormJob *j, const RowState *st) noexcept nogil
     row_apply(j, st, 0, j.n, st.yp)
 
 
+cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
+                      float *scratch) noexcept nogil:
+    """Contiguous rows [r0, r1) whose outputs are far larger than cache: s and y are formed
+    in the L1-resident scratch and streamed out (no read-for-ownership of the outputs), each
+    output through its own carry, so the line two consecutive rows share goes out as one
+    streamed line.  The caller fences once, after its last row."""
+    cdef Py_ssize_t n = j.n, i, c0, ln
+    cdef float *yp
+    cdef RowState st
+    cdef nc_carry cy
+    cdef nc_carry cs
+    cy.line = NULL
+    cy.fill = 0
+    cs.line = NULL
+    cs.fill = 0
+    for i in range(r0, r1):
+        yp = <float *>row_ptr(&j.y, i)
+        row_stats(j, <const float *>row_ptr(&j.x, i),
+                  <const float *>row_ptr(&j.r, i) if j.has_r else NULL,
+                  scratch if j.has_r else NULL, yp, &st)
+        if j.has_so:
+            nc_stream_row(<float *>row_ptr(&j.so, i), scratch, n, &cs)
+        c0 = 0
+        while c0 < n:
+            ln = n - c0
+            if ln > NC_CHUNK:
+                ln = NC_CHUNK
+            row_apply(j, &st, c0, ln, scratch + n)
+            nc_stream_row(yp + c0, scratch + n, ln, &cy)
+            c0 += ln
+    nc_stream_flush(&cs)
+    nc_stream_flush(&cy)
+
+
 cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogil:
-    """Row i through scratch: strided operands (gather/scatter) or streamed outputs."""
-    cdef Py_ssize_t n = j.n, k, c0, ln, cs
+    """Row i through scratch: some operand has a non-unit last-axis stride (gather/scatter
+    through contiguous copies)."""
+    cdef Py_ssize_t n = j.n, k, cs
     cdef const float *xp = <const float *>row_ptr(&j.x, i)
     cdef const float *rp = NULL
     cdef float *sp = NULL
@@ -253,21 +292,6 @@ cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogi
         rp = <const float *>row_ptr(&j.r, i)
     if j.has_so:
         sp = <float *>row_ptr(&j.so, i)
-    if j.stream:
-        # contiguous row, outputs far larger than cache: s and y are formed in the
-        # L1-resident scratch and streamed out (no read-for-ownership of the outputs)
-        row_stats(j, xp, rp, scratch if j.has_r else NULL, yp, &st)
-        if j.has_so:
-            nc_stream_copy(sp, scratch, n)
-        c0 = 0
-        while c0 < n:
-            ln = n - c0
-            if ln > NC_CHUNK:
-                ln = NC_CHUNK
-            row_apply(j, &st, c0, ln, scratch + n)
-            nc_stream_copy(yp + c0, scratch + n, ln)
-            c0 += ln
-        return      # the caller fences once, after its last row
     # Some operand has a non-unit last-axis stride: work on contiguous copies.
     gx = scratch
     gr = scratch + n
@@ -416,30 +440,44 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
                     run_rows(j, 2 * (npairs * t // nt),
                              min(j.nrows, 2 * (npairs * (t + 1) // nt)))
         return 0
-    if nt <= 1:
-        with nogil:
-            if need_scratch:
+    if j.stream:
+        # each thread streams a run of consecutive rows (the carries join them)
+        if nt <= 1:
+            with nogil:
                 scratch = <float *>malloc(scratch_bytes)
-            if need_scratch and scratch == NULL:
+                if scratch == NULL:
+                    failed = 1
+                else:
+                    stream_rows(j, 0, j.nrows, scratch)
+                    nc_stream_fence()
+                    free(scratch)
+        else:
+            with nogil:
+                for t in prange(nt, schedule='static', num_threads=nt):
+                    scratch = <float *>malloc(scratch_bytes)
+                    if scratch == NULL:
+                        failed += 1     # a reduction: seen after the loop
+                    else:
+                        stream_rows(j, j.nrows * t // nt, j.nrows * (t + 1) // nt, scratch)
+                        nc_stream_fence()   # this thread's streamed rows, before the join
+                        free(scratch)
+    elif nt <= 1:
+        with nogil:
+            scratch = <float *>malloc(scratch_bytes)
+            if scratch == NULL:
                 failed = 1
             else:
                 for i in range(j.nrows):
                     norm_row(j, i, scratch)
-                if j.stream:
-                    nc_stream_fence()
                 free(scratch)
     else:
         with nogil, parallel(num_threads=nt):
-            scratch = NULL
-            if need_scratch:
-                scratch = <float *>malloc(scratch_bytes)
-                if scratch == NULL:
-                    failed = 1
+            scratch = <float *>malloc(scratch_bytes)
             for i in prange(j.nrows, schedule='static'):
-                if not need_scratch or scratch != NULL:
+                if scratch != NULL:
                     norm_row(j, i, scratch)
-            if j.stream:
-                nc_stream_fence()   # this thread's streamed rows, before the join
+                else:
+                    failed += 1     # a reduction (a plain assignment here is private)
             free(scratch)
     if failed:
         raise MemoryError("normcy: could not allocate %d bytes of scratch" % scratch_bytes)

@@ -60,3 +60,49 @@ def test_streaming_matches_cached_path(name, shape, alias, streaming_always):
         np.testing.assert_array_equal(s1, s0)
         if alias != "sum_out_is_residual":
             np.testing.assert_array_equal(s0, x + xb + r)
+
+
+def _offset_view(rows, n, offset, row_pad, fill):
+    """A (rows, n) float32 view `offset` floats past a 64-byte boundary of a larger buffer,
+    its rows `n + row_pad` floats apart; the buffer elsewhere holds `fill`."""
+    ld = n + row_pad
+    buf = np.full(rows * ld + 64, fill, F32)
+    base = (-(buf.ctypes.data // 4)) % 16 + offset
+    return buf, buf[base:base + rows * ld].reshape(rows, ld)[:, :n]
+
+
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm", "layer_norm"])
+@pytest.mark.parametrize("n", [64, 100, 1000, 1024, 2100])
+@pytest.mark.parametrize("offset", [0, 1, 4, 15])
+@pytest.mark.parametrize("row_pad", [0, 3, 16])
+@pytest.mark.parametrize("nt", [1, 2, 3])
+def test_streamed_rows_at_any_alignment(name, n, offset, row_pad, nt, streaming_always):
+    """Streamed rows at every alignment and row spacing: the partial line that consecutive
+    rows share is written once, complete, and nothing outside the outputs is touched."""
+    rows = 7
+    rng = np.random.default_rng(hash((name, n, offset, row_pad, nt)) % 2**32)
+    x = rng.standard_normal((rows, n)).astype(F32)
+    r = rng.standard_normal((rows, n)).astype(F32)
+    w = rng.standard_normal(n).astype(F32)
+    b = rng.standard_normal(n).astype(F32)
+    is_add = name.startswith("add")
+    ybuf, y = _offset_view(rows, n, offset, row_pad, -7.0)
+    sbuf, so = _offset_view(rows, n, (offset + 5) % 16, row_pad, -9.0) if is_add else (None, None)
+    _call(name, x, r if is_add else None, w, b, None, y, so, nt)
+    _norms._set_streaming_threshold(1 << 62)
+    y_ref = _call(name, x, r if is_add else None, w, b, None, None,
+                  np.empty_like(x) if is_add else None, 1)
+    np.testing.assert_array_equal(y, y_ref)
+    assert np.all(_outside(ybuf, y) == -7.0)
+    if is_add:
+        np.testing.assert_array_equal(so, x + r)
+        assert np.all(_outside(sbuf, so) == -9.0)
+
+
+def _outside(buf, view):
+    """The elements of `buf` that are not in the 2-D `view` of it."""
+    mask = np.ones(buf.shape, bool)
+    first = (view.__array_interface__["data"][0] - buf.ctypes.data) // 4
+    rows, n = view.shape
+    mask[first + np.add.outer(np.arange(rows) * (view.strides[0] // 4), np.arange(n))] = False
+    return buf[mask]

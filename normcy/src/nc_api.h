@@ -43,6 +43,25 @@ enum { NCO_ACT_IDENTITY = 0, NCO_ACT_RELU = 1, NCO_ACT_GELU = 2, NCO_ACT_GELU_TA
 
 #define NC_CHUNK 1024
 
+/* Streamed output (nc_stream_row): the cache line, and a partial line held back until the
+   next row completes it. */
+#define NC_LINE_BYTES 64
+#define NC_LINE_FLOATS 16
+typedef struct nc_carry {
+    float *line;                  /* the held line's (aligned) address, NULL if none */
+    ptrdiff_t fill;               /* its first `fill` elements are held in v */
+    float v[NC_LINE_FLOATS];
+} nc_carry;
+
+/* Write the held elements with ordinary stores and forget them. */
+static inline void nc_stream_flush(nc_carry *c)
+{
+    ptrdiff_t k;
+    for (k = 0; k < c->fill; k++) c->line[k] = c->v[k];
+    c->line = NULL;
+    c->fill = 0;
+}
+
 /* The L1 data cache of the CPU, bytes (nc_dispatch_init: sysconf where glibc reports it,
    else 32 KB); the GEMM's K block (nc_gemm_kc) takes a slice of twice the size into an L1
    of 48 KB or more. */
@@ -78,7 +97,7 @@ typedef struct nc_ktable {
     void (*affine_scalar)(const float *, float *, ptrdiff_t, float, float, float, int);
     void (*affine_rows)(const float *, float *, const float *, const float *, const float *,
                         ptrdiff_t, ptrdiff_t);
-    void (*stream_copy)(float *, const float *, ptrdiff_t);
+    void (*stream_row)(float *, const float *, ptrdiff_t, nc_carry *);
     void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
                       const float *, ptrdiff_t, float, float, float, float, float, float);
     void (*scale_apply2)(const float *, const float *, float *, float *, const float *,
@@ -187,7 +206,7 @@ typedef struct nc_ktable {
 #if NC_FAMILIES & NC_F_NORM
 #define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_rows_##S,     \
-     nc_stream_copy_##S, nc_ln_apply2_##S, nc_scale_apply2_##S
+     nc_stream_row_##S, nc_ln_apply2_##S, nc_scale_apply2_##S
 #else
 #define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
@@ -357,8 +376,8 @@ static inline void nc_affine_scalar(const float *x, float *y, ptrdiff_t n, float
 static inline void nc_affine_rows(const float *x, float *y, const float *m, const float *a,
                                   const float *b, ptrdiff_t n, ptrdiff_t nrows)
 { nc_kt->affine_rows(x, y, m, a, b, n, nrows); }
-static inline void nc_stream_copy(float *dst, const float *src, ptrdiff_t n)
-{ nc_kt->stream_copy(dst, src, n); }
+static inline void nc_stream_row(float *dst, const float *src, ptrdiff_t n, nc_carry *c)
+{ nc_kt->stream_row(dst, src, n, c); }
 static inline void nc_stream_fence(void)
 {
 #if defined(__x86_64__)

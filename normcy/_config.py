@@ -10,7 +10,7 @@ def get_config():
     Keys: version, openmp, openmp_runtime, default_threads, available_cpus, kernel_isa,
     kernel_variant, vector_bytes, isa_cap, supported_variants, gemm_tile, runtime_dispatch,
     native_build, compile_args, link_args, compiler, compiler_version, user_cflags, numpy,
-    blas, python, fork_serial.
+    blas, python, fork_serial, omp_wait, streaming_min_bytes, llc_bytes.
     """
     from normcy import _build_info as bi
     from normcy._version import __version__
@@ -42,6 +42,8 @@ def get_config():
         "gemm_tile": "%dx%d" % _gemm.kernel_shape(),
         "gemm_k_block": blocking[1],
         "l1d_bytes": blocking[0],
+        "streaming_min_bytes": _norms.streaming_info()["min_bytes"],
+        "llc_bytes": _norms.streaming_info()["llc_bytes"],
         "runtime_dispatch": _norms.have_runtime_dispatch(),
         "native_build": bi.native,
         "compile_args": list(bi.compile_args),
@@ -85,6 +87,8 @@ def show_config(file=None):
             c["vector_bytes"], c["gemm_tile"]),
         "  GEMM K block:     <= %d (L1 data cache %d KB)" % (c["gemm_k_block"],
                                                            c["l1d_bytes"] // 1024),
+        "  streamed outputs: norm calls touching >= %.3g MB (last-level cache %.3g MB)" % (
+            c["streaming_min_bytes"] / 2**20, c["llc_bytes"] / 2**20),
         "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
                                       "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]
                                       if c["isa_cap"] else

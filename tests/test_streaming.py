@@ -106,3 +106,22 @@ def _outside(buf, view):
     rows, n = view.shape
     mask[first + np.add.outer(np.arange(rows) * (view.strides[0] // 4), np.arange(n))] = False
     return buf[mask]
+
+
+def test_streaming_threshold_is_the_last_level_cache():
+    """Calls touching more bytes than the last-level cache (lscpu's figure) stream; the
+    threshold and the cache it came from are reported by show_config."""
+    import glob
+    import io
+
+    info = _norms.streaming_info()
+    sizes = []
+    for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
+        txt = open(d).read().strip()
+        sizes.append(int(txt[:-1]) * {"K": 1024, "M": 1 << 20}[txt[-1]] if txt[-1] in "KM"
+                     else int(txt))
+    expected = max(sizes) if sizes and max(sizes) >= 1 << 20 else 32 << 20
+    assert info == {"min_bytes": expected, "llc_bytes": expected}
+    buf = io.StringIO()
+    normcy.show_config(file=buf)
+    assert "streamed outputs: norm calls touching >= %.3g MB" % (expected / 2**20) in buf.getvalue()

@@ -53,6 +53,29 @@ cdef extern from "nc_api_norms.h" nogil:
         Py_ssize_t fill
     void nc_stream_row(float *dst, const float *src, Py_ssize_t n, nc_carry *c)
     void nc_stream_flush(nc_carry *c)
+    void nc_ln_apply_stream(const float *s, float *y, const float *w, const float *b,
+                            Py_ssize_t n, float mhi, float mlo, float scale, nc_carry *c)
+    void nc_scale_apply_stream(const float *s, float *y, const float *w, Py_ssize_t n,
+                               float scale, nc_carry *c)
+    ctypedef struct nc_fuse:
+        const float *x
+        const float *xb
+        const float *r
+        float *d
+        const float *sa
+        float *ya
+        float *soa
+        nc_carry *cy
+        nc_carry *cs
+        const float *w
+        const float *b
+        Py_ssize_t n
+        float mhi
+        float mlo
+        float scale
+        double mean
+        double m2
+    void nc_stream_fused(nc_fuse *f)
     void nc_stream_fence()
     int NC_HAVE_STREAM
     int NC_HAVE_CLONES
@@ -80,10 +103,10 @@ def _llc_bytes():
                 txt = f.read().strip().upper()
         except OSError:
             continue
-        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
-        num = txt[:-1] if mult != 1 else txt
+        num = txt.rstrip("KMG")
         if num.isdigit():
-            best = max(best, int(num) * mult)
+            best = max(best, int(num) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30,
+                                         "": 1}[txt[len(num):]])
     return best if best >= (1 << 20) else 32 << 20
 
 
@@ -266,36 +289,98 @@ cdef inline void fast_apply(const NormJob *j, const RowState *st) noexcept nogil
     row_apply(j, st, 0, j.n, st.yp)
 
 
+cdef inline void emit_row(const NormJob *j, const RowState *st, Py_ssize_t i, float *chunk,
+                          nc_carry *cy, nc_carry *cs) noexcept nogil:
+    """Row i's outputs streamed out from its statistics (s stored at st.src when adding)."""
+    cdef Py_ssize_t n = j.n, c0, ln
+    cdef float mhi, mlo
+    cdef float *yp = st.yp
+    if j.has_so:
+        nc_stream_row(<float *>row_ptr(&j.so, i), st.src, n, cs)
+    if plain_scale(st):
+        # straight from the registers to y (row_apply's float kernels, streamed)
+        if j.kind == KIND_RMS:
+            nc_scale_apply_stream(st.src, yp, j.w, n, <float>st.scale, cy)
+        else:
+            split_mean(st, &mhi, &mlo)
+            nc_ln_apply_stream(st.src, yp, j.w, j.b, n, mhi, mlo, <float>st.scale, cy)
+        return
+    c0 = 0
+    while c0 < n:
+        ln = n - c0
+        if ln > NC_CHUNK:
+            ln = NC_CHUNK
+        row_apply(j, st, c0, ln, chunk)
+        nc_stream_row(yp + c0, chunk, ln, cy)
+        c0 += ln
+
+
 cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
                       float *scratch) noexcept nogil:
-    """Contiguous rows [r0, r1) whose outputs are far larger than cache: s and y are formed
-    in the L1-resident scratch and streamed out (no read-for-ownership of the outputs), each
-    output through its own carry, so the line two consecutive rows share goes out as one
-    streamed line.  The caller fences once, after its last row."""
-    cdef Py_ssize_t n = j.n, i, c0, ln
-    cdef float *yp
-    cdef RowState st
+    """Contiguous rows [r0, r1) whose outputs are far larger than cache: s is formed in the
+    L1-resident scratch and the outputs are streamed out (no read-for-ownership of them),
+    each output through its own carry, so the line two consecutive rows share goes out as
+    one streamed line.  With an add and a LayerNorm of rows up to NC_CHUNK, the rows are
+    pipelined: each row's moments are computed in the loop that streams the previous row's
+    outputs (nc_stream_fused; the same bits as one row at a time).  scratch: 2 n + NC_CHUNK
+    floats.  The caller fences once, after its last row."""
+    cdef Py_ssize_t n = j.n, i
+    cdef float *buf_a = scratch
+    cdef float *buf_b = scratch + n
+    cdef float *chunk = scratch + 2 * n
+    cdef float *tb
+    cdef RowState st[2]
+    cdef int p = 0
     cdef nc_carry cy
     cdef nc_carry cs
+    cdef nc_fuse f
     cy.line = NULL
     cy.fill = 0
     cs.line = NULL
     cs.fill = 0
-    for i in range(r0, r1):
-        yp = <float *>row_ptr(&j.y, i)
-        row_stats(j, <const float *>row_ptr(&j.x, i),
-                  <const float *>row_ptr(&j.r, i) if j.has_r else NULL,
-                  scratch if j.has_r else NULL, yp, &st)
-        if j.has_so:
-            nc_stream_row(<float *>row_ptr(&j.so, i), scratch, n, &cs)
-        c0 = 0
-        while c0 < n:
-            ln = n - c0
-            if ln > NC_CHUNK:
-                ln = NC_CHUNK
-            row_apply(j, &st, c0, ln, scratch + n)
-            nc_stream_row(yp + c0, scratch + n, ln, &cy)
-            c0 += ln
+    if r1 <= r0:
+        return
+    if j.has_r and j.kind != KIND_RMS and n <= NC_CHUNK:
+        f.xb = j.xb
+        f.w = j.w
+        f.b = j.b
+        f.n = n
+        f.cy = &cy
+        f.cs = &cs
+        row_stats(j, <const float *>row_ptr(&j.x, r0), <const float *>row_ptr(&j.r, r0),
+                  buf_a, <float *>row_ptr(&j.y, r0), &st[0])
+        for i in range(r0 + 1, r1):
+            # st[p]: row i - 1, its s in buf_a; row i's s goes to buf_b
+            if plain_scale(&st[p]):
+                f.x = <const float *>row_ptr(&j.x, i)
+                f.r = <const float *>row_ptr(&j.r, i)
+                f.d = buf_b
+                f.sa = buf_a
+                f.ya = st[p].yp
+                f.soa = <float *>row_ptr(&j.so, i - 1) if j.has_so else NULL
+                split_mean(&st[p], &f.mhi, &f.mlo)
+                f.scale = <float>st[p].scale
+                nc_stream_fused(&f)
+                st[1 - p].mean = f.mean
+                st[1 - p].m2 = f.m2
+                st[1 - p].src = buf_b
+                st[1 - p].yp = <float *>row_ptr(&j.y, i)
+                row_finish(j, &st[1 - p])
+            else:
+                emit_row(j, &st[p], i - 1, chunk, &cy, &cs)
+                row_stats(j, <const float *>row_ptr(&j.x, i), <const float *>row_ptr(&j.r, i),
+                          buf_b, <float *>row_ptr(&j.y, i), &st[1 - p])
+            p = 1 - p
+            tb = buf_a
+            buf_a = buf_b
+            buf_b = tb
+        emit_row(j, &st[p], r1 - 1, chunk, &cy, &cs)
+    else:
+        for i in range(r0, r1):
+            row_stats(j, <const float *>row_ptr(&j.x, i),
+                      <const float *>row_ptr(&j.r, i) if j.has_r else NULL,
+                      buf_a if j.has_r else NULL, <float *>row_ptr(&j.y, i), &st[0])
+            emit_row(j, &st[0], i, chunk, &cy, &cs)
     nc_stream_flush(&cs)
     nc_stream_flush(&cy)
 
@@ -447,7 +532,7 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef size_t scratch_bytes = <size_t>(3 * j.n) * sizeof(float)
     cdef bint need_scratch = j.gather or j.stream
     if j.stream:
-        scratch_bytes = <size_t>(j.n + NC_CHUNK) * sizeof(float)
+        scratch_bytes = <size_t>(2 * j.n + NC_CHUNK) * sizeof(float)    # stream_rows
     cdef Py_ssize_t npairs = (j.nrows + 1) // 2
     cdef Py_ssize_t t
     if j.nrows == 0:

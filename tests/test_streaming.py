@@ -125,3 +125,49 @@ def test_streaming_threshold_is_the_last_level_cache():
     buf = io.StringIO()
     normcy.show_config(file=buf)
     assert "streamed outputs: norm calls touching >= %.3g MB" % (expected / 2**20) in buf.getvalue()
+
+
+@pytest.mark.parametrize("offset", [0, 4])
+@pytest.mark.parametrize("n", [64, 300, 1024])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("nt", [1, 2])
+def test_pipelined_rows_of_every_kind(offset, n, with_bias, nt, streaming_always):
+    """The streamed add + LayerNorm pipeline (each row's moments computed while the previous
+    row's outputs stream out) gives the cached path's bits for rows of every kind, in any
+    order: ordinary rows, rows whose mean dwarfs their spread (the two-pass moments), rows
+    near float32's limits (the double-precision apply), constant, zero and NaN rows."""
+    rng = np.random.default_rng(n * 10 + offset + with_bias)
+    kinds = [lambda: rng.standard_normal(n),
+             lambda: 1e4 + 1e-2 * rng.standard_normal(n),
+             lambda: 1e37 * rng.standard_normal(n),
+             lambda: np.full(n, 3.25),     # (plus r: not constant)
+             lambda: np.zeros(n),
+             lambda: 1e-41 * rng.standard_normal(n),
+             lambda: np.where(np.arange(n) == 5, np.nan, rng.standard_normal(n))]
+    order = [0, 1, 0, 2, 2, 0, 3, 4, 0, 5, 1, 6, 0, 2, 1, 0]
+    x = np.stack([kinds[k]() for k in order]).astype(F32)
+    r = (0.5 * rng.standard_normal(x.shape)).astype(F32)
+    r[order.index(2)] = 0.0          # keep the huge rows finite after the add
+    w = rng.standard_normal(n).astype(F32)
+    b = rng.standard_normal(n).astype(F32)
+    xb = rng.standard_normal(n).astype(F32) if with_bias else None
+    rows = len(order)
+    outs = []
+    for threshold in (1 << 62, 0):
+        _norms._set_streaming_threshold(threshold)
+        _, y = _offset_view(rows, n, offset, 0, -7.0)
+        _, so = _offset_view(rows, n, offset, 0, -9.0)
+        with np.errstate(all="ignore"):
+            normcy.add_layer_norm(x, r, w, b, x_bias=xb, eps=0.0, out=y, sum_out=so,
+                                  num_threads=nt)
+        outs.append((y.copy(), so.copy()))
+    (y0, s0), (y1, s1) = outs
+    np.testing.assert_array_equal(y1, y0)
+    np.testing.assert_array_equal(s1, s0)
+    ok = np.isfinite(y0).all(axis=1)
+    np.testing.assert_array_equal(ok, np.array(order) != 6)   # only the NaN row is NaN
+    assert np.isnan(y0[order.index(6)]).all()
+    s64 = s0[ok].astype(np.float64)
+    mu = s64.mean(-1, keepdims=True)
+    ref = (s64 - mu) / np.sqrt(((s64 - mu) ** 2).mean(-1, keepdims=True)) * w + b
+    np.testing.assert_allclose(y0[ok], ref, rtol=1e-4, atol=2e-4)

@@ -53,6 +53,20 @@ typedef struct nc_carry {
     float v[NC_LINE_FLOATS];
 } nc_carry;
 
+/* One step of the streamed add + LayerNorm pipeline (nc_stream_fused): row B's moments
+   while row A's outputs stream out. */
+typedef struct nc_fuse {
+    const float *x, *xb, *r;    /* row B: s = (x + xb) + r (xb may be NULL) */
+    float *d;                   /* row B's s, stored (L1 scratch, n floats) */
+    const float *sa;            /* row A's s (the previous step's d) */
+    float *ya, *soa;            /* row A's outputs (soa NULL: s is not written) */
+    nc_carry *cy, *cs;          /* their carries */
+    const float *w, *b;         /* LayerNorm weight and bias (either may be NULL) */
+    ptrdiff_t n;                /* row length, NC_BLK <= n <= NC_CHUNK */
+    float mhi, mlo, scale;      /* row A: the mean as a float pair, 1 / std */
+    double mean, m2;            /* out: row B's mean and M2, as nc_moments gives them */
+} nc_fuse;
+
 /* Write the held elements with ordinary stores and forget them. */
 static inline void nc_stream_flush(nc_carry *c)
 {
@@ -98,6 +112,11 @@ typedef struct nc_ktable {
     void (*affine_rows)(const float *, float *, const float *, const float *, const float *,
                         ptrdiff_t, ptrdiff_t);
     void (*stream_row)(float *, const float *, ptrdiff_t, nc_carry *);
+    void (*ln_apply_stream)(const float *, float *, const float *, const float *, ptrdiff_t,
+                            float, float, float, nc_carry *);
+    void (*scale_apply_stream)(const float *, float *, const float *, ptrdiff_t, float,
+                               nc_carry *);
+    void (*stream_fused)(nc_fuse *);
     void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
                       const float *, ptrdiff_t, float, float, float, float, float, float);
     void (*scale_apply2)(const float *, const float *, float *, float *, const float *,
@@ -206,9 +225,11 @@ typedef struct nc_ktable {
 #if NC_FAMILIES & NC_F_NORM
 #define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_rows_##S,     \
-     nc_stream_row_##S, nc_ln_apply2_##S, nc_scale_apply2_##S
+     nc_stream_row_##S, nc_ln_apply_stream_##S, nc_scale_apply_stream_##S,                \
+     nc_stream_fused_##S,                                                                  \
+     nc_ln_apply2_##S, nc_scale_apply2_##S
 #else
-#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_OPS
 #define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S, \
@@ -378,6 +399,14 @@ static inline void nc_affine_rows(const float *x, float *y, const float *m, cons
 { nc_kt->affine_rows(x, y, m, a, b, n, nrows); }
 static inline void nc_stream_row(float *dst, const float *src, ptrdiff_t n, nc_carry *c)
 { nc_kt->stream_row(dst, src, n, c); }
+static inline void nc_ln_apply_stream(const float *s, float *y, const float *w, const float *b,
+                                      ptrdiff_t n, float mhi, float mlo, float scale,
+                                      nc_carry *c)
+{ nc_kt->ln_apply_stream(s, y, w, b, n, mhi, mlo, scale, c); }
+static inline void nc_stream_fused(nc_fuse *f) { nc_kt->stream_fused(f); }
+static inline void nc_scale_apply_stream(const float *s, float *y, const float *w, ptrdiff_t n,
+                                         float scale, nc_carry *c)
+{ nc_kt->scale_apply_stream(s, y, w, n, scale, c); }
 static inline void nc_stream_fence(void)
 {
 #if defined(__x86_64__)

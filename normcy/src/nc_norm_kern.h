@@ -81,13 +81,12 @@ static inline void NC_FN(nc_passb_double)(const float *src, nc_int len, double m
  * float lanes, or in double lanes when those could overflow/underflow.
  * Chunks merge with Chan et al.'s formula in double.
  */
-static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, float *d,
-                             nc_int n, double *mean_out, double *m2_out)
+/* The shift K of nc_moments: the mean of the row's first NC_VW values of s (all of them
+   when the row is shorter), 0 if those hold an Inf or NaN. */
+NC_INLINE float NC_FN(nco_shift)(const float *x, const float *xb, const float *r, nc_int n)
 {
-    double cnt = 0.0, mean = 0.0, m2 = 0.0;
     float K;
     nc_int i;
-    if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
     if (n >= NC_VW) {
         /* a vector load and a tree sum: short dependency chain before the main loop */
         ncv f = ncv_ld(x);
@@ -102,14 +101,90 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
         K = (float)(ks / (double)n);
     }
     if (!(K - K == 0.0f)) K = 0.0f;    /* Inf/NaN among the first values */
+    return K;
+}
+
+/* One chunk's statistics from its shifted lane sums a0..a3, q0..q3 (elements [0, tail)
+   of src; [tail, len) are added here, in double): mean and M2, through the robust
+   two-pass form on src when the shifted sums are ill-conditioned (see nc_moments). */
+NC_INLINE void NC_FN(nco_chunk_stats)(const float *src, nc_int len, nc_int tail, float K,
+                                      ncv a0, ncv a1, ncv a2, ncv a3, ncv q0, ncv q1,
+                                      ncv q2, ncv q3, double *mean_out, double *m2_out)
+{
+    const double inv_len = 1.0 / (double)len;
+    double sa, sq, mean_c, m2c;
+    nc_int i;
+    sa = ncv_hsum((a0 + a1) + (a2 + a3));
+    sq = ncv_hsum((q0 + q1) + (q2 + q3));
+    for (i = tail; i < len; i++) {
+        double t = (double)(src[i] - K);
+        sa += t; sq = nc_fma(t, t, sq);
+    }
+    if (sq < 1e36 && sq >= 1e-28 && sa * sa * inv_len <= 0.5 * sq) {
+        mean_c = nc_fma(sa, inv_len, (double)K);
+        m2c = nc_fma(-(sa * sa), inv_len, sq);
+        if (m2c < 0.0) m2c = 0.0;
+    } else {
+        /* robust two-pass on the (stored) chunk: mean in double lanes ... */
+        ncdv ma = {0}, mb = {0};
+        const ncdv kd = (double)K - (ncdv){0};
+        for (i = 0; i + NC_VW <= len; i += NC_VW) {
+            ma += ncv_ld_half_d(src + i) - kd;
+            mb += ncv_ld_half_d(src + i + NC_VW / 2) - kd;
+        }
+        sa = ncdv_hsum(ma + mb);
+        for (; i < len; i++) sa += (double)src[i] - (double)K;
+        double mc = nc_fma(sa, inv_len, (double)K);
+        /* ... then corrected sums of (s - mean) in float lanes */
+        const float mcf = (float)mc;
+        const ncv mv = mcf - (ncv){0};
+        ncv e0 = {0}, e1 = {0};
+        q0 = (ncv){0}; q1 = (ncv){0};
+        for (i = 0; i + 2 * NC_VW <= len; i += 2 * NC_VW) {
+            ncv d0 = ncv_ld(src + i) - mv, d1 = ncv_ld(src + i + NC_VW) - mv;
+            e0 += d0; q0 = ncv_fma(d0, d0, q0);
+            e1 += d1; q1 = ncv_fma(d1, d1, q1);
+        }
+        for (; i + NC_VW <= len; i += NC_VW) {
+            ncv d0 = ncv_ld(src + i) - mv;
+            e0 += d0; q0 = ncv_fma(d0, d0, q0);
+        }
+        double s1 = ncv_hsum(e0 + e1);
+        double s2 = ncv_hsum(q0 + q1);
+        for (; i < len; i++) {
+            double dd = (double)(src[i] - mcf);
+            s1 += dd; s2 = nc_fma(dd, dd, s2);
+        }
+        double mref = (double)mcf;
+        if (!(s2 < 1e36) || s2 < 1e-28) {
+            /* possible float overflow/underflow, NaN/Inf or a constant chunk:
+               exactly, in double lanes */
+            mref = mc;
+            NC_FN(nc_passb_double)(src, len, mc, &s1, &s2);
+        }
+        m2c = nc_fma(-(s1 * s1), inv_len, s2);
+        if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
+        mean_c = nc_fma(s1, inv_len, mref);
+    }
+    *mean_out = mean_c;
+    *m2_out = m2c;
+}
+
+static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, float *d,
+                             nc_int n, double *mean_out, double *m2_out)
+{
+    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    float K;
+    nc_int i;
+    if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
+    K = NC_FN(nco_shift)(x, xb, r, n);
     const ncv kv = K - (ncv){0};
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
-        const double inv_len = 1.0 / (double)len;
         const float *src;
         ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
         ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-        double sa = 0.0, sq = 0.0, mean_c, m2c;
+        double mean_c, m2c;
         nc_int tail, head;
         if (r != NULL) {
             const float *xc = x + c0, *rc = r + c0;
@@ -144,62 +219,8 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
             }
             tail = i;
         }
-        sa = ncv_hsum((a0 + a1) + (a2 + a3));
-        sq = ncv_hsum((q0 + q1) + (q2 + q3));
-        for (i = 0; i < head; i++) {
-            double t = (double)(src[i] - K);
-            sa += t; sq = nc_fma(t, t, sq);
-        }
-        for (i = tail; i < len; i++) {
-            double t = (double)(src[i] - K);
-            sa += t; sq = nc_fma(t, t, sq);
-        }
-        if (sq < 1e36 && sq >= 1e-28 && sa * sa * inv_len <= 0.5 * sq) {
-            mean_c = nc_fma(sa, inv_len, (double)K);
-            m2c = nc_fma(-(sa * sa), inv_len, sq);
-            if (m2c < 0.0) m2c = 0.0;
-        } else {
-            /* robust two-pass on the (stored) chunk: mean in double lanes ... */
-            ncdv ma = {0}, mb = {0};
-            const ncdv kd = (double)K - (ncdv){0};
-            for (i = 0; i + NC_VW <= len; i += NC_VW) {
-                ma += ncv_ld_half_d(src + i) - kd;
-                mb += ncv_ld_half_d(src + i + NC_VW / 2) - kd;
-            }
-            sa = ncdv_hsum(ma + mb);
-            for (; i < len; i++) sa += (double)src[i] - (double)K;
-            double mc = nc_fma(sa, inv_len, (double)K);
-            /* ... then corrected sums of (s - mean) in float lanes */
-            const float mcf = (float)mc;
-            const ncv mv = mcf - (ncv){0};
-            ncv e0 = {0}, e1 = {0};
-            q0 = (ncv){0}; q1 = (ncv){0};
-            for (i = 0; i + 2 * NC_VW <= len; i += 2 * NC_VW) {
-                ncv d0 = ncv_ld(src + i) - mv, d1 = ncv_ld(src + i + NC_VW) - mv;
-                e0 += d0; q0 = ncv_fma(d0, d0, q0);
-                e1 += d1; q1 = ncv_fma(d1, d1, q1);
-            }
-            for (; i + NC_VW <= len; i += NC_VW) {
-                ncv d0 = ncv_ld(src + i) - mv;
-                e0 += d0; q0 = ncv_fma(d0, d0, q0);
-            }
-            double s1 = ncv_hsum(e0 + e1);
-            double s2 = ncv_hsum(q0 + q1);
-            for (; i < len; i++) {
-                double dd = (double)(src[i] - mcf);
-                s1 += dd; s2 = nc_fma(dd, dd, s2);
-            }
-            double mref = (double)mcf;
-            if (!(s2 < 1e36) || s2 < 1e-28) {
-                /* possible float overflow/underflow, NaN/Inf or a constant chunk:
-                   exactly, in double lanes */
-                mref = mc;
-                NC_FN(nc_passb_double)(src, len, mc, &s1, &s2);
-            }
-            m2c = nc_fma(-(s1 * s1), inv_len, s2);
-            if (!(m2c > 0.0)) m2c = (m2c == m2c) ? 0.0 : m2c;   /* clamp, keep NaN */
-            mean_c = nc_fma(s1, inv_len, mref);
-        }
+        NC_FN(nco_chunk_stats)(src, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &mean_c,
+                               &m2c);
         if (len == n) {        /* the whole row was one chunk */
             *mean_out = mean_c;
             *m2_out = m2c;
@@ -216,42 +237,53 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
     *m2_out = m2;
 }
 
+/* a vector store, non-temporal when NT (a compile-time constant) */
+#define NCO_ST(NT, p, v) ((NT) ? ncv_stream((p), (v)) : ncv_st((p), (v)))
+
 /* y = ((s - mhi) - mlo) * scale * w + b, evaluated as t = fma(s - mhi, scale, -mlo*scale)
    and y = fma(t, w, b) (one rounding each where the variant has FMA); y may be s itself.
-   mhi + mlo is the row mean as an unevaluated float pair, so |mean| >> std loses nothing. */
-static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const float *b,
-                              nc_int n, float mhi, float mlo, float scale)
+   mhi + mlo is the row mean as an unevaluated float pair, so |mean| >> std loses nothing.
+   NT: y is 64-byte aligned and n a whole number of lines; non-temporal stores. */
+NC_INLINE void NC_FN(nco_ln_apply_impl)(const int NT, const float *s, float *y, const float *w,
+                                      const float *b, nc_int n, float mhi, float mlo,
+                                      float scale)
 {
-    nc_int i = 0, head = NC_PEEL(y, n);
+    nc_int i = 0, head = NT ? 0 : NC_PEEL(y, n);
     const float c = -(mlo * scale);
     const ncv hv = mhi - (ncv){0}, cv = c - (ncv){0}, sv = scale - (ncv){0};
     if (w != NULL && b != NULL) {
         for (; i < head; i++) y[i] = nc_fmaf(nc_fmaf(s[i] - mhi, scale, c), w[i], b[i]);
         for (; i + NC_VW <= n; i += NC_VW) {
             ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
-            ncv_st(y + i, ncv_fma(t, ncv_ld(w + i), ncv_ld(b + i)));
+            NCO_ST(NT, y + i, ncv_fma(t, ncv_ld(w + i), ncv_ld(b + i)));
         }
         for (; i < n; i++) y[i] = nc_fmaf(nc_fmaf(s[i] - mhi, scale, c), w[i], b[i]);
     } else if (w != NULL) {
         for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) * w[i];
         for (; i + NC_VW <= n; i += NC_VW) {
             ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
-            ncv_st(y + i, t * ncv_ld(w + i));
+            NCO_ST(NT, y + i, t * ncv_ld(w + i));
         }
         for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) * w[i];
     } else if (b != NULL) {
         for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) + b[i];
         for (; i + NC_VW <= n; i += NC_VW) {
             ncv t = ncv_fma(ncv_ld(s + i) - hv, sv, cv);
-            ncv_st(y + i, t + ncv_ld(b + i));
+            NCO_ST(NT, y + i, t + ncv_ld(b + i));
         }
         for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c) + b[i];
     } else {
         for (; i < head; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c);
         for (; i + NC_VW <= n; i += NC_VW)
-            ncv_st(y + i, ncv_fma(ncv_ld(s + i) - hv, sv, cv));
+            NCO_ST(NT, y + i, ncv_fma(ncv_ld(s + i) - hv, sv, cv));
         for (; i < n; i++) y[i] = nc_fmaf(s[i] - mhi, scale, c);
     }
+}
+
+static void NC_FN(nc_ln_apply)(const float *s, float *y, const float *w, const float *b,
+                              nc_int n, float mhi, float mlo, float scale)
+{
+    NC_FN(nco_ln_apply_impl)(0, s, y, w, b, n, mhi, mlo, scale);
 }
 
 /* Two rows of the same length at once: y0 from s0 and y1 from s1, each element computed
@@ -423,19 +455,25 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
 }
 
 /* y = (s * scale) * w ; y may be s itself. */
-static void NC_FN(nc_scale_apply)(const float *s, float *y, const float *w, nc_int n, float scale)
+NC_INLINE void NC_FN(nco_scale_apply_impl)(const int NT, const float *s, float *y,
+                                         const float *w, nc_int n, float scale)
 {
-    nc_int i = 0, head = NC_PEEL(y, n);
+    nc_int i = 0, head = NT ? 0 : NC_PEEL(y, n);
     ncv sv = scale - (ncv){0};
     if (w != NULL) {
         for (; i < head; i++) y[i] = (s[i] * scale) * w[i];
-        for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, (ncv_ld(s + i) * sv) * ncv_ld(w + i));
+        for (; i + NC_VW <= n; i += NC_VW) NCO_ST(NT, y + i, (ncv_ld(s + i) * sv) * ncv_ld(w + i));
         for (; i < n; i++) y[i] = (s[i] * scale) * w[i];
     } else {
         for (; i < head; i++) y[i] = s[i] * scale;
-        for (; i + NC_VW <= n; i += NC_VW) ncv_st(y + i, ncv_ld(s + i) * sv);
+        for (; i + NC_VW <= n; i += NC_VW) NCO_ST(NT, y + i, ncv_ld(s + i) * sv);
         for (; i < n; i++) y[i] = s[i] * scale;
     }
+}
+
+static void NC_FN(nc_scale_apply)(const float *s, float *y, const float *w, nc_int n, float scale)
+{
+    NC_FN(nco_scale_apply_impl)(0, s, y, w, n, scale);
 }
 
 /* Two rows at once, each element as nc_scale_apply computes it; one load of w per pair;
@@ -591,6 +629,193 @@ static void NC_FN(nc_stream_row)(float *dst, const float *src, nc_int n, nc_carr
         for (k = 0; k < c->fill; k++) c->v[k] = src[k];
     }
 }
+
+/* The outputs of one row (nc_ln_apply's or nc_scale_apply's, the same bits) streamed
+   straight to y: the whole 64-byte lines with non-temporal stores from the registers, the
+   partial lines at either end through nc_stream_row's carry.  Saves the scratch row that
+   nc_stream_row would otherwise copy (a store and a load per element, in L1). */
+#define NCO_APPLY_STREAM(PLAIN, NTAPPLY)                                                  \
+    do {                                                                                  \
+        float tmp[NC_LINE_FLOATS];                                                        \
+        nc_int h = (nc_int)(((NC_LINE_BYTES - ((uintptr_t)y & (NC_LINE_BYTES - 1)))        \
+                             & (NC_LINE_BYTES - 1)) / 4u);                                \
+        if (((uintptr_t)y & 3u) != 0) h = n;     /* not float-aligned: all through tmp */ \
+        if (h > n) h = n;                                                                 \
+        for (nc_int i0 = 0; i0 < h; i0 += NC_LINE_FLOATS) {                               \
+            nc_int m = h - i0 < NC_LINE_FLOATS ? h - i0 : NC_LINE_FLOATS;                 \
+            PLAIN(i0, m);                                                                 \
+            NC_FN(nc_stream_row)(y + i0, tmp, m, c);                                      \
+        }                                                                                 \
+        const nc_int body = (n - h) / NC_LINE_FLOATS * NC_LINE_FLOATS;                    \
+        if (body > 0) {                                                                   \
+            nc_stream_flush(c);      /* nothing held here: h completed or flushed it */    \
+            NTAPPLY(h, body);                                                             \
+        }                                                                                 \
+        if (h + body < n) {                                                               \
+            PLAIN(h + body, n - h - body);                                                \
+            NC_FN(nc_stream_row)(y + h + body, tmp, n - h - body, c);                     \
+        }                                                                                 \
+    } while (0)
+
+static void NC_FN(nc_ln_apply_stream)(const float *s, float *y, const float *w,
+                                      const float *b, nc_int n, float mhi, float mlo,
+                                      float scale, nc_carry *c)
+{
+#define NCO_P(o, m) NC_FN(nco_ln_apply_impl)(0, s + (o), tmp, w ? w + (o) : NULL,          \
+                                            b ? b + (o) : NULL, (m), mhi, mlo, scale)
+#define NCO_N(o, m) NC_FN(nco_ln_apply_impl)(1, s + (o), y + (o), w ? w + (o) : NULL,       \
+                                            b ? b + (o) : NULL, (m), mhi, mlo, scale)
+    NCO_APPLY_STREAM(NCO_P, NCO_N);
+#undef NCO_P
+#undef NCO_N
+}
+
+static void NC_FN(nc_scale_apply_stream)(const float *s, float *y, const float *w, nc_int n,
+                                         float scale, nc_carry *c)
+{
+#define NCO_P(o, m) NC_FN(nco_scale_apply_impl)(0, s + (o), tmp, w ? w + (o) : NULL, (m), scale)
+#define NCO_N(o, m) NC_FN(nco_scale_apply_impl)(1, s + (o), y + (o), w ? w + (o) : NULL, (m), scale)
+    NCO_APPLY_STREAM(NCO_P, NCO_N);
+#undef NCO_P
+#undef NCO_N
+}
+/* elements before p reaches a 64-byte line (p float-aligned), at most n */
+NC_INLINE nc_int NC_FN(nco_line_peel)(const float *p, nc_int n)
+{
+    nc_int h = (nc_int)(((NC_LINE_BYTES - ((uintptr_t)p & (NC_LINE_BYTES - 1)))
+                         & (NC_LINE_BYTES - 1)) / 4u);
+    return h < n ? h : n;
+}
+
+/* one output vector of nco_ln_apply_impl (the same operations) */
+NC_INLINE ncv NC_FN(nco_ln_vec)(const int W, const int B, ncv sx, const float *w,
+                                const float *b, ncv hv, ncv sv, ncv cv)
+{
+    const ncv t = ncv_fma(sx - hv, sv, cv);
+    if (W && B) return ncv_fma(t, ncv_ld(w), ncv_ld(b));
+    if (W) return t * ncv_ld(w);
+    if (B) return t + ncv_ld(b);
+    return t;
+}
+
+/*
+ * The streamed add + LayerNorm pipeline, one step: the moments of row B (s = (x + xb) + r
+ * stored into d) in the same loop as row A's outputs (y from its stored s, and s itself,
+ * streamed out).  One row at a time, the memory loads stop while a row's reductions and
+ * outputs are computed; fused, the loads of the next row overlap the stores of this one.
+ * add_layer_norm 16384x1024 + sum_out, AMD EPYC Zen 5, AVX-512, builds alternated in
+ * one session: NumPy's layout (rows 16 bytes past a line) 1T 27-29 -> 32-38 GB/s, 2T
+ * 39-44 -> 48-53; 64-byte aligned rows 1T 38-40 -> 45-54, 2T 40-46 -> 48-55.
+ * Row B's moments are nc_moments' for a one-chunk row, operation for operation (the same
+ * bits); row A's outputs are nco_ln_apply_impl's (the same bits), whole lines streamed
+ * from the registers and the partial lines at either end through the carries.
+ * Needs NC_BLK <= n <= NC_CHUNK and float-aligned outputs; rows A and B distinct.
+ */
+NC_INLINE void NC_FN(nco_fused_body)(const int XB, const int W, const int B, nc_fuse *f)
+{
+    const nc_int n = f->n, len = n;
+    const float *const x = f->x, *const xb = f->xb, *const r = f->r, *const sa = f->sa;
+    const float *const w = f->w, *const b = f->b;
+    float *const dc = f->d, *const ya = f->ya, *const soa = f->soa;
+    float tmp[NC_LINE_FLOATS];
+    nc_int i = 0, tail, k;
+    /* row B: the shift and the lane sums of nc_moments */
+    const float K = NC_FN(nco_shift)(x, XB ? xb : NULL, r, n);
+    const ncv kv = K - (ncv){0};
+    ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    /* row A: nco_ln_apply_impl's constants */
+    const float mhi = f->mhi, mlo = f->mlo, scale = f->scale, c = -(mlo * scale);
+    const ncv hv = mhi - (ncv){0}, cv = c - (ncv){0}, sv = scale - (ncv){0};
+    /* row A: the partial first lines, through the carries */
+    const nc_int hy = NC_FN(nco_line_peel)(ya, n);
+    const nc_int hs = soa ? NC_FN(nco_line_peel)(soa, n) : 0;
+    if (hy > 0) {
+        NC_FN(nco_ln_apply_impl)(0, sa, tmp, w, b, hy, mhi, mlo, scale);
+        NC_FN(nc_stream_row)(ya, tmp, hy, f->cy);
+    }
+    if (hs > 0) NC_FN(nc_stream_row)(soa, sa, hs, f->cs);
+    nc_stream_flush(f->cy);     /* (empty unless an earlier row did not end where A starts) */
+    nc_stream_flush(f->cs);
+    /* floats of whole lines after the heads, and the blocks done in the fused loop */
+    const nc_int ly = (n - hy) / NC_LINE_FLOATS * NC_LINE_FLOATS;
+    const nc_int ls = soa ? (n - hs) / NC_LINE_FLOATS * NC_LINE_FLOATS : n;
+    nc_int nf = n / NC_BLK;
+    if (nf > ly / NC_BLK) nf = ly / NC_BLK;
+    if (nf > ls / NC_BLK) nf = ls / NC_BLK;
+    for (k = 0; k < nf; k++, i += NC_BLK) {
+        ncv v0, v1, v2, v3;
+#define NCO_SB(o) (XB ? (ncv_ld(x + (o)) + ncv_ld(xb + (o))) + ncv_ld(r + (o))             \
+                      : ncv_ld(x + (o)) + ncv_ld(r + (o)))
+        v0 = NCO_SB(i); ncv_st(dc + i, v0);
+        v1 = NCO_SB(i + NC_VW); ncv_st(dc + i + NC_VW, v1);
+        v2 = NCO_SB(i + 2 * NC_VW); ncv_st(dc + i + 2 * NC_VW, v2);
+        v3 = NCO_SB(i + 3 * NC_VW); ncv_st(dc + i + 3 * NC_VW, v3);
+#undef NCO_SB
+        v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;
+        a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+        q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
+        q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
+        /* row A: the same block of its whole lines */
+        NC_UNROLL_ALL
+        for (int u = 0; u < NC_UNROLL; u++) {
+            const nc_int o = hy + i + u * NC_VW;
+            ncv_stream(ya + o, NC_FN(nco_ln_vec)(W, B, ncv_ld(sa + o), W ? w + o : NULL,
+                                                 B ? b + o : NULL, hv, sv, cv));
+        }
+        if (soa) {
+            NC_UNROLL_ALL
+            for (int u = 0; u < NC_UNROLL; u++) {
+                const nc_int o = hs + i + u * NC_VW;
+                ncv_stream(soa + o, ncv_ld(sa + o));
+            }
+        }
+    }
+    /* the rest of row B, as nc_moments goes on from block nf */
+    if (XB) {
+        NC_ADD_STORE_MOM((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
+        tail = i;
+        for (; i < len; i++) dc[i] = (x[i] + xb[i]) + r[i];
+    } else {
+        NC_ADD_STORE_MOM(ncv_ld(x + o) + ncv_ld(r + o));
+        tail = i;
+        for (; i < len; i++) dc[i] = x[i] + r[i];
+    }
+    /* the rest of row A: whole lines, then the partial last ones into the carries */
+    const nc_int done = nf * NC_BLK;
+    if (ly > done)
+        NC_FN(nco_ln_apply_impl)(1, sa + hy + done, ya + hy + done, W ? w + hy + done : NULL,
+                                 B ? b + hy + done : NULL, ly - done, mhi, mlo, scale);
+    if (hy + ly < n) {
+        NC_FN(nco_ln_apply_impl)(0, sa + hy + ly, tmp, W ? w + hy + ly : NULL,
+                                 B ? b + hy + ly : NULL, n - hy - ly, mhi, mlo, scale);
+        NC_FN(nc_stream_row)(ya + hy + ly, tmp, n - hy - ly, f->cy);
+    }
+    if (soa) {
+        for (nc_int o = hs + done; o < hs + ls; o += NC_VW) ncv_stream(soa + o, ncv_ld(sa + o));
+        if (hs + ls < n) NC_FN(nc_stream_row)(soa + hs + ls, sa + hs + ls, n - hs - ls, f->cs);
+    }
+    NC_FN(nco_chunk_stats)(dc, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &f->mean, &f->m2);
+}
+
+static void NC_FN(nc_stream_fused)(nc_fuse *f)
+{
+    const int xb = f->xb != NULL, w = f->w != NULL, b = f->b != NULL;
+    if (xb) {
+        if (w && b) NC_FN(nco_fused_body)(1, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(1, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(1, 0, 1, f);
+        else NC_FN(nco_fused_body)(1, 0, 0, f);
+    } else {
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 0, 0, f);
+    }
+}
+
+#undef NCO_APPLY_STREAM
+#undef NCO_ST
 
 #undef NC_ADD_STORE_MOM
 #undef NC_ADD_STORE_SQ

@@ -87,7 +87,7 @@ def show_config(file=None):
             c["vector_bytes"], c["gemm_tile"]),
         "  GEMM K block:     <= %d (L1 data cache %d KB)" % (c["gemm_k_block"],
                                                            c["l1d_bytes"] // 1024),
-        "  streamed outputs: norm calls touching >= %.3g MB (last-level cache %.3g MB)" % (
+        "  streamed outputs: calls touching >= %.3g MB (last-level cache %.3g MB)" % (
             c["streaming_min_bytes"] / 2**20, c["llc_bytes"] / 2**20),
         "  variants on CPU:  %s%s" % (", ".join(c["supported_variants"]),
                                       "  [capped by NORMCY_MAX_ISA=%s]" % c["isa_cap"]

@@ -76,6 +76,10 @@ cdef extern from "nc_api_norms.h" nogil:
         double mean
         double m2
     void nc_stream_fused(nc_fuse *f)
+    void nc_affine_scalar_stream(const float *x, float *y, Py_ssize_t n, float m, float a,
+                                 float b, int centred, nc_carry *c)
+    void nc_affine_rows_stream(const float *x, float *y, const float *m2, const float *a2,
+                               const float *b2, Py_ssize_t n, Py_ssize_t nrows, nc_carry *c)
     void nc_stream_fence()
     int NC_HAVE_STREAM
     int NC_HAVE_CLONES
@@ -85,12 +89,6 @@ DEF MAXD = 64
 
 nc_stream_init()
 
-# A call that touches at least this many bytes (its operands: inputs and outputs) writes
-# its outputs with non-temporal (streaming) stores: by the time it returns, its first
-# outputs have been evicted from the last-level cache anyway, and streaming saves the
-# read-for-ownership of every output line (a quarter of add_layer_norm's traffic).
-# add_layer_norm 4096x768 (38 MB) on a 32 MB L3, two threads: 406-474 us streamed vs
-# 475-515 us cached (AMD EPYC Zen 5, one process A/B, three rounds).
 def _llc_bytes():
     """The last-level cache's size: the largest cache of CPU 0 in Linux's sysfs (what lscpu
     reports; glibc's sysconf reported the host's 384 MB in a VM given a 32 MB L3), else
@@ -111,7 +109,16 @@ def _llc_bytes():
 
 
 cdef Py_ssize_t _llc = _llc_bytes()
-cdef Py_ssize_t _stream_min_bytes = _llc
+# A call that touches at least this many bytes (its operands: inputs and outputs) writes
+# its outputs with non-temporal (streaming) stores: by the time it returns, its first
+# outputs have been evicted from the last-level cache anyway, and streaming saves the
+# read-for-ownership of every output line (a quarter of add_layer_norm's traffic).  An
+# eighth above the cache's size: a call of exactly its size still finds part of its data
+# cached when repeated (AMD EPYC Zen 5, 32 MB L3, one process A/B, three rounds, two
+# threads: add_layer_norm 4096x768 (37.7 MB) 661 us streamed vs 818 cached; batch_norm
+# 4096x1024 (33.5 MB) 397 vs 321; NHWC 32x56x56x64 (51 MB) 709 vs 900).
+cdef Py_ssize_t _stream_min_bytes = _llc + _llc // 8
+
 def _cap_ignored_reason():
     """Why NORMCY_MAX_ISA was ignored ("" if it was not)."""
     if nc_isa_cap_invalid() == 2:
@@ -1020,6 +1027,10 @@ cdef struct BNJob:
     Py_ssize_t outer, c, inner
     Py_ssize_t rpb   # rows of C per work item (channels last)
     int rows     # 1: rows of C (channels last); 0: planes of `inner`
+    int stream   # outputs streamed (bn_items_stream)
+    const float *m2  # channels last, streamed: m, a, b repeated to C + 16 values
+    const float *a2
+    const float *b2
 
 
 cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
@@ -1034,6 +1045,30 @@ cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
         nc_affine_scalar(<const float *>j.x + p * j.inner, <float *>j.y + p * j.inner,
                          j.inner, j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch],
                          j.m != NULL)
+
+
+cdef void bn_items_stream(const BNJob *j, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
+    """Items [p0, p1) with streamed outputs: consecutive items are consecutive memory, so
+    one carry joins them (nc_stream_row); flushed and fenced at the end."""
+    cdef nc_carry cr
+    cdef Py_ssize_t p, ch, r0, r1
+    cr.line = NULL
+    cr.fill = 0
+    if j.rows:
+        r0 = p0 * j.rpb
+        r1 = min(p1 * j.rpb, j.outer)
+        if r1 > r0:
+            nc_affine_rows_stream(<const float *>j.x + r0 * j.c, <float *>j.y + r0 * j.c,
+                                  j.m2, j.a2, j.b2, j.c, r1 - r0, &cr)
+    else:
+        for p in range(p0, p1):
+            ch = p % j.c
+            nc_affine_scalar_stream(<const float *>j.x + p * j.inner,
+                                    <float *>j.y + p * j.inner, j.inner,
+                                    j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch],
+                                    j.m != NULL, &cr)
+    nc_stream_flush(&cr)
+    nc_stream_fence()
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *, axis=1,
@@ -1136,6 +1171,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     j.rpb = max(2, min(256, (16384 // c) & ~1))
     items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
     work = outer * c * inner
+    # as the norms: a call that touches more than the last-level cache streams its output
+    j.stream = NC_HAVE_STREAM and 2 * work * <Py_ssize_t>sizeof(float) >= _stream_min_bytes
+    j.m2 = j.a2 = j.b2 = NULL
+    if j.stream and j.rows:
+        m2 = np.resize(mean32, c + 16) if mean32 is not None else None
+        a2 = np.resize(scale, c + 16)
+        b2 = np.resize(bias32, c + 16)
+        j.m2 = <const float *>cnp.PyArray_DATA(<cnp.ndarray>m2) if m2 is not None else NULL
+        j.a2 = <const float *>cnp.PyArray_DATA(<cnp.ndarray>a2)
+        j.b2 = <const float *>cnp.PyArray_DATA(<cnp.ndarray>b2)
     nt = resolve_threads(num_threads, work, items)
     _run_bn(&j, items, nt)
     return oa if out_arg is None else out_arg
@@ -1143,6 +1188,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
 
 cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:
     cdef Py_ssize_t p
+    cdef int t
+    if j.stream:
+        # each thread streams a run of consecutive items (their carry joins them)
+        if nt <= 1:
+            with nogil:
+                bn_items_stream(j, 0, items)
+        else:
+            with nogil:
+                for t in prange(nt, schedule='static', num_threads=nt):
+                    bn_items_stream(j, items * t // nt, items * (t + 1) // nt)
+        return
     if nt <= 1:
         with nogil:
             for p in range(items):
@@ -1176,8 +1232,8 @@ def have_runtime_dispatch():
 
 
 def streaming_info():
-    """When the norms stream their outputs: a dict (min_bytes: the bytes a call must touch,
-    llc_bytes: the last-level cache size it was taken from)."""
+    """When the norms and BatchNorm stream their outputs: a dict (min_bytes: the bytes a
+    call must touch, llc_bytes: the last-level cache size it was taken from)."""
     return {"min_bytes": int(_stream_min_bytes), "llc_bytes": int(_llc)}
 
 

@@ -109,8 +109,8 @@ def _outside(buf, view):
 
 
 def test_streaming_threshold_is_the_last_level_cache():
-    """Calls touching more bytes than the last-level cache (lscpu's figure) stream; the
-    threshold and the cache it came from are reported by show_config."""
+    """Calls touching an eighth more bytes than the last-level cache (lscpu's figure)
+    stream; the threshold and the cache it came from are reported by show_config."""
     import glob
     import io
 
@@ -121,10 +121,11 @@ def test_streaming_threshold_is_the_last_level_cache():
         sizes.append(int(txt[:-1]) * {"K": 1024, "M": 1 << 20}[txt[-1]] if txt[-1] in "KM"
                      else int(txt))
     expected = max(sizes) if sizes and max(sizes) >= 1 << 20 else 32 << 20
-    assert info == {"min_bytes": expected, "llc_bytes": expected}
+    assert info == {"min_bytes": expected + expected // 8, "llc_bytes": expected}
     buf = io.StringIO()
     normcy.show_config(file=buf)
-    assert "streamed outputs: norm calls touching >= %.3g MB" % (expected / 2**20) in buf.getvalue()
+    assert ("streamed outputs: calls touching >= %.3g MB (last-level cache %.3g MB)"
+            % (info["min_bytes"] / 2**20, expected / 2**20)) in buf.getvalue()
 
 
 @pytest.mark.parametrize("offset", [0, 4])
@@ -171,3 +172,39 @@ def test_pipelined_rows_of_every_kind(offset, n, with_bias, nt, streaming_always
     mu = s64.mean(-1, keepdims=True)
     ref = (s64 - mu) / np.sqrt(((s64 - mu) ** 2).mean(-1, keepdims=True)) * w + b
     np.testing.assert_allclose(y0[ok], ref, rtol=1e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC", "NC", "NCL"])
+@pytest.mark.parametrize("c", [1, 3, 16, 37, 64])
+@pytest.mark.parametrize("offset", [0, 5])
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_streamed_matches_cached(layout, c, offset, centred, in_place,
+                                            streaming_always):
+    """BatchNorm's streamed outputs (planes, or channels-last rows cut into lines wherever
+    they fall) have the cached path's bits at every alignment, also in place, and nothing
+    outside the output is written."""
+    rng = np.random.default_rng(hash((layout, c, offset, centred, in_place)) % 2**32)
+    shape = {"NCHW": (3, c, 5, 7), "NHWC": (3, 5, 7, c), "NC": (29, c), "NCL": (4, c, 23)}[layout]
+    axis = -1 if layout == "NHWC" else 1
+    n = int(np.prod(shape))
+    buf = np.full(n + 64, -7.0, F32)
+    base = (-(buf.ctypes.data // 4)) % 16 + offset
+    x = rng.standard_normal(shape).astype(F32) * 3
+    mean = (rng.standard_normal(c) * (1e3 if centred else 0.1)).astype(F32)
+    var = (rng.random(c) + 0.5).astype(F32)
+    w = rng.standard_normal(c).astype(F32)
+    b = rng.standard_normal(c).astype(F32)
+    _norms._set_streaming_threshold(1 << 62)
+    ref = normcy.batch_norm(x, mean, var, w, b, axis=axis)
+    for nt in (1, 2, 3):
+        _norms._set_streaming_threshold(0)
+        buf[:] = -7.0
+        y = buf[base:base + n].reshape(shape)
+        if in_place:
+            y[...] = x
+            normcy.batch_norm(y, mean, var, w, b, axis=axis, out=y, num_threads=nt)
+        else:
+            normcy.batch_norm(x, mean, var, w, b, axis=axis, out=y, num_threads=nt)
+        np.testing.assert_array_equal(y, ref)
+        assert np.all(buf[:base] == -7.0) and np.all(buf[base + n:] == -7.0)

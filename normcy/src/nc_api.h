@@ -117,6 +117,10 @@ typedef struct nc_ktable {
     void (*scale_apply_stream)(const float *, float *, const float *, ptrdiff_t, float,
                                nc_carry *);
     void (*stream_fused)(nc_fuse *);
+    void (*affine_scalar_stream)(const float *, float *, ptrdiff_t, float, float, float, int,
+                                 nc_carry *);
+    void (*affine_rows_stream)(const float *, float *, const float *, const float *,
+                               const float *, ptrdiff_t, ptrdiff_t, nc_carry *);
     void (*ln_apply2)(const float *, const float *, float *, float *, const float *,
                       const float *, ptrdiff_t, float, float, float, float, float, float);
     void (*scale_apply2)(const float *, const float *, float *, float *, const float *,
@@ -226,10 +230,10 @@ typedef struct nc_ktable {
 #define NC_TABLE_NORM(S) nc_moments_##S, nc_ln_apply_##S, nc_sumsq_##S, nc_scale_apply_##S,  \
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_rows_##S,     \
      nc_stream_row_##S, nc_ln_apply_stream_##S, nc_scale_apply_stream_##S,                \
-     nc_stream_fused_##S,                                                                  \
+     nc_stream_fused_##S, nc_affine_scalar_stream_##S, nc_affine_rows_stream_##S,          \
      nc_ln_apply2_##S, nc_scale_apply2_##S
 #else
-#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_OPS
 #define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S, \
@@ -404,6 +408,13 @@ static inline void nc_ln_apply_stream(const float *s, float *y, const float *w, 
                                       nc_carry *c)
 { nc_kt->ln_apply_stream(s, y, w, b, n, mhi, mlo, scale, c); }
 static inline void nc_stream_fused(nc_fuse *f) { nc_kt->stream_fused(f); }
+static inline void nc_affine_scalar_stream(const float *x, float *y, ptrdiff_t n, float m,
+                                           float a, float b, int centred, nc_carry *c)
+{ nc_kt->affine_scalar_stream(x, y, n, m, a, b, centred, c); }
+static inline void nc_affine_rows_stream(const float *x, float *y, const float *m2,
+                                         const float *a2, const float *b2, ptrdiff_t n,
+                                         ptrdiff_t nrows, nc_carry *c)
+{ nc_kt->affine_rows_stream(x, y, m2, a2, b2, n, nrows, c); }
 static inline void nc_scale_apply_stream(const float *s, float *y, const float *w, ptrdiff_t n,
                                          float scale, nc_carry *c)
 { nc_kt->scale_apply_stream(s, y, w, n, scale, c); }

@@ -814,6 +814,62 @@ static void NC_FN(nc_stream_fused)(nc_fuse *f)
     }
 }
 
+/* nc_affine_scalar's outputs streamed (the same bits): a plane of n floats with one
+   channel's parameters; whole lines from the registers, the partial ones through c. */
+static void NC_FN(nc_affine_scalar_stream)(const float *x, float *y, nc_int n, float mu,
+                                           float a, float b, int centred, nc_carry *c)
+{
+#define NCO_P(o, k) NC_FN(nc_affine_scalar)(x + (o), tmp, (k), mu, a, b, centred)
+#define NCO_N(o, k)                                                                       \
+    do {                                                                                  \
+        const ncv mv = mu - (ncv){0}, av = a - (ncv){0}, bv = b - (ncv){0};               \
+        if (centred)                                                                      \
+            for (nc_int i = (o); i < (o) + (k); i += NC_VW)                               \
+                ncv_stream(y + i, ncv_fma(ncv_ld(x + i) - mv, av, bv));                   \
+        else                                                                              \
+            for (nc_int i = (o); i < (o) + (k); i += NC_VW)                               \
+                ncv_stream(y + i, ncv_fma(ncv_ld(x + i), av, bv));                        \
+    } while (0)
+    NCO_APPLY_STREAM(NCO_P, NCO_N);
+#undef NCO_P
+#undef NCO_N
+}
+
+/* nc_affine_rows' outputs streamed (the same bits): nrows consecutive rows of n floats
+   (channels last) as one run of n * nrows floats, cut into lines wherever they fall; the
+   parameters m2, a2, b2 hold n + NC_LINE_FLOATS values, the channels repeated cyclically,
+   so that the 16 parameters of a line starting at channel k are m2[k .. k + 15]. */
+static void NC_FN(nc_affine_rows_stream)(const float *x, float *y, const float *m2,
+                                         const float *a2, const float *b2, nc_int n,
+                                         nc_int nrows, nc_carry *c)
+{
+    float tmp[NC_LINE_FLOATS];
+    const nc_int total = n * nrows;
+    nc_int h = NC_FN(nco_line_peel)(y, total), k, q = 0;
+    /* the partial first line */
+    for (k = 0; k < h; k++, q = q + 1 == n ? 0 : q + 1)
+        tmp[k] = m2 ? nc_fmaf(x[k] - m2[q], a2[q], b2[q]) : nc_fmaf(x[k], a2[q], b2[q]);
+    if (h > 0) NC_FN(nc_stream_row)(y, tmp, h, c);
+    nc_stream_flush(c);
+    /* whole lines; q = the channel of the line's first element */
+    nc_int o = h;
+    for (; total - o >= NC_LINE_FLOATS; o += NC_LINE_FLOATS) {
+        NC_UNROLL_ALL
+        for (int u = 0; u < NC_LINE_FLOATS / NC_VW; u++) {
+            const nc_int e = o + u * NC_VW, pq = q + u * NC_VW;
+            ncv v = m2 ? ncv_fma(ncv_ld(x + e) - ncv_ld(m2 + pq), ncv_ld(a2 + pq), ncv_ld(b2 + pq))
+                       : ncv_fma(ncv_ld(x + e), ncv_ld(a2 + pq), ncv_ld(b2 + pq));
+            ncv_stream(y + e, v);
+        }
+        q += NC_LINE_FLOATS;
+        while (q >= n) q -= n;
+    }
+    /* the partial last line, held in the carry */
+    for (k = 0; o + k < total; k++, q = q + 1 == n ? 0 : q + 1)
+        tmp[k] = m2 ? nc_fmaf(x[o + k] - m2[q], a2[q], b2[q]) : nc_fmaf(x[o + k], a2[q], b2[q]);
+    if (k > 0) NC_FN(nc_stream_row)(y + o, tmp, k, c);
+}
+
 #undef NCO_APPLY_STREAM
 #undef NCO_ST
 

@@ -69,6 +69,7 @@ cdef extern from "nc_api_norms.h" nogil:
         nc_carry *cs
         const float *w
         const float *b
+        int rms
         Py_ssize_t n
         float mhi
         float mlo
@@ -327,10 +328,9 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     """Contiguous rows [r0, r1) whose outputs are far larger than cache: s is formed in the
     L1-resident scratch and the outputs are streamed out (no read-for-ownership of them),
     each output through its own carry, so the line two consecutive rows share goes out as
-    one streamed line.  With an add and a LayerNorm of rows up to NC_CHUNK, the rows are
-    pipelined: each row's moments are computed in the loop that streams the previous row's
-    outputs (nc_stream_fused; the same bits as one row at a time).  scratch: 2 n + NC_CHUNK
-    floats.  The caller fences once, after its last row."""
+    one streamed line.  With an add and rows up to NC_CHUNK, the rows are pipelined: each
+    row's moments are computed in the loop that streams the previous row's outputs
+    (nc_stream_fused; the same bits as one row at a time).  scratch: 2 n + NC_CHUNK floats.  The caller fences once, after its last row."""
     cdef Py_ssize_t n = j.n, i
     cdef float *buf_a = scratch
     cdef float *buf_b = scratch + n
@@ -347,10 +347,11 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     cs.fill = 0
     if r1 <= r0:
         return
-    if j.has_r and j.kind != KIND_RMS and n <= NC_CHUNK:
+    if j.has_r and n <= NC_CHUNK:
+        f.rms = j.kind == KIND_RMS
         f.xb = j.xb
         f.w = j.w
-        f.b = j.b
+        f.b = j.b if j.kind != KIND_RMS else NULL
         f.n = n
         f.cy = &cy
         f.cs = &cs
@@ -365,7 +366,7 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
                 f.sa = buf_a
                 f.ya = st[p].yp
                 f.soa = <float *>row_ptr(&j.so, i - 1) if j.has_so else NULL
-                split_mean(&st[p], &f.mhi, &f.mlo)
+                split_mean(&st[p], &f.mhi, &f.mlo)     # (unused by RMSNorm: mean 0)
                 f.scale = <float>st[p].scale
                 nc_stream_fused(&f)
                 st[1 - p].mean = f.mean

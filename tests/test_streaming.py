@@ -118,8 +118,8 @@ def test_streaming_threshold_is_the_last_level_cache():
     sizes = []
     for d in glob.glob("/sys/devices/system/cpu/cpu0/cache/index*/size"):
         txt = open(d).read().strip()
-        sizes.append(int(txt[:-1]) * {"K": 1024, "M": 1 << 20}[txt[-1]] if txt[-1] in "KM"
-                     else int(txt))
+        sizes.append(int(txt[:-1]) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}[txt[-1]]
+                     if txt[-1] in "KMG" else int(txt))
     expected = max(sizes) if sizes and max(sizes) >= 1 << 20 else 32 << 20
     assert info == {"min_bytes": expected + expected // 8, "llc_bytes": expected}
     buf = io.StringIO()
@@ -128,16 +128,17 @@ def test_streaming_threshold_is_the_last_level_cache():
             % (info["min_bytes"] / 2**20, expected / 2**20)) in buf.getvalue()
 
 
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
 @pytest.mark.parametrize("offset", [0, 4])
 @pytest.mark.parametrize("n", [64, 300, 1024])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("nt", [1, 2])
-def test_pipelined_rows_of_every_kind(offset, n, with_bias, nt, streaming_always):
-    """The streamed add + LayerNorm pipeline (each row's moments computed while the previous
+def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_always):
+    """The streamed add + norm pipeline (each row's moments computed while the previous
     row's outputs stream out) gives the cached path's bits for rows of every kind, in any
     order: ordinary rows, rows whose mean dwarfs their spread (the two-pass moments), rows
-    near float32's limits (the double-precision apply), constant, zero and NaN rows."""
-    rng = np.random.default_rng(n * 10 + offset + with_bias)
+    near float32's limits (the double-precision apply), tiny rows, and a NaN row."""
+    rng = np.random.default_rng(n * 10 + offset + with_bias + 7 * (name == "add_rms_norm"))
     kinds = [lambda: rng.standard_normal(n),
              lambda: 1e4 + 1e-2 * rng.standard_normal(n),
              lambda: 1e37 * rng.standard_normal(n),
@@ -159,8 +160,12 @@ def test_pipelined_rows_of_every_kind(offset, n, with_bias, nt, streaming_always
         _, y = _offset_view(rows, n, offset, 0, -7.0)
         _, so = _offset_view(rows, n, offset, 0, -9.0)
         with np.errstate(all="ignore"):
-            normcy.add_layer_norm(x, r, w, b, x_bias=xb, eps=0.0, out=y, sum_out=so,
-                                  num_threads=nt)
+            if name == "add_layer_norm":
+                normcy.add_layer_norm(x, r, w, b, x_bias=xb, eps=0.0, out=y, sum_out=so,
+                                      num_threads=nt)
+            else:
+                normcy.add_rms_norm(x, r, w, x_bias=xb, eps=0.0, out=y, sum_out=so,
+                                    num_threads=nt)
         outs.append((y.copy(), so.copy()))
     (y0, s0), (y1, s1) = outs
     np.testing.assert_array_equal(y1, y0)
@@ -169,8 +174,11 @@ def test_pipelined_rows_of_every_kind(offset, n, with_bias, nt, streaming_always
     np.testing.assert_array_equal(ok, np.array(order) != 6)   # only the NaN row is NaN
     assert np.isnan(y0[order.index(6)]).all()
     s64 = s0[ok].astype(np.float64)
-    mu = s64.mean(-1, keepdims=True)
-    ref = (s64 - mu) / np.sqrt(((s64 - mu) ** 2).mean(-1, keepdims=True)) * w + b
+    if name == "add_layer_norm":
+        mu = s64.mean(-1, keepdims=True)
+        ref = (s64 - mu) / np.sqrt(((s64 - mu) ** 2).mean(-1, keepdims=True)) * w + b
+    else:
+        ref = s64 / np.sqrt((s64 ** 2).mean(-1, keepdims=True)) * w
     np.testing.assert_allclose(y0[ok], ref, rtol=1e-4, atol=2e-4)
 
 

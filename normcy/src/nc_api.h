@@ -53,7 +53,7 @@ typedef struct nc_carry {
     float v[NC_LINE_FLOATS];
 } nc_carry;
 
-/* One step of the streamed add + LayerNorm pipeline (nc_stream_fused): row B's moments
+/* One step of the streamed add + LayerNorm / RMSNorm pipeline (nc_stream_fused): row B's moments
    while row A's outputs stream out. */
 typedef struct nc_fuse {
     const float *x, *xb, *r;    /* row B: s = (x + xb) + r (xb may be NULL) */
@@ -61,7 +61,8 @@ typedef struct nc_fuse {
     const float *sa;            /* row A's s (the previous step's d) */
     float *ya, *soa;            /* row A's outputs (soa NULL: s is not written) */
     nc_carry *cy, *cs;          /* their carries */
-    const float *w, *b;         /* LayerNorm weight and bias (either may be NULL) */
+    const float *w, *b;         /* weight and bias (either may be NULL; RMS: no bias) */
+    int rms;                    /* RMSNorm (y = (s * scale) * w, M2 = sum of squares) */
     ptrdiff_t n;                /* row length, NC_BLK <= n <= NC_CHUNK */
     float mhi, mlo, scale;      /* row A: the mean as a float pair, 1 / std */
     double mean, m2;            /* out: row B's mean and M2, as nc_moments gives them */

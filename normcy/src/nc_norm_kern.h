@@ -383,7 +383,7 @@ static void NC_FN(nc_scale_apply_d)(const float *s, float *y, const float *w, nc
    that could have overflowed or underflowed. */
 #define NC_ADD_STORE_SQ(EXPR_S)                                                      \
     do {                                                                             \
-        for (i = 0; i + NC_BLK <= len; i += NC_BLK) {                                        \
+        for (; i + NC_BLK <= len; i += NC_BLK) {                                        \
             ncv v0, v1, v2, v3;                                                  \
             { nc_int o = i;      v0 = EXPR_S; ncv_st(dc + o, v0); }                 \
             { nc_int o = i + NC_VW; v1 = EXPR_S; ncv_st(dc + o, v1); }                 \
@@ -398,6 +398,29 @@ static void NC_FN(nc_scale_apply_d)(const float *s, float *y, const float *w, nc
         }                                                                            \
     } while (0)
 
+/* One chunk's sum of squares from its lane sums q0..q3 (elements [0, tail) of src;
+   [tail, len) are added here), redone in double lanes when it could have overflowed or
+   underflowed in float (see nc_sumsq). */
+NC_INLINE double NC_FN(nco_chunk_sumsq)(const float *src, nc_int len, nc_int tail, ncv q0,
+                                        ncv q1, ncv q2, ncv q3)
+{
+    nc_int i;
+    double q = ncv_hsum((q0 + q1) + (q2 + q3));
+    for (i = tail; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
+    if (!(q < 1e36) || q < 1e-28) {
+        ncdv qa = {0}, qb = {0};
+        for (i = 0; i + NC_VW <= len; i += NC_VW) {
+            ncdv da = ncv_ld_half_d(src + i);
+            ncdv db = ncv_ld_half_d(src + i + NC_VW / 2);
+            qa = ncdv_fma(da, da, qa);
+            qb = ncdv_fma(db, db, qb);
+        }
+        q = ncdv_hsum(qa + qb);
+        for (; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
+    }
+    return q;
+}
+
 static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, float *d, nc_int n)
 {
     double total = 0.0;
@@ -411,6 +434,7 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
         if (r != NULL) {
             const float *xc = x + c0, *rc = r + c0;
             float *dc = d + c0;
+            i = 0;
             if (xb != NULL) {
                 const float *bc = xb + c0;
                 NC_ADD_STORE_SQ((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
@@ -436,19 +460,7 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
             }
             tail = i;
         }
-        q = ncv_hsum((q0 + q1) + (q2 + q3));
-        for (i = tail; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
-        if (!(q < 1e36) || q < 1e-28) {
-            ncdv qa = {0}, qb = {0};
-            for (i = 0; i + NC_VW <= len; i += NC_VW) {
-                ncdv da = ncv_ld_half_d(src + i);
-                ncdv db = ncv_ld_half_d(src + i + NC_VW / 2);
-                qa = ncdv_fma(da, da, qa);
-                qb = ncdv_fma(db, db, qb);
-            }
-            q = ncdv_hsum(qa + qb);
-            for (; i < len; i++) q = nc_fma((double)src[i], (double)src[i], q);
-        }
+        q = NC_FN(nco_chunk_sumsq)(src, len, tail, q0, q1, q2, q3);
         total += q;
     }
     return total;
@@ -699,19 +711,21 @@ NC_INLINE ncv NC_FN(nco_ln_vec)(const int W, const int B, ncv sx, const float *w
 }
 
 /*
- * The streamed add + LayerNorm pipeline, one step: the moments of row B (s = (x + xb) + r
- * stored into d) in the same loop as row A's outputs (y from its stored s, and s itself,
- * streamed out).  One row at a time, the memory loads stop while a row's reductions and
+ * The streamed add + LayerNorm (or RMSNorm) pipeline, one step: the moments of row B
+ * (s = (x + xb) + r stored into d) in the same loop as row A's outputs (y from its stored
+ * s, and s itself, streamed out).  One row at a time, the memory loads stop while a row's reductions and
  * outputs are computed; fused, the loads of the next row overlap the stores of this one.
  * add_layer_norm 16384x1024 + sum_out, AMD EPYC Zen 5, AVX-512, builds alternated in
  * one session: NumPy's layout (rows 16 bytes past a line) 1T 27-29 -> 32-38 GB/s, 2T
  * 39-44 -> 48-53; 64-byte aligned rows 1T 38-40 -> 45-54, 2T 40-46 -> 48-55.
- * Row B's moments are nc_moments' for a one-chunk row, operation for operation (the same
- * bits); row A's outputs are nco_ln_apply_impl's (the same bits), whole lines streamed
+ * Row B's moments are nc_moments' (RMS: nc_sumsq's) for a one-chunk row, operation for
+ * operation (the same bits); row A's outputs are nco_ln_apply_impl's (RMS:
+ * nco_scale_apply_impl's; the same bits), whole lines streamed
  * from the registers and the partial lines at either end through the carries.
  * Needs NC_BLK <= n <= NC_CHUNK and float-aligned outputs; rows A and B distinct.
  */
-NC_INLINE void NC_FN(nco_fused_body)(const int XB, const int W, const int B, nc_fuse *f)
+NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, const int B,
+                                     nc_fuse *f)
 {
     const nc_int n = f->n, len = n;
     const float *const x = f->x, *const xb = f->xb, *const r = f->r, *const sa = f->sa;
@@ -719,19 +733,20 @@ NC_INLINE void NC_FN(nco_fused_body)(const int XB, const int W, const int B, nc_
     float *const dc = f->d, *const ya = f->ya, *const soa = f->soa;
     float tmp[NC_LINE_FLOATS];
     nc_int i = 0, tail, k;
-    /* row B: the shift and the lane sums of nc_moments */
-    const float K = NC_FN(nco_shift)(x, XB ? xb : NULL, r, n);
+    /* row B: the shift and the lane sums of nc_moments (RMS: nc_sumsq's, q only) */
+    const float K = RMS ? 0.0f : NC_FN(nco_shift)(x, XB ? xb : NULL, r, n);
     const ncv kv = K - (ncv){0};
     ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-    /* row A: nco_ln_apply_impl's constants */
+    /* row A: nco_ln_apply_impl's constants (RMS: nco_scale_apply_impl's, sv only) */
     const float mhi = f->mhi, mlo = f->mlo, scale = f->scale, c = -(mlo * scale);
     const ncv hv = mhi - (ncv){0}, cv = c - (ncv){0}, sv = scale - (ncv){0};
     /* row A: the partial first lines, through the carries */
     const nc_int hy = NC_FN(nco_line_peel)(ya, n);
     const nc_int hs = soa ? NC_FN(nco_line_peel)(soa, n) : 0;
     if (hy > 0) {
-        NC_FN(nco_ln_apply_impl)(0, sa, tmp, w, b, hy, mhi, mlo, scale);
+        if (RMS) NC_FN(nco_scale_apply_impl)(0, sa, tmp, w, hy, scale);
+        else NC_FN(nco_ln_apply_impl)(0, sa, tmp, w, b, hy, mhi, mlo, scale);
         NC_FN(nc_stream_row)(ya, tmp, hy, f->cy);
     }
     if (hs > 0) NC_FN(nc_stream_row)(soa, sa, hs, f->cs);
@@ -752,16 +767,20 @@ NC_INLINE void NC_FN(nco_fused_body)(const int XB, const int W, const int B, nc_
         v2 = NCO_SB(i + 2 * NC_VW); ncv_st(dc + i + 2 * NC_VW, v2);
         v3 = NCO_SB(i + 3 * NC_VW); ncv_st(dc + i + 3 * NC_VW, v3);
 #undef NCO_SB
-        v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;
-        a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+        if (!RMS) {
+            v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;
+            a0 += v0; a1 += v1; a2 += v2; a3 += v3;
+        }
         q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
         q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
         /* row A: the same block of its whole lines */
         NC_UNROLL_ALL
         for (int u = 0; u < NC_UNROLL; u++) {
             const nc_int o = hy + i + u * NC_VW;
-            ncv_stream(ya + o, NC_FN(nco_ln_vec)(W, B, ncv_ld(sa + o), W ? w + o : NULL,
-                                                 B ? b + o : NULL, hv, sv, cv));
+            const ncv sx = ncv_ld(sa + o);
+            ncv_stream(ya + o, RMS ? (W ? (sx * sv) * ncv_ld(w + o) : sx * sv)
+                                   : NC_FN(nco_ln_vec)(W, B, sx, W ? w + o : NULL,
+                                                       B ? b + o : NULL, hv, sv, cv));
         }
         if (soa) {
             NC_UNROLL_ALL
@@ -771,46 +790,62 @@ NC_INLINE void NC_FN(nco_fused_body)(const int XB, const int W, const int B, nc_
             }
         }
     }
-    /* the rest of row B, as nc_moments goes on from block nf */
-    if (XB) {
-        NC_ADD_STORE_MOM((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
-        tail = i;
-        for (; i < len; i++) dc[i] = (x[i] + xb[i]) + r[i];
-    } else {
-        NC_ADD_STORE_MOM(ncv_ld(x + o) + ncv_ld(r + o));
-        tail = i;
-        for (; i < len; i++) dc[i] = x[i] + r[i];
-    }
+    /* the rest of row B, as nc_moments (nc_sumsq) goes on from block nf */
+    if (RMS && XB) NC_ADD_STORE_SQ((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
+    else if (RMS) NC_ADD_STORE_SQ(ncv_ld(x + o) + ncv_ld(r + o));
+    else if (XB) NC_ADD_STORE_MOM((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
+    else NC_ADD_STORE_MOM(ncv_ld(x + o) + ncv_ld(r + o));
+    tail = i;
+    if (XB) for (; i < len; i++) dc[i] = (x[i] + xb[i]) + r[i];
+    else for (; i < len; i++) dc[i] = x[i] + r[i];
     /* the rest of row A: whole lines, then the partial last ones into the carries */
     const nc_int done = nf * NC_BLK;
-    if (ly > done)
+    if (ly > done && RMS)
+        NC_FN(nco_scale_apply_impl)(1, sa + hy + done, ya + hy + done, W ? w + hy + done : NULL,
+                                    ly - done, scale);
+    else if (ly > done)
         NC_FN(nco_ln_apply_impl)(1, sa + hy + done, ya + hy + done, W ? w + hy + done : NULL,
                                  B ? b + hy + done : NULL, ly - done, mhi, mlo, scale);
     if (hy + ly < n) {
-        NC_FN(nco_ln_apply_impl)(0, sa + hy + ly, tmp, W ? w + hy + ly : NULL,
-                                 B ? b + hy + ly : NULL, n - hy - ly, mhi, mlo, scale);
+        if (RMS)
+            NC_FN(nco_scale_apply_impl)(0, sa + hy + ly, tmp, W ? w + hy + ly : NULL,
+                                        n - hy - ly, scale);
+        else
+            NC_FN(nco_ln_apply_impl)(0, sa + hy + ly, tmp, W ? w + hy + ly : NULL,
+                                     B ? b + hy + ly : NULL, n - hy - ly, mhi, mlo, scale);
         NC_FN(nc_stream_row)(ya + hy + ly, tmp, n - hy - ly, f->cy);
     }
     if (soa) {
         for (nc_int o = hs + done; o < hs + ls; o += NC_VW) ncv_stream(soa + o, ncv_ld(sa + o));
         if (hs + ls < n) NC_FN(nc_stream_row)(soa + hs + ls, sa + hs + ls, n - hs - ls, f->cs);
     }
-    NC_FN(nco_chunk_stats)(dc, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &f->mean, &f->m2);
+    if (RMS) {
+        f->mean = 0.0;
+        f->m2 = NC_FN(nco_chunk_sumsq)(dc, len, tail, q0, q1, q2, q3);
+    } else {
+        NC_FN(nco_chunk_stats)(dc, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &f->mean,
+                               &f->m2);
+    }
 }
 
 static void NC_FN(nc_stream_fused)(nc_fuse *f)
 {
     const int xb = f->xb != NULL, w = f->w != NULL, b = f->b != NULL;
-    if (xb) {
-        if (w && b) NC_FN(nco_fused_body)(1, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(1, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(1, 0, 1, f);
-        else NC_FN(nco_fused_body)(1, 0, 0, f);
+    if (f->rms) {
+        if (xb && w) NC_FN(nco_fused_body)(1, 1, 1, 0, f);
+        else if (xb) NC_FN(nco_fused_body)(1, 1, 0, 0, f);
+        else if (w) NC_FN(nco_fused_body)(1, 0, 1, 0, f);
+        else NC_FN(nco_fused_body)(1, 0, 0, 0, f);
+    } else if (xb) {
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 1, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 1, 0, 0, f);
     } else {
-        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 0, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 0, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 0, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 0, 0, 0, f);
     }
 }
 

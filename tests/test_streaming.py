@@ -128,17 +128,18 @@ def test_streaming_threshold_is_the_last_level_cache():
             % (info["min_bytes"] / 2**20, expected / 2**20)) in buf.getvalue()
 
 
-@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm"])
+@pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"])
 @pytest.mark.parametrize("offset", [0, 4])
 @pytest.mark.parametrize("n", [64, 300, 1024])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("nt", [1, 2])
 def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_always):
-    """The streamed add + norm pipeline (each row's moments computed while the previous
-    row's outputs stream out) gives the cached path's bits for rows of every kind, in any
-    order: ordinary rows, rows whose mean dwarfs their spread (the two-pass moments), rows
-    near float32's limits (the double-precision apply), tiny rows, and a NaN row."""
-    rng = np.random.default_rng(n * 10 + offset + with_bias + 7 * (name == "add_rms_norm"))
+    """The streamed norm pipeline (each row's moments computed while the previous row's
+    outputs stream out) gives the cached path's bits for rows of every kind, in any order:
+    ordinary rows, rows whose mean dwarfs their spread (the two-pass moments), rows near
+    float32's limits (the double-precision apply), tiny rows, and a NaN row.  The plain
+    norms get the sums s = (x + x_bias) + r as their input."""
+    rng = np.random.default_rng(n * 10 + offset + with_bias + 7 * len(name))
     kinds = [lambda: rng.standard_normal(n),
              lambda: 1e4 + 1e-2 * rng.standard_normal(n),
              lambda: 1e37 * rng.standard_normal(n),
@@ -163,9 +164,15 @@ def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_
             if name == "add_layer_norm":
                 normcy.add_layer_norm(x, r, w, b, x_bias=xb, eps=0.0, out=y, sum_out=so,
                                       num_threads=nt)
-            else:
+            elif name == "add_rms_norm":
                 normcy.add_rms_norm(x, r, w, x_bias=xb, eps=0.0, out=y, sum_out=so,
                                     num_threads=nt)
+            else:
+                so[...] = (x + xb) + r if with_bias else x + r
+                if name == "layer_norm":
+                    normcy.layer_norm(so, w, b, eps=0.0, out=y, num_threads=nt)
+                else:
+                    normcy.rms_norm(so, w, eps=0.0, out=y, num_threads=nt)
         outs.append((y.copy(), so.copy()))
     (y0, s0), (y1, s1) = outs
     np.testing.assert_array_equal(y1, y0)
@@ -174,7 +181,7 @@ def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_
     np.testing.assert_array_equal(ok, np.array(order) != 6)   # only the NaN row is NaN
     assert np.isnan(y0[order.index(6)]).all()
     s64 = s0[ok].astype(np.float64)
-    if name == "add_layer_norm":
+    if name.endswith("layer_norm"):
         mu = s64.mean(-1, keepdims=True)
         ref = (s64 - mu) / np.sqrt(((s64 - mu) ** 2).mean(-1, keepdims=True)) * w + b
     else:

@@ -56,8 +56,8 @@ typedef struct nc_carry {
 /* One step of the streamed add + LayerNorm / RMSNorm pipeline (nc_stream_fused): row B's moments
    while row A's outputs stream out. */
 typedef struct nc_fuse {
-    const float *x, *xb, *r;    /* row B: s = (x + xb) + r (xb may be NULL) */
-    float *d;                   /* row B's s, stored (L1 scratch, n floats) */
+    const float *x, *xb, *r;    /* row B: s = (x + xb) + r (xb may be NULL; r NULL: s = x) */
+    float *d;                   /* row B's s, stored (L1 scratch, n floats; NULL: no add) */
     const float *sa;            /* row A's s (the previous step's d) */
     float *ya, *soa;            /* row A's outputs (soa NULL: s is not written) */
     nc_carry *cy, *cs;          /* their carries */

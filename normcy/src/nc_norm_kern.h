@@ -46,6 +46,38 @@ static inline void NC_FN(nc_passb_double)(const float *src, nc_int len, double m
     *s2_out = s2;
 }
 
+/* one chunk of src (from element i on), shifted sums v = src - K: a += v, q += v*v */
+#define NC_MOM_LOOP(SRC)                                                                  \
+    do {                                                                                  \
+        for (; i + NC_BLK <= len; i += NC_BLK) {                                          \
+            ncv v0 = ncv_ld((SRC) + i) - kv, v1 = ncv_ld((SRC) + i + NC_VW) - kv;         \
+            ncv v2 = ncv_ld((SRC) + i + 2 * NC_VW) - kv;                                  \
+            ncv v3 = ncv_ld((SRC) + i + 3 * NC_VW) - kv;                                  \
+            a0 += v0; a1 += v1; a2 += v2; a3 += v3;                                       \
+            q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);                           \
+            q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);                           \
+        }                                                                                 \
+        for (; i + NC_VW <= len; i += NC_VW) {                                            \
+            ncv v0 = ncv_ld((SRC) + i) - kv;                                              \
+            a0 += v0; q0 = ncv_fma(v0, v0, q0);                                           \
+        }                                                                                 \
+    } while (0)
+
+/* one chunk of src (from element i on), sums of squares: q += v*v */
+#define NC_SQ_LOOP(SRC)                                                                   \
+    do {                                                                                  \
+        for (; i + NC_BLK <= len; i += NC_BLK) {                                          \
+            ncv v0 = ncv_ld((SRC) + i), v1 = ncv_ld((SRC) + i + NC_VW);                   \
+            ncv v2 = ncv_ld((SRC) + i + 2 * NC_VW), v3 = ncv_ld((SRC) + i + 3 * NC_VW);   \
+            q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);                           \
+            q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);                           \
+        }                                                                                 \
+        for (; i + NC_VW <= len; i += NC_VW) {                                            \
+            ncv v0 = ncv_ld((SRC) + i);                                                   \
+            q0 = ncv_fma(v0, v0, q0);                                                     \
+        }                                                                                 \
+    } while (0)
+
 /* one chunk of s = EXPR_S, stored into dc, with shifted sums v = s - K: a += v, q += v*v */
 #define NC_ADD_STORE_MOM(EXPR_S)                                                     \
     do {                                                                             \
@@ -206,17 +238,8 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
         } else {
             src = x + c0;
             head = 0;
-            for (i = head; i + NC_BLK <= len; i += NC_BLK) {
-                ncv v0 = ncv_ld(src + i) - kv, v1 = ncv_ld(src + i + NC_VW) - kv;
-                ncv v2 = ncv_ld(src + i + 2 * NC_VW) - kv, v3 = ncv_ld(src + i + 3 * NC_VW) - kv;
-                a0 += v0; a1 += v1; a2 += v2; a3 += v3;
-                q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
-                q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
-            }
-            for (; i + NC_VW <= len; i += NC_VW) {
-                ncv v0 = ncv_ld(src + i) - kv;
-                a0 += v0; q0 = ncv_fma(v0, v0, q0);
-            }
+            i = head;
+            NC_MOM_LOOP(src);
             tail = i;
         }
         NC_FN(nco_chunk_stats)(src, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &mean_c,
@@ -448,16 +471,8 @@ static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, f
             src = dc;
         } else {
             src = x + c0;
-            for (i = 0; i + NC_BLK <= len; i += NC_BLK) {
-                ncv v0 = ncv_ld(src + i), v1 = ncv_ld(src + i + NC_VW);
-                ncv v2 = ncv_ld(src + i + 2 * NC_VW), v3 = ncv_ld(src + i + 3 * NC_VW);
-                q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
-                q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
-            }
-            for (; i + NC_VW <= len; i += NC_VW) {
-                ncv v0 = ncv_ld(src + i);
-                q0 = ncv_fma(v0, v0, q0);
-            }
+            i = 0;
+            NC_SQ_LOOP(src);
             tail = i;
         }
         q = NC_FN(nco_chunk_sumsq)(src, len, tail, q0, q1, q2, q3);
@@ -724,8 +739,8 @@ NC_INLINE ncv NC_FN(nco_ln_vec)(const int W, const int B, ncv sx, const float *w
  * from the registers and the partial lines at either end through the carries.
  * Needs NC_BLK <= n <= NC_CHUNK and float-aligned outputs; rows A and B distinct.
  */
-NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, const int B,
-                                     nc_fuse *f)
+NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB, const int W,
+                                     const int B, nc_fuse *f)
 {
     const nc_int n = f->n, len = n;
     const float *const x = f->x, *const xb = f->xb, *const r = f->r, *const sa = f->sa;
@@ -734,7 +749,7 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, c
     float tmp[NC_LINE_FLOATS];
     nc_int i = 0, tail, k;
     /* row B: the shift and the lane sums of nc_moments (RMS: nc_sumsq's, q only) */
-    const float K = RMS ? 0.0f : NC_FN(nco_shift)(x, XB ? xb : NULL, r, n);
+    const float K = RMS ? 0.0f : NC_FN(nco_shift)(x, XB ? xb : NULL, ADD ? r : NULL, n);
     const ncv kv = K - (ncv){0};
     ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
@@ -760,13 +775,18 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, c
     if (nf > ls / NC_BLK) nf = ls / NC_BLK;
     for (k = 0; k < nf; k++, i += NC_BLK) {
         ncv v0, v1, v2, v3;
+        if (ADD) {
 #define NCO_SB(o) (XB ? (ncv_ld(x + (o)) + ncv_ld(xb + (o))) + ncv_ld(r + (o))             \
                       : ncv_ld(x + (o)) + ncv_ld(r + (o)))
-        v0 = NCO_SB(i); ncv_st(dc + i, v0);
-        v1 = NCO_SB(i + NC_VW); ncv_st(dc + i + NC_VW, v1);
-        v2 = NCO_SB(i + 2 * NC_VW); ncv_st(dc + i + 2 * NC_VW, v2);
-        v3 = NCO_SB(i + 3 * NC_VW); ncv_st(dc + i + 3 * NC_VW, v3);
+            v0 = NCO_SB(i); ncv_st(dc + i, v0);
+            v1 = NCO_SB(i + NC_VW); ncv_st(dc + i + NC_VW, v1);
+            v2 = NCO_SB(i + 2 * NC_VW); ncv_st(dc + i + 2 * NC_VW, v2);
+            v3 = NCO_SB(i + 3 * NC_VW); ncv_st(dc + i + 3 * NC_VW, v3);
 #undef NCO_SB
+        } else {
+            v0 = ncv_ld(x + i); v1 = ncv_ld(x + i + NC_VW);
+            v2 = ncv_ld(x + i + 2 * NC_VW); v3 = ncv_ld(x + i + 3 * NC_VW);
+        }
         if (!RMS) {
             v0 -= kv; v1 -= kv; v2 -= kv; v3 -= kv;
             a0 += v0; a1 += v1; a2 += v2; a3 += v3;
@@ -791,13 +811,17 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, c
         }
     }
     /* the rest of row B, as nc_moments (nc_sumsq) goes on from block nf */
-    if (RMS && XB) NC_ADD_STORE_SQ((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
+    if (!ADD && RMS) NC_SQ_LOOP(x);
+    else if (!ADD) NC_MOM_LOOP(x);
+    else if (RMS && XB) NC_ADD_STORE_SQ((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
     else if (RMS) NC_ADD_STORE_SQ(ncv_ld(x + o) + ncv_ld(r + o));
     else if (XB) NC_ADD_STORE_MOM((ncv_ld(x + o) + ncv_ld(xb + o)) + ncv_ld(r + o));
     else NC_ADD_STORE_MOM(ncv_ld(x + o) + ncv_ld(r + o));
     tail = i;
-    if (XB) for (; i < len; i++) dc[i] = (x[i] + xb[i]) + r[i];
-    else for (; i < len; i++) dc[i] = x[i] + r[i];
+    if (ADD && XB) for (; i < len; i++) dc[i] = (x[i] + xb[i]) + r[i];
+    else if (ADD) for (; i < len; i++) dc[i] = x[i] + r[i];
+    /* (the row's s: stored in dc when adding, else x itself) */
+    const float *const srcb = ADD ? dc : x;
     /* the rest of row A: whole lines, then the partial last ones into the carries */
     const nc_int done = nf * NC_BLK;
     if (ly > done && RMS)
@@ -821,31 +845,39 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int XB, const int W, c
     }
     if (RMS) {
         f->mean = 0.0;
-        f->m2 = NC_FN(nco_chunk_sumsq)(dc, len, tail, q0, q1, q2, q3);
+        f->m2 = NC_FN(nco_chunk_sumsq)(srcb, len, tail, q0, q1, q2, q3);
     } else {
-        NC_FN(nco_chunk_stats)(dc, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &f->mean,
+        NC_FN(nco_chunk_stats)(srcb, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &f->mean,
                                &f->m2);
     }
 }
 
 static void NC_FN(nc_stream_fused)(nc_fuse *f)
 {
-    const int xb = f->xb != NULL, w = f->w != NULL, b = f->b != NULL;
-    if (f->rms) {
-        if (xb && w) NC_FN(nco_fused_body)(1, 1, 1, 0, f);
-        else if (xb) NC_FN(nco_fused_body)(1, 1, 0, 0, f);
-        else if (w) NC_FN(nco_fused_body)(1, 0, 1, 0, f);
-        else NC_FN(nco_fused_body)(1, 0, 0, 0, f);
+    const int add = f->r != NULL, xb = f->xb != NULL, w = f->w != NULL, b = f->b != NULL;
+    if (f->rms && !add) {
+        if (w) NC_FN(nco_fused_body)(1, 0, 0, 1, 0, f);
+        else NC_FN(nco_fused_body)(1, 0, 0, 0, 0, f);
+    } else if (f->rms) {
+        if (xb && w) NC_FN(nco_fused_body)(1, 1, 1, 1, 0, f);
+        else if (xb) NC_FN(nco_fused_body)(1, 1, 1, 0, 0, f);
+        else if (w) NC_FN(nco_fused_body)(1, 1, 0, 1, 0, f);
+        else NC_FN(nco_fused_body)(1, 1, 0, 0, 0, f);
+    } else if (!add) {
+        if (w && b) NC_FN(nco_fused_body)(0, 0, 0, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 0, 0, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 0, 0, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 0, 0, 0, 0, f);
     } else if (xb) {
-        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 1, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 1, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 1, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 1, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 1, 1, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 1, 1, 0, 0, f);
     } else {
-        if (w && b) NC_FN(nco_fused_body)(0, 0, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 0, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 0, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 0, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 0, 1, 1, f);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 0, 1, 0, f);
+        else if (b) NC_FN(nco_fused_body)(0, 1, 0, 0, 1, f);
+        else NC_FN(nco_fused_body)(0, 1, 0, 0, 0, f);
     }
 }
 
@@ -910,3 +942,5 @@ static void NC_FN(nc_affine_rows_stream)(const float *x, float *y, const float *
 
 #undef NC_ADD_STORE_MOM
 #undef NC_ADD_STORE_SQ
+#undef NC_MOM_LOOP
+#undef NC_SQ_LOOP

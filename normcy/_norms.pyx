@@ -330,7 +330,8 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     each output through its own carry, so the line two consecutive rows share goes out as
     one streamed line.  Rows up to NC_CHUNK are pipelined: each row's moments are computed
     in the loop that streams the previous row's outputs (nc_stream_fused; the same bits as
-    one row at a time).  scratch: 2 n + NC_CHUNK floats.  The caller fences once, after its last row."""
+    one row at a time).  scratch: 2 n + NC_CHUNK floats.  The caller fences once, after
+    its last row."""
     cdef Py_ssize_t n = j.n, i
     cdef float *buf_a = scratch
     cdef float *buf_b = scratch + n

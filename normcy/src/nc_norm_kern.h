@@ -726,17 +726,17 @@ NC_INLINE ncv NC_FN(nco_ln_vec)(const int W, const int B, ncv sx, const float *w
 }
 
 /*
- * The streamed add + LayerNorm (or RMSNorm) pipeline, one step: the moments of row B
- * (s = (x + xb) + r stored into d) in the same loop as row A's outputs (y from its stored
- * s, and s itself, streamed out).  One row at a time, the memory loads stop while a row's reductions and
- * outputs are computed; fused, the loads of the next row overlap the stores of this one.
- * add_layer_norm 16384x1024 + sum_out, AMD EPYC Zen 5, AVX-512, builds alternated in
- * one session: NumPy's layout (rows 16 bytes past a line) 1T 27-29 -> 32-38 GB/s, 2T
- * 39-44 -> 48-53; 64-byte aligned rows 1T 38-40 -> 45-54, 2T 40-46 -> 48-55.
- * Row B's moments are nc_moments' (RMS: nc_sumsq's) for a one-chunk row, operation for
- * operation (the same bits); row A's outputs are nco_ln_apply_impl's (RMS:
- * nco_scale_apply_impl's; the same bits), whole lines streamed
- * from the registers and the partial lines at either end through the carries.
+ * The streamed norm pipeline, one step: the moments of row B (with an add, s = (x + xb)
+ * + r stored into d; else s = x) in the same loop as row A's outputs (y from its s, and
+ * with an add s itself, streamed out).  One row at a time, the memory loads stop while a
+ * row's reductions and outputs are computed; fused, the loads of the next row overlap the
+ * stores of this one.  add_layer_norm 16384x1024 + sum_out, AMD EPYC Zen 5, AVX-512,
+ * builds alternated in one session: NumPy's layout (rows 16 bytes past a line) 1T 27-29
+ * -> 32-38 GB/s, 2T 39-44 -> 48-53; 64-byte aligned rows 1T 38-40 -> 45-54, 2T 40-46 ->
+ * 48-55.  Row B's moments are nc_moments' (RMS: nc_sumsq's) for a one-chunk row,
+ * operation for operation (the same bits); row A's outputs are nco_ln_apply_impl's (RMS:
+ * nco_scale_apply_impl's; the same bits), whole lines streamed from the registers and
+ * the partial lines at either end through the carries.
  * Needs NC_BLK <= n <= NC_CHUNK and float-aligned outputs; rows A and B distinct.
  */
 NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB, const int W,

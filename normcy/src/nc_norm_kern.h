@@ -657,6 +657,14 @@ static void NC_FN(nc_stream_row)(float *dst, const float *src, nc_int n, nc_carr
     }
 }
 
+/* elements before p reaches a 64-byte line (p float-aligned), at most n */
+NC_INLINE nc_int NC_FN(nco_line_peel)(const float *p, nc_int n)
+{
+    nc_int h = (nc_int)(((NC_LINE_BYTES - ((uintptr_t)p & (NC_LINE_BYTES - 1)))
+                         & (NC_LINE_BYTES - 1)) / 4u);
+    return h < n ? h : n;
+}
+
 /* The outputs of one row (nc_ln_apply's or nc_scale_apply's, the same bits) streamed
    straight to y: the whole 64-byte lines with non-temporal stores from the registers, the
    partial lines at either end through nc_stream_row's carry.  Saves the scratch row that
@@ -664,10 +672,8 @@ static void NC_FN(nc_stream_row)(float *dst, const float *src, nc_int n, nc_carr
 #define NCO_APPLY_STREAM(PLAIN, NTAPPLY)                                                  \
     do {                                                                                  \
         float tmp[NC_LINE_FLOATS];                                                        \
-        nc_int h = (nc_int)(((NC_LINE_BYTES - ((uintptr_t)y & (NC_LINE_BYTES - 1)))        \
-                             & (NC_LINE_BYTES - 1)) / 4u);                                \
-        if (((uintptr_t)y & 3u) != 0) h = n;     /* not float-aligned: all through tmp */ \
-        if (h > n) h = n;                                                                 \
+        /* (y not float-aligned: all of it through tmp) */                                \
+        const nc_int h = ((uintptr_t)y & 3u) != 0 ? n : NC_FN(nco_line_peel)(y, n);        \
         for (nc_int i0 = 0; i0 < h; i0 += NC_LINE_FLOATS) {                               \
             nc_int m = h - i0 < NC_LINE_FLOATS ? h - i0 : NC_LINE_FLOATS;                 \
             PLAIN(i0, m);                                                                 \
@@ -705,13 +711,6 @@ static void NC_FN(nc_scale_apply_stream)(const float *s, float *y, const float *
     NCO_APPLY_STREAM(NCO_P, NCO_N);
 #undef NCO_P
 #undef NCO_N
-}
-/* elements before p reaches a 64-byte line (p float-aligned), at most n */
-NC_INLINE nc_int NC_FN(nco_line_peel)(const float *p, nc_int n)
-{
-    nc_int h = (nc_int)(((NC_LINE_BYTES - ((uintptr_t)p & (NC_LINE_BYTES - 1)))
-                         & (NC_LINE_BYTES - 1)) / 4u);
-    return h < n ? h : n;
 }
 
 /* one output vector of nco_ln_apply_impl (the same operations) */

@@ -57,6 +57,7 @@ typedef struct nc_carry {
    while row A's outputs stream out. */
 typedef struct nc_fuse {
     const float *x, *xb, *r;    /* row B: s = (x + xb) + r (xb may be NULL; r NULL: s = x) */
+    const float *px, *pr;       /* the next row's x and r, prefetched (px NULL: none) */
     float *d;                   /* row B's s, stored (L1 scratch, n floats; NULL: no add) */
     const float *sa;            /* row A's s (the previous step's d) */
     float *ya, *soa;            /* row A's outputs (soa NULL: s is not written) */

@@ -792,6 +792,13 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB,
         }
         q0 = ncv_fma(v0, v0, q0); q1 = ncv_fma(v1, v1, q1);
         q2 = ncv_fma(v2, v2, q2); q3 = ncv_fma(v3, v3, q3);
+        if (f->px) {
+            /* the same block of the row after B, a row ahead of its loads */
+            for (int u = 0; u < NC_BLK; u += NC_LINE_FLOATS) {
+                __builtin_prefetch(f->px + i + u, 0, 3);
+                if (ADD) __builtin_prefetch(f->pr + i + u, 0, 3);
+            }
+        }
         /* row A: the same block of its whole lines */
         NC_UNROLL_ALL
         for (int u = 0; u < NC_UNROLL; u++) {

@@ -122,6 +122,11 @@ cdef Py_ssize_t _llc = _llc_bytes()
 # 4096x1024 (33.5 MB) 397 vs 321; NHWC 32x56x56x64 (51 MB) 709 vs 900).
 cdef Py_ssize_t _stream_min_bytes = _llc + _llc // 8
 
+
+cdef inline bint streams(Py_ssize_t nbytes) noexcept:
+    """Whether a call touching nbytes (inputs and outputs) streams its outputs."""
+    return NC_HAVE_STREAM and nbytes >= _stream_min_bytes
+
 def _cap_ignored_reason():
     """Why NORMCY_MAX_ISA was ignored ("" if it was not)."""
     if nc_isa_cap_invalid() == 2:
@@ -773,9 +778,8 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
     if n == 1:
         j.gather = 0   # a single element per row is always "contiguous"
     # Calls that touch more memory than the last-level cache holds stream their outputs.
-    j.stream = (not j.gather and NC_HAVE_STREAM and n >= 64
-                and (2 + j.has_r + j.has_so) * nrows * n * <Py_ssize_t>sizeof(float)
-                >= _stream_min_bytes)
+    j.stream = (not j.gather and n >= 64
+                and streams((2 + j.has_r + j.has_so) * nrows * n * <Py_ssize_t>sizeof(float)))
     nt = resolve_threads(num_threads, nrows * n, nrows)
     run_norm_job(&j, nt)
     return oa
@@ -1184,7 +1188,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
     work = outer * c * inner
     # as the norms: a call that touches more than the last-level cache streams its output
-    j.stream = NC_HAVE_STREAM and 2 * work * <Py_ssize_t>sizeof(float) >= _stream_min_bytes
+    j.stream = streams(2 * work * <Py_ssize_t>sizeof(float))
     j.m2 = j.a2 = j.b2 = NULL
     if j.stream and j.rows:
         m2 = np.resize(mean32, c + 16) if mean32 is not None else None

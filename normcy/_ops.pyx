@@ -700,28 +700,31 @@ def _split_heads(qkv, bq, q, kt, v, Py_ssize_t nseq, Py_ssize_t S, Py_ssize_t nh
 POOL_CLS, POOL_MAX, POOL_MEAN, POOL_MEAN_SQRT_LEN, POOL_WEIGHTED_MEAN, POOL_LAST = range(6)
 
 
-cdef void pool_row(const float *h, Py_ssize_t n, Py_ssize_t H, int mode, double *acc,
-                   float *dst) noexcept nogil:
+cdef void pool_row(const float *h, Py_ssize_t n, Py_ssize_t s0, Py_ssize_t H, int mode,
+                   double *acc, float *dst) noexcept nogil:
     """One sequence's pooled vector: h = its (S, H) rows, n = its valid tokens (the first
-    n rows).  Sums in float64, in token order, rounded to float32 once (as the reference
-    normcy.sentence._pool); max propagates NaN (as numpy's max)."""
+    n rows), of which rows [s0, n) are pooled (s0 > 0: a prompt's tokens left out, as
+    sentence-transformers' include_prompt=False zeroes them in the attention mask; none
+    left when s0 >= n).  Sums in float64, in token order, rounded to float32 once (as the
+    reference normcy.sentence._pool); max propagates NaN (as numpy's max)."""
     cdef Py_ssize_t t, k
     cdef double den
     cdef float m, v
-    if mode == 0:        # cls (the first row, whatever n)
+    if mode == 0:        # cls: the first pooled row (the first row when none is left)
+        t = s0 if s0 < n else 0
         for k in range(H):
-            dst[k] = h[k]
+            dst[k] = h[t * H + k]
     elif mode == 5:      # last token
         for k in range(H):
-            dst[k] = h[(n - 1) * H + k] if n > 0 else 0.0
+            dst[k] = h[(n - 1) * H + k] if n > s0 else 0.0
     elif mode == 1:      # max
-        if n == 0:
+        if n <= s0:
             for k in range(H):
                 dst[k] = -INFINITY
             return
         for k in range(H):
-            dst[k] = h[k]
-        for t in range(1, n):
+            dst[k] = h[s0 * H + k]
+        for t in range(s0 + 1, n):
             for k in range(H):
                 v = h[t * H + k]
                 m = dst[k]
@@ -731,18 +734,19 @@ cdef void pool_row(const float *h, Py_ssize_t n, Py_ssize_t H, int mode, double 
     else:                # the means: sum_t w_t h_t / den
         for k in range(H):
             acc[k] = 0.0
-        if mode == 4:
-            for t in range(n):
+        if mode == 4:    # weights t + 1: the positions', prompt or not
+            den = 0.0
+            for t in range(s0, n):
+                den += <double>(t + 1)
                 for k in range(H):
                     acc[k] += <double>(t + 1) * <double>h[t * H + k]
-            den = <double>n * <double>(n + 1) / 2.0
             if den < 1e-9:
                 den = 1e-9
         else:
-            for t in range(n):
+            den = <double>(n - s0) if n > s0 else 1e-9
+            for t in range(s0, n):
                 for k in range(H):
                     acc[k] += <double>h[t * H + k]
-            den = <double>n if n > 0 else 1e-9
             if mode == 3:
                 den = sqrt(den)
         for k in range(H):
@@ -762,13 +766,14 @@ cdef void l2_normalize_row(float *x, Py_ssize_t n) noexcept nogil:
         x[k] = <float>(<double>x[k] / s)
 
 
-def pool_normalize(hidden, lengths, tuple modes, Py_ssize_t normalize=0):
+def pool_normalize(hidden, lengths, tuple modes, Py_ssize_t normalize=0, Py_ssize_t start=0):
     """Pool token embeddings into sentence embeddings, then L2-normalize them `normalize`
     times (package-internal: normcy.sentence).
 
     hidden : (B, S, H) float32, C-contiguous; lengths : (B,) int64, the valid (leading)
     tokens of each sequence, 0..S; modes : pooling mode codes (POOL_*), concatenated in
-    this order.  Returns (B, len(modes) * H) float32.  One compiled pass instead of a few
+    this order; start : the first token pooled (a prompt's tokens before it are left out;
+    see pool_row).  Returns (B, len(modes) * H) float32.  One compiled pass instead of a few
     NumPy calls per mode and per normalization (~100 us per batch-1 sentence, cold, on the
     AMD EPYC VM); the same arithmetic as the NumPy reference normcy.sentence._pool and
     _l2_normalize (float64 sums in token order; the norm's float64 sum may be ordered
@@ -785,8 +790,9 @@ def pool_normalize(hidden, lengths, tuple modes, Py_ssize_t normalize=0):
         raise ValueError("pool_normalize: lengths must be a contiguous int64 array of shape "
                          "(%d,), got %s" % (B, describe(lengths)))
     cdef Py_ssize_t nm = len(modes), i, b, j
-    if nm < 1 or nm > 6 or normalize < 0:
-        raise ValueError("pool_normalize: bad modes %r / normalize %d" % (modes, normalize))
+    if nm < 1 or nm > 6 or normalize < 0 or start < 0:
+        raise ValueError("pool_normalize: bad modes %r / normalize %d / start %d"
+                         % (modes, normalize, start))
     cdef int codes[6]
     for i in range(nm):
         codes[i] = modes[i]
@@ -806,7 +812,7 @@ def pool_normalize(hidden, lengths, tuple modes, Py_ssize_t normalize=0):
     with nogil:
         for b in range(B):
             for j in range(nm):
-                pool_row(hp + b * S * H, ln[b], H, codes[j], acc, op + (b * nm + j) * H)
+                pool_row(hp + b * S * H, ln[b], start, H, codes[j], acc, op + (b * nm + j) * H)
             for i in range(normalize):
                 l2_normalize_row(op + b * nm * H, nm * H)
     free(acc)

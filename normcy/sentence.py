@@ -141,11 +141,14 @@ def _parse_pooling(cfg: Mapping[str, Any], where: str) -> Tuple[Tuple[str, ...],
     return modes, bool(cfg.get("include_prompt", True))
 
 
-def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str]) -> np.ndarray:
+def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str],
+          start: int = 0) -> np.ndarray:
     """Pool right-padded token embeddings (B, S, H) with valid lengths (B,) -> (B, len(modes)*H).
 
     Mirrors sentence-transformers' Pooling module for right-padded inputs. Sums are
-    accumulated in float64 and rounded to float32 once.
+    accumulated in float64 and rounded to float32 once. ``start`` > 0 leaves the first
+    ``start`` positions out (a prompt's tokens, ``include_prompt=False``), as
+    sentence-transformers does by zeroing them in the attention mask.
     """
     B, S, H = hidden.shape
     out = np.empty((B, len(modes) * H), dtype=np.float32)
@@ -153,21 +156,23 @@ def _pool(hidden: np.ndarray, lengths: np.ndarray, modes: Sequence[str]) -> np.n
         dst = out[:, j * H:(j + 1) * H]
         for b in range(B):
             n = int(lengths[b])
-            tok = hidden[b, :n]
+            s0 = min(int(start), n)
+            tok = hidden[b, s0:n]
             if mode == "cls":
-                dst[b] = hidden[b, 0]
+                # the first position left in the mask (argmax of an all-zero mask: 0)
+                dst[b] = hidden[b, s0 if s0 < n else 0]
             elif mode == "lasttoken":
-                dst[b] = hidden[b, n - 1] if n > 0 else 0.0
+                dst[b] = hidden[b, n - 1] if n > s0 else 0.0
             elif mode == "max":
-                dst[b] = tok.max(axis=0) if n > 0 else -np.inf
+                dst[b] = tok.max(axis=0) if n > s0 else -np.inf
             elif mode in ("mean", "mean_sqrt_len_tokens"):
                 s = tok.sum(axis=0, dtype=np.float64)
-                den = max(float(n), 1e-9)
+                den = max(float(n - s0), 1e-9)
                 if mode == "mean_sqrt_len_tokens":
                     den = math.sqrt(den)
                 dst[b] = s / den
             elif mode == "weightedmean":
-                w = np.arange(1, n + 1, dtype=np.float64)
+                w = np.arange(s0 + 1, n + 1, dtype=np.float64)
                 dst[b] = (w @ tok.astype(np.float64)) / max(float(w.sum()), 1e-9)
             else:  # pragma: no cover - rejected at load time
                 raise ValueError("unknown pooling mode %r" % mode)
@@ -321,7 +326,10 @@ class SentenceEncoder:
         Named prompts (``config_sentence_transformers.json``).
     default_prompt_name : str, optional
     include_prompt : bool, default True
-        Pooling setting; ``False`` (exclude prompt tokens) is not supported with a prompt.
+        Pooling setting: ``False`` leaves a prompt's tokens out of the pooling, as
+        sentence-transformers does (the prompt is tokenized alone, with truncation; its
+        tokens but a trailing special one, [CLS] included, are not pooled). The tokens are
+        still in the model's input, and in ``output_value="token_embeddings"``.
     hidden_size : int, optional
         Width of the token embeddings (for the embedding dimension before the first batch).
 
@@ -681,6 +689,44 @@ class SentenceEncoder:
                     break
         return encs
 
+    def prompt_length(self, prompt: str) -> int:
+        """The leading token positions of ``prompt + text`` that ``include_prompt=False``
+        leaves out of the pooling (sentence-transformers' ``prompt_length``).
+
+        The prompt is tokenized alone (special tokens added, truncated to
+        ``max_seq_length``); its tokens count, [CLS] included, less the last one when that
+        is a special token ([SEP]). Cached per prompt and length.
+
+        Parameters
+        ----------
+        prompt : str
+
+        Returns
+        -------
+        int
+        """
+        if not isinstance(prompt, str):
+            raise TypeError("prompt must be str, got %s" % type(prompt).__name__)
+        key = (prompt, self._max_seq_length, id(self.tokenizer))
+        cache = self.__dict__.setdefault("_prompt_lengths", {})
+        n = cache.get(key)
+        if n is None:
+            e = self._encodings([prompt])[0]
+            ids = e.ids
+            n = len(ids)
+            if n:
+                decoder = getattr(self.tokenizer, "get_added_tokens_decoder", None)
+                if decoder is not None:
+                    added = decoder().get(ids[-1])
+                    special = added is not None and bool(getattr(added, "special", False))
+                else:   # pragma: no cover - tokenizers without it
+                    special = bool(e.special_tokens_mask[-1])
+                n -= int(special)
+            if len(cache) >= 64:
+                cache.clear()
+            cache[key] = n
+        return n
+
     def tokenize(self, sentences: Union[str, Sequence[str]]) -> Dict[str, np.ndarray]:
         """Tokenize as sentence-transformers does, padded to the longest input.
 
@@ -743,6 +789,15 @@ class SentenceEncoder:
             if not isinstance(s, str):
                 raise TypeError("sentences[%d] must be str, got %s" % (i, type(s).__name__))
         return texts, False
+
+    @staticmethod
+    def _check_truncate_dim(truncate_dim):
+        if truncate_dim is None:
+            return None
+        if isinstance(truncate_dim, (bool, np.bool_)) \
+                or not isinstance(truncate_dim, (int, np.integer)) or truncate_dim < 1:
+            raise ValueError("truncate_dim must be a positive integer, got %r" % (truncate_dim,))
+        return int(truncate_dim)
 
     def encode(self, sentences: Union[str, Sequence[str]], batch_size: int = 32,
                normalize_embeddings: bool = False, show_progress_bar: Optional[bool] = False,
@@ -808,12 +863,7 @@ class SentenceEncoder:
             raise ValueError("precision must be 'float32', got %r" % (precision,))
         if device not in (None, "cpu"):
             raise ValueError("device must be None or 'cpu', got %r" % (device,))
-        if truncate_dim is not None:
-            if isinstance(truncate_dim, (bool, np.bool_)) \
-                    or not isinstance(truncate_dim, (int, np.integer)) or truncate_dim < 1:
-                raise ValueError("truncate_dim must be a positive integer, got %r"
-                                 % (truncate_dim,))
-            truncate_dim = int(truncate_dim)
+        truncate_dim = self._check_truncate_dim(truncate_dim)
 
         if prompt is None:
             if prompt_name is None:
@@ -823,12 +873,23 @@ class SentenceEncoder:
                     raise ValueError("prompt_name %r not in the model's prompts %s"
                                      % (prompt_name, sorted(self.prompts)))
                 prompt = self.prompts[prompt_name]
+        pool_start = 0      # the first position pooled: past the prompt's, when left out
         if prompt:
             if not self.include_prompt:
-                raise NotImplementedError("pooling with include_prompt=False is not supported")
+                pool_start = self.prompt_length(prompt)
             texts = [prompt + t for t in texts]
 
-        n = len(texts)
+        if progress_stream is None and show_progress_bar:
+            progress_stream = sys.stderr
+        encs = self._encodings(texts) if texts else []
+        return self._embed_encodings(encs, single, pool_start, batch_size, normalize_embeddings,
+                                     output_value, convert_to_numpy, truncate_dim,
+                                     progress_stream if show_progress_bar else None)
+
+    def _embed_encodings(self, encs, single, pool_start, batch_size, normalize_embeddings,
+                         output_value, convert_to_numpy, truncate_dim, progress_stream):
+        """encode()'s work after tokenization (arguments checked by the caller)."""
+        n = len(encs)
         dim = self.get_sentence_embedding_dimension()
         if n == 0:
             if output_value == "token_embeddings" or not convert_to_numpy:
@@ -839,7 +900,6 @@ class SentenceEncoder:
                 width = min(width, truncate_dim)
             return np.empty((0, width), dtype=np.float32)
 
-        encs = self._encodings(texts)
         ids_list = [e.ids for e in encs]     # each .ids builds a new list: read them once
         lengths = np.array([len(a) for a in ids_list], dtype=np.int64)
         # longest first, as sentence-transformers (one input: nothing to sort)
@@ -850,7 +910,7 @@ class SentenceEncoder:
         # truncation comes between (else after those, below)
         nnorm = (int(self.normalize_module) + int(bool(normalize_embeddings))
                  if not self.dense and truncate_dim is None else 0)
-        progress = _Progress(n, stream=progress_stream) if show_progress_bar else None
+        progress = _Progress(n, stream=progress_stream) if progress_stream is not None else None
         results: List[Any] = [None] * n
         out = None
         try:
@@ -872,9 +932,10 @@ class SentenceEncoder:
                     elif hidden.dtype == np.float32 and hidden.flags.c_contiguous:
                         # pooling and, when nothing comes between them, the normalizations
                         # in one compiled pass (normcy._ops.pool_normalize)
-                        emb = pool_normalize(hidden, blen, codes, nnorm)
+                        emb = pool_normalize(hidden, blen, codes, nnorm, pool_start)
                     else:
-                        emb = l2_normalize_rows(_pool(hidden, blen, self.pooling_modes), nnorm)
+                        emb = l2_normalize_rows(
+                            _pool(hidden, blen, self.pooling_modes, pool_start), nnorm)
                     del hidden
                 if output_value != "token_embeddings":
                     if not nnorm:
@@ -905,6 +966,54 @@ class SentenceEncoder:
         if not convert_to_numpy:
             return list(out)
         return out
+
+    def encode_tokens(self, encodings: Sequence[Any], *, prompt_length: int = 0,
+                      batch_size: int = 32, normalize_embeddings: bool = False,
+                      truncate_dim: Optional[int] = None) -> np.ndarray:
+        """Embed inputs tokenized already, as :meth:`encode` embeds the texts they came from.
+
+        For callers that tokenize ahead (a server counts tokens and enforces limits before
+        it queues work): ``encode_tokens(encs)`` with ``encs`` made by this encoder's
+        ``tokenizer`` (truncation to ``max_seq_length``, special tokens added) from
+        ``prompt + text`` gives what ``encode(texts, prompt=prompt)`` gives.
+
+        Parameters
+        ----------
+        encodings : sequence
+            Objects with ``ids`` and ``type_ids`` sequences of one length (e.g.
+            ``tokenizers.Encoding``), at most ``max_seq_length`` tokens each.
+        prompt_length : int, default 0
+            When :attr:`include_prompt` is False, the leading positions to leave out of the
+            pooling: :meth:`prompt_length` of the prompt the inputs begin with. Ignored
+            when ``include_prompt`` is True.
+        batch_size, normalize_embeddings, truncate_dim
+            As in :meth:`encode`.
+
+        Returns
+        -------
+        numpy.ndarray
+            float32, ``(n, dim)``.
+        """
+        if isinstance(encodings, (str, bytes)) or not isinstance(encodings, Sequence):
+            raise TypeError("encodings must be a sequence of tokenized inputs, got %s"
+                            % type(encodings).__name__)
+        for i, e in enumerate(encodings):
+            ids = getattr(e, "ids", None)
+            tt = getattr(e, "type_ids", None)
+            if ids is None or tt is None:
+                raise TypeError("encodings[%d] must have ids and type_ids (a "
+                                "tokenizers.Encoding), got %s" % (i, type(e).__name__))
+            if len(ids) != len(tt) or not 0 < len(ids) <= self._max_seq_length:
+                raise ValueError("encodings[%d] has %d ids and %d type_ids; they must be of one "
+                                 "length, 1..max_seq_length (%d)"
+                                 % (i, len(ids), len(tt), self._max_seq_length))
+        prompt_length = as_int(prompt_length, "prompt_length", minimum=0)
+        batch_size = as_int(batch_size, "batch_size", minimum=1)
+        truncate_dim = self._check_truncate_dim(truncate_dim)
+        return self._embed_encodings(list(encodings), False,
+                                     0 if self.include_prompt else prompt_length, batch_size,
+                                     normalize_embeddings, "sentence_embedding", True,
+                                     truncate_dim, None)
 
     def __repr__(self) -> str:
         return ("SentenceEncoder(path=%r, max_seq_length=%d, pooling=%s, normalize=%s, dim=%s)"

@@ -391,6 +391,98 @@ def test_malformed_sentence_transformers_configs(tmp_path):
             tmp_path / "c", {"1_Pooling/config.json": dict(pool, word_embedding_dimension="x")}))
 
 
+
+def test_pooling_from_a_start_position_leaves_the_prompt_out():
+    """start > 0 (include_prompt=False): the compiled pooling and the NumPy reference pool
+    positions [start, n) alone, with sentence-transformers' conventions when none is left
+    (cls: position 0, max: -inf, the means and the last token: 0)."""
+    from normcy import _ops
+    from normcy.sentence import POOLING_MODES
+    rng = np.random.default_rng(2)
+    h = rng.standard_normal((5, 10, 6)).astype(np.float32)
+    lengths = np.array([10, 4, 7, 3, 1], dtype=np.int64)
+    for start in (0, 1, 3, 4, 11):
+        for m, mode in enumerate(POOLING_MODES):
+            got = _ops.pool_normalize(h, lengths, (m,), 0, start)
+            want = _pool(h, lengths, (mode,), start)
+            if mode == "weightedmean":
+                np.testing.assert_allclose(got, want, rtol=2e-7, atol=0)
+            else:
+                np.testing.assert_array_equal(got, want)
+            for b, n in enumerate(lengths):
+                x = h[b, start:n].astype(np.float64)
+                if len(x) == 0:
+                    exp = {"cls": h[b, 0], "max": np.full(6, -np.inf)}.get(mode, np.zeros(6))
+                else:
+                    w = np.arange(start + 1, n + 1)[:, None]
+                    exp = {"cls": x[0], "max": x.max(0), "mean": x.mean(0),
+                           "mean_sqrt_len_tokens": x.sum(0) / np.sqrt(len(x)),
+                           "weightedmean": (w * x).sum(0) / w.sum(), "lasttoken": x[-1]}[mode]
+                np.testing.assert_allclose(got[b], exp, rtol=1e-6, atol=1e-6,
+                                           err_msg="%s start %d row %d" % (mode, start, b))
+    with pytest.raises(ValueError, match="start -1"):
+        _ops.pool_normalize(h, lengths, (2,), 0, -1)
+
+
+PROMPT_FIXTURE = os.path.join(os.path.dirname(__file__), "fixtures", "minilm_prompts.npz")
+
+
+@pytest.mark.parametrize("batched", [False, True])
+def test_prompts_and_include_prompt_false_match_sentence_transformers(enc, batched):
+    """encode(prompt=...) with every pooling mode and include_prompt=False against
+    sentence-transformers 6.2 (tests/fixtures/make_minilm_prompt_reference.py): the prompt's
+    tokens are in the model's input but not in the pooling; a prompt longer than
+    max_seq_length leaves only [SEP] to pool."""
+    import copy
+    d = np.load(PROMPT_FIXTURE)
+    sentences = json.loads(str(d["sentences_json"]))
+    prompts = json.loads(str(d["prompts_json"]))
+    for key, pi, mode, inc in json.loads(str(d["cases_json"])):
+        e = copy.copy(enc)
+        e.pooling_modes, e.include_prompt, e.normalize_module = (mode,), inc, False
+        if batched:
+            got = e.encode(sentences, prompt=prompts[pi], batch_size=len(sentences))
+            want = d[key + "_batch"]
+        else:
+            got = np.stack([e.encode([s], prompt=prompts[pi])[0] for s in sentences])
+            want = d[key]
+        if mode == "max" or pi == 1:
+            # rows of one token (the long prompt's [SEP]) or maxima: compare elementwise
+            np.testing.assert_allclose(got, want, rtol=0, atol=ABS_MAX, err_msg=key)
+        else:
+            _check_parity(got, want, key)
+    # the prompt's tokens are left out, not the text's: include_prompt changes the result
+    e = copy.copy(enc)
+    e.include_prompt, e.normalize_module = False, False
+    assert np.abs(e.encode(sentences[:1], prompt=prompts[0])
+                  - d["p0_mean_inc"][:1]).max() > 1e-2
+
+
+def test_include_prompt_false_and_default_prompt_from_the_model_files(tmp_path):
+    """A model directory whose Pooling config says include_prompt: false and whose
+    config_sentence_transformers.json names a default prompt: encode() applies the prompt
+    and leaves its tokens out of the pooling, as sentence-transformers does."""
+    d = np.load(PROMPT_FIXTURE)
+    sentences = json.loads(str(d["sentences_json"]))
+    prompts = json.loads(str(d["prompts_json"]))
+    pool = json.load(open(os.path.join(default_model_path(), "1_Pooling", "config.json")))
+    modules = json.load(open(os.path.join(default_model_path(), "modules.json")))
+    path = _model_variant(tmp_path, {
+        "1_Pooling/config.json": dict(pool, include_prompt=False),
+        "modules.json": [m for m in modules if "Normalize" not in m["type"]],
+        "config_sentence_transformers.json": {"prompts": {"query": prompts[0]},
+                                              "default_prompt_name": "query"}})
+    e = SentenceEncoder.from_pretrained(path)
+    assert e.include_prompt is False and not e.normalize_module
+    _check_parity(e.encode(sentences, batch_size=len(sentences)), d["p0_mean_exc_batch"],
+                  "default prompt, include_prompt=false")
+    # an explicit empty prompt overrides the default: nothing to leave out
+    plain = SentenceEncoder.from_pretrained(
+        _model_variant(tmp_path / "plain", {"modules.json": [
+            m for m in modules if "Normalize" not in m["type"]]}))
+    np.testing.assert_allclose(e.encode(sentences[:2], prompt=""), plain.encode(sentences[:2]),
+                               rtol=0, atol=1e-6)
+
 # --------------------------------------------------------------------------- encode contract
 def test_encode_contract(enc, ref):
     one = enc.encode("A sentence to embed.")

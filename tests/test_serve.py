@@ -605,7 +605,7 @@ def test_batch_plan_respects_budget_and_groups_by_length(enc):
     b = Batcher(enc, max_batch_tokens=300)
     rng = np.random.default_rng(3)
     lengths = rng.integers(1, 257, size=200)
-    jobs = [_Job([Tokens([0] * int(n), [0] * int(n))], (True, None), None, 384)
+    jobs = [_Job([Tokens([0] * int(n), [0] * int(n))], (True, None, 0), None, 384)
             for n in lengths]
     items = [(j, 0, int(n)) for j, n in zip(jobs, lengths)]
     batches = b.plan(items)
@@ -621,7 +621,7 @@ def test_batch_plan_respects_budget_and_groups_by_length(enc):
     for batch, nxt in zip(batches, batches[1:]):
         assert (len(batch) + 1) * batch[0][2] > 300
     # options that change the output are never mixed in one batch
-    other = _Job([Tokens([0, 1], [0, 0])], (False, None), None, 384)
+    other = _Job([Tokens([0, 1], [0, 0])], (False, None, 0), None, 384)
     batches = b.plan(items[:5] + [(other, 0, 2)])
     assert all(len({it[0].key for it in batch}) == 1 for batch in batches)
 
@@ -631,18 +631,16 @@ class _CountingEncoder:
 
     def __init__(self):
         self.batches = []
-        self.tokenizer = None
         self.normalize_module = True
 
     def get_sentence_embedding_dimension(self):
         return 4
 
-    def encode(self, texts, batch_size=32, normalize_embeddings=True, truncate_dim=None,
-               prompt=None):
+    def encode_tokens(self, encodings, prompt_length=0, batch_size=32,
+                      normalize_embeddings=True, truncate_dim=None):
         time.sleep(0.05)
-        rows = [self.tokenizer.encode_batch([t])[0] for t in texts]
-        self.batches.append(len(texts))
-        return np.array([[r.ids[0], len(r.ids), 0, 1] for r in rows], dtype=np.float32)
+        self.batches.append(len(encodings))
+        return np.array([[r.ids[0], len(r.ids), 0, 1] for r in encodings], dtype=np.float32)
 
 
 @pytest.mark.parametrize("wait", [0.0, 0.05])
@@ -789,3 +787,75 @@ def test_stalled_upload_times_out_and_frees_its_slot(enc):
         assert r.status_code == 200
     finally:
         assert srv.stop(timeout=30) == 0
+
+
+# ------------------------------------------------------------------ found in session 22
+def test_default_prompt_left_out_of_the_pooling_when_include_prompt_is_false(enc, bitwise):
+    """A model whose pooling excludes its prompt (include_prompt false) and names a default
+    prompt: text inputs get the prompt and the server's rows equal in-process encode()
+    (which leaves the prompt's tokens out of the pooling); token-id inputs get no prompt;
+    an input that left truncation would strip of its prompt is refused with 422."""
+    from starlette.testclient import TestClient
+
+    from normcy.serve import create_app
+
+    e = copy.copy(enc)
+    e.prompts = {"query": "query: "}
+    e.default_prompt_name = "query"
+    e.include_prompt = False
+    sents = SENTENCES[:4]
+    want = alone(e, sents)
+    assert e.prompt_length("query: ") == 3                   # [CLS] query :
+    inc = copy.copy(e)
+    inc.include_prompt = True
+    assert np.abs(want - alone(inc, sents)).max() > 1e-2     # the prompt is left out
+    with TestClient(create_app(e)) as c:
+        r = c.post("/embed", json={"inputs": sents})
+        assert r.status_code == 200, r.text
+        assert_parity(r.json(), want, bitwise)
+        r = c.post("/v1/embeddings", json={"input": sents})
+        assert r.status_code == 200, r.text
+        assert_parity([d["embedding"] for d in r.json()["data"]], want, bitwise)
+        ids = [enc.tokenizer.encode(s).ids for s in sents[:2]]
+        r = c.post("/v1/embeddings", json={"input": ids})
+        assert r.status_code == 200, r.text
+        assert_parity([d["embedding"] for d in r.json()["data"]], alone(enc, sents[:2]),
+                      bitwise)
+        r = c.post("/embed", json={"inputs": [LONG], "truncate": True,
+                                   "truncation_direction": "left"})
+        assert r.status_code == 422 and "include_prompt" in r.json()["error"], r.text
+        r = c.post("/embed", json={"inputs": [sents[0]], "truncate": True,
+                                   "truncation_direction": "left"})
+        assert r.status_code == 200, r.text
+        assert_parity(r.json(), want[:1], bitwise)
+
+
+def test_encode_tokens_is_encode_after_tokenization(enc):
+    """SentenceEncoder.encode_tokens on the tokenizer's encodings of prompt + text gives
+    encode(texts, prompt=...); its arguments are checked."""
+    e = copy.copy(enc)
+    e.include_prompt = False
+    sents = SENTENCES[:5]
+    encs = [enc.tokenizer.encode("query: " + s) for s in sents]
+    got = e.encode_tokens(encs, prompt_length=e.prompt_length("query: "), batch_size=5)
+    np.testing.assert_array_equal(got, e.encode(sents, prompt="query: ", batch_size=5))
+    np.testing.assert_array_equal(enc.encode_tokens(encs, batch_size=5),
+                                  enc.encode(sents, prompt="query: ", batch_size=5))
+    np.testing.assert_array_equal(enc.encode_tokens(encs[:1], truncate_dim=8,
+                                                    normalize_embeddings=True),
+                                  enc.encode(sents[:1], prompt="query: ", truncate_dim=8,
+                                             normalize_embeddings=True))
+    assert enc.encode_tokens([]).shape == (0, 384)
+    with pytest.raises(TypeError, match="encodings must be a sequence"):
+        enc.encode_tokens("text")
+    with pytest.raises(TypeError, match=r"encodings\[1\] must have ids and type_ids"):
+        enc.encode_tokens([encs[0], [1, 2]])
+    from normcy.serve.batcher import Tokens
+    with pytest.raises(ValueError, match=r"encodings\[0\] has 2 ids and 1 type_ids"):
+        enc.encode_tokens([Tokens([101, 102], [0])])
+    with pytest.raises(ValueError, match=r"encodings\[0\] has 0 ids"):
+        enc.encode_tokens([Tokens([], [])])
+    with pytest.raises(ValueError, match="prompt_length"):
+        enc.encode_tokens(encs, prompt_length=-1)
+    with pytest.raises(TypeError, match="prompt must be str"):
+        enc.prompt_length(None)

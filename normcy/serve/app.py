@@ -257,6 +257,20 @@ class _Service:
             self._left_tokenizer = self._tokenizer_copy("left")
         return self._left_tokenizer
 
+    def prompt(self) -> Optional[str]:
+        """The model's default prompt, prepended to every text input (None: none)."""
+        enc = self.encoder
+        return enc.prompts.get(enc.default_prompt_name) if enc.default_prompt_name else None
+
+    def pool_prompt_length(self, kind: str) -> int:
+        """The leading positions of each input left out of the pooling: the default prompt's
+        when the model's pooling excludes prompts (include_prompt false) and the inputs are
+        texts (token-id inputs get no prompt)."""
+        prompt = self.prompt()
+        if kind != "text" or not prompt or self.encoder.include_prompt:
+            return 0
+        return self.encoder.prompt_length(prompt)
+
     async def encodings(self, kind: str, items: List[Any], *, truncate: bool, param: str,
                         direction: str = "right") -> Tuple[List[Any], float]:
         """Tokenize (text) or check (token ids) the inputs; returns (encodings, seconds)."""
@@ -299,7 +313,7 @@ class _Service:
                            "(--max-input-chars)" % (param, i, len(s), cfg.max_input_chars),
                            param, 413)
             chars += len(s)
-        prompt = enc.prompts.get(enc.default_prompt_name) if enc.default_prompt_name else None
+        prompt = self.prompt()
         texts = [prompt + s for s in items] if prompt else items
         tok = self._tokenizer(direction)
         try:
@@ -513,7 +527,14 @@ def create_app(encoder=None, *, model: Optional[str] = None, num_threads: Option
         ctx.update(inputs=len(encs), tokens=ntok, tokenization_s=tok_s,
                    chars=sum(len(s) for s in items) if kind == "text" else 0)
         metrics.tokenization_duration.observe(tok_s)
-        res = await svc.batcher.embed(encs, normalize=normalize, truncate_dim=dims)
+        plen = svc.pool_prompt_length(kind)
+        if plen and direction != "right" and any(e.overflowing for e in encs):
+            # truncated from the left, an input loses the prompt that the pooling leaves out
+            raise _bad("the model's pooling leaves its prompt out (include_prompt false); an "
+                       "input truncated from the left would lose that prompt: send it shorter "
+                       "or truncate from the right", param, 422)
+        res = await svc.batcher.embed(encs, normalize=normalize, truncate_dim=dims,
+                                      prompt_length=plen)
         ctx.update(queue_s=res.queue_s, inference_s=res.inference_s)
         metrics.queue_duration.observe(res.queue_s)
         metrics.inference_duration.observe(res.inference_s)

@@ -9,10 +9,11 @@ and runs the batches one after the other on a single compute thread. Requests th
 wait for the next round, so every accepted sequence runs within two rounds (no
 starvation) and the event loop keeps serving HTTP while the model computes.
 
-The embeddings come from :meth:`normcy.SentenceEncoder.encode` itself: each batch runs
-through a shallow copy of the encoder whose tokenizer hands back the encodings the server
-made already (so nothing is tokenized twice, and token-id inputs take the same path as
-text). The copy shares the model, its workspaces and its lock with the original.
+The embeddings come from :meth:`normcy.SentenceEncoder.encode_tokens`, ``encode``'s own
+path after tokenization, on the encodings the server made already (nothing is tokenized
+twice, and token-id inputs take the same path as text). Without normalization a batch runs
+through a shallow copy of the encoder with its ``Normalize`` module off; the copy shares the
+model, its workspaces and its lock with the original.
 """
 from __future__ import annotations
 
@@ -42,23 +43,6 @@ class EmbedResult(NamedTuple):
     inference_s: float
 
 
-class _GivenTokens:
-    """Stands in for the tokenizer in a batch's copy of the encoder.
-
-    ``encode`` is called with the strings ``"0" .. "n-1"``; each names a prepared encoding.
-    """
-
-    def __init__(self, encodings: Sequence[Any]):
-        self._encodings = encodings
-
-    def encode_batch(self, texts, add_special_tokens=True, **kwargs):  # noqa: D401
-        return [self._encodings[int(t)] for t in texts]
-
-    def encode(self, text, add_special_tokens=True, **kwargs):  # noqa: D401
-        # SentenceEncoder tokenizes a single text with encode()
-        return self._encodings[int(text)]
-
-
 class _Job:
     __slots__ = ("encodings", "key", "future", "out", "remaining", "t_enqueued", "t_start",
                  "t_end")
@@ -80,7 +64,7 @@ class Batcher:
     Parameters
     ----------
     encoder : normcy.SentenceEncoder
-        The model; used only through :meth:`~normcy.SentenceEncoder.encode`.
+        The model; used only through :meth:`~normcy.SentenceEncoder.encode_tokens`.
     max_batch_tokens : int
         Budget of one batch in padded tokens (sequences x longest sequence). A sequence
         longer than the budget still runs, alone.
@@ -130,7 +114,7 @@ class Batcher:
             self._task = asyncio.get_running_loop().create_task(self._schedule())
 
     async def embed(self, encodings: Sequence[Any], *, normalize: bool = True,
-                    truncate_dim: Optional[int] = None) -> EmbedResult:
+                    truncate_dim: Optional[int] = None, prompt_length: int = 0) -> EmbedResult:
         """Embed tokenized inputs; returns when all of their rows are computed.
 
         Parameters
@@ -143,6 +127,10 @@ class Batcher:
             ``Normalize`` module (the raw pooled vector, as TEI's ``normalize: false``).
         truncate_dim : int, optional
             ``encode``'s ``truncate_dim`` (truncate, then normalize when ``normalize``).
+        prompt_length : int, default 0
+            The leading positions of each input that a prompt takes, left out of the pooling
+            when the model's ``include_prompt`` is False
+            (:meth:`~normcy.SentenceEncoder.encode_tokens`).
 
         Returns
         -------
@@ -156,7 +144,7 @@ class Batcher:
         if n == 0:
             return EmbedResult(np.empty((0, truncate_dim or self.dim), dtype=np.float32),
                                0.0, 0.0)
-        job = _Job(encodings, (bool(normalize), truncate_dim), fut,
+        job = _Job(encodings, (bool(normalize), truncate_dim, int(prompt_length)), fut,
                    truncate_dim or self.dim)
         for i, e in enumerate(encodings):
             self._pending.append((job, i, len(e.ids)))
@@ -207,15 +195,15 @@ class Batcher:
         return batches
 
     def _compute(self, batch, key) -> np.ndarray:
-        normalize, truncate_dim = key
-        view = copy.copy(self.encoder)
-        view.tokenizer = _GivenTokens([job.encodings[row] for job, row, _ in batch])
-        if not normalize:
-            view.normalize_module = False
+        normalize, truncate_dim, prompt_length = key
+        enc = self.encoder
+        if not normalize and enc.normalize_module:
+            enc = copy.copy(enc)
+            enc.normalize_module = False
         n = len(batch)
-        return view.encode([str(i) for i in range(n)], batch_size=n,
-                           normalize_embeddings=normalize, truncate_dim=truncate_dim,
-                           prompt="")
+        return enc.encode_tokens([job.encodings[row] for job, row, _ in batch],
+                                 prompt_length=prompt_length, batch_size=n,
+                                 normalize_embeddings=normalize, truncate_dim=truncate_dim)
 
     async def _gather(self, last_round_s: float) -> None:
         """Let inputs on their way join the waiting ones (see ``max_batch_wait``)."""

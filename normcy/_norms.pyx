@@ -777,9 +777,24 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
         j.gather = j.gather or j.so.cstride != 4
     if n == 1:
         j.gather = 0   # a single element per row is always "contiguous"
-    # Calls that touch more memory than the last-level cache holds stream their outputs.
+    # Calls that touch more memory than the last-level cache holds stream their outputs;
+    # an array passed twice (out=x, residual=x, ...) is counted once
+    cdef char *bufs[4]
+    cdef int nb = 0, nu = 0, u, v
+    bufs[nb] = j.x.data; nb += 1
+    bufs[nb] = j.y.data; nb += 1
+    if is_add:
+        bufs[nb] = j.r.data; nb += 1
+    if sa is not None:
+        bufs[nb] = j.so.data; nb += 1
+    for u in range(nb):
+        for v in range(u):
+            if bufs[v] == bufs[u]:
+                break
+        else:
+            nu += 1
     j.stream = (not j.gather and n >= 64
-                and streams((2 + j.has_r + j.has_so) * nrows * n * <Py_ssize_t>sizeof(float)))
+                and streams(nu * nrows * n * <Py_ssize_t>sizeof(float)))
     nt = resolve_threads(num_threads, nrows * n, nrows)
     run_norm_job(&j, nt)
     return oa
@@ -1188,7 +1203,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
     work = outer * c * inner
     # as the norms: a call that touches more than the last-level cache streams its output
-    j.stream = streams(2 * work * <Py_ssize_t>sizeof(float))
+    # (in place, out=x: one array)
+    j.stream = streams((1 if j.y == j.x else 2) * work * <Py_ssize_t>sizeof(float))
     j.m2 = j.a2 = j.b2 = NULL
     if j.stream and j.rows:
         m2 = np.resize(mean32, c + 16) if mean32 is not None else None

@@ -27,7 +27,8 @@ import os
 import sys
 import time
 import warnings
-from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import (AbstractSet, Any, Dict, Iterable, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import numpy as np
 
@@ -323,7 +324,10 @@ class SentenceEncoder:
         ``do_lower_case``).
     pad_token_id : int, default 0
     prompts : dict, optional
-        Named prompts (``config_sentence_transformers.json``).
+        Named prompts (``config_sentence_transformers.json``), added to the empty
+        ``"query"`` and ``"document"`` prompts every model has (as in sentence-transformers
+        5 and later; see :meth:`encode_query`, :meth:`encode_document`). A ``None`` value
+        is an empty prompt.
     default_prompt_name : str, optional
     include_prompt : bool, default True
         Pooling setting: ``False`` leaves a prompt's tokens out of the pooling, as
@@ -347,9 +351,7 @@ class SentenceEncoder:
                  hidden_size: Optional[int] = None, path: Optional[str] = None):
         if not callable(model):
             raise TypeError("model must be callable (input_ids, attention_mask, token_type_ids)")
-        max_seq_length = int(max_seq_length)
-        if max_seq_length < 2:
-            raise ValueError("max_seq_length must be >= 2, got %d" % max_seq_length)
+        max_seq_length = as_int(max_seq_length, "max_seq_length", minimum=2)
         for m in pooling_modes:
             if m not in POOLING_MODES:
                 raise ValueError("unsupported pooling mode %r (supported: %s)"
@@ -360,7 +362,13 @@ class SentenceEncoder:
         self.dense = list(dense or [])
         self.do_lower_case = bool(do_lower_case)
         self.pad_token_id = int(pad_token_id)
-        self.prompts = dict(prompts or {})
+        # sentence-transformers (>= 5) gives every model empty "query" and "document"
+        # prompts (encode_query / encode_document); the model's own replace them
+        self.prompts = {"query": "", "document": ""}
+        self.prompts.update({k: v or "" for k, v in (prompts or {}).items()})
+        if default_prompt_name is not None and default_prompt_name not in self.prompts:
+            raise ValueError("default_prompt_name %r is not one of the prompts %s"
+                             % (default_prompt_name, sorted(self.prompts)))
         self.default_prompt_name = default_prompt_name
         self.include_prompt = bool(include_prompt)
         self.hidden_size = hidden_size
@@ -401,10 +409,13 @@ class SentenceEncoder:
         normcy.hf.ModelFormatError
             Unsupported model type, module, pooling mode or weight dtype.
         """
+        if max_seq_length is not None:
+            max_seq_length = as_int(max_seq_length, "max_seq_length", minimum=2)
         root = default_model_path() if path is None else hf.check_dir(path)
         root = os.path.abspath(os.fspath(root))
         modules_file = os.path.join(root, "modules.json")
-        if os.path.isfile(modules_file):
+        plain = not os.path.isfile(modules_file)
+        if not plain:
             modules = hf.read_json(modules_file)
             if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
                 raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
@@ -420,6 +431,8 @@ class SentenceEncoder:
                 raise FileNotFoundError(
                     "%r is not a sentence-transformers or Hugging Face model directory (no "
                     "modules.json or config.json)" % root)
+            # sentence-transformers then reads none of its own configs
+            # (sentence_bert_config.json, config_sentence_transformers.json) either
             warnings.warn("%r has no modules.json: treating it as a plain Hugging Face model "
                           "with mean pooling (as sentence-transformers does)" % root,
                           stacklevel=2)
@@ -451,7 +464,8 @@ class SentenceEncoder:
 
         tdir = mod_dir(modules[0])
         hf.check_dir(tdir, "Transformer module directory")
-        st_cfg = _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"), {})
+        st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
+                                                 {})
         if not isinstance(st_cfg, dict):
             raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
         config = hf.load_config(tdir)
@@ -461,6 +475,11 @@ class SentenceEncoder:
         max_pos = int(config.get("max_position_embeddings", 512))
         if max_seq_length is None:
             max_seq_length = st_cfg.get("max_seq_length")
+            if max_seq_length is not None and (isinstance(max_seq_length, bool) or not
+                                               isinstance(max_seq_length, int)
+                                               or max_seq_length < 2):
+                raise hf.ModelFormatError("sentence_bert_config.json: max_seq_length must be an "
+                                          "integer >= 2, got %r" % (max_seq_length,))
         if max_seq_length is None:
             tok_cfg = _read_json_opt(os.path.join(tdir, "tokenizer_config.json"), {})
             mml = tok_cfg.get("model_max_length") if isinstance(tok_cfg, dict) else None
@@ -506,14 +525,21 @@ class SentenceEncoder:
                                               % ncfg.get("module_input_name"))
                 normalize = True
 
-        st_extra = _read_json_opt(os.path.join(root, "config_sentence_transformers.json"), {})
+        st_extra = {} if plain else _read_json_opt(
+            os.path.join(root, "config_sentence_transformers.json"), {})
         prompts = st_extra.get("prompts") if isinstance(st_extra, dict) else None
         default_prompt_name = st_extra.get("default_prompt_name") if isinstance(st_extra, dict) \
             else None
         if prompts is not None and not (isinstance(prompts, dict) and all(
-                isinstance(k, str) and isinstance(v, str) for k, v in prompts.items())):
+                isinstance(k, str) and (v is None or isinstance(v, str))
+                for k, v in prompts.items())):
             raise hf.ModelFormatError("config_sentence_transformers.json: prompts must be an "
                                       "object of strings, got %r" % (prompts,))
+        if default_prompt_name is not None and default_prompt_name not in (
+                set(prompts or {}) | {"query", "document"}):
+            raise hf.ModelFormatError("config_sentence_transformers.json: default_prompt_name "
+                                      "%r is not one of its prompts %s"
+                                      % (default_prompt_name, sorted(prompts or {})))
         # each Dense module takes the width of what comes before it
         width = len(pooling_modes) * int(config["hidden_size"])
         for dm in dense:
@@ -601,9 +627,11 @@ class SentenceEncoder:
 
     @max_seq_length.setter
     def max_seq_length(self, value: int) -> None:
-        value = int(value)
-        if value < 2:
-            raise ValueError("max_seq_length must be >= 2, got %d" % value)
+        value = as_int(value, "max_seq_length", minimum=2)
+        limit = getattr(self.model, "max_position_embeddings", None)
+        if isinstance(limit, int) and value > limit:
+            raise ValueError("max_seq_length %d exceeds the model's max_position_embeddings %d"
+                             % (value, limit))
         tok = self.tokenizer
         if getattr(self, "_tokenizer_shared", False) and hasattr(tok, "to_str"):
             # shared with a copy (copy.copy): truncating it would truncate the other too
@@ -769,6 +797,10 @@ class SentenceEncoder:
         if isinstance(sentences, (bytes, bytearray)):
             raise TypeError("sentences must be str or a sequence of str, got bytes; decode it "
                             "first")
+        if isinstance(sentences, (Mapping, AbstractSet)):
+            # a dict would embed its keys, a set in no defined order
+            raise TypeError("sentences must be str or a sequence of str, got %s"
+                            % type(sentences).__name__)
         if isinstance(sentences, np.ndarray):
             if sentences.ndim == 0:
                 # a 0-d array of a str ('U', or an object array holding a str) is one text;
@@ -966,6 +998,32 @@ class SentenceEncoder:
         if not convert_to_numpy:
             return list(out)
         return out
+
+    def encode_query(self, sentences: Union[str, Sequence[str]], prompt_name: Optional[str] = None,
+                     prompt: Optional[str] = None, **kwargs) -> Union[np.ndarray, List[np.ndarray]]:
+        """:meth:`encode` for search queries (sentence-transformers' ``encode_query``).
+
+        Without ``prompt_name`` or ``prompt``, the model's ``"query"`` prompt applies (empty
+        unless the model defines one; it takes precedence over ``default_prompt_name``).
+        Every other argument is :meth:`encode`'s.
+        """
+        if prompt_name is None and prompt is None and "query" in self.prompts:
+            prompt_name = "query"
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
+
+    def encode_document(self, sentences: Union[str, Sequence[str]],
+                        prompt_name: Optional[str] = None, prompt: Optional[str] = None,
+                        **kwargs) -> Union[np.ndarray, List[np.ndarray]]:
+        """:meth:`encode` for documents (sentence-transformers' ``encode_document``).
+
+        Without ``prompt_name`` or ``prompt``, the first of the model's ``"document"``,
+        ``"passage"`` and ``"corpus"`` prompts applies (``"document"`` is empty unless the
+        model defines it). Every other argument is :meth:`encode`'s.
+        """
+        if prompt_name is None and prompt is None:
+            prompt_name = next((k for k in ("document", "passage", "corpus")
+                                if k in self.prompts), None)
+        return self.encode(sentences, prompt_name=prompt_name, prompt=prompt, **kwargs)
 
     def encode_tokens(self, encodings: Sequence[Any], *, prompt_length: int = 0,
                       batch_size: int = 32, normalize_embeddings: bool = False,

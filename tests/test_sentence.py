@@ -546,13 +546,15 @@ def test_encode_progress_bar(enc):
     (dict(sentences=["a", 3]), TypeError, r"sentences\[1\] must be str, got int"),
     (dict(sentences=b"bytes"), TypeError, "bytes"),
     (dict(sentences=None), TypeError, "sentences must be str"),
+    (dict(sentences={"k": "v"}), TypeError, "sentences must be str or a sequence of str, got dict"),
+    (dict(sentences={"a", "b"}), TypeError, "got set"),
     (dict(sentences=["a"], batch_size=0), ValueError, "batch_size"),
     (dict(sentences=["a"], batch_size=2.5), TypeError, "batch_size"),   # a wrong kind
     (dict(sentences=["a"], output_value="x"), ValueError, "output_value"),
     (dict(sentences=["a"], convert_to_tensor=True), ValueError, "convert_to_tensor"),
     (dict(sentences=["a"], precision="int8"), ValueError, "precision"),
     (dict(sentences=["a"], device="cuda"), ValueError, "device"),
-    (dict(sentences=["a"], prompt_name="query"), ValueError, "prompt_name"),
+    (dict(sentences=["a"], prompt_name="nope"), ValueError, "prompt_name"),
     (dict(sentences=np.array([["a"]])), ValueError, "1-D"),
 ])
 def test_encode_bad_arguments(enc, kwargs, exc, match):
@@ -802,3 +804,78 @@ def test_copy_max_seq_length_is_its_own():
     enc2.max_seq_length = 16
     assert len(other.tokenize([text])["input_ids"][0]) == 42
     assert len(enc2.tokenize([text])["input_ids"][0]) == 16
+
+
+# --------------------------------------------------------------------------- session 22
+def test_max_seq_length_is_checked_where_it_is_set(enc):
+    import copy
+    e = copy.copy(enc)
+    with pytest.raises(ValueError, match="max_seq_length 513 exceeds the model's "
+                                         "max_position_embeddings 512"):
+        e.max_seq_length = 513
+    with pytest.raises(TypeError, match="max_seq_length must be an integer, got float"):
+        e.max_seq_length = 100.5
+    with pytest.raises(ValueError, match="max_seq_length must be >= 2"):
+        e.max_seq_length = 1
+    assert e.max_seq_length == enc.max_seq_length == 256
+    e.max_seq_length = 512
+    assert e.encode(["word " * 600]).shape == (1, 384)
+    with pytest.raises(TypeError, match="max_seq_length must be an integer, got float"):
+        SentenceEncoder.from_pretrained(max_seq_length=2.7)
+    with pytest.raises(TypeError, match="max_seq_length must be an integer, got str"):
+        SentenceEncoder.from_pretrained(max_seq_length="x")
+
+
+def test_encode_query_and_encode_document_pick_the_prompts(tmp_path, enc):
+    """sentence-transformers' encode_query / encode_document: the model's "query" prompt,
+    and the first of "document", "passage", "corpus"; both exist, empty, on every model."""
+    S = ["what is a sentence embedding?", "An embedding maps text to a vector."]
+    assert enc.prompts == {"query": "", "document": ""}
+    np.testing.assert_array_equal(enc.encode_query(S), enc.encode(S))
+    np.testing.assert_array_equal(enc.encode_document(S), enc.encode(S))
+    np.testing.assert_array_equal(enc.encode(S, prompt_name="query"), enc.encode(S))
+    path = _model_variant(tmp_path, {"config_sentence_transformers.json": {
+        "prompts": {"query": "query: ", "passage": "passage: ", "document": None},
+        "default_prompt_name": "passage"}})
+    e = SentenceEncoder.from_pretrained(path)
+    assert e.prompts == {"query": "query: ", "passage": "passage: ", "document": ""}
+    np.testing.assert_array_equal(e.encode_query(S), enc.encode(S, prompt="query: "))
+    # "document" (empty here) comes before "passage"; an explicit name or prompt wins
+    np.testing.assert_array_equal(e.encode_document(S), enc.encode(S))
+    np.testing.assert_array_equal(e.encode_document(S, prompt_name="passage"),
+                                  enc.encode(S, prompt="passage: "))
+    np.testing.assert_array_equal(e.encode_query(S, prompt="q "), enc.encode(S, prompt="q "))
+    np.testing.assert_array_equal(e.encode(S), enc.encode(S, prompt="passage: "))  # default
+    np.testing.assert_array_equal(e.encode_query(S[0], normalize_embeddings=True),
+                                  enc.encode(S[0], prompt="query: ", normalize_embeddings=True))
+    with pytest.raises(hf.ModelFormatError, match="default_prompt_name 'nope'"):
+        SentenceEncoder.from_pretrained(_model_variant(
+            tmp_path / "bad", {"config_sentence_transformers.json": {
+                "prompts": {"q": "q: "}, "default_prompt_name": "nope"}}))
+    with pytest.raises(ValueError, match="default_prompt_name 'x' is not one of the prompts"):
+        SentenceEncoder(enc.model, enc.tokenizer, 256, default_prompt_name="x")
+
+
+def test_plain_hugging_face_directory_reads_no_sentence_transformers_config(tmp_path, enc):
+    """Without modules.json, sentence-transformers builds Transformer + mean pooling from the
+    Hugging Face files alone: max_seq_length from the tokenizer (512 here, not
+    sentence_bert_config.json's 256) and no prompts from config_sentence_transformers.json."""
+    path = _model_variant(tmp_path, {"config_sentence_transformers.json": {
+        "prompts": {"query": "query: "}, "default_prompt_name": "query"}},
+        remove=["modules.json"])
+    with pytest.warns(UserWarning, match="no modules.json"):
+        e = SentenceEncoder.from_pretrained(path)
+    assert e.max_seq_length == 512 and e.prompts == {"query": "", "document": ""}
+    assert e.default_prompt_name is None and not e.normalize_module
+    long = " ".join(["word"] * 400)
+    e.normalize_module = True
+    assert len(e.tokenize([long])["input_ids"][0]) == 402
+    want = copy_with_length(enc, 512).encode([long, "short"])
+    np.testing.assert_allclose(e.encode([long, "short"]), want, rtol=0, atol=1e-6)
+
+
+def copy_with_length(enc, n):
+    import copy
+    e = copy.copy(enc)
+    e.max_seq_length = n
+    return e

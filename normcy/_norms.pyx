@@ -335,10 +335,10 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     """Contiguous rows [r0, r1) whose outputs are far larger than cache: s is formed in the
     L1-resident scratch and the outputs are streamed out (no read-for-ownership of them),
     each output through its own carry, so the line two consecutive rows share goes out as
-    one streamed line.  Rows up to NC_CHUNK are pipelined: each row's moments are computed
-    in the loop that streams the previous row's outputs (nc_stream_fused; the same bits as
-    one row at a time).  scratch: 2 n + NC_CHUNK floats.  The caller fences once, after
-    its last row."""
+    one streamed line.  The rows are pipelined: each row's moments are computed in the loop
+    that streams the previous row's outputs (nc_stream_fused, chunk by chunk for rows
+    longer than NC_CHUNK; the same bits as one row at a time).  scratch: 2 n + NC_CHUNK
+    floats.  The caller fences once, after its last row."""
     cdef Py_ssize_t n = j.n, i
     cdef float *buf_a = scratch
     cdef float *buf_b = scratch + n
@@ -355,56 +355,49 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     cs.fill = 0
     if r1 <= r0:
         return
-    if n <= NC_CHUNK:
-        f.rms = j.kind == KIND_RMS
-        f.xb = j.xb
-        f.w = j.w
-        f.b = j.b if j.kind != KIND_RMS else NULL
-        f.n = n
-        f.cy = &cy
-        f.cs = &cs
-        row_stats(j, <const float *>row_ptr(&j.x, r0),
-                  <const float *>row_ptr(&j.r, r0) if j.has_r else NULL,
-                  buf_a if j.has_r else NULL, <float *>row_ptr(&j.y, r0), &st[0])
-        for i in range(r0 + 1, r1):
-            # st[p]: row i - 1, its s at st[p].src (buf_a when adding, else its row of x);
-            # row i's s goes to buf_b
-            if plain_scale(&st[p]):
-                f.x = <const float *>row_ptr(&j.x, i)
-                f.r = <const float *>row_ptr(&j.r, i) if j.has_r else NULL
-                # the next row's x and r are prefetched as this one streams (one thread,
-                # add_layer_norm 16384x1024 + sum_out in NumPy's layout: 31-36 -> 37-41
-                # GB/s, builds alternated; two or four rows ahead measured no better)
-                f.px = <const float *>row_ptr(&j.x, i + 1) if i + 1 < r1 else NULL
-                f.pr = <const float *>row_ptr(&j.r, i + 1) if j.has_r and i + 1 < r1 else NULL
-                f.d = buf_b if j.has_r else NULL
-                f.sa = st[p].src
-                f.ya = st[p].yp
-                f.soa = <float *>row_ptr(&j.so, i - 1) if j.has_so else NULL
-                split_mean(&st[p], &f.mhi, &f.mlo)     # (unused by RMSNorm: mean 0)
-                f.scale = <float>st[p].scale
-                nc_stream_fused(&f)
-                st[1 - p].mean = f.mean
-                st[1 - p].m2 = f.m2
-                st[1 - p].src = <const float *>buf_b if j.has_r else f.x
-                st[1 - p].yp = <float *>row_ptr(&j.y, i)
-                row_finish(j, &st[1 - p])
-            else:
-                emit_row(j, &st[p], i - 1, chunk, &cy, &cs)
-                row_stats(j, <const float *>row_ptr(&j.x, i),
-                          <const float *>row_ptr(&j.r, i) if j.has_r else NULL,
-                          buf_b if j.has_r else NULL, <float *>row_ptr(&j.y, i), &st[1 - p])
-            p = 1 - p
-            tb = buf_a
-            buf_a = buf_b
-            buf_b = tb
-        emit_row(j, &st[p], r1 - 1, chunk, &cy, &cs)
-    else:
-        for i in range(r0, r1):
+    f.rms = j.kind == KIND_RMS
+    f.xb = j.xb
+    f.w = j.w
+    f.b = j.b if j.kind != KIND_RMS else NULL
+    f.n = n
+    f.cy = &cy
+    f.cs = &cs
+    row_stats(j, <const float *>row_ptr(&j.x, r0),
+              <const float *>row_ptr(&j.r, r0) if j.has_r else NULL,
+              buf_a if j.has_r else NULL, <float *>row_ptr(&j.y, r0), &st[0])
+    for i in range(r0 + 1, r1):
+        # st[p]: row i - 1, its s at st[p].src (buf_a when adding, else its row of x);
+        # row i's s goes to buf_b
+        if plain_scale(&st[p]):
+            f.x = <const float *>row_ptr(&j.x, i)
+            f.r = <const float *>row_ptr(&j.r, i) if j.has_r else NULL
+            # the next row's x and r are prefetched as this one streams (one thread,
+            # add_layer_norm 16384x1024 + sum_out in NumPy's layout: 31-36 -> 37-41
+            # GB/s, builds alternated; two or four rows ahead measured no better)
+            f.px = <const float *>row_ptr(&j.x, i + 1) if i + 1 < r1 else NULL
+            f.pr = <const float *>row_ptr(&j.r, i + 1) if j.has_r and i + 1 < r1 else NULL
+            f.d = buf_b if j.has_r else NULL
+            f.sa = st[p].src
+            f.ya = st[p].yp
+            f.soa = <float *>row_ptr(&j.so, i - 1) if j.has_so else NULL
+            split_mean(&st[p], &f.mhi, &f.mlo)     # (unused by RMSNorm: mean 0)
+            f.scale = <float>st[p].scale
+            nc_stream_fused(&f)
+            st[1 - p].mean = f.mean
+            st[1 - p].m2 = f.m2
+            st[1 - p].src = <const float *>buf_b if j.has_r else f.x
+            st[1 - p].yp = <float *>row_ptr(&j.y, i)
+            row_finish(j, &st[1 - p])
+        else:
+            emit_row(j, &st[p], i - 1, chunk, &cy, &cs)
             row_stats(j, <const float *>row_ptr(&j.x, i),
                       <const float *>row_ptr(&j.r, i) if j.has_r else NULL,
-                      buf_a if j.has_r else NULL, <float *>row_ptr(&j.y, i), &st[0])
-            emit_row(j, &st[0], i, chunk, &cy, &cs)
+                      buf_b if j.has_r else NULL, <float *>row_ptr(&j.y, i), &st[1 - p])
+        p = 1 - p
+        tb = buf_a
+        buf_a = buf_b
+        buf_b = tb
+    emit_row(j, &st[p], r1 - 1, chunk, &cy, &cs)
     nc_stream_flush(&cs)
     nc_stream_flush(&cy)
 

@@ -130,15 +130,17 @@ def test_streaming_threshold_is_the_last_level_cache():
 
 @pytest.mark.parametrize("name", ["add_layer_norm", "add_rms_norm", "layer_norm", "rms_norm"])
 @pytest.mark.parametrize("offset", [0, 4])
-@pytest.mark.parametrize("n", [64, 300, 1024])
+@pytest.mark.parametrize("n", [64, 300, 1024, 1025, 2100, 3072])
 @pytest.mark.parametrize("with_bias", [False, True])
 @pytest.mark.parametrize("nt", [1, 2])
 def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_always):
     """The streamed norm pipeline (each row's moments computed while the previous row's
-    outputs stream out) gives the cached path's bits for rows of every kind, in any order:
-    ordinary rows, rows whose mean dwarfs their spread (the two-pass moments), rows near
-    float32's limits (the double-precision apply), tiny rows, and a NaN row.  The plain
-    norms get the sums s = (x + x_bias) + r as their input."""
+    outputs stream out; rows over 1024 floats chunk by chunk) gives the cached path's bits
+    for rows of every kind, in any order: ordinary rows, rows whose mean dwarfs their spread
+    (the two-pass moments), rows near float32's limits (the double-precision apply), tiny
+    rows, a NaN row, and (long rows) a row whose later chunks sit far from its first values
+    (their own two-pass moments, merged).  The plain norms get the sums
+    s = (x + x_bias) + r as their input."""
     rng = np.random.default_rng(n * 10 + offset + with_bias + 7 * len(name))
     kinds = [lambda: rng.standard_normal(n),
              lambda: 1e4 + 1e-2 * rng.standard_normal(n),
@@ -146,8 +148,10 @@ def test_pipelined_rows_of_every_kind(name, offset, n, with_bias, nt, streaming_
              lambda: np.full(n, 3.25),     # (plus r: not constant)
              lambda: np.zeros(n),
              lambda: 1e-41 * rng.standard_normal(n),
-             lambda: np.where(np.arange(n) == 5, np.nan, rng.standard_normal(n))]
-    order = [0, 1, 0, 2, 2, 0, 3, 4, 0, 5, 1, 6, 0, 2, 1, 0]
+             lambda: np.where(np.arange(n) == 5, np.nan, rng.standard_normal(n)),
+             lambda: np.where(np.arange(n) < 1000, rng.standard_normal(n),
+                              1e4 + 1e-2 * rng.standard_normal(n))]
+    order = [0, 1, 0, 2, 2, 0, 3, 4, 0, 5, 1, 6, 0, 2, 1, 0, 7, 7, 0]
     x = np.stack([kinds[k]() for k in order]).astype(F32)
     r = (0.5 * rng.standard_normal(x.shape)).astype(F32)
     r[order.index(2)] = 0.0          # keep the huge rows finite after the add

@@ -64,7 +64,7 @@ typedef struct nc_fuse {
     nc_carry *cy, *cs;          /* their carries */
     const float *w, *b;         /* weight and bias (either may be NULL; RMS: no bias) */
     int rms;                    /* RMSNorm (y = (s * scale) * w, M2 = sum of squares) */
-    ptrdiff_t n;                /* row length, NC_BLK <= n <= NC_CHUNK */
+    ptrdiff_t n;                /* row length, n >= NC_BLK */
     float mhi, mlo, scale;      /* row A: the mean as a float pair, 1 / std */
     double mean, m2;            /* out: row B's mean and M2, as nc_moments gives them */
 } nc_fuse;

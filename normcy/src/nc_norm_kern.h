@@ -202,6 +202,18 @@ NC_INLINE void NC_FN(nco_chunk_stats)(const float *src, nc_int len, nc_int tail,
     *m2_out = m2c;
 }
 
+/* Chan et al.'s pairwise merge, in double: a chunk of len values with mean mean_c and
+   M2 m2c joins the cnt values merged so far (nc_moments and the streamed pipeline). */
+NC_INLINE void NC_FN(nco_chan_merge)(double *cnt, double *mean, double *m2, nc_int len,
+                                     double mean_c, double m2c)
+{
+    double ntot = *cnt + (double)len;
+    double delta = mean_c - *mean;
+    *mean = nc_fma(delta, (double)len / ntot, *mean);
+    *m2 += nc_fma(delta * delta, *cnt * (double)len / ntot, m2c);
+    *cnt = ntot;
+}
+
 static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, float *d,
                              nc_int n, double *mean_out, double *m2_out)
 {
@@ -249,12 +261,7 @@ static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, f
             *m2_out = m2c;
             return;
         }
-        /* merge (Chan et al.) */
-        double ntot = cnt + (double)len;
-        double delta = mean_c - mean;
-        mean = nc_fma(delta, (double)len / ntot, mean);
-        m2 += nc_fma(delta * delta, cnt * (double)len / ntot, m2c);
-        cnt = ntot;
+        NC_FN(nco_chan_merge)(&cnt, &mean, &m2, len, mean_c, m2c);
     }
     *mean_out = mean;
     *m2_out = m2;
@@ -730,10 +737,13 @@ NC_INLINE ncv NC_FN(nco_ln_vec)(const int W, const int B, ncv sx, const float *w
  * operation for operation (the same bits); row A's outputs are nco_ln_apply_impl's (RMS:
  * nco_scale_apply_impl's; the same bits), whole lines streamed from the registers and
  * the partial lines at either end through the carries.
- * Needs NC_BLK <= n <= NC_CHUNK and float-aligned outputs; rows A and B distinct.
+ * One chunk (n <= NC_CHUNK floats of row B and the same range of row A; nc_stream_fused
+ * cuts longer rows, and the carries join the chunks' partial lines as they join rows').
+ * kset: K is the row's shift, given (the chunks after the first), else computed here.
+ * Needs float-aligned outputs; rows A and B distinct.
  */
 NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB, const int W,
-                                     const int B, nc_fuse *f)
+                                     const int B, nc_fuse *f, int kset, float Kgiven)
 {
     const nc_int n = f->n, len = n;
     const float *const x = f->x, *const xb = f->xb, *const r = f->r, *const sa = f->sa;
@@ -742,7 +752,8 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB,
     float tmp[NC_LINE_FLOATS];
     nc_int i = 0, tail, k;
     /* row B: the shift and the lane sums of nc_moments (RMS: nc_sumsq's, q only) */
-    const float K = RMS ? 0.0f : NC_FN(nco_shift)(x, XB ? xb : NULL, ADD ? r : NULL, n);
+    const float K = RMS ? 0.0f
+                        : kset ? Kgiven : NC_FN(nco_shift)(x, XB ? xb : NULL, ADD ? r : NULL, n);
     const ncv kv = K - (ncv){0};
     ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
@@ -852,33 +863,72 @@ NC_INLINE void NC_FN(nco_fused_body)(const int RMS, const int ADD, const int XB,
     }
 }
 
-static void NC_FN(nc_stream_fused)(nc_fuse *f)
+static void NC_FN(nco_fused_chunk)(nc_fuse *f, int kset, float K)
 {
     const int add = f->r != NULL, xb = f->xb != NULL, w = f->w != NULL, b = f->b != NULL;
     if (f->rms && !add) {
-        if (w) NC_FN(nco_fused_body)(1, 0, 0, 1, 0, f);
-        else NC_FN(nco_fused_body)(1, 0, 0, 0, 0, f);
+        if (w) NC_FN(nco_fused_body)(1, 0, 0, 1, 0, f, kset, K);
+        else NC_FN(nco_fused_body)(1, 0, 0, 0, 0, f, kset, K);
     } else if (f->rms) {
-        if (xb && w) NC_FN(nco_fused_body)(1, 1, 1, 1, 0, f);
-        else if (xb) NC_FN(nco_fused_body)(1, 1, 1, 0, 0, f);
-        else if (w) NC_FN(nco_fused_body)(1, 1, 0, 1, 0, f);
-        else NC_FN(nco_fused_body)(1, 1, 0, 0, 0, f);
+        if (xb && w) NC_FN(nco_fused_body)(1, 1, 1, 1, 0, f, kset, K);
+        else if (xb) NC_FN(nco_fused_body)(1, 1, 1, 0, 0, f, kset, K);
+        else if (w) NC_FN(nco_fused_body)(1, 1, 0, 1, 0, f, kset, K);
+        else NC_FN(nco_fused_body)(1, 1, 0, 0, 0, f, kset, K);
     } else if (!add) {
-        if (w && b) NC_FN(nco_fused_body)(0, 0, 0, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 0, 0, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 0, 0, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 0, 0, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 0, 0, 1, 1, f, kset, K);
+        else if (w) NC_FN(nco_fused_body)(0, 0, 0, 1, 0, f, kset, K);
+        else if (b) NC_FN(nco_fused_body)(0, 0, 0, 0, 1, f, kset, K);
+        else NC_FN(nco_fused_body)(0, 0, 0, 0, 0, f, kset, K);
     } else if (xb) {
-        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 1, 1, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 1, 1, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 1, 1, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 1, 1, 1, f, kset, K);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 1, 1, 0, f, kset, K);
+        else if (b) NC_FN(nco_fused_body)(0, 1, 1, 0, 1, f, kset, K);
+        else NC_FN(nco_fused_body)(0, 1, 1, 0, 0, f, kset, K);
     } else {
-        if (w && b) NC_FN(nco_fused_body)(0, 1, 0, 1, 1, f);
-        else if (w) NC_FN(nco_fused_body)(0, 1, 0, 1, 0, f);
-        else if (b) NC_FN(nco_fused_body)(0, 1, 0, 0, 1, f);
-        else NC_FN(nco_fused_body)(0, 1, 0, 0, 0, f);
+        if (w && b) NC_FN(nco_fused_body)(0, 1, 0, 1, 1, f, kset, K);
+        else if (w) NC_FN(nco_fused_body)(0, 1, 0, 1, 0, f, kset, K);
+        else if (b) NC_FN(nco_fused_body)(0, 1, 0, 0, 1, f, kset, K);
+        else NC_FN(nco_fused_body)(0, 1, 0, 0, 0, f, kset, K);
     }
+}
+
+/*
+ * The streamed norm pipeline, one step (see nco_fused_body): row B's moments with row A's
+ * outputs.  A row longer than NC_CHUNK goes chunk by chunk, as nc_moments (nc_sumsq) takes
+ * it: the row's shift K from its first values, each chunk's lane sums and statistics, the
+ * chunks merged in order (Chan et al.; RMS: the chunks' sums of squares added) - the same
+ * bits - while row A's outputs over the same range of elements stream out.  Before,
+ * rows over NC_CHUNK went one at a time; rms_norm / layer_norm / add_layer_norm (GB/s,
+ * two threads, 64 MB inputs, builds alternated three times, AMD EPYC Zen 5, AVX-512):
+ * 8192x2048 50 / 47 / 46-47 -> 58-59 / 57-59 / 50-51; 4096x4096 45-49 / 44-46 / 46-47 ->
+ * 51-53 / 50-51 / 49-50; 2048x8192 47-49 / 45-47 / 47-48 -> 51-52 / 50-51 / 49
+ * (16384x1024, pipelined already: 57-61 / 60-62 / 51-54).
+ */
+static void NC_FN(nc_stream_fused)(nc_fuse *f)
+{
+    const nc_int n = f->n;
+    if (n <= NC_CHUNK) {
+        NC_FN(nco_fused_chunk)(f, 0, 0.0f);
+        return;
+    }
+    const float K = f->rms ? 0.0f : NC_FN(nco_shift)(f->x, f->xb, f->r, n);
+    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    nc_fuse g = *f;
+    for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
+        const nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
+#define NCO_AT(p) ((p) ? (p) + c0 : NULL)
+        g.x = f->x + c0; g.xb = NCO_AT(f->xb); g.r = NCO_AT(f->r);
+        g.px = NCO_AT(f->px); g.pr = NCO_AT(f->pr); g.d = NCO_AT(f->d);
+        g.sa = f->sa + c0; g.ya = f->ya + c0; g.soa = NCO_AT(f->soa);
+        g.w = NCO_AT(f->w); g.b = NCO_AT(f->b);
+#undef NCO_AT
+        g.n = len;
+        NC_FN(nco_fused_chunk)(&g, 1, K);
+        if (f->rms) m2 += g.m2;
+        else NC_FN(nco_chan_merge)(&cnt, &mean, &m2, len, g.mean, g.m2);
+    }
+    f->mean = mean;
+    f->m2 = m2;
 }
 
 /* nc_affine_scalar's outputs streamed (the same bits): a plane of n floats with one

@@ -72,7 +72,8 @@ def add_embed_parser(sub, func) -> argparse.ArgumentParser:
                    help="JSON Lines field / Parquet column holding the text (default 'text')")
     e.add_argument("--id-field", metavar="NAME", default=None,
                    help="JSON Lines field / Parquet column carried through as the id "
-                        "(default: the record's 0-based position, named 'index')")
+                        "(default: the record's 0-based position, named 'index'); not "
+                        "'embedding', nor 'text' in JSON Lines output with texts")
     e.add_argument("-o", "--output", metavar="PATH", default=None,
                    help="write here instead of stdout: FILE.jsonl, FILE.npy, DIR.parquet "
                         "(a directory of Parquet shards) or DIR/ with --format npy (.npy "
@@ -193,6 +194,34 @@ def _output_mode(args):
     return fmt, False
 
 
+def _output_columns(args, fmt: str) -> List[str]:
+    """The columns (JSON keys) the output writes beside the id: none for ``.npy`` outputs,
+    whose ids, if any, go to a file of their own."""
+    if fmt == "parquet":
+        return ["embedding"]
+    if fmt == "jsonl":
+        return ([] if args.no_text else ["text"]) + ["embedding"]
+    return []
+
+
+def _check_id_field(args, fmt: str) -> None:
+    """Refuse an ``--id-field`` named like a column the output adds (a duplicate column
+    makes a Parquet directory unreadable and a JSON record ambiguous).
+
+    Raises
+    ------
+    CLIError
+        Status 2, naming the option and the column.
+    """
+    name = args.id_field
+    if name is not None and name in _output_columns(args, fmt):
+        raise CLIError("--id-field %r clashes with the %r %s that the %s output adds: rename "
+                       "the field in the input%s" % (
+                           name, name, "column" if fmt == "parquet" else "key",
+                           "Parquet" if fmt == "parquet" else "JSON Lines",
+                           " or pass --no-text" if name == "text" else ""))
+
+
 def _file_info(inp) -> Dict[str, Any]:
     if inp.kind != "file":
         return {"path": None, "kind": inp.kind}
@@ -292,6 +321,7 @@ def cmd_embed(args, stdin, stdout, stderr) -> int:
 
 def _run(args, stdin, stdout, stderr) -> int:
     fmt, sharded = _output_mode(args)
+    _check_id_field(args, fmt)
     out = args.output
     if out is not None:
         d = os.path.dirname(os.path.abspath(out.rstrip("/" + os.sep)))

@@ -196,6 +196,39 @@ def test_bad_record_stops_with_file_and_line(tmp_path, model, content, message):
     _no_temp_files(tmp_path)
 
 
+@pytest.mark.parametrize("id_field, out, extra, column", [
+    ("embedding", "o.parquet", [], "'embedding' column that the Parquet output"),
+    ("embedding", "o.jsonl", [], "'embedding' key that the JSON Lines output"),
+    ("text", "o.jsonl", ["--text-field", "body"], "'text' key that the JSON Lines output"),
+    ("text", "o.jsonl", [], "'text' key that the JSON Lines output"),
+])
+def test_id_field_named_like_an_output_column_is_refused(tmp_path, id_field, out, extra,
+                                                         column):
+    # refused before any work: the model is not even loaded (an empty directory here)
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"embedding": "e1", "text": "t1", "body": "b1"}\n', encoding="utf-8")
+    (tmp_path / "m").mkdir()
+    rc, stdout, err = cli(["embed", "-m", str(tmp_path / "m"), "-i", str(src),
+                           "--id-field", id_field, "-o", str(tmp_path / out)] + extra)
+    assert rc == 2, err
+    assert "--id-field %r clashes with the %s adds" % (id_field, column) in err, err
+    assert stdout == b"" and not (tmp_path / out).exists()
+
+
+def test_id_field_without_a_clash_is_kept(tmp_path, model):
+    # no text key with --no-text, no columns beside the ids of .npy shards
+    src = tmp_path / "c.jsonl"
+    src.write_text('{"embedding": "e1", "text": "t1"}\n', encoding="utf-8")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "text", "--no-text",
+                      "-o", str(tmp_path / "o.jsonl")])
+    assert rc == 0, err
+    assert list(json.loads((tmp_path / "o.jsonl").read_text())) == ["text", "embedding"]
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "embedding",
+                      "-o", str(tmp_path / "d") + "/", "--format", "npy"])
+    assert rc == 0, err
+    assert (tmp_path / "d" / "ids.jsonl").read_text() == '"e1"\n'
+
+
 def test_invalid_utf8_line_is_reported(tmp_path, model):
     src = tmp_path / "c.txt"
     src.write_bytes(b"good\nalso good\nbad \xff byte\n")

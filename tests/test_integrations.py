@@ -120,6 +120,42 @@ def test_ray_embedder_pandas_batches_and_errors(ray_local, model, texts, referen
         emb({"body": np.array(["x", None], dtype=object)})
 
 
+def test_ray_embedder_pyarrow_batches(ray_local, model, texts, reference):
+    # map_batches(batch_format="pyarrow") hands over pyarrow Tables: the texts are read from
+    # the column and a fixed_size_list<float>[dim] column is appended (or replaced)
+    pa = pytest.importorskip("pyarrow")
+    ray = ray_local
+    from normcy.integrations.ray import Embedder
+
+    emb = Embedder(model, text_column="t", batch_size=1)
+    dim = emb.encoder.get_sentence_embedding_dimension()
+    got = emb(pa.table({"id": [0, 1, 2], "t": texts[:3]}))
+    assert isinstance(got, pa.Table) and got.column_names == ["id", "t", "embedding"]
+    assert got.schema.field("embedding").type == pa.list_(pa.float32(), dim)
+    assert np.array_equal(np.array(got.column("embedding").to_pylist(), np.float32),
+                          reference[:3])
+    again = Embedder(model, text_column="t", output_column="id", batch_size=1)(got)
+    assert again.column_names == ["id", "t", "embedding"]           # replaced in place
+    assert again.column("id").equals(got.column("embedding"))
+    assert emb(pa.table({"t": pa.array([], pa.string())})).num_rows == 0
+    with pytest.raises(KeyError, match=r"no column 't' in the batch \(columns: \['text'\]\)"):
+        emb(pa.table({"text": ["x"]}))
+    with pytest.raises(TypeError, match="column 't', row 1 of this batch: expected a string"):
+        emb(pa.table({"t": ["x", None]}))
+    with pytest.raises(TypeError, match="batch must be a dict of NumPy arrays, a pandas "
+                                        "DataFrame or a pyarrow Table"):
+        emb([texts[0]])
+
+    ds = ray.data.from_items([{"id": i, "text": t} for i, t in enumerate(texts[:20])])
+    out = ds.map_batches(Embedder, fn_constructor_kwargs={"model": model, "batch_size": 1},
+                         batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=1),
+                         num_cpus=1, batch_size=8)
+    rows = out.take_all()
+    assert sorted(r["id"] for r in rows) == list(range(20))
+    for r in rows:
+        assert np.array_equal(np.asarray(r["embedding"], np.float32), reference[r["id"]])
+
+
 # --------------------------------------------------------------------------- Dask
 @pytest.fixture(scope="module")
 def dask_client():

@@ -45,7 +45,8 @@ class Embedder:
         Column holding the texts (strings).
     output_column : str, default "embedding"
         Column added: one float32 vector per row (a 2-D ``(n, dim)`` array in NumPy batches,
-        a column of 1-D arrays in pandas batches). The other columns are kept.
+        a column of 1-D arrays in pandas batches, a ``fixed_size_list<float>[dim]`` column
+        in pyarrow batches). The other columns are kept.
     batch_size : int, default 32
         Sentences per model call (``SentenceEncoder.encode``'s batch size); the rows Ray
         hands over per call are ``map_batches``' own ``batch_size``.
@@ -87,11 +88,44 @@ class Embedder:
         return texts
 
     def __call__(self, batch: Any) -> Any:
-        """Embed one batch (a dict of NumPy arrays or a pandas DataFrame)."""
-        if self.text_column not in batch:
-            cols = list(batch.keys()) if isinstance(batch, dict) else list(batch.columns)
+        """Embed one batch.
+
+        Parameters
+        ----------
+        batch : dict of numpy.ndarray, pandas.DataFrame or pyarrow.Table
+            What ``map_batches`` hands over for ``batch_format="numpy"`` (the default),
+            ``"pandas"`` or ``"pyarrow"``.
+
+        Returns
+        -------
+        dict, pandas.DataFrame or pyarrow.Table
+            The batch, of the same kind, with the embedding column added (or replaced):
+            a ``(n, dim)`` float32 array, a column of 1-D float32 arrays, or a
+            ``fixed_size_list<float>[dim]`` column.
+
+        Raises
+        ------
+        KeyError
+            If the batch has no ``text_column``.
+        TypeError
+            If a text is not a string, or the batch is of another kind.
+        """
+        table = _arrow_table(batch)
+        if isinstance(batch, dict):
+            cols = list(batch.keys())
+        elif table:
+            cols = list(batch.column_names)
+        elif hasattr(batch, "columns") and hasattr(batch, "copy"):  # pandas
+            cols = list(batch.columns)
+        else:
+            raise TypeError("batch must be a dict of NumPy arrays, a pandas DataFrame or a "
+                            "pyarrow Table (map_batches' batch_format 'numpy', 'pandas' or "
+                            "'pyarrow'), got %s" % type(batch).__name__)
+        if self.text_column not in cols:
             raise KeyError("no column %r in the batch (columns: %s)" % (self.text_column, cols))
-        texts = self._texts(batch[self.text_column])
+        col = batch.column(self.text_column).to_pylist() if table \
+            else batch[self.text_column]
+        texts = self._texts(col)
         emb = self.encoder.encode(texts, batch_size=self.batch_size,
                                   normalize_embeddings=self.normalize_embeddings)
         if emb.ndim == 1:  # pragma: no cover - encode returns (n, dim) for lists
@@ -100,9 +134,34 @@ class Embedder:
             out = dict(batch)
             out[self.output_column] = emb
             return out
+        if table:
+            return _with_arrow_column(batch, self.output_column, emb,
+                                      self.encoder.get_sentence_embedding_dimension())
         out = batch.copy()
         out[self.output_column] = list(emb)
         return out
+
+
+def _arrow_table(batch: Any) -> bool:
+    """Whether ``batch`` is a pyarrow Table (without importing pyarrow for other batches)."""
+    if not type(batch).__module__.startswith("pyarrow"):
+        return False
+    import pyarrow as pa
+
+    return isinstance(batch, pa.Table)
+
+
+def _with_arrow_column(table, name: str, emb, dim: int):
+    """``table`` with column ``name`` (added last, or replaced in place) holding the rows of
+    ``emb`` as a ``fixed_size_list<float>[dim]`` column."""
+    import numpy as np
+    import pyarrow as pa
+
+    flat = pa.array(np.ascontiguousarray(emb, dtype=np.float32).reshape(-1), pa.float32())
+    col = pa.FixedSizeListArray.from_arrays(flat, dim)
+    if name in table.column_names:
+        return table.set_column(table.column_names.index(name), name, col)
+    return table.append_column(name, col)
 
 
 def _limit_blas(n: int) -> None:

@@ -118,6 +118,61 @@ def _read_json_opt(filename: str, default: Any) -> Any:
     return hf.read_json(filename)
 
 
+def _configured_max_seq_length(tdir: str, st_cfg: Mapping[str, Any], max_pos: int) -> int:
+    """The Transformer module's own max_seq_length: sentence_bert_config.json's, else the
+    tokenizer's model_max_length (at most ``max_pos``), else ``max_pos``."""
+    value = st_cfg.get("max_seq_length")
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 2):
+        raise hf.ModelFormatError("sentence_bert_config.json: max_seq_length must be an "
+                                  "integer >= 2, got %r" % (value,))
+    if value is None:
+        tok_cfg = _read_json_opt(os.path.join(tdir, "tokenizer_config.json"), {})
+        mml = tok_cfg.get("model_max_length") if isinstance(tok_cfg, dict) else None
+        value = min(int(mml), max_pos) if isinstance(mml, (int, float)) else max_pos
+    return int(value)
+
+
+def _model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) -> int:
+    """The ``max_seq_length`` that :meth:`SentenceEncoder.from_pretrained` gives a model
+    directory, read from its configuration files (no weights or tokenizer loaded).
+
+    Parameters
+    ----------
+    path : str or os.PathLike, optional
+        The model directory (default: the packaged all-MiniLM-L6-v2).
+
+    Returns
+    -------
+    int
+
+    Raises
+    ------
+    FileNotFoundError
+        Missing directory or configuration files.
+    normcy.hf.ModelFormatError
+        A configuration file that cannot be read (``from_pretrained`` checks the rest).
+    """
+    root = default_model_path() if path is None else hf.check_dir(path)
+    root = os.path.abspath(os.fspath(root))
+    tdir = root
+    modules_file = os.path.join(root, "modules.json")
+    plain = not os.path.isfile(modules_file)     # (as from_pretrained: no ST configs read)
+    if not plain:
+        modules = hf.read_json(modules_file)
+        try:  # the Transformer module comes first (from_pretrained checks that)
+            sub = min(modules, key=lambda m: m.get("idx", 0)).get("path") or ""
+            tdir = os.path.join(root, sub)
+        except (TypeError, AttributeError, ValueError):
+            raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
+    st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
+                                             {})
+    if not isinstance(st_cfg, dict):
+        raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
+    max_pos = int(hf.load_config(tdir).get("max_position_embeddings", 512))
+    return min(_configured_max_seq_length(tdir, st_cfg, max_pos), max_pos)
+
+
 def _parse_pooling(cfg: Mapping[str, Any], where: str) -> Tuple[Tuple[str, ...], bool]:
     mode = cfg.get("pooling_mode")
     if mode is None:
@@ -474,16 +529,7 @@ class SentenceEncoder:
 
         max_pos = int(config.get("max_position_embeddings", 512))
         if max_seq_length is None:
-            max_seq_length = st_cfg.get("max_seq_length")
-            if max_seq_length is not None and (isinstance(max_seq_length, bool) or not
-                                               isinstance(max_seq_length, int)
-                                               or max_seq_length < 2):
-                raise hf.ModelFormatError("sentence_bert_config.json: max_seq_length must be an "
-                                          "integer >= 2, got %r" % (max_seq_length,))
-        if max_seq_length is None:
-            tok_cfg = _read_json_opt(os.path.join(tdir, "tokenizer_config.json"), {})
-            mml = tok_cfg.get("model_max_length") if isinstance(tok_cfg, dict) else None
-            max_seq_length = min(int(mml), max_pos) if isinstance(mml, (int, float)) else max_pos
+            max_seq_length = _configured_max_seq_length(tdir, st_cfg, max_pos)
         max_seq_length = int(max_seq_length)
         if max_seq_length > max_pos:
             warnings.warn("max_seq_length %d exceeds the model's max_position_embeddings %d; "

@@ -539,6 +539,41 @@ def test_cli_refuses_a_missing_model_directory(tmp_path):
     assert b"does not exist" in r.stderr
 
 
+def _serve_cli(*args, timeout=120):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = _PKG_PARENT
+    return subprocess.run([sys.executable, "-m", "normcy", "serve"] + list(args),
+                          capture_output=True, env=env, cwd=_PKG_PARENT, timeout=timeout)
+
+
+def test_cli_refuses_max_batch_tokens_below_max_seq_length(enc):
+    # checked before the server starts (status 2, as other unusable options), from the
+    # model's configuration files: the same max_seq_length as the loaded model's
+    from normcy.sentence import _model_max_seq_length
+
+    assert _model_max_seq_length() == enc.max_seq_length == 256
+    r = _serve_cli("--port", "0", "--max-batch-tokens", "100")
+    err = r.stderr.decode()
+    assert r.returncode == 2, err
+    assert ("normcy serve: error: --max-batch-tokens 100 is less than the model's "
+            "max_seq_length (256)") in err, err
+    assert "Started server" not in err and "Traceback" not in err
+
+
+def test_cli_port_in_use_exits_1_naming_the_address():
+    # uvicorn ends a failed bind with sys.exit(3); the command reports it as status 1
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = _serve_cli("--host", "127.0.0.1", "--port", str(port))
+    err = r.stderr.decode()
+    assert r.returncode == 1, err
+    assert ("normcy serve: error: cannot listen on 127.0.0.1:%d: Address already in use"
+            % port) in err, err
+    assert "Traceback" not in err
+
+
 # --------------------------------------------------------------------- in-process
 def test_health_states_in_process(enc):
     """503 while loading, 200 when ready, 503 when loading failed (app mounted in-process)."""

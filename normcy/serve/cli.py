@@ -6,6 +6,7 @@ when the command runs.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import logging.config
@@ -124,6 +125,53 @@ def _log_config(fmt: str, level: str, access: bool) -> dict:
     }
 
 
+class _BindErrors(logging.Filter):
+    """Keeps the OSError that uvicorn logs when it cannot bind its address (it logs the
+    exception object itself, then exits), so that the command can say why in one line."""
+
+    def __init__(self):
+        super().__init__()
+        self.errors = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, OSError):
+            self.errors.append(record.msg)
+        return True
+
+    def reason(self) -> str:
+        if not self.errors:
+            return ""
+        exc = self.errors[-1]
+        if exc.errno is not None:
+            what = os.strerror(exc.errno)
+            if exc.errno == errno.EADDRINUSE:
+                what += " (another server is listening on that port; choose another --port)"
+            elif exc.errno == errno.EADDRNOTAVAIL:
+                what += " (not an address of this machine; check --host)"
+            return what
+        return str(exc)
+
+
+def _check_max_batch_tokens(args) -> None:
+    """Refuse (status 2, before the server starts) a --max-batch-tokens below the model's
+    max_seq_length, which could not batch one input of the model's longest length.
+
+    A model whose configuration cannot be read here is left to the loader, which reports
+    it when the server starts.
+    """
+    from normcy.cli import CLIError
+    from normcy.sentence import _model_max_seq_length
+
+    try:
+        limit = _model_max_seq_length(args.model)
+    except (OSError, ValueError):
+        return
+    if args.max_batch_tokens < limit:
+        raise CLIError("--max-batch-tokens %d is less than the model's max_seq_length (%d): a "
+                       "batch must hold at least one input of the longest length; use "
+                       "--max-batch-tokens %d or more" % (args.max_batch_tokens, limit, limit))
+
+
 def run(args, stdin, stdout, stderr) -> int:
     """Run ``normcy serve`` until SIGTERM/SIGINT; exit 0 after a graceful shutdown.
 
@@ -136,7 +184,14 @@ def run(args, stdin, stdout, stderr) -> int:
     -------
     int
         0 after a graceful shutdown, 1 if the model could not be loaded or the server could
-        not start.
+        not start (e.g. its port is taken).
+
+    Raises
+    ------
+    normcy.cli.CLIError
+        Status 2 for unusable options (a missing model directory, a --max-batch-tokens
+        below the model's max_seq_length), checked before the server starts; status 1 when
+        the server cannot start.
     """
     from normcy.cli import CLIError
     from normcy.serve import missing_dependencies
@@ -157,6 +212,8 @@ def run(args, stdin, stdout, stderr) -> int:
             default_model_path()
         except FileNotFoundError as exc:
             raise CLIError(str(exc))
+
+    _check_max_batch_tokens(args)
 
     import uvicorn
 
@@ -202,9 +259,22 @@ def run(args, stdin, stdout, stderr) -> int:
     # absorb that re-raise, so a graceful shutdown exits 0.
     previous = {sig: signal.signal(sig, lambda *_: None)
                 for sig in (signal.SIGTERM, signal.SIGINT)}
+    bind_errors = _BindErrors()
+    uvicorn_log = logging.getLogger("uvicorn.error")
+    uvicorn_log.addFilter(bind_errors)
     try:
         server.run()
+    except SystemExit:
+        # uvicorn ends a failed start (an address in use, a host that is not this machine's,
+        # a failed lifespan startup) with sys.exit(3): report it as normcy's status 1
+        where = "[%s]:%d" % (args.host, args.port) if ":" in args.host \
+            else "%s:%d" % (args.host, args.port)
+        why = bind_errors.reason()
+        raise CLIError("cannot listen on %s: %s" % (where, why) if why
+                       else "the server could not start on %s (see the log above)" % where,
+                       status=1)
     finally:
+        uvicorn_log.removeFilter(bind_errors)
         for sig, h in previous.items():
             signal.signal(sig, h)
     if failed:

@@ -250,3 +250,45 @@ def test_ray_embedder_checks_its_arguments(model):
     e = Embedder(model, batch_size=4, num_threads=1)
     out = e({"text": np.array(["a b", "c"], dtype=object)})
     assert out["embedding"].shape == (2, e.encoder.get_sentence_embedding_dimension())
+
+
+@pytest.fixture(scope="module")
+def raw_reference(model, texts):
+    """The raw pooled vectors (normcy embed --no-normalize): no Normalize module, no L2."""
+    enc = SentenceEncoder.from_pretrained(model)
+    enc.normalize_module = False
+    return np.stack([enc.encode([t], batch_size=1, normalize_embeddings=False)[0]
+                     for t in texts[:8]])
+
+
+def test_ray_embedder_normalize_module(model, texts, reference, raw_reference):
+    # normalize_embeddings=False keeps the model's Normalize module (sentence-transformers'
+    # meaning: unit vectors still); normalize_module=False gives the raw pooled vectors
+    from normcy.integrations.ray import Embedder
+
+    batch = {"text": np.array(texts[:8], dtype=object)}
+    kept = Embedder(model, batch_size=1, num_threads=1, normalize_embeddings=False)(batch)
+    assert np.array_equal(kept["embedding"], reference[:8])
+    raw = Embedder(model, batch_size=1, num_threads=1, normalize_embeddings=False,
+                   normalize_module=False)(batch)
+    assert np.array_equal(raw["embedding"], raw_reference)
+    assert np.abs(np.linalg.norm(raw_reference, axis=1) - 1).min() > 1e-3   # not unit
+    with pytest.raises(TypeError, match="normalize_module must be None, True or False"):
+        Embedder(model, normalize_module=0)
+
+
+def test_dask_embed_raw_vectors_with_an_encoder(dask_client, model, texts, reference,
+                                                raw_reference):
+    # the documented recipe: an encoder whose module is off, pickled to the worker processes
+    import dask.dataframe as dd
+    import pandas as pd
+
+    from normcy.integrations.dask import embed
+
+    ddf = dd.from_pandas(pd.DataFrame({"id": range(8), "text": texts[:8]}), npartitions=2)
+    kept = embed(ddf, model, batch_size=1, normalize_embeddings=False).compute()
+    assert np.array_equal(np.stack(kept["embedding"].tolist()), reference[:8])
+    enc = SentenceEncoder.from_pretrained(model)
+    enc.normalize_module = False
+    raw = embed(ddf, enc, batch_size=1, normalize_embeddings=False).compute()
+    assert np.array_equal(np.stack(raw["embedding"].tolist()), raw_reference)

@@ -55,6 +55,16 @@ def embed(ddf, model: Any = None, text_column: str = "text", output_column: str 
         Kernel threads of the encoder (default 1: one per Dask worker thread, so that a
         worker's threads do not oversubscribe its cores); only with a model directory.
     normalize_embeddings : bool, default True
+        L2-normalize the output: ``SentenceEncoder.encode``'s argument, with
+        sentence-transformers' meaning. ``False`` skips only this extra normalization: a
+        model whose pipeline ends with a ``Normalize`` module (all-MiniLM-L6-v2 does) still
+        returns unit vectors. For the raw pooled vectors (what ``normcy embed
+        --no-normalize`` and TEI's ``"normalize": false`` give), pass an encoder whose
+        module is off, with ``normalize_embeddings=False``::
+
+            enc = SentenceEncoder.from_pretrained(model_dir)
+            enc.normalize_module = False        # travels with the encoder to the workers
+            out = embed(ddf, enc, normalize_embeddings=False)
     max_seq_length : int, optional
         Only with a model directory (an encoder object has its own).
 

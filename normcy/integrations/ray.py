@@ -54,18 +54,32 @@ class Embedder:
         Threads for this worker; default: the CPUs Ray assigned to it (``num_cpus`` of
         ``map_batches``), else 1. Also caps the BLAS threads when threadpoolctl is installed.
     normalize_embeddings : bool, default True
+        L2-normalize the output: ``SentenceEncoder.encode``'s argument, with
+        sentence-transformers' meaning. ``False`` skips only this extra normalization: a
+        model whose pipeline ends with a ``Normalize`` module (all-MiniLM-L6-v2 does) still
+        returns unit vectors. For the raw pooled vectors (what ``normcy embed
+        --no-normalize`` and TEI's ``"normalize": false`` give), pass
+        ``normalize_embeddings=False, normalize_module=False``.
     max_seq_length : int, optional
+    normalize_module : bool, optional
+        Override whether the model's own ``Normalize`` module runs
+        (``SentenceEncoder.normalize_module``); default: as the model's ``modules.json``
+        says.
     """
 
     def __init__(self, model: Optional[str] = None, *, text_column: str = "text",
                  output_column: str = "embedding", batch_size: int = 32,
                  num_threads: Optional[int] = None, normalize_embeddings: bool = True,
-                 max_seq_length: Optional[int] = None):
+                 max_seq_length: Optional[int] = None,
+                 normalize_module: Optional[bool] = None):
         import normcy
         from normcy._validate import as_int
         from normcy.sentence import SentenceEncoder
 
         batch_size = as_int(batch_size, "batch_size", minimum=1)
+        if normalize_module is not None and not isinstance(normalize_module, bool):
+            raise TypeError("normalize_module must be None, True or False, got %r"
+                            % (normalize_module,))
         if num_threads is not None:
             num_threads = as_int(num_threads, "num_threads", minimum=1)
         threads = num_threads or _cpu_allotment() or 1
@@ -74,6 +88,8 @@ class Embedder:
         _limit_blas(self.num_threads)
         self.encoder = SentenceEncoder.from_pretrained(model, num_threads=self.num_threads,
                                                        max_seq_length=max_seq_length)
+        if normalize_module is not None:
+            self.encoder.normalize_module = normalize_module
         self.text_column = text_column
         self.output_column = output_column
         self.batch_size = batch_size

@@ -36,6 +36,9 @@ PARQUET_READ_ROWS = 1024
 RUN_FILE = "_normcy_run.json"
 DONE_FILE = "_SUCCESS"
 SKIPPED_FILE = "_skipped.jsonl"
+#: What makes a JSON Lines line blank (skipped, not a record): ASCII whitespace only.
+BLANK = " \t\r\n\x0b\x0c"
+_BLANK_BYTES = BLANK.encode("ascii")
 
 
 class InputError(Exception):
@@ -109,9 +112,7 @@ def _lines(f, source: str) -> Iterator[Tuple[int, Any]]:
 
 def _parse_jsonl(line: str, source: str, n: int, text_field: str,
                  id_field: Optional[str]) -> Tuple[Any, Any]:
-    """(id, text) of one JSON line; raises BadRecord."""
-    if not line.strip():
-        raise BadRecord(source, n, "empty line (expected a JSON object)")
+    """(id, text) of one (non-blank) JSON line; raises BadRecord."""
     try:
         obj = json.loads(line)
     except ValueError as exc:
@@ -210,6 +211,10 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                  id_field: Optional[str] = None, stdin=None) -> Iterator[Record]:
     """Yield every input record in order, bad ones as records with an ``error``.
 
+    Blank (whitespace-only) lines of JSON Lines input are no records: they are skipped,
+    take no index, and the records after them keep their files' line numbers. In plain
+    text input every line is a record, an empty one too (an empty text).
+
     Parameters
     ----------
     inputs : sequence of _Input
@@ -276,6 +281,8 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                     yield Record(index, line.id, None, line)
                     index += 1
                     continue
+                if fmt == "jsonl" and not line.strip(BLANK):
+                    continue  # a blank JSON Lines line is no record (n stays the file's line)
                 try:
                     if fmt == "jsonl":
                         jid, text = _parse_jsonl(line, src, n, text_field, id_field)
@@ -309,7 +316,8 @@ def count_records(inputs: Sequence[_Input]) -> Optional[int]:
     """Number of records in the inputs (None when standard input is one of them).
 
     Counting lines reads the files once more at disk speed; Parquet row counts come from the
-    file metadata.
+    file metadata. Blank lines of JSON Lines files are not counted, as
+    :func:`iter_records` skips them.
     """
     total = 0
     for inp in inputs:
@@ -319,6 +327,16 @@ def count_records(inputs: Sequence[_Input]) -> Optional[int]:
             return None
         elif inp.fmt == "parquet":
             total += open_parquet(inp.value).metadata.num_rows
+        elif inp.fmt == "jsonl":
+            try:
+                with open(inp.value, "rb") as f:
+                    for n, raw in enumerate(f):
+                        if n == 0 and raw.startswith(b"\xef\xbb\xbf"):
+                            raw = raw[3:]
+                        if raw.strip(_BLANK_BYTES):
+                            total += 1
+            except OSError:
+                return None
         else:
             try:
                 with open(inp.value, "rb") as f:

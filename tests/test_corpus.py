@@ -179,7 +179,8 @@ BAD = [
     ('{"text": "no id"}\n', "line 1: no id field 'id'"),
     ('{"id": "a", "text": "x\\ud800y"}\n', "line 1: text field 'text': lone surrogate"),
     ('["a list"]\n', "line 1: expected a JSON object, got list"),
-    ('{"id": "a", "text": "x"}\n\n{"id": "b", "text": "y"}\n', "line 2: empty line"),
+    ('{"id": "a", "text": "x"}\n\n  \t\n{"id": "b", "text": "y"}\n{"id": 3}\n',
+     "line 5: no text field 'text'"),  # blank lines skipped; line numbers are the file's
 ]
 
 
@@ -274,6 +275,59 @@ def test_on_error_skip_in_shards(tmp_path, model):
     skipped = [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()]
     assert [s["id"] for s in skipped] == [5, 25, 26]
     assert not [n for n in os.listdir(out) if n.startswith("_part-")]
+
+
+def test_blank_jsonl_lines_are_skipped_not_records(tmp_path, model, enc):
+    # blank and whitespace-only JSON Lines lines (a trailing one too) are no records: they
+    # take no index (the default ids), are not counted, and other errors keep the file's
+    # line numbers; resuming a shard directory finds the same records
+    from normcy import corpus
+
+    texts = _texts(25, seed=6)
+    lines = [json.dumps({"text": t}) for t in texts]
+    lines[7] = '{"text": 7}'
+    for k, blank in ((20, " \t "), (10, ""), (3, "\r"), (0, "")):
+        lines.insert(k, blank)
+    src = tmp_path / "c.jsonl"
+    src.write_text("\n".join(lines) + "\n\n", encoding="utf-8")
+    inp = corpus._Input("file", str(src), "jsonl")
+    assert corpus.count_records([inp]) == 25
+    keep = [i for i in range(25) if i != 7]  # record 7 (line 10) is the bad one
+    out = tmp_path / "o"
+    args = ["embed", "-m", model, "-i", str(src), "-o", str(out) + "/", "--format", "npy",
+            "--shard-size", "10", "--on-error", "skip", "--no-progress"]
+    rc, _, err = cli(args)
+    assert rc == 0, err
+    assert "skipped 1 bad record(s) of 25" in err
+    skipped = [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["line"], s["id"]) for s in skipped] == [(7, 10, 7)]
+    ids = [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()]
+    assert ids == keep
+    emb = np.concatenate([np.load(out / ("part-%05d.npy" % k)) for k in range(3)])
+    want = [enc.encode([texts[i] for i in keep if s <= i < s + 10], normalize_embeddings=True)
+            for s in (0, 10, 20)]
+    assert np.array_equal(emb, np.concatenate(want))
+    # resume after shard 0: the same shards, ids and skipped list
+    (out / "part-00000.ids.jsonl").write_text("".join(json.dumps(i) + "\n" for i in keep[:9]))
+    (out / "_part-00000.skipped.jsonl").write_text(json.dumps(skipped[0]) + "\n")
+    for n in ("part-00001.npy", "part-00002.npy", "_SUCCESS", "ids.jsonl", "_skipped.jsonl"):
+        os.unlink(out / n)
+    rc, _, err = cli(args)
+    assert rc == 0 and "after 1 finished shard(s)" in err, err
+    assert [json.loads(x) for x in (out / "ids.jsonl").read_text().splitlines()] == keep
+    assert [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()] == skipped
+    emb2 = np.concatenate([np.load(out / ("part-%05d.npy" % k)) for k in range(3)])
+    assert np.array_equal(emb2, emb)
+
+
+def test_empty_text_lines_stay_records(tmp_path, model, enc):
+    # plain text input: every line is a text, an empty one too (only JSON Lines skips them)
+    src = tmp_path / "c.txt"
+    src.write_text("a\n\n  \nb\n", encoding="utf-8")
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(tmp_path / "o.npy")])
+    assert rc == 0, err
+    want = enc.encode(["a", "", "  ", "b"], normalize_embeddings=True)
+    assert np.array_equal(np.load(tmp_path / "o.npy"), want)
 
 
 # ----------------------------------------------------------------------- resume

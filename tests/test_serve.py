@@ -549,9 +549,9 @@ def _serve_cli(*args, timeout=120):
 def test_cli_refuses_max_batch_tokens_below_max_seq_length(enc):
     # checked before the server starts (status 2, as other unusable options), from the
     # model's configuration files: the same max_seq_length as the loaded model's
-    from normcy.sentence import _model_max_seq_length
+    from normcy.sentence import model_max_seq_length
 
-    assert _model_max_seq_length() == enc.max_seq_length == 256
+    assert model_max_seq_length() == enc.max_seq_length == 256
     r = _serve_cli("--port", "0", "--max-batch-tokens", "100")
     err = r.stderr.decode()
     assert r.returncode == 2, err

@@ -160,10 +160,10 @@ def _check_max_batch_tokens(args) -> None:
     it when the server starts.
     """
     from normcy.cli import CLIError
-    from normcy.sentence import _model_max_seq_length
+    from normcy.sentence import model_max_seq_length
 
     try:
-        limit = _model_max_seq_length(args.model)
+        limit = model_max_seq_length(args.model)
     except (OSError, ValueError):
         return
     if args.max_batch_tokens < limit:

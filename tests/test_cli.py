@@ -118,11 +118,37 @@ def test_embed_input_file_to_npy_and_jsonl(tmp_path, ref):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
+def test_embed_csv_and_tsv_files(tmp_path, ref):
+    # a header row names the columns; quoted fields keep their commas, quotes and line
+    # breaks; a numeric-looking text stays text; integer ids stay integers
+    _needs_model()
+    import csv
+
+    texts = ["line one\nline two\ttabbed\r\nline three",
+             "3.14159 2,718 1e-5 100% $42.00 #1 2024-01-31",
+             "Café crème brûlée à la française, naïve façade.", "Hello world!"]
+    for ext, delim in ((".csv", ","), (".tsv", "\t")):
+        f = tmp_path / ("in" + ext)
+        with open(f, "w", encoding="utf-8", newline="") as fh:
+            w = csv.writer(fh, delimiter=delim)
+            w.writerow(["doc_id", "body"])
+            w.writerows([[10 + i, t] for i, t in enumerate(texts)])
+        r = run(["embed", "-i", str(f), "--text-field", "body", "--id-field", "doc_id"])
+        assert r.returncode == 0, r.stderr.decode()
+        recs = _jsonl(r.stdout)
+        assert [x["doc_id"] for x in recs] == [10, 11, 12, 13]
+        assert [x["text"] for x in recs] == texts
+        for x in recs:
+            _close(x["embedding"], ref["emb"][x["text"]])
+
+
 # ----------------------------------------------------------------------------- errors
 @pytest.mark.parametrize("args, stdin, message", [
     (["embed", "--batch-size", "0", "x"], b"", "--batch-size must be a positive integer"),
     (["embed", "--threads", "many", "x"], b"", "--threads must be a positive integer"),
     (["embed", "--format", "csv", "x"], b"", "invalid choice: 'csv'"),
+    (["embed", "--input-format", "csv", "-i", "-"], b"body\nx\n",
+     "standard input has no column 'text'"),
     (["embed", "--model", "/nonexistent/model", "x"], b"",
      "model directory '/nonexistent/model' does not exist"),
     (["embed", "--input", "/nonexistent/in.txt"], b"",

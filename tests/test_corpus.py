@@ -658,7 +658,7 @@ def test_cli_argument_errors_found_late_before(tmp_path, model):
     txt = tmp_path / "in.txt"
     txt.write_text("a\nb\n")
     rc, _, err = cli(["embed", "-m", model, "-i", str(txt), "--id-field", "doc"])
-    assert rc == 2 and "--id-field 'doc' needs JSON Lines or Parquet input" in err, err
+    assert rc == 2 and "--id-field 'doc' needs JSON Lines, Parquet, CSV or TSV input" in err, err
     rc, _, err = cli(["embed", "-m", model, "x", "--id-field", "doc"])
     assert rc == 2 and "arguments" in err, err
     p = run(["embed", "-m", model, "x", "--max-seq-length", "1"])   # argparse: its own stderr
@@ -703,3 +703,207 @@ def test_stdout_reader_going_away_is_not_success(tmp_path, model, fmt):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+# ------------------------------------------------------------------- CSV / TSV input
+def _write_csv(path, header, rows, delimiter=","):
+    import csv
+
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        w = csv.writer(f, delimiter=delimiter)
+        w.writerow(header)
+        w.writerows(rows)
+    return str(path)
+
+
+TRICKY = ['comma, inside', 'a "quoted" word', 'two\nlines', 'tab\there', 'crlf\r\nend',
+          '  spaces kept  ', '12345', '3.5', 'NA', 'null', 'café 東京 🍕']
+
+
+@pytest.mark.parametrize("ext, delimiter", [(".csv", ","), (".tsv", "\t")])
+def test_csv_and_tsv_to_parquet_equal_encode(tmp_path, model, enc, ext, delimiter):
+    # the header names the columns; quoted fields keep their delimiters, quotes and
+    # newlines; the text column is text whatever it looks like; other columns are ignored
+    pytest.importorskip("pyarrow")
+    texts = TRICKY + _texts(120, seed=11)
+    src = _write_csv(tmp_path / ("c" + ext), ["n", "doc", "body"],
+                     [[i * 2.5, "d%d" % i, t] for i, t in enumerate(texts)], delimiter)
+    from normcy import corpus
+
+    assert corpus.input_format_of(src) == ext[1:]
+    assert corpus.count_records([corpus._Input("file", src, ext[1:])],
+                                text_field="body") == len(texts)
+    out = tmp_path / "out.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "body",
+                      "--id-field", "doc", "-o", str(out), "--shard-size", "50",
+                      "--window", "20", "--no-progress"])
+    assert rc == 0, err
+    t, emb = _read_parquet(out)
+    assert t.schema.names == ["doc", "embedding"]
+    assert t.column("doc").to_pylist() == ["d%d" % i for i in range(len(texts))]
+    want = np.concatenate([_windows_encode(enc, texts[s:s + 50], 20)
+                           for s in range(0, len(texts), 50)])
+    assert np.array_equal(emb, want)  # bit for bit
+    # JSON Lines output gives the texts back exactly
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--text-field", "body",
+                      "-o", str(tmp_path / "o.jsonl"), "--no-progress"])
+    assert rc == 0, err
+    recs = [json.loads(x) for x in (tmp_path / "o.jsonl").read_text("utf-8").splitlines()]
+    assert [r["text"] for r in recs] == texts and [r["index"] for r in recs] == \
+        list(range(len(texts)))
+
+
+def test_csv_ids_are_integers_when_written_as_integers(tmp_path, model):
+    pq = pytest.importorskip("pyarrow.parquet")
+    src = _write_csv(tmp_path / "c.csv", ["id", "text"], [[7, "a"], [-3, "b"], [12, "c"]])
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--id-field", "id", "-o", str(out)])
+    assert rc == 0, err
+    t = pq.read_table(str(out))
+    assert str(t.schema.field("id").type) == "int64" and t.column("id").to_pylist() == \
+        [7, -3, 12]
+    # a leading zero, a sign "+" or a decimal point: the ids are strings, kept as written
+    src = _write_csv(tmp_path / "s.csv", ["id", "text"], [[7, "a"], ["007", "b"], ["+1", "c"],
+                                                          ["1.5", "d"]])
+    out = tmp_path / "s.jsonl"
+    rc, _, err = cli(["embed", "-m", model, "-i", src, "--id-field", "id", "-o", str(out)])
+    assert rc == 0, err
+    assert [json.loads(x)["id"] for x in out.read_text().splitlines()] == \
+        ["7", "007", "+1", "1.5"]
+
+
+def test_csv_bad_rows_stop_or_are_skipped_with_their_row(tmp_path, model, enc):
+    # rows are numbered as pyarrow does, the header being row 1; a quoted field spanning
+    # lines makes a row number smaller than the line number
+    src = tmp_path / "c.csv"
+    src.write_bytes(b'id,text\n1,"first\nrow"\n2,\n3,fine\n4,"x",extra\n5,bad \xff utf8\n'
+                    b'7,seven\n,no id\n8,last\n')
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id",
+                      "-o", str(tmp_path / "o.npy")])
+    assert rc == 2 and "%s, row 3: text is null (an empty field" % src in err, err
+    assert not (tmp_path / "o.npy").exists()
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "--id-field", "id", "-o", str(out),
+                      "--on-error", "skip", "--no-progress"])
+    assert rc == 0, err
+    assert "skipped 4 bad record(s) of 8" in err
+    skipped = [json.loads(x) for x in (out / "_skipped.jsonl").read_text().splitlines()]
+    assert [(s["index"], s["line"], s["id"]) for s in skipped] == \
+        [(1, 3, 2), (3, 5, None), (4, 6, 5), (6, 8, None)]
+    errors = [s["error"] for s in skipped]
+    assert errors[1] == "expected 2 fields, got 3: 4,\"x\",extra"
+    assert errors[2].startswith("text field 'text': invalid UTF-8 at byte 4")
+    assert errors[3] == "id is null (an empty field)"
+    t, emb = _read_parquet(out)
+    assert t.column("id").to_pylist() == [1, 3, 7, 8]
+    assert np.array_equal(emb, enc.encode(["first\nrow", "fine", "seven", "last"],
+                                          normalize_embeddings=True))
+
+
+def test_csv_missing_or_repeated_column_is_refused_before_any_work(tmp_path):
+    # the model is not even loaded (an empty directory), no output is created
+    (tmp_path / "m").mkdir()
+    src = _write_csv(tmp_path / "c.tsv", ["id", "body", "body"], [[1, "a", "b"]], "\t")
+    for extra, message in (
+            ([], "TSV file %r has no column 'text' (columns: id, body, body)" % src),
+            (["--text-field", "body"], "TSV file %r has 2 columns named 'body'" % src),
+            (["--text-field", "id", "--id-field", "doc"], "has no column 'doc'")):
+        out = tmp_path / "o.parquet"
+        rc, stdout, err = cli(["embed", "-m", str(tmp_path / "m"), "-i", src, "-o", str(out)]
+                              + extra)
+        assert rc == 2 and message in err, err
+        assert stdout == b"" and not out.exists()
+    hdr = tmp_path / "h.csv"
+    hdr.write_text("id,body\n")  # header only: the columns are checked all the same
+    rc, _, err = cli(["embed", "-m", str(tmp_path / "m"), "-i", str(hdr)])
+    assert rc == 2 and "CSV file %r has no column 'text' (columns: id, body)" % str(hdr) in err
+
+
+@pytest.mark.parametrize("content", [b"", b"\n\n", b"text,id\n", b"text,id\r\n", b"text"])
+def test_empty_or_header_only_csv_has_no_records(tmp_path, model, content):
+    pq = pytest.importorskip("pyarrow.parquet")
+    from normcy import corpus
+
+    src = tmp_path / "c.csv"
+    src.write_bytes(content)
+    assert corpus.count_records([corpus._Input("file", str(src), "csv")]) == 0
+    out = tmp_path / "o.parquet"
+    rc, _, err = cli(["embed", "-m", model, "-i", str(src), "-o", str(out)])
+    assert rc == 0 and "no input sentences" in err, err
+    assert pq.read_table(str(out)).num_rows == 0
+
+
+def test_csv_rows_longer_than_a_block_are_read(tmp_path, model, enc, monkeypatch):
+    # a row longer than the reader's block makes the file be read again with larger
+    # blocks; rows already given are not given twice, bad rows keep their places; the
+    # first block's ids say the ids are integers, so a later one that is not is bad
+    from normcy import corpus
+
+    monkeypatch.setattr(corpus, "CSV_BLOCK_SIZE", 256)
+    texts = _texts(60, seed=12)
+    texts[30] = "long, quoted\n" + " ".join(["word"] * 2000)
+    rows = [[t, i if i != 40 else "x40"] for i, t in enumerate(texts)]
+    src = tmp_path / "c.csv"
+    _write_csv(src, ["text", "id"], rows)
+    data = src.read_bytes().replace(b"\r\n", b"\n").split(b"\n")
+    data.insert(20, b"ragged,row,here")  # row 21: record 19
+    src.write_bytes(b"\n".join(data))
+    inp = corpus._Input("file", str(src), "csv")
+    assert corpus.count_records([inp]) == 61
+    recs = list(corpus.iter_records([inp], id_field="id"))
+    assert [r.index for r in recs] == list(range(61))
+    assert [r.index for r in recs if r.error] == [19, 41]
+    assert recs[19].error.line == 21 and "expected 2 fields, got 3" in str(recs[19].error)
+    assert "%s, row 43: id field 'id' is 'x40', not an integer" % src in str(recs[41].error)
+    good = [r for r in recs if r.error is None]
+    assert [r.text for r in good] == texts[:40] + texts[41:]
+    assert [r.id for r in good] == [i for i in range(60) if i != 40]
+
+
+def test_csv_on_standard_input_and_old_behaviour_by_format(tmp_path, model, enc):
+    data = b'text\n"one, two"\nthree\n'
+    rc, out, err = cli(["embed", "-m", model, "--input-format", "csv", "-i", "-"], stdin=data)
+    assert rc == 0, err
+    recs = [json.loads(x) for x in out.decode().splitlines()]
+    assert [r["text"] for r in recs] == ["one, two", "three"]
+    assert np.array_equal(np.array([r["embedding"] for r in recs], np.float32),
+                          enc.encode(["one, two", "three"], normalize_embeddings=True))
+    # --input-format text reads a .csv as lines of text, as before CSV input existed
+    src = tmp_path / "c.csv"
+    src.write_bytes(data)
+    rc, out, err = cli(["embed", "-m", model, "--input-format", "text", "-i", str(src)])
+    assert rc == 0, err
+    assert [json.loads(x)["text"] for x in out.decode().splitlines()] == \
+        ["text", '"one, two"', "three"]
+
+
+def test_csv_shards_resume_to_identical_output(tmp_path, model, enc):
+    pytest.importorskip("pyarrow")
+    texts = _texts(45, seed=13)
+    texts[3] = "multi\nline, text"
+    rows = [["k%d" % i, t] for i, t in enumerate(texts)]
+    rows[17][1] = ""  # written unquoted by the csv module: null, a skipped record
+    src = _write_csv(tmp_path / "c.csv", ["key", "text"], rows)
+    args = ["embed", "-m", model, "-i", src, "--id-field", "key", "--shard-size", "10",
+            "--on-error", "skip", "--no-progress"]
+    ref, out = tmp_path / "ref.parquet", tmp_path / "out.parquet"
+    assert cli(args + ["-o", str(ref)])[0] == 0
+    assert cli(args + ["-o", str(out)])[0] == 0
+    # the state of a run interrupted after two shards
+    for n in ("part-00002.parquet", "part-00003.parquet", "part-00004.parquet", "_SUCCESS",
+              "_skipped.jsonl"):
+        os.unlink(out / n)
+    (out / "_part-00001.skipped.jsonl").write_text((ref / "_skipped.jsonl").read_text())
+    rc, _, err = cli(args + ["-o", str(out)])
+    assert rc == 0 and "after 2 finished shard(s)" in err, err
+    assert sorted(os.listdir(out)) == sorted(os.listdir(ref))
+    t1, e1 = _read_parquet(ref)
+    t2, e2 = _read_parquet(out)
+    keep = [i for i in range(45) if i != 17]
+    assert t2.column("key").to_pylist() == t1.column("key").to_pylist() == \
+        ["k%d" % i for i in keep]
+    assert np.array_equal(e1, e2)
+    assert (out / "_skipped.jsonl").read_text() == (ref / "_skipped.jsonl").read_text()
+    assert np.array_equal(e1, np.concatenate([
+        enc.encode([texts[i] for i in keep if s <= i < s + 10], normalize_embeddings=True)
+        for s in range(0, 45, 10)]))

@@ -1,11 +1,12 @@
 """In-process A/B of normcy's element-wise kernels between builds.
 
-    python bench/ab_builds.py [--kernel gelu|softmax|gemm|layers] [--reps 30]
+    python bench/ab_builds.py [--kernel gelu|softmax|gemm|layers|norms] [--reps 30]
                               [--shapes MxNxK,... | BxL,...] [--threads 1,2]
                               NAME=DIR [NAME=DIR ...]
 
 Each DIR is a checkout built in place (``python setup.py build_ext --inplace``); its
-``normcy/_ops`` extension (``normcy/_gemm`` for --kernel gemm and layers) is loaded into this one
+``normcy/_ops`` extension (``normcy/_gemm`` for --kernel gemm and layers, ``normcy/_norms`` for
+norms) is loaded into this one
 process beside the others (under another module name), and the builds are called in
 alternating order, so that they share the machine's slow and fast phases (process-by-process
 comparisons on a shared VM swing by 10% and more between identical builds).  Prints, per
@@ -17,7 +18,10 @@ with ``out=`` on the --shapes (default 4096x384x384,4096x1536x384,4096x384x1536,
 at each of --threads; for the layers, a stack of six MiniLM-sized encoder layers (d_model
 384, 12 heads, feed-forward 1536, exact GELU, post-LN; random weights) run as one compiled
 call (``EncoderLayerKernel`` and ``run_layers`` of each build's
-``_gemm``) on batch x sequence-length --shapes (default 1x16,1x128,8x128,32x128).
+``_gemm``) on batch x sequence-length --shapes (default 1x16,1x128,8x128,32x128); for the
+norms, each build's ``layer_norm``, ``rms_norm`` and ``add_layer_norm`` (``out=``) on NxH
+--shapes (default 16384x1024,8192x2048,4096x4096,2048x8192: 64 MB, streamed), GB/s per call
+(8 bytes per element, 12 with the add).
 
 Limitation: only the named extension is loaded per build.  What it imports from normcy's
 other compiled modules (``_gemm`` takes its row norms from ``normcy._norms`` and its thread
@@ -50,7 +54,8 @@ def load(tag, d, ext="_ops"):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--kernel", choices=["gelu", "softmax", "gemm", "layers"], default="gelu")
+    ap.add_argument("--kernel", choices=["gelu", "softmax", "gemm", "layers", "norms"],
+                    default="gelu")
     ap.add_argument("--reps", type=int, default=30)
     ap.add_argument("--shapes", default=None)
     ap.add_argument("--threads", default="1,2")
@@ -61,7 +66,8 @@ def main():
         tag, _, d = b.partition("=")
         if not d:
             raise SystemExit("expected NAME=DIR, got %r" % b)
-        mods[tag] = load(tag, d, "_gemm" if a.kernel in ("gemm", "layers") else "_ops")
+        mods[tag] = load(tag, d, "_gemm" if a.kernel in ("gemm", "layers")
+                         else "_norms" if a.kernel == "norms" else "_ops")
     rng = np.random.default_rng(0)
     if a.kernel == "gemm":
         a.shapes = a.shapes or "4096x384x384,4096x1536x384,4096x384x1536,1x384x1536"
@@ -70,6 +76,10 @@ def main():
     if a.kernel == "layers":
         a.shapes = a.shapes or "1x16,1x128,8x128,32x128"
         layers_ab(mods, a, rng)
+        return
+    if a.kernel == "norms":
+        a.shapes = a.shapes or "16384x1024,8192x2048,4096x4096,2048x8192"
+        norms_ab(mods, a, rng)
         return
     cases = ([((64, 1536), 30, 1), ((4096, 1536), 2, 2)] if a.kernel == "gelu"
              else [((12, 128, 128), 30, 1), ((12, 128, 128), 30, 2)])
@@ -131,6 +141,37 @@ def gemm_ab(mods, a, rng):
             res = alternate(calls, a.reps, inner, 1e3)
             report("gemm %dx%dx%d, %d thread%s" % (M, N, K, T, "s"[:T > 1]), res, "%.1f us",
                    same)
+
+
+def norms_ab(mods, a, rng):
+    """The norms case of main: each build's layer_norm, rms_norm and add_layer_norm on the
+    same arrays, alternated; reported in GB/s (ns per call are not comparable across
+    shapes), the x column the ratio of per-repeat times as elsewhere."""
+    for spec in a.shapes.split(","):
+        N, H = (int(v) for v in spec.lower().split("x"))
+        x = rng.standard_normal((N, H), dtype=np.float32)
+        r = rng.standard_normal((N, H), dtype=np.float32)
+        w = (1 + 0.1 * rng.standard_normal(H)).astype(np.float32)
+        b = (0.1 * rng.standard_normal(H)).astype(np.float32)
+        ys = {t: np.empty_like(x) for t in mods}
+        ops = {"layer_norm": (lambda m, y, T: m.layer_norm(x, w, b, out=y, num_threads=T), 8),
+               "rms_norm": (lambda m, y, T: m.rms_norm(x, w, out=y, num_threads=T), 8),
+               "add_layer_norm": (lambda m, y, T: m.add_layer_norm(x, r, w, b, out=y,
+                                                                   num_threads=T), 12)}
+        for name, (op, per_el) in ops.items():
+            outs = [op(m, ys[t], 1).copy() for t, m in mods.items()]
+            same = all(np.array_equal(outs[0], o) for o in outs)
+            for T in (int(v) for v in a.threads.split(",")):
+                calls = {t: (lambda m=m, y=ys[t]: op(m, y, T)) for t, m in mods.items()}
+                warm_up(lambda: [f() for f in calls.values()])
+                res = alternate(calls, a.reps, 3, 1.0)
+                gbs = {t: [per_el * x.size / v for v in vs] for t, vs in res.items()}
+                base = np.array(next(iter(res.values())))
+                print("%s %dx%d, %d thread%s: " % (name, N, H, T, "s"[:T > 1])
+                      + "  ".join("%s %.1f GB/s (x%.3f)" % (t, np.median(g),
+                                                           np.median(base / np.array(res[t])))
+                                  for t, g in gbs.items())
+                      + ("  (same bits)" if same else "  (BITS DIFFER)"), flush=True)
 
 
 def warm_up(f, seconds=0.3):

@@ -897,12 +897,16 @@ static void NC_FN(nco_fused_chunk)(nc_fuse *f, int kset, float K)
  * outputs.  A row longer than NC_CHUNK goes chunk by chunk, as nc_moments (nc_sumsq) takes
  * it: the row's shift K from its first values, each chunk's lane sums and statistics, the
  * chunks merged in order (Chan et al.; RMS: the chunks' sums of squares added) - the same
- * bits - while row A's outputs over the same range of elements stream out.  Before,
- * rows over NC_CHUNK went one at a time; rms_norm / layer_norm / add_layer_norm (GB/s,
- * two threads, 64 MB inputs, builds alternated three times, AMD EPYC Zen 5, AVX-512):
- * 8192x2048 50 / 47 / 46-47 -> 58-59 / 57-59 / 50-51; 4096x4096 45-49 / 44-46 / 46-47 ->
- * 51-53 / 50-51 / 49-50; 2048x8192 47-49 / 45-47 / 47-48 -> 51-52 / 50-51 / 49
- * (16384x1024, pipelined already: 57-61 / 60-62 / 51-54).
+ * bits - while row A's outputs over the same range of elements stream out, and the chunk
+ * after row B's is prefetched (a whole row ahead, as for short rows, thrashed the L1 at
+ * 4096-8192 floats).  Before, rows over NC_CHUNK went one at a time.  layer_norm /
+ * rms_norm / add_layer_norm, 64 MB inputs, the builds loaded into one process and
+ * alternated (bench/ab_builds.py --kernel norms; AMD EPYC Zen 5, AVX-512; two runs,
+ * noise +-7%): two threads 8192x2048 1.27-1.31x / 1.28x / 1.36x, 4096x4096 1.09-1.13x /
+ * 1.14x / 1.02-1.16x, 2048x8192 1.04-1.12x / 1.08-1.15x / 1.09-1.11x; one thread
+ * 8192x2048 1.31-1.36x / 1.24-1.31x / 1.46-1.47x, 4096x4096 0.97-1.0x / 1.21-1.25x /
+ * 0.88-1.22x, 2048x8192 0.86-0.91x / 1.06-1.08x / 0.92-0.95x (the loss: a row A of 8192
+ * floats with its weight and bias, 96 KB, re-read from L2 beside the streams).
  */
 static void NC_FN(nc_stream_fused)(nc_fuse *f)
 {
@@ -918,7 +922,19 @@ static void NC_FN(nc_stream_fused)(nc_fuse *f)
         const nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
 #define NCO_AT(p) ((p) ? (p) + c0 : NULL)
         g.x = f->x + c0; g.xb = NCO_AT(f->xb); g.r = NCO_AT(f->r);
-        g.px = NCO_AT(f->px); g.pr = NCO_AT(f->pr); g.d = NCO_AT(f->d);
+        /* prefetch the chunk after this one: the row's next (when it is a whole chunk),
+           else, from the last chunk, the next row's first */
+        if (c0 + 2 * NC_CHUNK <= n) {
+            g.px = f->x + c0 + NC_CHUNK;
+            g.pr = f->r ? f->r + c0 + NC_CHUNK : NULL;
+        } else if (c0 + NC_CHUNK >= n) {
+            g.px = f->px;
+            g.pr = f->pr;
+        } else {
+            g.px = NULL;
+            g.pr = NULL;
+        }
+        g.d = NCO_AT(f->d);
         g.sa = f->sa + c0; g.ya = f->ya + c0; g.soa = NCO_AT(f->soa);
         g.w = NCO_AT(f->w); g.b = NCO_AT(f->b);
 #undef NCO_AT

@@ -99,6 +99,25 @@ def input_format_of(path: str) -> str:
     return "text"
 
 
+def _binary_stdin(stdin):
+    """Standard input as a binary file (a text stream without .buffer, as in tests, is
+    read and re-encoded)."""
+    f = getattr(stdin, "buffer", None)
+    if f is None:
+        data = stdin.read()
+        f = io.BytesIO(data.encode("utf-8", "surrogateescape") if isinstance(data, str)
+                       else data)
+    return f
+
+
+def _bad_record(err: "BadRecord", index: int, id_field: Optional[str]) -> "Record":
+    """The Record of a bad input record at `index` (its id: the index without an id field)."""
+    err.index = index
+    if id_field is None:
+        err.id = index
+    return Record(index, err.id, None, err)
+
+
 def _valid_text(s: str) -> Optional[str]:
     """None if ``s`` is encodable as UTF-8, else a description of its first lone surrogate."""
     try:
@@ -493,14 +512,7 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                 index += 1
             continue
         if fmt in CSV_DELIMITERS:
-            if inp.kind == "file":
-                csv_src = inp.value
-            else:
-                csv_src = getattr(stdin, "buffer", None)
-                if csv_src is None:  # a text stream (tests): re-encode
-                    data = stdin.read()
-                    csv_src = io.BytesIO(data.encode("utf-8", "surrogateescape")
-                                         if isinstance(data, str) else data)
+            csv_src = inp.value if inp.kind == "file" else _binary_stdin(stdin)
             cols = [text_field] + ([id_field] if id_field is not None else [])
             for batch in _csv_batches(csv_src, src, fmt, cols):
                 if id_field is not None and id_kind is None:
@@ -513,18 +525,11 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                             rid = index
                         yield Record(index, rid, text, None)
                     except BadRecord as err:
-                        err.index = index
-                        if id_field is None:
-                            err.id = index
-                        yield Record(index, err.id, None, err)
+                        yield _bad_record(err, index, id_field)
                     index += 1
             continue
         if inp.kind == "stdin":
-            f = getattr(stdin, "buffer", None)
-            if f is None:  # a text stream (tests): re-encode
-                data = stdin.read()
-                f = io.BytesIO(data.encode("utf-8", "surrogateescape")
-                               if isinstance(data, str) else data)
+            f = _binary_stdin(stdin)
             close = False
         else:
             try:
@@ -565,10 +570,7 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                                         if fmt == "jsonl" else bad, id=rid)
                     yield Record(index, rid, text, None)
                 except BadRecord as err:
-                    err.index = index
-                    if id_field is None:
-                        err.id = index
-                    yield Record(index, err.id, None, err)
+                    yield _bad_record(err, index, id_field)
                 index += 1
         finally:
             if close:

@@ -915,7 +915,9 @@ class SentenceEncoder:
             Keep only the first ``truncate_dim`` components (before normalization).
         prompt_name, prompt : str, optional
             Prepend a prompt (by name from the model's ``prompts``, or given literally). By
-            default the model's ``default_prompt_name`` applies, if any.
+            default the model's ``default_prompt_name`` applies, if any. With
+            :attr:`include_prompt` False the prompt's tokens are left out of the pooling
+            (:meth:`prompt_length`).
         device : {None, "cpu"}
         progress_stream : file-like, optional
             Where the progress line goes (default ``sys.stderr``).

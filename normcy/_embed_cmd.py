@@ -348,7 +348,7 @@ def _run(args, stdin, stdout, stderr) -> int:
     inputs = _inputs(args, stdin)
     for inp in inputs:  # fail early, before any work, with a clear message
         if inp.fmt == "parquet":
-            corpus.open_parquet(inp.value)
+            corpus.check_parquet(inp.value, args.text_field, args.id_field)
         elif inp.fmt in corpus.CSV_DELIMITERS and inp.kind == "file":
             corpus.check_csv(inp.value, inp.fmt, [args.text_field] + (
                 [args.id_field] if args.id_field is not None else []))

@@ -32,8 +32,8 @@ import numpy as np
 from normcy._heap import release_free_heap
 
 __all__ = ["BadRecord", "InputError", "Record", "iter_records", "count_records", "embed_records",
-           "input_format_of", "open_parquet", "check_csv", "JsonlSink", "NpySink", "ShardSink",
-           "OutputFile", "SkipLog"]
+           "input_format_of", "open_parquet", "check_parquet", "check_csv", "JsonlSink",
+           "NpySink", "ShardSink", "OutputFile", "SkipLog"]
 
 #: Parquet rows read per batch.
 PARQUET_READ_ROWS = 1024
@@ -199,7 +199,27 @@ def open_parquet(path: str):
         raise InputError("cannot read Parquet file %r: %s" % (path, exc))
 
 
-def _parquet_rows(path: str, text_field: str, id_field: Optional[str]):
+def check_parquet(path: str, text_field: str, id_field: Optional[str] = None):
+    """Open a Parquet file and check that it has the columns a run reads, of usable types.
+
+    Parameters
+    ----------
+    path : str
+    text_field : str
+        The text column (string).
+    id_field : str, optional
+        The id column (integer or string).
+
+    Returns
+    -------
+    pyarrow.parquet.ParquetFile
+
+    Raises
+    ------
+    InputError
+        If pyarrow is missing, the file cannot be read, or a column is missing or of
+        another type.
+    """
     import pyarrow as pa
 
     pf = open_parquet(path)
@@ -219,6 +239,12 @@ def _parquet_rows(path: str, text_field: str, id_field: Optional[str]):
                 or pa.types.is_large_string(itype)):
             raise InputError("Parquet file %r: id column %r has type %s (need an integer or "
                              "string column)" % (path, id_field, itype))
+    return pf
+
+
+def _parquet_rows(path: str, text_field: str, id_field: Optional[str]):
+    pf = check_parquet(path, text_field, id_field)
+    cols = [text_field] + ([id_field] if id_field is not None else [])
     row = 0
     for batch in pf.iter_batches(batch_size=PARQUET_READ_ROWS, columns=cols):
         texts = batch.column(0).to_pylist()

@@ -819,6 +819,25 @@ def test_csv_missing_or_repeated_column_is_refused_before_any_work(tmp_path):
     assert rc == 2 and "CSV file %r has no column 'text' (columns: id, body)" % str(hdr) in err
 
 
+def test_parquet_missing_or_mistyped_column_is_refused_before_any_work(tmp_path):
+    # as for CSV: the model is not loaded (an empty directory) and no shard directory is made
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    (tmp_path / "m").mkdir()
+    src = str(tmp_path / "in.parquet")
+    pq.write_table(pa.table({"text": ["a"], "n": [1.5]}), src)
+    for extra, message in (
+            (["--text-field", "body"], "Parquet file %r has no column 'body' (columns: text, n)"
+             % src),
+            (["--id-field", "n"], "id column 'n' has type double")):
+        out = tmp_path / "o.parquet"
+        rc, stdout, err = cli(["embed", "-m", str(tmp_path / "m"), "-i", src, "-o", str(out)]
+                              + extra)
+        assert rc == 2 and message in err, err
+        assert stdout == b"" and not out.exists()
+
+
 @pytest.mark.parametrize("content", [b"", b"\n\n", b"text,id\n", b"text,id\r\n", b"text"])
 def test_empty_or_header_only_csv_has_no_records(tmp_path, model, content):
     pq = pytest.importorskip("pyarrow.parquet")

@@ -251,10 +251,13 @@ class _LineStream:
             pass
 
 
-def _progress(args, stderr, total: Optional[int], initial: int = 0):
+def _progress(args, stderr, count, initial: int = 0):
+    """The progress bar, or None; count() gives the records' number (None: unknown), called
+    only when a bar may show (counting reads the inputs once more)."""
     show = args.progress
     if show is False:
         return None
+    total = count()
     if show is None and total is not None and total < PROGRESS_MIN_INPUTS:
         return None
     try:
@@ -380,7 +383,8 @@ def _run(args, stdin, stdout, stderr) -> int:
                                     text_stream=stream_text)
         else:
             sink = corpus.NpySink(target, dim)
-        bar = _progress(args, stderr, corpus.count_records(inputs, text_field=args.text_field))
+        bar = _progress(args, stderr,
+                        lambda: corpus.count_records(inputs, text_field=args.text_field))
         try:
             n_rec, n_emb, _ = corpus.embed_records(records, encode, sink, window=window,
                                                    on_error=args.on_error, skip_log=skip_log,
@@ -438,8 +442,8 @@ def _run_sharded(args, fmt, inputs, enc, dim, window, id_name, encode, records, 
     if start:
         stderr.write("normcy embed: resuming %s after %d finished shard(s)\n"
                      % (args.output, start))
-    total = corpus.count_records(inputs, text_field=args.text_field)
-    bar = _progress(args, stderr, total)
+    bar = _progress(args, stderr,
+                    lambda: corpus.count_records(inputs, text_field=args.text_field))
     try:
         n_rec, n_emb, n_shards = corpus.embed_records(
             records, encode, sink, window=window, on_error=args.on_error,

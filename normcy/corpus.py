@@ -41,6 +41,8 @@ PARQUET_READ_ROWS = 1024
 #: makes the file be read again with blocks 8 times larger, up to CSV_MAX_BLOCK_SIZE.
 CSV_BLOCK_SIZE = 1 << 20
 CSV_MAX_BLOCK_SIZE = 1 << 30
+#: Rows with the wrong number of fields held at once (before a valid row comes) at most.
+CSV_MAX_HELD_INVALID = 100000
 #: Structured formats with a header row, read by pyarrow.csv: their delimiters.
 CSV_DELIMITERS = {"csv": ",", "tsv": "\t"}
 RUN_FILE = "_normcy_run.json"
@@ -270,7 +272,10 @@ def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: D
               block_size: int = CSV_BLOCK_SIZE):
     """A pyarrow CSV StreamingReader over ``src`` (a path or a binary file), or None for an
     input without a header (an empty file). Rows with the wrong number of fields are left
-    out of the batches and put in ``invalid`` (row number -> message)."""
+    out of the batches and put in ``invalid`` (row number -> message); pyarrow hands on no
+    batch for a block without a valid row, so they are held until the next valid one, and
+    more than CSV_MAX_HELD_INVALID of them at once stop the read (a wrong delimiter or
+    header, not bad records to skip one by one)."""
     try:
         import pyarrow as pa
         import pyarrow.csv as pc
@@ -278,7 +283,8 @@ def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: D
         raise InputError("reading %s needs pyarrow: `pip install pyarrow`" % _csv_name(fmt))
 
     def on_invalid(row):
-        if row.number is None:  # only with use_threads=True
+        if row.number is None or len(invalid) >= CSV_MAX_HELD_INVALID:
+            # (row.number is None only with use_threads=True)
             return "error"
         text = row.text if len(row.text) <= 60 else row.text[:57] + "..."
         invalid[row.number] = "expected %d fields, got %d: %s" % (
@@ -295,6 +301,7 @@ def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: D
                                           invalid_row_handler=on_invalid),
             convert_options=convert)
     except (pa.ArrowInvalid, OSError) as exc:
+        _too_many_invalid(invalid, fmt, name)
         if "Empty CSV file" in str(exc):
             return None
         if "straddl" in str(exc):
@@ -304,6 +311,32 @@ def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: D
         m = re.search(r"Column '(.*)' in include_columns", str(exc))
         raise InputError("%s has no column %s" % (_csv_name(fmt, name),
                                                   repr(m.group(1)) if m else exc))
+
+
+def _unterminated_quote(path: str, rows):
+    """rows (the file's last block) with its last row marked bad when a field of it spans
+    lines and the file holds an odd number of '"': a quote that is never closed, which
+    pyarrow reads as a field running to the end of the file (the rows after it lost)."""
+    n, values, bad = rows[-1]
+    if bad is not None or not any(isinstance(v, bytes) and b"\n" in v for v in values):
+        return rows
+    quotes = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            quotes += chunk.count(b'"')
+    if quotes % 2 == 0:
+        return rows
+    return rows[:-1] + [(n, None, "a quoted field that is never closed: it runs from row %d to "
+                                  "the end of the file" % n)]
+
+
+def _too_many_invalid(invalid, fmt: str, name: str) -> None:
+    """Raise the InputError of a read stopped by too many held invalid rows (_open_csv)."""
+    if len(invalid) >= CSV_MAX_HELD_INVALID:
+        first = min(invalid)
+        raise InputError("cannot read %s: rows %d to %d and on have the wrong number of "
+                         "fields (row %d: %s); check the delimiter and the header"
+                         % (_csv_name(fmt, name), first, max(invalid), first, invalid[first]))
 
 
 class _CsvBlockTooSmall(Exception):
@@ -371,6 +404,7 @@ def _csv_batches(src, name: str, fmt: str, columns: List[str]):
     while True:
         invalid: Dict[int, str] = {}
         row = 1
+        held = None  # the last block's rows, given once the next block (or the end) is read
         try:
             reader = _open_csv(src, name, fmt, uniq, invalid, block)
             if reader is None:
@@ -390,17 +424,29 @@ def _csv_batches(src, name: str, fmt: str, columns: List[str]):
                         out.append((row, None, invalid.pop(row)))
                         row += 1
                     out.append((row, values, None))
+                # rows with the wrong number of fields right after the block's last valid
+                # row come next: hand them on now (a long run of them, held until the next
+                # valid row, grew without bound); rows further on wait for the rows before
+                while row + 1 in invalid:
+                    row += 1
+                    out.append((row, None, invalid.pop(row)))
                 out = [r for r in out if r[0] > done]
                 if out:
-                    done = out[-1][0]
-                    yield out
+                    if held:
+                        yield held
+                        done = held[-1][0]   # (a read again skips the rows given)
+                    held = out
             out = [(r, None, invalid[r]) for r in sorted(invalid) if r > done]
-            if out:
-                yield out
+            if held and not out and isinstance(src, str):
+                held = _unterminated_quote(src, held)
+            for b in (held, out):
+                if b:
+                    yield b
             return
         except _CsvBlockTooSmall:
             pass
         except pa.ArrowInvalid as exc:
+            _too_many_invalid(invalid, fmt, name)
             if "straddl" not in str(exc):
                 raise InputError("cannot read %s after row %d: %s"
                                  % (_csv_name(fmt, name), row, exc))
@@ -603,6 +649,15 @@ def iter_records(inputs: Sequence[_Input], *, text_field: str = "text",
                 f.close()
 
 
+class _CountOnly(dict):
+    """An `invalid` mapping for _open_csv that counts the rows and keeps no message."""
+
+    n = 0
+
+    def __setitem__(self, key, value):
+        self.n += 1
+
+
 def _csv_count(path: str, fmt: str, column: str) -> int:
     """Rows of a CSV / TSV file (the header and blank lines aside; rows with the wrong
     number of fields included, as they are records): a streaming pass reading one column."""
@@ -610,7 +665,7 @@ def _csv_count(path: str, fmt: str, column: str) -> int:
 
     block = CSV_BLOCK_SIZE
     while True:
-        invalid: Dict[int, str] = {}
+        invalid = _CountOnly()
         try:
             reader = _open_csv(path, path, fmt, [column], invalid, block)
             if reader is None:
@@ -618,7 +673,7 @@ def _csv_count(path: str, fmt: str, column: str) -> int:
             n = 0
             for batch in reader:
                 n += batch.num_rows
-            return n + len(invalid)
+            return n + invalid.n
         except _CsvBlockTooSmall:
             pass
         except pa.ArrowInvalid as exc:

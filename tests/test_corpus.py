@@ -819,6 +819,56 @@ def test_csv_missing_or_repeated_column_is_refused_before_any_work(tmp_path):
     assert rc == 2 and "CSV file %r has no column 'text' (columns: id, body)" % str(hdr) in err
 
 
+def test_unclosed_quote_and_a_run_of_bad_csv_rows_are_reported(tmp_path, monkeypatch):
+    # a quote that is never closed makes pyarrow read the rest of the file as one field (the
+    # rows after it lost): that last record is a bad one; a field that legitimately spans
+    # lines at the end of a file is not
+    from normcy import corpus
+
+    for name, body in (("a.tsv", 'id\ttext\n1\tplain\n2\t"open quote\n3\tnext\n'),
+                       ("a.csv", 'id,text\n1,plain\n2,"open quote\n3,next\n')):
+        src = tmp_path / name
+        src.write_text(body)
+        inp = [corpus._Input("file", str(src), name[-3:])]
+        recs = list(corpus.iter_records(inp, id_field="id"))
+        assert [(r.id, r.text) for r in recs[:1]] == [(1, "plain")] and len(recs) == 2
+        assert "a quoted field that is never closed: it runs from row 3 to the end of the " \
+               "file" in str(recs[1].error)
+    ok = tmp_path / "ok.csv"
+    ok.write_text('id,text\n1,"say ""hi"""\n2,"two\nlines"\n')
+    recs = list(corpus.iter_records([corpus._Input("file", str(ok), "csv")], id_field="id"))
+    assert [(r.id, r.text, r.error) for r in recs] == [(1, 'say "hi"', None),
+                                                       (2, "two\nlines", None)]
+    # rows with the wrong number of fields are held until a valid row comes (pyarrow gives
+    # no batch without one): a long run of them is a wrong delimiter or header, refused
+    monkeypatch.setattr(corpus, "CSV_MAX_HELD_INVALID", 50)
+    bad = tmp_path / "b.csv"
+    bad.write_text("text,id\n" + "".join("t%d,1,x\n" % i for i in range(200)) + "ok,2\n")
+    with pytest.raises(corpus.InputError, match=r"rows 2 to 51 and on have the wrong number "
+                                                 r"of fields \(row 2: expected 2 fields, got 3"):
+        list(corpus.iter_records([corpus._Input("file", str(bad), "csv")], id_field="id"))
+    assert corpus.count_records([corpus._Input("file", str(bad), "csv")]) == 201
+    few = tmp_path / "c.csv"
+    few.write_text("text,id\n" + "".join("t%d,1,x\n" % i for i in range(49)) + "ok,2\n")
+    recs = list(corpus.iter_records([corpus._Input("file", str(few), "csv")], id_field="id"))
+    assert len(recs) == 50 and all(r.error for r in recs[:49]) and recs[49].text == "ok"
+
+
+def test_no_progress_does_not_count_the_records(tmp_path, model, monkeypatch):
+    # counting reads every input once more: only done when a bar may show
+    from normcy import corpus
+
+    def no_count(*a, **k):
+        raise AssertionError("counted")
+
+    monkeypatch.setattr(corpus, "count_records", no_count)
+    src = _write_csv(tmp_path / "c.csv", ["text"], [["a"], ["b"]])
+    for out in ("o.npy", "o.parquet"):
+        rc, _, err = cli(["embed", "-m", model, "-i", src, "-o", str(tmp_path / out),
+                          "--no-progress"])
+        assert rc == 0, err
+
+
 def test_parquet_missing_or_mistyped_column_is_refused_before_any_work(tmp_path):
     # as for CSV: the model is not loaded (an empty directory) and no shard directory is made
     pa = pytest.importorskip("pyarrow")

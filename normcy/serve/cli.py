@@ -164,7 +164,7 @@ def _check_max_batch_tokens(args) -> None:
 
     try:
         limit = model_max_seq_length(args.model)
-    except (OSError, ValueError):
+    except (OSError, ValueError, TypeError):
         return
     if args.max_batch_tokens < limit:
         raise CLIError("--max-batch-tokens %d is less than the model's max_seq_length (%d): a "

@@ -560,11 +560,18 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
         if nt <= 1:
             with nogil:
                 run_rows(j, 0, j.nrows)
-        else:
+        elif npairs >= nt:
             with nogil:
                 for t in prange(nt, schedule='static', num_threads=nt):
                     run_rows(j, 2 * (npairs * t // nt),
                              min(j.nrows, 2 * (npairs * (t + 1) // nt)))
+        else:
+            # fewer row pairs than threads (a few long rows): runs of single rows, or the
+            # pairs left threads idle (layer_norm 2x1048576 took as long at two threads as
+            # at one: both rows went to the same thread); the same bits either way
+            with nogil:
+                for t in prange(nt, schedule='static', num_threads=nt):
+                    run_rows(j, j.nrows * t // nt, j.nrows * (t + 1) // nt)
         return 0
     if j.stream:
         # each thread streams a run of consecutive rows (the carries join them)

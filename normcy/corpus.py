@@ -202,25 +202,11 @@ def open_parquet(path: str):
 
 
 def check_parquet(path: str, text_field: str, id_field: Optional[str] = None):
-    """Open a Parquet file and check that it has the columns a run reads, of usable types.
+    """:func:`open_parquet`, then check that the file has the columns a run reads: a string
+    column ``text_field`` and, when given, an integer or string column ``id_field``.
 
-    Parameters
-    ----------
-    path : str
-    text_field : str
-        The text column (string).
-    id_field : str, optional
-        The id column (integer or string).
-
-    Returns
-    -------
-    pyarrow.parquet.ParquetFile
-
-    Raises
-    ------
-    InputError
-        If pyarrow is missing, the file cannot be read, or a column is missing or of
-        another type.
+    Returns the open ``pyarrow.parquet.ParquetFile``; raises :class:`InputError` as
+    :func:`open_parquet` does, and for a missing column or one of another type.
     """
     import pyarrow as pa
 

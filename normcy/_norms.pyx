@@ -123,9 +123,25 @@ cdef Py_ssize_t _llc = _llc_bytes()
 cdef Py_ssize_t _stream_min_bytes = _llc + _llc // 8
 
 
-cdef inline bint streams(Py_ssize_t nbytes) noexcept:
-    """Whether a call touching nbytes (inputs and outputs) streams its outputs."""
-    return NC_HAVE_STREAM and nbytes >= _stream_min_bytes
+cdef inline bint streams(Py_ssize_t array_bytes, const void *a, const void *b,
+                         const void *c=NULL, const void *d=NULL) noexcept:
+    """Whether a call streams its outputs: it touches (inputs and outputs) arrays a..d (NULL:
+    none) of array_bytes each, an array passed twice (out=x, residual=x) counting once."""
+    cdef const void *p[4]
+    cdef int k, m, n = 0
+    p[0] = a
+    p[1] = b
+    p[2] = c
+    p[3] = d
+    for k in range(4):
+        if p[k] == NULL:
+            continue
+        for m in range(k):
+            if p[m] == p[k]:
+                break
+        else:
+            n += 1
+    return NC_HAVE_STREAM and n * array_bytes >= _stream_min_bytes
 
 def _cap_ignored_reason():
     """Why NORMCY_MAX_ISA was ignored ("" if it was not)."""
@@ -777,24 +793,10 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
         j.gather = j.gather or j.so.cstride != 4
     if n == 1:
         j.gather = 0   # a single element per row is always "contiguous"
-    # Calls that touch more memory than the last-level cache holds stream their outputs;
-    # an array passed twice (out=x, residual=x, ...) is counted once
-    cdef char *bufs[4]
-    cdef int nb = 0, nu = 0, u, v
-    bufs[nb] = j.x.data; nb += 1
-    bufs[nb] = j.y.data; nb += 1
-    if is_add:
-        bufs[nb] = j.r.data; nb += 1
-    if sa is not None:
-        bufs[nb] = j.so.data; nb += 1
-    for u in range(nb):
-        for v in range(u):
-            if bufs[v] == bufs[u]:
-                break
-        else:
-            nu += 1
+    # Calls that touch more memory than the last-level cache holds stream their outputs
     j.stream = (not j.gather and n >= 64
-                and streams(nu * nrows * n * <Py_ssize_t>sizeof(float)))
+                and streams(nrows * n * <Py_ssize_t>sizeof(float), j.x.data, j.y.data,
+                            j.r.data if is_add else NULL, j.so.data if j.has_so else NULL))
     nt = resolve_threads(num_threads, nrows * n, nrows)
     run_norm_job(&j, nt)
     return oa
@@ -1203,8 +1205,7 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
     work = outer * c * inner
     # as the norms: a call that touches more than the last-level cache streams its output
-    # (in place, out=x: one array)
-    j.stream = streams((1 if j.y == j.x else 2) * work * <Py_ssize_t>sizeof(float))
+    j.stream = streams(work * <Py_ssize_t>sizeof(float), j.x, j.y)
     j.m2 = j.a2 = j.b2 = NULL
     if j.stream and j.rows:
         m2 = np.resize(mean32, c + 16) if mean32 is not None else None

@@ -963,14 +963,18 @@ class SentenceEncoder:
         if progress_stream is None and show_progress_bar:
             progress_stream = sys.stderr
         encs = self._encodings(texts) if texts else []
-        return self._embed_encodings(encs, single, pool_start, batch_size, normalize_embeddings,
-                                     output_value, convert_to_numpy, truncate_dim,
-                                     progress_stream if show_progress_bar else None)
+        # each .ids / .type_ids builds a new list: read them once
+        return self._embed_ids([e.ids for e in encs], [e.type_ids for e in encs], single,
+                               pool_start, batch_size, normalize_embeddings, output_value,
+                               convert_to_numpy, truncate_dim,
+                               progress_stream if show_progress_bar else None)
 
-    def _embed_encodings(self, encs, single, pool_start, batch_size, normalize_embeddings,
-                         output_value, convert_to_numpy, truncate_dim, progress_stream):
-        """encode()'s work after tokenization (arguments checked by the caller)."""
-        n = len(encs)
+    def _embed_ids(self, ids_list, type_list, single, pool_start, batch_size,
+                   normalize_embeddings, output_value, convert_to_numpy, truncate_dim,
+                   progress_stream):
+        """encode()'s work after tokenization, on the inputs' token ids and token type ids
+        (arguments checked by the caller)."""
+        n = len(ids_list)
         dim = self.get_sentence_embedding_dimension()
         if n == 0:
             if output_value == "token_embeddings" or not convert_to_numpy:
@@ -981,7 +985,6 @@ class SentenceEncoder:
                 width = min(width, truncate_dim)
             return np.empty((0, width), dtype=np.float32)
 
-        ids_list = [e.ids for e in encs]     # each .ids builds a new list: read them once
         lengths = np.array([len(a) for a in ids_list], dtype=np.int64)
         # longest first, as sentence-transformers (one input: nothing to sort)
         order = np.argsort(-lengths, kind="stable") if n > 1 else np.zeros(1, dtype=np.intp)
@@ -997,7 +1000,7 @@ class SentenceEncoder:
         try:
             for start in range(0, n, batch_size):
                 idx = order[start:start + batch_size]
-                feats = self._pad([ids_list[i] for i in idx], [encs[i].type_ids for i in idx])
+                feats = self._pad([ids_list[i] for i in idx], [type_list[i] for i in idx])
                 blen = lengths[idx]
                 # The lock makes encode() safe to call from several threads: the model may
                 # reuse its workspaces, so its output is consumed before the next call.
@@ -1104,6 +1107,7 @@ class SentenceEncoder:
         if isinstance(encodings, (str, bytes)) or not isinstance(encodings, Sequence):
             raise TypeError("encodings must be a sequence of tokenized inputs, got %s"
                             % type(encodings).__name__)
+        ids_list, type_list = [], []
         for i, e in enumerate(encodings):
             ids = getattr(e, "ids", None)
             tt = getattr(e, "type_ids", None)
@@ -1114,13 +1118,16 @@ class SentenceEncoder:
                 raise ValueError("encodings[%d] has %d ids and %d type_ids; they must be of one "
                                  "length, 1..max_seq_length (%d)"
                                  % (i, len(ids), len(tt), self._max_seq_length))
+            ids_list.append(ids)
+            type_list.append(tt)
         prompt_length = as_int(prompt_length, "prompt_length", minimum=0)
         batch_size = as_int(batch_size, "batch_size", minimum=1)
         truncate_dim = self._check_truncate_dim(truncate_dim)
-        return self._embed_encodings(list(encodings), False,
-                                     0 if self.include_prompt else prompt_length, batch_size,
-                                     normalize_embeddings, "sentence_embedding", True,
-                                     truncate_dim, None)
+        # the lists read for the checks are the ones embedded (each read builds a new list)
+        return self._embed_ids(ids_list, type_list, False,
+                               0 if self.include_prompt else prompt_length, batch_size,
+                               normalize_embeddings, "sentence_embedding", True, truncate_dim,
+                               None)
 
     def __repr__(self) -> str:
         return ("SentenceEncoder(path=%r, max_seq_length=%d, pooling=%s, normalize=%s, dim=%s)"

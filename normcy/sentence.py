@@ -134,6 +134,24 @@ def _configured_max_seq_length(tdir: str, st_cfg: Mapping[str, Any], max_pos: in
     return int(value)
 
 
+def _read_modules(root: str) -> Optional[List[Dict[str, Any]]]:
+    """The modules of a sentence-transformers directory (modules.json, checked, in idx
+    order), or None when it has no modules.json (a plain Hugging Face directory)."""
+    modules_file = os.path.join(root, "modules.json")
+    if not os.path.isfile(modules_file):
+        return None
+    modules = hf.read_json(modules_file)
+    if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
+        raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
+    for m in modules:
+        idx, mpath = m.get("idx", 0), m.get("path")
+        if isinstance(idx, bool) or not isinstance(idx, int) \
+                or (mpath is not None and not isinstance(mpath, str)):
+            raise hf.ModelFormatError("%s: a module's idx must be an integer and its path a "
+                                      "string, got %r" % (modules_file, m))
+    return sorted(modules, key=lambda m: m.get("idx", 0))
+
+
 def model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) -> int:
     """The ``max_seq_length`` that :meth:`SentenceEncoder.from_pretrained` gives a model
     directory, read from its configuration files (no weights or tokenizer loaded).
@@ -156,16 +174,10 @@ def model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) 
     """
     root = default_model_path() if path is None else hf.check_dir(path)
     root = os.path.abspath(os.fspath(root))
-    tdir = root
-    modules_file = os.path.join(root, "modules.json")
-    plain = not os.path.isfile(modules_file)     # (as from_pretrained: no ST configs read)
-    if not plain:
-        modules = hf.read_json(modules_file)
-        try:  # the Transformer module comes first (from_pretrained checks that)
-            sub = min(modules, key=lambda m: m.get("idx", 0)).get("path") or ""
-            tdir = os.path.join(root, sub)
-        except (TypeError, AttributeError, ValueError):
-            raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
+    modules = _read_modules(root)
+    plain = modules is None                      # (as from_pretrained: no ST configs read)
+    # the Transformer module comes first (from_pretrained checks the rest)
+    tdir = os.path.join(root, modules[0].get("path") or "") if modules else root
     st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
                                              {})
     if not isinstance(st_cfg, dict):
@@ -470,19 +482,9 @@ class SentenceEncoder:
         root = default_model_path() if path is None else hf.check_dir(path)
         root = os.path.abspath(os.fspath(root))
         modules_file = os.path.join(root, "modules.json")
-        plain = not os.path.isfile(modules_file)
-        if not plain:
-            modules = hf.read_json(modules_file)
-            if not isinstance(modules, list) or not all(isinstance(m, dict) for m in modules):
-                raise hf.ModelFormatError("%s must hold a JSON list of modules" % modules_file)
-            for m in modules:
-                idx, mpath = m.get("idx", 0), m.get("path")
-                if isinstance(idx, bool) or not isinstance(idx, int) \
-                        or (mpath is not None and not isinstance(mpath, str)):
-                    raise hf.ModelFormatError("%s: a module's idx must be an integer and its "
-                                              "path a string, got %r" % (modules_file, m))
-            modules = sorted(modules, key=lambda m: m.get("idx", 0))
-        else:
+        modules = _read_modules(root)
+        plain = modules is None
+        if plain:
             if not os.path.isfile(os.path.join(root, "config.json")):
                 raise FileNotFoundError(
                     "%r is not a sentence-transformers or Hugging Face model directory (no "

@@ -290,7 +290,7 @@ def _open_csv(src, name: str, fmt: str, columns: Optional[List[str]], invalid: D
         _too_many_invalid(invalid, fmt, name)
         if "Empty CSV file" in str(exc):
             return None
-        if "straddl" in str(exc):
+        if _straddles(exc):
             raise _CsvBlockTooSmall()
         raise InputError("cannot read %s: %s" % (_csv_name(fmt, name), exc))
     except KeyError as exc:  # pa.ArrowKeyError: a column of include_columns is missing
@@ -329,6 +329,20 @@ class _CsvBlockTooSmall(Exception):
     """A CSV row longer than the reader's block size."""
 
 
+def _straddles(exc) -> bool:
+    """Whether pyarrow's error is a row longer than the block (a row "straddling" blocks)."""
+    return "straddl" in str(exc)
+
+
+def _larger_block(block: int, fmt: str, name: str, after: str = "") -> int:
+    """The block size to read a CSV / TSV file again with, a row being longer than
+    ``block``: 8 times larger, or an InputError at CSV_MAX_BLOCK_SIZE."""
+    if block >= CSV_MAX_BLOCK_SIZE:
+        raise InputError("cannot read %s%s: a row is longer than %d MiB"
+                         % (_csv_name(fmt, name), after, CSV_MAX_BLOCK_SIZE >> 20))
+    return min(block * 8, CSV_MAX_BLOCK_SIZE)
+
+
 def check_csv(path: str, fmt: str, columns: Sequence[str]) -> List[str]:
     """Check that a CSV / TSV file's header names ``columns`` (once each).
 
@@ -354,10 +368,7 @@ def check_csv(path: str, fmt: str, columns: Sequence[str]) -> List[str]:
             reader = _open_csv(path, path, fmt, None, {}, block)
             break
         except _CsvBlockTooSmall:
-            if block >= CSV_MAX_BLOCK_SIZE:
-                raise InputError("cannot read %s: a row is longer than %d MiB"
-                                 % (_csv_name(fmt, path), CSV_MAX_BLOCK_SIZE >> 20))
-            block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+            block = _larger_block(block, fmt, path)
     if reader is None:
         return []
     names = reader.schema.names
@@ -433,14 +444,13 @@ def _csv_batches(src, name: str, fmt: str, columns: List[str]):
             pass
         except pa.ArrowInvalid as exc:
             _too_many_invalid(invalid, fmt, name)
-            if "straddl" not in str(exc):
+            if not _straddles(exc):
                 raise InputError("cannot read %s after row %d: %s"
                                  % (_csv_name(fmt, name), row, exc))
-        if not isinstance(src, str) or block >= CSV_MAX_BLOCK_SIZE:
-            raise InputError("cannot read %s after row %d: a row is longer than %d MiB%s"
-                             % (_csv_name(fmt, name), row, block >> 20,
-                                "" if isinstance(src, str) else " (read it from a file)"))
-        block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+        if not isinstance(src, str):
+            raise InputError("cannot read %s after row %d: a row is longer than %d MiB (read "
+                             "it from a file)" % (_csv_name(fmt, name), row, block >> 20))
+        block = _larger_block(block, fmt, name, " after row %d" % row)
 
 
 #: An id of a CSV / TSV file is an integer when written as one: no sign "+", no leading zero.
@@ -663,12 +673,9 @@ def _csv_count(path: str, fmt: str, column: str) -> int:
         except _CsvBlockTooSmall:
             pass
         except pa.ArrowInvalid as exc:
-            if "straddl" not in str(exc):
+            if not _straddles(exc):
                 raise InputError("cannot read %s: %s" % (_csv_name(fmt, path), exc))
-        if block >= CSV_MAX_BLOCK_SIZE:
-            raise InputError("cannot read %s: a row is longer than %d MiB"
-                             % (_csv_name(fmt, path), CSV_MAX_BLOCK_SIZE >> 20))
-        block = min(block * 8, CSV_MAX_BLOCK_SIZE)
+        block = _larger_block(block, fmt, path)
 
 
 def count_records(inputs: Sequence[_Input], *, text_field: str = "text") -> Optional[int]:

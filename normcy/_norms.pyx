@@ -34,6 +34,12 @@ cdef extern from "nc_api_norms.h" nogil:
                       float mhi1, float mlo1, float scale1)
     void nc_scale_apply2(const float *s0, const float *s1, float *y0, float *y1,
                          const float *w, Py_ssize_t n, float scale0, float scale1)
+    float nc_moments_shift(const float *x, const float *xb, const float *r, Py_ssize_t n)
+    void nc_moments_part(const float *x, const float *xb, const float *r, float *d,
+                         Py_ssize_t n, float K, Py_ssize_t c0, Py_ssize_t c1, double *cm)
+    void nc_moments_merge(const double *cm, Py_ssize_t n, double *mean, double *m2)
+    void nc_sumsq_part(const float *x, const float *xb, const float *r, float *d,
+                       Py_ssize_t n, Py_ssize_t c0, Py_ssize_t c1, double *cq)
     void nc_ln_apply_d(const float *s, float *y, const float *w, const float *b, Py_ssize_t n,
                        double mean, double scale)
     void nc_scale_apply_d(const float *s, float *y, const float *w, Py_ssize_t n, double scale)
@@ -320,30 +326,37 @@ cdef inline void fast_apply(const NormJob *j, const RowState *st) noexcept nogil
     row_apply(j, st, 0, j.n, st.yp)
 
 
-cdef inline void emit_row(const NormJob *j, const RowState *st, Py_ssize_t i, float *chunk,
-                          nc_carry *cy, nc_carry *cs) noexcept nogil:
-    """Row i's outputs streamed out from its statistics (s stored at st.src when adding)."""
-    cdef Py_ssize_t n = j.n, c0, ln
+cdef inline void emit_range(const NormJob *j, const RowState *st, Py_ssize_t c0,
+                            Py_ssize_t c1, float *chunk, nc_carry *cy) noexcept nogil:
+    """Output elements [c0, c1) of a row streamed out from its statistics (s at st.src)."""
+    cdef Py_ssize_t ln
     cdef float mhi, mlo
-    cdef float *yp = st.yp
-    if j.has_so:
-        nc_stream_row(<float *>row_ptr(&j.so, i), st.src, n, cs)
+    cdef const float *w = j.w + c0 if j.w != NULL else NULL
+    cdef const float *b = j.b + c0 if j.b != NULL else NULL
     if plain_scale(st):
         # straight from the registers to y (row_apply's float kernels, streamed)
         if j.kind == KIND_RMS:
-            nc_scale_apply_stream(st.src, yp, j.w, n, <float>st.scale, cy)
+            nc_scale_apply_stream(st.src + c0, st.yp + c0, w, c1 - c0, <float>st.scale, cy)
         else:
             split_mean(st, &mhi, &mlo)
-            nc_ln_apply_stream(st.src, yp, j.w, j.b, n, mhi, mlo, <float>st.scale, cy)
+            nc_ln_apply_stream(st.src + c0, st.yp + c0, w, b, c1 - c0, mhi, mlo,
+                               <float>st.scale, cy)
         return
-    c0 = 0
-    while c0 < n:
-        ln = n - c0
+    while c0 < c1:
+        ln = c1 - c0
         if ln > NC_CHUNK:
             ln = NC_CHUNK
         row_apply(j, st, c0, ln, chunk)
-        nc_stream_row(yp + c0, chunk, ln, cy)
+        nc_stream_row(st.yp + c0, chunk, ln, cy)
         c0 += ln
+
+
+cdef inline void emit_row(const NormJob *j, const RowState *st, Py_ssize_t i, float *chunk,
+                          nc_carry *cy, nc_carry *cs) noexcept nogil:
+    """Row i's outputs streamed out from its statistics (s stored at st.src when adding)."""
+    if j.has_so:
+        nc_stream_row(<float *>row_ptr(&j.so, i), st.src, j.n, cs)
+    emit_range(j, st, 0, j.n, chunk, cy)
 
 
 cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
@@ -558,6 +571,132 @@ cdef void norm_rows(int kind, const float *src, Py_ssize_t lds, float *dst, Py_s
     run_rows(&j, 0, nrows)
 
 
+# Rows at least this long may be cut among threads by chunks (run_split): a row's two
+# passes then cost more than the second parallel region and the merge (AMD EPYC Zen 5, two
+# threads, bench/ab_builds.py --kernel norms against whole rows per thread: 1x65536
+# 0.84-1.10x, 1x262144 1.60-1.73x).
+DEF SPLIT_MIN_N = 131072
+# Streamed rows longer than this go through run_split too, at any thread count: the
+# pipeline of stream_rows keeps two rows of s in a scratch of 2 n floats, which past a few
+# hundred KB is neither in cache nor cheap to allocate (glibc maps allocations over 32 MB
+# afresh on every call: add_layer_norm 1x4194304 streamed at 5.7 GB/s through it).
+DEF STREAM_PIPE_MAX_N = 65536
+DEF CHUNK_FLOATS = 1024     # NC_CHUNK (checked at import): split_part's stack scratch
+if NC_CHUNK != CHUNK_FLOATS:
+    raise ImportError("normcy: NC_CHUNK is %d, _norms.pyx assumes %d" % (NC_CHUNK, CHUNK_FLOATS))
+
+
+cdef inline bint split_rows(const NormJob *j, int nt) noexcept nogil:
+    """Whether run_split takes the call: long contiguous rows that whole rows would spread
+    unevenly over nt threads (fewer rows than threads, or one thread with an extra row
+    costing more than an eighth of the time), and streamed rows too long for stream_rows."""
+    cdef Py_ssize_t most
+    if j.gather:
+        return 0
+    if j.stream and j.n > STREAM_PIPE_MAX_N:
+        return 1
+    if nt <= 1 or j.n < SPLIT_MIN_N:
+        return 0
+    most = (j.nrows + nt - 1) // nt
+    return most * nt * 8 > j.nrows * 9
+
+
+cdef void split_part(const NormJob *j, Py_ssize_t nch, Py_ssize_t k0, Py_ssize_t k1,
+                     double *cm, RowState *st, bint moments) noexcept nogil:
+    """Chunks [k0, k1) of the call's rows (chunk k: row k // nch, elements from
+    (k % nch) * NC_CHUNK): their statistics into cm (moments; st[i].mean holds row i's
+    shift) or their outputs from st."""
+    cdef Py_ssize_t i, c, ce, c0, c1
+    cdef float *yp
+    cdef float *d
+    cdef const float *rp
+    cdef const float *xp
+    cdef nc_carry cy
+    cdef float chunk[CHUNK_FLOATS]
+    cy.line = NULL
+    cy.fill = 0
+    while k0 < k1:
+        i = k0 // nch
+        c = k0 - i * nch
+        ce = nch if c + (k1 - k0) > nch else c + (k1 - k0)
+        c0 = c * NC_CHUNK
+        c1 = ce * NC_CHUNK
+        if c1 > j.n:
+            c1 = j.n
+        if moments:
+            xp = <const float *>row_ptr(&j.x, i)
+            rp = NULL
+            d = NULL
+            if j.has_r:
+                rp = <const float *>row_ptr(&j.r, i)
+                d = <float *>row_ptr(&j.so, i) if j.has_so else <float *>row_ptr(&j.y, i)
+            if j.kind == KIND_RMS:
+                nc_sumsq_part(xp, j.xb, rp, d, j.n, c0, c1, cm + k0)
+            else:
+                nc_moments_part(xp, j.xb, rp, d, j.n, <float>st[i].mean, c0, c1, cm + 2 * k0)
+        elif j.stream:
+            emit_range(j, &st[i], c0, c1, chunk, &cy)
+        else:
+            row_apply(j, &st[i], c0, c1 - c0, st[i].yp + c0)
+        k0 += ce - c
+    if not moments and j.stream:
+        nc_stream_flush(&cy)
+        nc_stream_fence()   # this thread's streamed outputs, before the join
+
+
+cdef int run_split(NormJob *j, int nt) except -1:
+    """Long rows cut among nt threads by chunks of NC_CHUNK floats: the chunks' statistics
+    (in parallel), each row's merge (serial, in chunk order), then the outputs (in
+    parallel).  The chunk statistics and their merge are nc_moments' / nc_sumsq's own, so
+    every output has the bits it has when its row runs whole on one thread.  With the
+    add, s is stored into sum_out, else into out (as run_rows does)."""
+    cdef Py_ssize_t nch = (j.n + NC_CHUNK - 1) // NC_CHUNK
+    cdef Py_ssize_t total = j.nrows * nch, i, k, t
+    cdef double *cm = <double *>malloc(<size_t>(2 * total) * sizeof(double))
+    cdef RowState *st = <RowState *>malloc(<size_t>j.nrows * sizeof(RowState))
+    cdef double acc
+    if cm == NULL or st == NULL:
+        free(cm)
+        free(st)
+        raise MemoryError("normcy: could not allocate the per-chunk statistics of %d rows"
+                          % j.nrows)
+    with nogil:
+        if j.kind != KIND_RMS:
+            # each row's shift, before any thread stores s (into x or r when in place)
+            for i in range(j.nrows):
+                st[i].mean = nc_moments_shift(
+                    <const float *>row_ptr(&j.x, i), j.xb,
+                    <const float *>row_ptr(&j.r, i) if j.has_r else NULL, j.n)
+        if nt <= 1:
+            split_part(j, nch, 0, total, cm, st, 1)
+        else:
+            for t in prange(nt, schedule='static', num_threads=nt):
+                split_part(j, nch, total * t // nt, total * (t + 1) // nt, cm, st, 1)
+        for i in range(j.nrows):
+            st[i].yp = <float *>row_ptr(&j.y, i)
+            if j.has_r:
+                st[i].src = <const float *>row_ptr(&j.so, i) if j.has_so else st[i].yp
+            else:
+                st[i].src = <const float *>row_ptr(&j.x, i)
+            if j.kind == KIND_RMS:
+                acc = 0.0       # nc_sumsq's sum: chunk by chunk, in order, from 0.0
+                for k in range(i * nch, (i + 1) * nch):
+                    acc = acc + cm[k]
+                st[i].mean = 0.0
+                st[i].m2 = acc
+            else:
+                nc_moments_merge(cm + 2 * i * nch, j.n, &st[i].mean, &st[i].m2)
+            row_finish(j, &st[i])
+        if nt <= 1:
+            split_part(j, nch, 0, total, cm, st, 0)
+        else:
+            for t in prange(nt, schedule='static', num_threads=nt):
+                split_part(j, nch, total * t // nt, total * (t + 1) // nt, cm, st, 0)
+    free(cm)
+    free(st)
+    return 0
+
+
 cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef Py_ssize_t i
     cdef float *scratch = NULL
@@ -570,6 +709,8 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef Py_ssize_t t
     if j.nrows == 0:
         return 0
+    if split_rows(j, nt):
+        return run_split(j, nt)
     if not need_scratch:
         # contiguous rows, cached outputs: the common case; each thread takes a run of
         # whole row pairs (as a static schedule over pairs would) and pipelines it
@@ -797,7 +938,9 @@ cdef object _norm(int kind, object x, object residual, object weight, object bia
     j.stream = (not j.gather and n >= 64
                 and streams(nrows * n * <Py_ssize_t>sizeof(float), j.x.data, j.y.data,
                             j.r.data if is_add else NULL, j.so.data if j.has_so else NULL))
-    nt = resolve_threads(num_threads, nrows * n, nrows)
+    # long contiguous rows can be cut among threads by chunks (run_split)
+    nt = resolve_threads(num_threads, nrows * n,
+                         nrows if j.gather or n < SPLIT_MIN_N else nrows * (n // NC_CHUNK))
     run_norm_job(&j, nt)
     return oa
 

@@ -127,6 +127,12 @@ typedef struct nc_ktable {
                       const float *, ptrdiff_t, float, float, float, float, float, float);
     void (*scale_apply2)(const float *, const float *, float *, float *, const float *,
                          ptrdiff_t, float, float);
+    float (*moments_shift)(const float *, const float *, const float *, ptrdiff_t);
+    void (*moments_part)(const float *, const float *, const float *, float *, ptrdiff_t,
+                         float, ptrdiff_t, ptrdiff_t, double *);
+    void (*moments_merge)(const double *, ptrdiff_t, double *, double *);
+    void (*sumsq_part)(const float *, const float *, const float *, float *, ptrdiff_t,
+                       ptrdiff_t, ptrdiff_t, double *);
     /* Transformer element-wise / row kernels (nc_ops_kern.h) */
     void (*act_row)(const float *, const float *, const float *, float *, ptrdiff_t, int);
     void (*exp_row)(const float *, float *, ptrdiff_t);
@@ -233,9 +239,10 @@ typedef struct nc_ktable {
      nc_ln_apply_d_##S, nc_scale_apply_d_##S, nc_affine_scalar_##S, nc_affine_rows_##S,     \
      nc_stream_row_##S, nc_ln_apply_stream_##S, nc_scale_apply_stream_##S,                \
      nc_stream_fused_##S, nc_affine_scalar_stream_##S, nc_affine_rows_stream_##S,          \
-     nc_ln_apply2_##S, nc_scale_apply2_##S
+     nc_ln_apply2_##S, nc_scale_apply2_##S, nc_moments_shift_##S, nc_moments_part_##S, nc_moments_merge_##S,     \
+     nc_sumsq_part_##S
 #else
-#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
+#define NC_TABLE_NORM(S) 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0
 #endif
 #if NC_FAMILIES & NC_F_OPS
 #define NC_TABLE_OPS(S) nc_ops_act_row_##S, nc_ops_exp_row_##S, nc_ops_softmax_row_##S, \
@@ -383,6 +390,21 @@ static inline void nc_scale_apply(const float *s, float *y, const float *w, ptrd
                                   float scale)
 { nc_kt->scale_apply(s, y, w, n, scale); }
 /* two rows of the same length at once (the same results as two nc_ln_apply calls) */
+/* nc_moments / nc_sumsq of a long row in pieces (rows split among threads): the row's
+   shift (before any piece stores s), chunk statistics of [c0, c1), then merged in chunk
+   order: exactly the whole-row results */
+static inline float nc_moments_shift(const float *x, const float *xb, const float *r,
+                                     ptrdiff_t n)
+{ return nc_kt->moments_shift(x, xb, r, n); }
+static inline void nc_moments_part(const float *x, const float *xb, const float *r, float *d,
+                                   ptrdiff_t n, float K, ptrdiff_t c0, ptrdiff_t c1,
+                                   double *cm)
+{ nc_kt->moments_part(x, xb, r, d, n, K, c0, c1, cm); }
+static inline void nc_moments_merge(const double *cm, ptrdiff_t n, double *mean, double *m2)
+{ nc_kt->moments_merge(cm, n, mean, m2); }
+static inline void nc_sumsq_part(const float *x, const float *xb, const float *r, float *d,
+                                 ptrdiff_t n, ptrdiff_t c0, ptrdiff_t c1, double *cq)
+{ nc_kt->sumsq_part(x, xb, r, d, n, c0, c1, cq); }
 static inline void nc_ln_apply2(const float *s0, const float *s1, float *y0, float *y1,
                                 const float *w, const float *b, ptrdiff_t n,
                                 float mhi0, float mlo0, float scale0,

@@ -214,54 +214,100 @@ NC_INLINE void NC_FN(nco_chan_merge)(double *cnt, double *mean, double *m2, nc_i
     *cnt = ntot;
 }
 
+/* One chunk of nc_moments: elements [c0, c0 + len) of the row s = x (+ xb) (+ r), s
+   stored into d when r != NULL; mean and M2 of the chunk around the row's shift K. */
+NC_INLINE void NC_FN(nco_moments_chunk)(const float *x, const float *xb, const float *r,
+                                        float *d, nc_int c0, nc_int len, float K,
+                                        double *mean_c, double *m2c)
+{
+    const ncv kv = K - (ncv){0};
+    const float *src;
+    ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+    ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    nc_int i, tail, head;
+    if (r != NULL) {
+        const float *xc = x + c0, *rc = r + c0;
+        float *dc = d + c0;
+        head = 0;   /* peeling costs more than split loads here (measured) */
+        if (xb != NULL) {
+            const float *bc = xb + c0;
+            for (i = 0; i < head; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+            NC_ADD_STORE_MOM((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
+            tail = i;
+            for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+        } else {
+            for (i = 0; i < head; i++) dc[i] = xc[i] + rc[i];
+            NC_ADD_STORE_MOM(ncv_ld(xc + o) + ncv_ld(rc + o));
+            tail = i;
+            for (; i < len; i++) dc[i] = xc[i] + rc[i];
+        }
+        src = dc;
+    } else {
+        src = x + c0;
+        head = 0;
+        i = head;
+        NC_MOM_LOOP(src);
+        tail = i;
+    }
+    NC_FN(nco_chunk_stats)(src, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, mean_c, m2c);
+}
+
 static void NC_FN(nc_moments)(const float *x, const float *xb, const float *r, float *d,
                              nc_int n, double *mean_out, double *m2_out)
 {
     double cnt = 0.0, mean = 0.0, m2 = 0.0;
     float K;
-    nc_int i;
     if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
     K = NC_FN(nco_shift)(x, xb, r, n);
-    const ncv kv = K - (ncv){0};
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
-        const float *src;
-        ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
         double mean_c, m2c;
-        nc_int tail, head;
-        if (r != NULL) {
-            const float *xc = x + c0, *rc = r + c0;
-            float *dc = d + c0;
-            head = 0;   /* peeling costs more than split loads here (measured) */
-            if (xb != NULL) {
-                const float *bc = xb + c0;
-                for (i = 0; i < head; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-                NC_ADD_STORE_MOM((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
-                tail = i;
-                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-            } else {
-                for (i = 0; i < head; i++) dc[i] = xc[i] + rc[i];
-                NC_ADD_STORE_MOM(ncv_ld(xc + o) + ncv_ld(rc + o));
-                tail = i;
-                for (; i < len; i++) dc[i] = xc[i] + rc[i];
-            }
-            src = dc;
-        } else {
-            src = x + c0;
-            head = 0;
-            i = head;
-            NC_MOM_LOOP(src);
-            tail = i;
-        }
-        NC_FN(nco_chunk_stats)(src, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, &mean_c,
-                               &m2c);
+        NC_FN(nco_moments_chunk)(x, xb, r, d, c0, len, K, &mean_c, &m2c);
         if (len == n) {        /* the whole row was one chunk */
             *mean_out = mean_c;
             *m2_out = m2c;
             return;
         }
         NC_FN(nco_chan_merge)(&cnt, &mean, &m2, len, mean_c, m2c);
+    }
+    *mean_out = mean;
+    *m2_out = m2;
+}
+
+/*
+ * nc_moments of a long row in pieces, for rows split among threads: the row's shift
+ * (nc_moments_shift, taken once, before any piece stores s: d may be x or r), then the
+ * chunks [c0, c1) of the row (c0 a multiple of NC_CHUNK; c1 too, or n), each chunk's mean
+ * and M2 into cm[0], cm[1], cm[2], ... (two doubles per chunk, the first chunk's at cm[0]);
+ * s stored into d when r != NULL.  nc_moments_merge then gives exactly nc_moments' mean and
+ * M2 from all the row's chunks: the same shift, the same chunk sums, the same merges in the
+ * same order.
+ */
+static float NC_FN(nc_moments_shift)(const float *x, const float *xb, const float *r,
+                                     nc_int n)
+{
+    return NC_FN(nco_shift)(x, xb, r, n);
+}
+
+static void NC_FN(nc_moments_part)(const float *x, const float *xb, const float *r, float *d,
+                                   nc_int n, float K, nc_int c0, nc_int c1, double *cm)
+{
+    if (c1 > n) c1 = n;
+    for (; c0 < c1; c0 += NC_CHUNK, cm += 2) {
+        nc_int len = c1 - c0 < NC_CHUNK ? c1 - c0 : NC_CHUNK;
+        NC_FN(nco_moments_chunk)(x, xb, r, d, c0, len, K, &cm[0], &cm[1]);
+    }
+}
+
+static void NC_FN(nc_moments_merge)(const double *cm, nc_int n, double *mean_out,
+                                    double *m2_out)
+{
+    double cnt = 0.0, mean = 0.0, m2 = 0.0;
+    if (n <= 0) { *mean_out = 0.0; *m2_out = 0.0; return; }
+    if (n <= NC_CHUNK) { *mean_out = cm[0]; *m2_out = cm[1]; return; }
+    for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK, cm += 2) {
+        nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
+        NC_FN(nco_chan_merge)(&cnt, &mean, &m2, len, cm[0], cm[1]);
     }
     *mean_out = mean;
     *m2_out = m2;
@@ -451,41 +497,59 @@ NC_INLINE double NC_FN(nco_chunk_sumsq)(const float *src, nc_int len, nc_int tai
     return q;
 }
 
+/* One chunk of nc_sumsq: the sum of s^2 over elements [c0, c0 + len) */
+NC_INLINE double NC_FN(nco_sumsq_chunk)(const float *x, const float *xb, const float *r,
+                                        float *d, nc_int c0, nc_int len)
+{
+    const float *src;
+    nc_int i;
+    ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
+    nc_int tail;
+    if (r != NULL) {
+        const float *xc = x + c0, *rc = r + c0;
+        float *dc = d + c0;
+        i = 0;
+        if (xb != NULL) {
+            const float *bc = xb + c0;
+            NC_ADD_STORE_SQ((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
+            tail = i;
+            for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
+        } else {
+            NC_ADD_STORE_SQ(ncv_ld(xc + o) + ncv_ld(rc + o));
+            tail = i;
+            for (; i < len; i++) dc[i] = xc[i] + rc[i];
+        }
+        src = dc;
+    } else {
+        src = x + c0;
+        i = 0;
+        NC_SQ_LOOP(src);
+        tail = i;
+    }
+    return NC_FN(nco_chunk_sumsq)(src, len, tail, q0, q1, q2, q3);
+}
+
 static double NC_FN(nc_sumsq)(const float *x, const float *xb, const float *r, float *d, nc_int n)
 {
     double total = 0.0;
     for (nc_int c0 = 0; c0 < n; c0 += NC_CHUNK) {
         nc_int len = n - c0 < NC_CHUNK ? n - c0 : NC_CHUNK;
-        const float *src;
-        nc_int i;
-        ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-        double q;
-        nc_int tail;
-        if (r != NULL) {
-            const float *xc = x + c0, *rc = r + c0;
-            float *dc = d + c0;
-            i = 0;
-            if (xb != NULL) {
-                const float *bc = xb + c0;
-                NC_ADD_STORE_SQ((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
-                tail = i;
-                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-            } else {
-                NC_ADD_STORE_SQ(ncv_ld(xc + o) + ncv_ld(rc + o));
-                tail = i;
-                for (; i < len; i++) dc[i] = xc[i] + rc[i];
-            }
-            src = dc;
-        } else {
-            src = x + c0;
-            i = 0;
-            NC_SQ_LOOP(src);
-            tail = i;
-        }
-        q = NC_FN(nco_chunk_sumsq)(src, len, tail, q0, q1, q2, q3);
-        total += q;
+        total += NC_FN(nco_sumsq_chunk)(x, xb, r, d, c0, len);
     }
     return total;
+}
+
+/* nc_sumsq in pieces (see nc_moments_part): the chunks [c0, c1) of the row, each chunk's
+   sum of squares into cq[0], cq[1], ...; their sum in chunk order, from 0.0, is exactly
+   nc_sumsq's. */
+static void NC_FN(nc_sumsq_part)(const float *x, const float *xb, const float *r, float *d,
+                                 nc_int n, nc_int c0, nc_int c1, double *cq)
+{
+    if (c1 > n) c1 = n;
+    for (; c0 < c1; c0 += NC_CHUNK, cq++) {
+        nc_int len = c1 - c0 < NC_CHUNK ? c1 - c0 : NC_CHUNK;
+        *cq = NC_FN(nco_sumsq_chunk)(x, xb, r, d, c0, len);
+    }
 }
 
 /* y = (s * scale) * w ; y may be s itself. */

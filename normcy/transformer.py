@@ -662,8 +662,11 @@ def _check_input(x, d_model, batch_first=True):
                          % (layout, d_model, d_model, tuple(x.shape)))
     unbatched = x.ndim == 2
     x3 = x[None] if unbatched else (x if batch_first else x.transpose(1, 0, 2))
-    if not x3.flags.c_contiguous:
-        x3 = np.ascontiguousarray(x3)
+    if not (x3.flags.c_contiguous and x3.flags.aligned):
+        # an unaligned float32 view (e.g. from a bytes buffer at an odd offset) is read
+        # through an aligned copy, as PackedLinear reads one: the compiled layers load whole
+        # floats (np.ascontiguousarray would hand back an unaligned contiguous view as is)
+        x3 = np.array(x3, dtype=_F32, order="C", copy=True)
     return x3, unbatched
 
 

@@ -893,3 +893,35 @@ def test_load_state_dict_while_other_threads_run():
     for t in threads:
         t.join()
     assert not bad, bad[:5]
+
+
+def _unaligned_copy(a):
+    """`a` as a C-contiguous float32 view that starts one byte into a buffer (unaligned)."""
+    raw = np.zeros(a.nbytes + 8, np.uint8)
+    v = raw[1:1 + a.nbytes].view(F32).reshape(a.shape)
+    v[...] = a
+    assert not v.flags.aligned and v.flags.c_contiguous
+    return v
+
+
+def test_unaligned_input_is_read_through_an_aligned_copy():
+    """A valid float32 input that is not aligned (a view into a bytes buffer at an odd
+    offset) gives the aligned input's bits, on every path (compiled layer and stack,
+    padding, a query with every key masked, skip_padding, pre-LN, batch_first=False),
+    instead of an error from the compiled layer's buffer check."""
+    rng = np.random.default_rng(3)
+    post = TransformerEncoderLayer(16, 4, 32)
+    pre = TransformerEncoderLayer(16, 2, 32, norm_first=True)
+    seq_first = TransformerEncoderLayer(16, 4, 32, batch_first=False)
+    x = rng.standard_normal((2, 5, 16)).astype(F32)
+    xu = _unaligned_copy(x)
+    kpm = np.zeros((2, 5), bool)
+    kpm[0, 3:] = True
+    dead = kpm.copy()
+    dead[1] = True
+    for obj in (post, pre, TransformerEncoder([post, pre])):
+        for kw in ({}, {"key_padding_mask": kpm}, {"key_padding_mask": dead},
+                   {"key_padding_mask": kpm, "skip_padding": True}, {"is_causal": True}):
+            np.testing.assert_array_equal(obj(xu, **kw), obj(x, **kw))
+        np.testing.assert_array_equal(obj(_unaligned_copy(x[0])), obj(x[0]))
+    np.testing.assert_array_equal(seq_first(xu), seq_first(x))

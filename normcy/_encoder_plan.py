@@ -12,7 +12,7 @@ Used by :mod:`normcy.transformer` and :mod:`normcy.bert`; the layers themselves 
 """
 import numpy as np
 
-from normcy._validate import refuse_masked
+from normcy._validate import base_array, refuse_masked
 
 __all__ = ["Workspace", "WorkspacePool", "AttentionPlan", "padded_plan", "packed_plan",
            "key_padding_2d", "dead_rows"]
@@ -127,11 +127,13 @@ def key_padding_2d(key_padding_mask, b, s, unbatched):
     if not isinstance(k, np.ndarray):
         raise TypeError("key_padding_mask must be a numpy.ndarray of bool, got %s"
                         % type(k).__name__)
+    k = base_array(k)       # a subclass (np.matrix, ...) is used as its buffer
+    shape = k.shape
     if unbatched and k.ndim == 1:
         k = k[None]
     if k.shape != (b, s):
         raise ValueError("key_padding_mask must have shape %s (batch, seq), got %s"
-                         % ((s,) if unbatched else (b, s), tuple(key_padding_mask.shape)))
+                         % ((s,) if unbatched else (b, s), tuple(shape)))
     return k
 
 
@@ -152,6 +154,7 @@ def padded_plan(b, s, key_padding_mask, attn_mask, is_causal, unbatched):
         refuse_masked(m, "attn_mask")
         if not isinstance(m, np.ndarray):
             raise TypeError("attn_mask must be a numpy.ndarray, got %s" % type(m).__name__)
+        m = base_array(m)
         if m.shape != (s, s):
             raise ValueError("attn_mask must have shape (seq, seq) = %s, got %s"
                              % ((s, s), tuple(m.shape)))

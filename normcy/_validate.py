@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 __all__ = ["as_int", "as_float", "as_weight", "check_no_overlap", "refuse_masked",
-           "OVERLAP_MAX_WORK"]
+           "base_array", "OVERLAP_MAX_WORK"]
 
 # Upper bound on the effort ``np.shares_memory`` may spend deciding whether an output and
 # an input overlap (the exact problem is NP-hard in the number of dimensions: two
@@ -106,6 +106,17 @@ def refuse_masked(value, name):
     """TypeError for a ``numpy.ma.MaskedArray``: its mask would be ignored."""
     if isinstance(value, np.ma.MaskedArray):
         raise TypeError("%s must not be a masked array (its mask would be ignored)" % name)
+
+
+def base_array(value):
+    """An ndarray subclass instance as a base-class view of its buffer (the C-level shape,
+    strides and dtype; no method or ``__array_function__`` of the subclass runs, then or
+    in any later NumPy call on the view), as the kernels' ``plain()`` makes it; anything
+    else unchanged.  For the model layer's boundary (layers, stacks, BertModel), after
+    ``refuse_masked``."""
+    if isinstance(value, np.ndarray) and type(value) is not np.ndarray:
+        return np.ndarray.view(value, type=np.ndarray)
+    return value
 
 
 def as_weight(value, name, shape, copy=True):

@@ -21,7 +21,7 @@ import numpy as np
 from normcy._norms import embed_layer_norm
 from normcy._encoder_plan import WorkspacePool, packed_plan
 from normcy._heap import release_free_heap
-from normcy._validate import as_float, as_weight, refuse_masked
+from normcy._validate import as_float, as_weight, base_array, refuse_masked
 from normcy import hf
 from normcy.hf import WeightsFile
 from normcy.transformer import TransformerEncoderLayer, check_num_threads, forward_layers
@@ -248,6 +248,7 @@ class BertModel:
     # ------------------------------------------------------------------ inputs
     def _int_input(self, a, name, shape=None):
         refuse_masked(a, name)
+        a = base_array(a)       # a subclass is used as its buffer (no subclass method runs)
         if not isinstance(a, np.ndarray):
             try:
                 a = np.asarray(a)

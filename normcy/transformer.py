@@ -36,7 +36,7 @@ from normcy._encoder_plan import (WorkspacePool, key_padding_2d, packed_plan,
                                   padded_plan)
 from normcy._gemm import PackedLinear, EncoderLayerKernel, run_layers
 from normcy._gemm import attention as attention_kernel
-from normcy._validate import as_float, as_int, as_weight, refuse_masked
+from normcy._validate import as_float, as_int, as_weight, base_array, refuse_masked
 
 __all__ = ["TransformerEncoderLayer", "TransformerEncoder"]
 
@@ -654,6 +654,7 @@ def _check_input(x, d_model, batch_first=True):
     if not isinstance(x, np.ndarray):
         raise TypeError("x must be a float32 numpy.ndarray of shape %s, %d), got %s"
                         % (layout, d_model, type(x).__name__))
+    x = base_array(x)       # a subclass is used as its buffer (no subclass method runs)
     if x.dtype != _F32:
         raise TypeError("x must have dtype float32, got %s (shape %s); normcy does not cast "
                         "activations" % (x.dtype, tuple(x.shape)))

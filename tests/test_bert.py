@@ -337,3 +337,35 @@ def test_submodules_reachable_after_a_bare_import():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        timeout=120, env=env, cwd=pkg_parent)
     assert p.returncode == 0 and p.stdout.strip() == "ok", p.stderr
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_are_used_as_their_buffer():
+    """input_ids / attention_mask / token_type_ids as ndarray subclasses whose NumPy
+    methods and functions all return zeros give the plain arrays' result (before, the
+    subclass's reshape / indexing ran and its zeros were embedded silently)."""
+    class Hijacker(np.ndarray):
+        def __array_function__(self, func, types, args, kwargs):
+            return np.zeros(1, np.int64)
+
+        def __getitem__(self, i):
+            return np.zeros(1, np.int64)
+
+        def reshape(self, *a, **k):
+            return np.zeros(1, np.int64)
+
+        def astype(self, *a, **k):
+            return np.zeros(1, np.int64)
+
+        def __ne__(self, other):
+            return np.ones(np.ndarray.shape.__get__(self), bool)
+
+    m = BertModel(_cfg(0), _weights(0))
+    ids, am, tt = _inputs(0)
+    want = m(ids, am, tt)
+    h = lambda a: a.view(Hijacker)  # noqa: E731
+    np.testing.assert_array_equal(m(h(ids), am, tt), want)
+    np.testing.assert_array_equal(m(ids, h(am), tt), want)
+    np.testing.assert_array_equal(m(ids, am, h(tt)), want)
+    np.testing.assert_array_equal(m(h(ids), h(am), h(tt)), want)
+    np.testing.assert_array_equal(m(np.matrix(ids), np.matrix(am), np.matrix(tt)), want)

@@ -925,3 +925,61 @@ def test_unaligned_input_is_read_through_an_aligned_copy():
             np.testing.assert_array_equal(obj(xu, **kw), obj(x, **kw))
         np.testing.assert_array_equal(obj(_unaligned_copy(x[0])), obj(x[0]))
     np.testing.assert_array_equal(seq_first(xu), seq_first(x))
+
+
+class _Hijacker(np.ndarray):
+    """A subclass honest about its shape and dtype whose every NumPy method and function
+    returns zeros (README, Guarantees: a subclass is used as its buffer)."""
+    def __array_function__(self, func, types, args, kwargs):
+        return np.zeros(1, F32)
+
+    def __getitem__(self, i):
+        return np.zeros((1, 1, 1), F32)
+
+    def transpose(self, *a):
+        return np.zeros((1, 1, 1), F32)
+
+    def reshape(self, *a, **k):
+        return np.zeros((1, 1), F32)
+
+    def astype(self, *a, **k):
+        return np.zeros(1, F32)
+
+    def view(self, *a, **k):
+        return np.zeros(1, F32)
+
+    def copy(self, *a, **k):
+        return np.zeros(1, F32)
+
+    def all(self, *a, **k):
+        return False
+
+
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_array_subclasses_are_used_as_their_buffer_by_layers_and_stacks():
+    """x and the masks as ndarray subclasses (a method-hijacking one, np.matrix) give the
+    plain arrays' bits: before, x[None] / reshape / transpose of the subclass ran, so the
+    hijacker's zeros were computed on silently, and an np.matrix key padding mask failed
+    inside NumPy ('input operand has more dimensions than allowed by the axis
+    remapping')."""
+    rng = np.random.default_rng(4)
+    layer = TransformerEncoderLayer(16, 4, 32)
+    seq_first = TransformerEncoderLayer(16, 4, 32, batch_first=False)
+    x = rng.standard_normal((2, 5, 16)).astype(F32)
+    kpm = np.zeros((2, 5), bool)
+    kpm[0, 3:] = True
+    am = rng.standard_normal((5, 5)).astype(F32)
+    h = lambda a: a.view(_Hijacker)  # noqa: E731
+    for obj in (layer, TransformerEncoder([layer, layer])):
+        np.testing.assert_array_equal(obj(h(x)), obj(x))
+        np.testing.assert_array_equal(obj(h(x[1])), obj(x[1]))
+        np.testing.assert_array_equal(obj(np.matrix(x[1])), obj(x[1]))
+        for kw in ({"key_padding_mask": kpm}, {"key_padding_mask": kpm, "skip_padding": True},
+                   {"attn_mask": am}, {"attn_mask": am > 1}):
+            want = obj(x, **kw)
+            np.testing.assert_array_equal(obj(x, **{k: h(v) if isinstance(v, np.ndarray)
+                                                    else v for k, v in kw.items()}), want)
+        np.testing.assert_array_equal(obj(x[1], key_padding_mask=np.matrix(kpm[0])),
+                                      obj(x[1], key_padding_mask=kpm[0]))
+        np.testing.assert_array_equal(obj(x, attn_mask=np.matrix(am)), obj(x, attn_mask=am))
+    np.testing.assert_array_equal(seq_first(h(x)), seq_first(x))

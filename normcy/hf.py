@@ -122,12 +122,14 @@ def read_json(filename: str) -> Any:
     Raises
     ------
     ModelFormatError
-        If the file is not valid JSON.
+        If the file is not valid JSON (UTF-8 text, nested less deeply than Python's
+        recursion limit, integers of at most ``sys.get_int_max_str_digits()`` digits).
     """
     try:
         with open(filename, "r", encoding="utf-8") as f:
             return json.load(f)
-    except json.JSONDecodeError as exc:
+    except (ValueError, RecursionError) as exc:
+        # ValueError: JSONDecodeError, UnicodeDecodeError, an integer with too many digits
         raise ModelFormatError("%s is not valid JSON: %s" % (filename, exc)) from exc
 
 
@@ -251,7 +253,9 @@ def _safetensors_header(filename: str):
                                % (filename, n, len(text)))
     try:
         header = json.loads(text.decode("utf-8"), object_pairs_hook=_unique_keys)
-    except (UnicodeDecodeError, ValueError) as exc:    # JSONDecodeError, _DuplicateKey
+    except (ValueError, RecursionError) as exc:
+        # JSONDecodeError, UnicodeDecodeError, _DuplicateKey, an integer with too many
+        # digits; RecursionError: arrays or objects nested too deeply
         raise ModelFormatError("%s is not a safetensors file: %s" % (filename, exc)) from None
     if not isinstance(header, dict):
         raise ModelFormatError("%s is not a safetensors file: its header is a JSON %s, not an "

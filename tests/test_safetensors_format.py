@@ -180,3 +180,20 @@ def test_release_free_heap_first_calls_from_many_threads(monkeypatch):
         for t in ts:
             t.join(30)
         assert got == [True] * 8
+
+
+def test_json_nested_too_deeply_or_not_text_is_a_format_error(tmp_path):
+    """A safetensors header or a config.json nested deeper than Python's recursion limit
+    raised RecursionError (not ModelFormatError, naming no file); config.json that is
+    not UTF-8 or holds an integer with too many digits raised a bare ValueError."""
+    f = tmp_path / "w.safetensors"
+    for raw in (b"[" * 100000 + b"]" * 100000, b'{"a":' * 50000 + b"1" + b"}" * 50000):
+        _file(f, None, raw_header=raw)
+        with pytest.raises(hf.ModelFormatError, match="w.safetensors is not a safetensors file"):
+            hf.open_weights(f)
+    cfg = tmp_path / "config.json"
+    for raw in (b"[" * 100000 + b"]" * 100000, b'{"hidden_size": 1' + b"0" * 5000 + b"}",
+                b'{"hidden_act": "\xff"}'):
+        cfg.write_bytes(raw)
+        with pytest.raises(hf.ModelFormatError, match="config.json is not valid JSON"):
+            hf.load_config(tmp_path)

@@ -285,6 +285,17 @@ def _safetensors_header(filename: str):
             raise ModelFormatError(
                 "tensor %r in %s: data offsets %s do not hold a %s tensor of shape %s"
                 % (k, filename, offsets, d, shape))
+        # a shape NumPy cannot give an array (more axes than it allows, or an empty
+        # tensor whose other axes multiply past its size limit) is refused here, not by
+        # the reshape when the tensor is read; the tiling below bounds the size of the rest
+        try:
+            if b == e:
+                np.empty(0, dtype=_STORED[d]).reshape(shape)
+            else:
+                np.empty([0] * len(shape), dtype=_STORED[d])
+        except ValueError as exc:
+            raise ModelFormatError("tensor %r in %s has shape %s, which a NumPy array cannot "
+                                   "have (%s)" % (k, filename, shape, exc)) from None
         spans.append((b, e, k))
     spans.sort()
     data = size - (8 + n)

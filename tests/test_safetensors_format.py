@@ -48,6 +48,13 @@ X = np.arange(6, dtype="<f4")
     ({"a": _entry("F32", [2 ** 64], 0, 0)}, b"", "'a'.*do not hold"),
     ({"a": _entry("BF16", [2 ** 32, 2 ** 32], 0, 0)}, b"", "'a'.*do not hold"),
     ({"a": _entry("F32", [2, 3], 24, 0)}, X.tobytes(), "'a'.*do not hold"),
+    # empty tensors whose shapes NumPy cannot hold (were accepted when opened, and their
+    # access raised NumPy's bare ValueError)
+    ({"a": _entry("F32", [2 ** 64, 0], 0, 0)}, b"", "'a'.*which a NumPy array cannot have"),
+    ({"a": _entry("F32", [2 ** 62, 2 ** 62, 0], 0, 0)}, b"",
+     "'a'.*which a NumPy array cannot have"),
+    ({"a": _entry("F32", [0] * 70, 0, 0)}, b"", "'a'.*which a NumPy array cannot have"),
+    ({"a": _entry("F32", [1] * 70, 0, 4)}, X.tobytes()[:4], "'a'.*which a NumPy array cannot"),
     ({"a": _entry("F32", [3, 3], 0, 24)}, X.tobytes(), "'a'.*do not hold"),
     # the tensors must tile the data: overlaps, gaps, trailing bytes, a short file
     ({"a": _entry("F32", [6], 0, 24), "b": _entry("F32", [3], 0, 12)}, X.tobytes(),

@@ -121,7 +121,8 @@ class BertModel:
                              "types share its tensor names but not its positions or layers)"
                              % (mt,))
         act = config.get("hidden_act", "gelu")
-        if act not in _ACT:
+        # (a list or dict from config.json is unhashable: not looked up in _ACT)
+        if not isinstance(act, str) or act not in _ACT:
             raise ValueError("unsupported hidden_act %r; supported: %s" % (act, sorted(_ACT)))
         pet = config.get("position_embedding_type", "absolute")
         if pet != "absolute":

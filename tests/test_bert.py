@@ -297,6 +297,10 @@ def test_config_values_and_inputs_checked():
             BertModel(dict(cfg, layer_norm_eps=bad), w)
     with pytest.raises(ValueError, match="layer_norm_eps"):
         BertModel(dict(cfg, layer_norm_eps=-1.0), w)
+    # a JSON list or object as hidden_act: named, not "unhashable type: 'list'"
+    for bad in (["gelu"], {"gelu": 1}, 1, None):
+        with pytest.raises(ValueError, match="unsupported hidden_act"):
+            BertModel(dict(cfg, hidden_act=bad), w)
     m = BertModel(cfg, w)
     ids, am, tt = _inputs(0)
     with pytest.raises(TypeError, match="masked array"):

@@ -1202,6 +1202,7 @@ cdef struct BNJob:
     const float *b
     Py_ssize_t outer, c, inner
     Py_ssize_t rpb   # rows of C per work item (channels last)
+    Py_ssize_t pp    # planes: work items per plane (pieces of BN_PIECE floats)
     int rows     # 1: rows of C (channels last); 0: planes of `inner`
     int stream   # outputs streamed (bn_items_stream)
     const float *m2  # channels last, streamed: m, a, b repeated to C + 16 values
@@ -1209,25 +1210,36 @@ cdef struct BNJob:
     const float *b2
 
 
+# Planes longer than this are cut into pieces of this many floats (a multiple of a cache
+# line), so that a few large planes (1x3x1024x1024) still give every thread an even share.
+DEF BN_PIECE = 65536
+
+
+cdef inline Py_ssize_t bn_piece(const BNJob *j, Py_ssize_t p, Py_ssize_t *ln) noexcept nogil:
+    """Planes: item p's first element (plane p // pp, piece p % pp) and length."""
+    cdef Py_ssize_t q = p // j.pp, k = p - q * j.pp
+    ln[0] = min(BN_PIECE, j.inner - k * BN_PIECE) if j.pp > 1 else j.inner
+    return q * j.inner + k * BN_PIECE
+
+
 cdef void bn_item(const BNJob *j, Py_ssize_t p) noexcept nogil:
-    cdef Py_ssize_t ch
-    cdef Py_ssize_t r0
+    cdef Py_ssize_t ch, r0, e0, ln
     if j.rows:
         r0 = p * j.rpb
         nc_affine_rows(<const float *>j.x + r0 * j.c, <float *>j.y + r0 * j.c, j.m, j.a, j.b,
                        j.c, min(j.rpb, j.outer - r0))
     else:
-        ch = p % j.c
-        nc_affine_scalar(<const float *>j.x + p * j.inner, <float *>j.y + p * j.inner,
-                         j.inner, j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch],
-                         j.m != NULL)
+        ch = (p // j.pp) % j.c
+        e0 = bn_piece(j, p, &ln)
+        nc_affine_scalar(<const float *>j.x + e0, <float *>j.y + e0, ln,
+                         j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch], j.m != NULL)
 
 
 cdef void bn_items_stream(const BNJob *j, Py_ssize_t p0, Py_ssize_t p1) noexcept nogil:
     """Items [p0, p1) with streamed outputs: consecutive items are consecutive memory, so
     one carry joins them (nc_stream_row); flushed and fenced at the end."""
     cdef nc_carry cr
-    cdef Py_ssize_t p, ch, r0, r1
+    cdef Py_ssize_t p, ch, r0, r1, e0, ln
     cr.line = NULL
     cr.fill = 0
     if j.rows:
@@ -1238,9 +1250,9 @@ cdef void bn_items_stream(const BNJob *j, Py_ssize_t p0, Py_ssize_t p1) noexcept
                                   j.m2, j.a2, j.b2, j.c, r1 - r0, &cr)
     else:
         for p in range(p0, p1):
-            ch = p % j.c
-            nc_affine_scalar_stream(<const float *>j.x + p * j.inner,
-                                    <float *>j.y + p * j.inner, j.inner,
+            ch = (p // j.pp) % j.c
+            e0 = bn_piece(j, p, &ln)
+            nc_affine_scalar_stream(<const float *>j.x + e0, <float *>j.y + e0, ln,
                                     j.m[ch] if j.m != NULL else 0.0, j.a[ch], j.b[ch],
                                     j.m != NULL, &cr)
     nc_stream_flush(&cr)
@@ -1345,7 +1357,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     # channels last: blocks of an even number of rows (~16K floats; pairs share their
     # parameter loads), at least two rows
     j.rpb = max(2, min(256, (16384 // c) & ~1))
-    items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c
+    j.pp = (inner + BN_PIECE - 1) // BN_PIECE if inner > BN_PIECE else 1
+    items = (outer + j.rpb - 1) // j.rpb if j.rows else outer * c * j.pp
     work = outer * c * inner
     # as the norms: a call that touches more than the last-level cache streams its output
     j.stream = streams(work * <Py_ssize_t>sizeof(float), j.x, j.y)

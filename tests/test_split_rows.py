@@ -1,4 +1,5 @@
-"""Long rows cut among threads by chunks (fewer rows than threads, or uneven row counts).
+"""Long rows cut among threads by chunks (fewer rows than threads, or uneven row counts),
+and BatchNorm's large planes cut into pieces.
 
 A call whose rows are few and long (at least 32768 floats) gives each thread a share of the
 rows' chunks: the chunk statistics in parallel, each row's merge in chunk order, then the
@@ -196,3 +197,39 @@ def test_split_rows_from_many_python_threads():
     with ThreadPoolExecutor(6) as ex:
         for y in ex.map(one, range(24)):
             np.testing.assert_array_equal(y, ref)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 300007), (1, 3, 512, 512), (2, 3, 65536),
+                                   (1, 2, 65537)])
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("offset", [0, 3])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_large_planes_cut_into_pieces(shape, centred, offset, in_place):
+    """Planes over 65536 floats are shared among threads in pieces: every thread count,
+    streamed or cached, gives the same bits, within float64 NumPy's result, and writes
+    nothing outside `out` (at any alignment)."""
+    from conftest import ref_batch_norm
+
+    rng = rng_for("bn-pieces", shape, centred)
+    c = shape[1]
+    x = (rng.standard_normal(shape) * 3).astype(F32)
+    mean = (rng.standard_normal(c) * (1e3 if centred else 0.1)).astype(F32)
+    var = (rng.random(c) + 0.5).astype(F32)
+    w = rng.standard_normal(c).astype(F32)
+    b = rng.standard_normal(c).astype(F32)
+    n = x.size
+    ref = normcy.batch_norm(x, mean, var, w, b, num_threads=1)
+    assert_close(ref, ref_batch_norm(x, mean, var, w, b, 1e-5, 1))
+    for stream in (False, True):
+        with forced_streaming(0 if stream else 1 << 62):
+            for nt in (1, 2, 3, 5):
+                buf = np.full(n + 64, -7.0, F32)
+                base = (-(buf.ctypes.data // 4)) % 16 + offset
+                y = buf[base:base + n].reshape(shape)
+                if in_place:
+                    y[...] = x
+                    normcy.batch_norm(y, mean, var, w, b, out=y, num_threads=nt)
+                else:
+                    normcy.batch_norm(x, mean, var, w, b, out=y, num_threads=nt)
+                np.testing.assert_array_equal(y, ref, err_msg="num_threads=%d" % nt)
+                assert np.all(buf[:base] == -7.0) and np.all(buf[base + n:] == -7.0)

@@ -4,9 +4,10 @@ import numpy as np
 
 from _common import Impl, measure
 
-# 4096x4096: rows of an LLM's width (RMSNorm's home), far larger than the caches
+# 4096x4096: rows of an LLM's width (RMSNorm's home), far larger than the caches;
+# 1x4194304: one row, which normcy cuts among its threads
 LN_SHAPES_FULL = [(1, 384), (1, 768), (32, 384), (4096, 384), (4096, 768), (16384, 1024),
-                  (4096, 4096), (64, 8192), (2, 1048576)]
+                  (4096, 4096), (64, 8192), (2, 1048576), (1, 4194304)]
 # --quick: add_layer_norm at the four shapes of the issue-3 targets, the others at two
 # arrays at least this large get in-row copy references (NormBench._copy_refs)
 IN_ROW_COPY_BYTES = 48 << 20

@@ -577,10 +577,12 @@ cdef void norm_rows(int kind, const float *src, Py_ssize_t lds, float *dst, Py_s
 # 0.84-1.10x, 1x262144 1.60-1.73x).
 DEF SPLIT_MIN_N = 131072
 # Streamed rows longer than this go through run_split too, at any thread count: the
-# pipeline of stream_rows keeps two rows of s in a scratch of 2 n floats, which past a few
-# hundred KB is neither in cache nor cheap to allocate (glibc maps allocations over 32 MB
-# afresh on every call: add_layer_norm 1x4194304 streamed at 5.7 GB/s through it).
-DEF STREAM_PIPE_MAX_N = 65536
+# pipeline of stream_rows keeps two rows of s in a scratch of 2 n floats, and glibc maps
+# an allocation over 32 MB afresh on every call (add_layer_norm 1x4194304 streamed at
+# 5.7 GB/s through it, 22 GB/s through run_split).  Below, the pipeline is as fast or
+# faster (one thread, AMD EPYC Zen 5: 2x2097152 1.00x, 4x1048576 0.93x, 64x131072 0.71x
+# through run_split).
+DEF STREAM_PIPE_MAX_N = 2097152
 DEF CHUNK_FLOATS = 1024     # NC_CHUNK (checked at import): split_part's stack scratch
 if NC_CHUNK != CHUNK_FLOATS:
     raise ImportError("normcy: NC_CHUNK is %d, _norms.pyx assumes %d" % (NC_CHUNK, CHUNK_FLOATS))

@@ -233,3 +233,18 @@ def test_batch_norm_large_planes_cut_into_pieces(shape, centred, offset, in_plac
                     normcy.batch_norm(x, mean, var, w, b, out=y, num_threads=nt)
                 np.testing.assert_array_equal(y, ref, err_msg="num_threads=%d" % nt)
                 assert np.all(buf[:base] == -7.0) and np.all(buf[base + n:] == -7.0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_streamed_rows_too_long_for_the_pipeline(kind):
+    """Streamed rows over 2097152 floats take the chunked path even on one thread (the
+    pipeline's scratch would be 16 MB and more): the cached path's bits."""
+    x, r, w, b, xb = _inputs(kind, (1, 2097152 + 17))
+    with forced_streaming(1 << 62):
+        ref = _run(kind, x, r, w, b, xb, 1)
+    with forced_streaming(0):
+        for nt in (1, 2):
+            got = _run(kind, x, r, w, b, xb, nt)
+            np.testing.assert_array_equal(got[0], ref[0])
+            if ref[1] is not None:
+                np.testing.assert_array_equal(got[1], ref[1])

@@ -91,9 +91,10 @@ def add_embed_parser(sub, func) -> argparse.ArgumentParser:
                         "UTF-8): stop with its file and line (default), or skip it and list "
                         "it in the skipped file")
     e.add_argument("--skipped-file", metavar="FILE", default=None,
-                   help="with --on-error skip: where skipped records are listed as JSON lines "
-                        "(default: OUTPUT.skipped.jsonl, DIR/_skipped.jsonl for shards, "
-                        "warnings on stderr for stdout output)")
+                   help="with --on-error skip and a single output file or stdout: where "
+                        "skipped records are listed as JSON lines (default: "
+                        "OUTPUT.skipped.jsonl, warnings on stderr for stdout output); shard "
+                        "directories always list them in DIR/_skipped.jsonl")
     e.add_argument("-b", "--batch-size", type=positive_int("--batch-size"), default=32,
                    metavar="N", help="sentences per batch (default 32)")
     e.add_argument("--window", type=positive_int("--window"), default=None, metavar="N",

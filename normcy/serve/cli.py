@@ -46,8 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     s = sub.add_parser(
         "serve", help="serve embeddings over HTTP (OpenAI- and TEI-compatible)",
         description="Serve sentence embeddings over HTTP: POST /v1/embeddings (OpenAI), "
-                    "POST /embed and /tokenize (text-embeddings-inference), GET /health, "
-                    "/info, /metrics (Prometheus). Concurrent requests are batched under a "
+                    "POST /embed and /tokenize (text-embeddings-inference), GET /v1/models, "
+                    "/health, /info, /metrics (Prometheus). Concurrent requests are batched under a "
                     "token budget. Needs the serve extra: pip install '.[serve]' in the "
                     "checkout, or its packages by name.",
         epilog="example: normcy serve --port 8080, then curl 127.0.0.1:8080/embed "

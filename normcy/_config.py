@@ -8,9 +8,10 @@ def get_config():
     """Return the build and runtime configuration as a dict.
 
     Keys: version, openmp, openmp_runtime, default_threads, available_cpus, kernel_isa,
-    kernel_variant, vector_bytes, isa_cap, supported_variants, gemm_tile, runtime_dispatch,
-    native_build, compile_args, link_args, compiler, compiler_version, user_cflags, numpy,
-    blas, python, fork_serial, omp_wait, streaming_min_bytes, llc_bytes.
+    kernel_variant, vector_bytes, isa_cap, isa_cap_ignored, isa_cap_ignored_reason,
+    supported_variants, gemm_tile, gemm_k_block, l1d_bytes, streaming_min_bytes, llc_bytes,
+    runtime_dispatch, native_build, compile_args, link_args, compiler, compiler_version,
+    user_cflags, numpy, blas, python, fork_serial, omp_wait.
     """
     from normcy import _build_info as bi
     from normcy._version import __version__
@@ -63,9 +64,12 @@ def show_config(file=None):
     """Print how normcy was built and how it runs here.
 
     Shows the version, whether OpenMP is enabled and which runtime, the default thread
-    count, the SIMD kernel variant selected at run time (and the variants this CPU supports,
-    with the ``NORMCY_MAX_ISA`` cap if one is set), the compiler flags used, and the NumPy
-    version with its BLAS.
+    count, how idle OpenMP threads wait (``GOMP_SPINCOUNT`` / ``OMP_WAIT_POLICY``), the
+    SIMD kernel variant selected at run time (and the variants this CPU supports, with the
+    ``NORMCY_MAX_ISA`` cap if one is set, or why it was ignored), the GEMM's K block and
+    the L1 data cache it was sized for, the size from which calls stream their outputs
+    (non-temporal stores) and the last-level cache it derives from, the compiler flags
+    used, and the NumPy version with its BLAS.
 
     Parameters
     ----------

@@ -464,7 +464,9 @@ class SentenceEncoder:
             Threads for every kernel of the model, its matrix products included (default:
             normcy's setting, :func:`normcy.get_num_threads`; see :class:`normcy.BertModel`).
         max_seq_length : int, optional
-            Override the model's maximum sequence length.
+            Override the model's maximum sequence length (at least 2).  A value above the
+            model's ``max_position_embeddings`` warns and is capped there (setting
+            :attr:`max_seq_length` on a loaded encoder refuses it instead).
 
         Returns
         -------
@@ -926,8 +928,11 @@ class SentenceEncoder:
 
         Returns
         -------
-        numpy.ndarray
-            float32, ``(dim,)`` for a single string, else ``(n, dim)``.
+        numpy.ndarray or list of numpy.ndarray
+            float32, ``(dim,)`` for a single string, else ``(n, dim)``; with
+            ``convert_to_numpy=False`` a list of ``n`` 1-D arrays, and with
+            ``output_value="token_embeddings"`` a list of ``(n_tokens_i, hidden)`` arrays
+            (one such array for a single string).
         """
         texts, single = self._check_sentences(sentences)
         if show_progress_bar and progress_stream is not None \

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import signal
 import threading
@@ -327,6 +328,11 @@ def cmd_embed(args, stdin, stdout, stderr) -> int:
 
 
 def _run(args, stdin, stdout, stderr) -> int:
+    with contextlib.ExitStack() as spools:
+        return _run_inputs(args, stdin, stdout, stderr, spools)
+
+
+def _run_inputs(args, stdin, stdout, stderr, spools) -> int:
     fmt, sharded = _output_mode(args)
     _check_id_field(args, fmt)
     out = args.output
@@ -353,9 +359,11 @@ def _run(args, stdin, stdout, stderr) -> int:
     for inp in inputs:  # fail early, before any work, with a clear message
         if inp.fmt == "parquet":
             corpus.check_parquet(inp.value, args.text_field, args.id_field)
-        elif inp.fmt in corpus.CSV_DELIMITERS and inp.kind == "file":
-            corpus.check_csv(inp.value, inp.fmt, [args.text_field] + (
-                [args.id_field] if args.id_field is not None else []))
+        elif inp.fmt in corpus.CSV_DELIMITERS:
+            if inp.kind == "stdin":   # read from a copy (see corpus.spooled_stdin)
+                inp.spool = spools.enter_context(corpus.spooled_stdin(stdin, inp.fmt))
+            corpus.check_csv(inp.spool or inp.value, inp.fmt, [args.text_field] + (
+                [args.id_field] if args.id_field is not None else []), inp.source)
     enc = _load_encoder(args, stderr)
     dim = enc.get_sentence_embedding_dimension()
     window = args.window or WINDOW_BATCHES * args.batch_size

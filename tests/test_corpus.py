@@ -11,6 +11,7 @@ import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
@@ -944,6 +945,52 @@ def test_csv_on_standard_input_and_old_behaviour_by_format(tmp_path, model, enc)
     assert rc == 0, err
     assert [json.loads(x)["text"] for x in out.decode().splitlines()] == \
         ["text", '"one, two"', "three"]
+
+
+def test_csv_on_standard_input_is_read_from_a_spooled_file(tmp_path, model, enc, monkeypatch):
+    """CSV / TSV from standard input go to pyarrow as a temporary file, never as a Python
+    stream (whose read-ahead thread could abort the interpreter at exit after an error):
+    a missing column is refused before the model loads, a row longer than a block is read
+    again with larger blocks as from a file, and no temporary file is left behind."""
+    import pyarrow.csv as pc
+    from normcy import corpus
+
+    spool_dir = tmp_path / "spool"
+    spool_dir.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool_dir))
+    real_open = pc.open_csv
+    seen = []
+
+    def open_csv(src, *a, **k):
+        seen.append(src)
+        assert isinstance(src, str), "pyarrow handed a %s" % type(src).__name__
+        return real_open(src, *a, **k)
+
+    monkeypatch.setattr(pc, "open_csv", open_csv)
+    long_text = "word " * 300000                      # a 1.5 MB row: longer than a block
+    data = ('id,text\n7,"short, one"\n8,%s\n' % long_text).encode()
+    rc, out, err = cli(["embed", "-m", model, "--input-format", "csv", "-i", "-",
+                        "--id-field", "id"], stdin=data)
+    assert rc == 0, err
+    recs = [json.loads(x) for x in out.decode().splitlines()]
+    assert [r["id"] for r in recs] == [7, 8]
+    assert recs[1]["text"] == long_text
+    assert np.array_equal(np.array([r["embedding"] for r in recs], np.float32),
+                          enc.encode(["short, one", long_text], normalize_embeddings=True))
+    assert seen and list(spool_dir.iterdir()) == []
+    # a missing column: exit 2 before the model is read (this "model" is no model)
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    for fmt, payload in (("csv", b"body\nx\n"), ("tsv", b"a\tb\n1\t2\n")):
+        rc, out, err = cli(["embed", "-m", str(not_a_model), "--input-format", fmt, "-i", "-"],
+                           stdin=payload)
+        assert rc == 2 and out == b""
+        assert "%s standard input has no column 'text'" % fmt.upper() in err, err
+    assert list(spool_dir.iterdir()) == []
+    # the library path spools by itself
+    recs = list(corpus.iter_records([corpus._Input("stdin", None, "tsv")],
+                                    stdin=io.BytesIO(b"text\tx\nab\t1\n")))
+    assert [r.text for r in recs] == ["ab"] and list(spool_dir.iterdir()) == []
 
 
 def test_csv_shards_resume_to_identical_output(tmp_path, model, enc):

@@ -855,6 +855,8 @@ def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
     cdef cnp.ndarray a = <cnp.ndarray>qkv
     cdef cnp.ndarray c = <cnp.ndarray>ctx
     cdef Py_ssize_t H
+    if nseq < 0 or L < 0:
+        raise ValueError("attention: nseq and L must be >= 0, got %d and %d" % (nseq, L))
     if (not isinstance(qkv, np.ndarray) or a.dtype != np.float32 or a.ndim != 2
             or a.shape[1] % 3 or a.shape[0] != nseq * L or not _rows_view_ok(a)):
         raise ValueError("attention: bad qkv %s" % describe(qkv))
@@ -865,6 +867,7 @@ def attention(qkv, bq, ctx, Py_ssize_t nseq, Py_ssize_t L, Py_ssize_t nhead, *,
             or c.shape[0] != nseq * L or c.shape[1] != H or not _rows_view_ok(c)
             or not c.flags.writeable):
         raise ValueError("attention: bad ctx %s" % describe(ctx))
+    check_overlap(c, "ctx", a, "qkv", False)    # q, k and v are read as ctx is written
     if (not isinstance(bq, np.ndarray) or bq.dtype != np.float32 or bq.shape != (H,)
             or not bq.flags.c_contiguous):
         raise ValueError("attention: bad bq %s" % describe(bq))

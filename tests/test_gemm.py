@@ -545,6 +545,21 @@ def test_attention_query_row_independent_of_its_pairing(L, case):
     np.testing.assert_array_equal(ctx2, ctx[perm])
 
 
+def test_attention_refuses_negative_sizes_and_ctx_overlapping_qkv():
+    # package-internal, but still a boundary: sizes whose product matches the rows while
+    # each is negative, and a ctx that is part of qkv, are refused, not run
+    qkv = np.zeros((6, 12), F32)
+    bq = np.zeros(4, F32)
+    ctx = np.full((6, 4), 5.0, F32)
+    with pytest.raises(ValueError, match="nseq and L must be >= 0"):
+        attention(qkv, bq, ctx, -2, -3, 2)
+    with pytest.raises(ValueError, match="ctx partially overlaps qkv"):
+        attention(qkv, bq, qkv[:, 4:8], 2, 3, 2)
+    assert np.all(ctx == 5.0) and np.all(qkv == 0.0)
+    attention(qkv, bq, ctx, 2, 3, 2)
+    assert np.all(ctx == 0.0)
+
+
 def test_packed_linear_is_exported():
     assert normcy.PackedLinear is PackedLinear
     assert "PackedLinear" in normcy.__all__

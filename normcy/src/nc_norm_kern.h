@@ -214,6 +214,35 @@ NC_INLINE void NC_FN(nco_chan_merge)(double *cnt, double *mean, double *m2, nc_i
     *cnt = ntot;
 }
 
+/* The sums of one chunk, elements [c0, c0 + len) of s = x (+ xb) (+ r): STORE_LOOP(EXPR)
+   forms s = EXPR vector by vector, stores it into d and sums it (the add), LOAD_LOOP(SRC)
+   sums x; both leave i at the first element not summed in vectors (tail), added by the
+   caller in scalars, and src at the chunk's s (nc_moments' and nc_sumsq's chunk bodies). */
+#define NCO_CHUNK_SUMS(STORE_LOOP, LOAD_LOOP)                                             \
+    do {                                                                                  \
+        if (r != NULL) {                                                                  \
+            const float *xc = x + c0, *rc = r + c0;                                       \
+            float *dc = d + c0;                                                           \
+            i = 0;   /* peeling costs more than split loads here (measured) */            \
+            if (xb != NULL) {                                                             \
+                const float *bc = xb + c0;                                                \
+                STORE_LOOP((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));           \
+                tail = i;                                                                 \
+                for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];                     \
+            } else {                                                                      \
+                STORE_LOOP(ncv_ld(xc + o) + ncv_ld(rc + o));                              \
+                tail = i;                                                                 \
+                for (; i < len; i++) dc[i] = xc[i] + rc[i];                               \
+            }                                                                             \
+            src = dc;                                                                     \
+        } else {                                                                          \
+            src = x + c0;                                                                 \
+            i = 0;                                                                        \
+            LOAD_LOOP(src);                                                               \
+            tail = i;                                                                     \
+        }                                                                                 \
+    } while (0)
+
 /* One chunk of nc_moments: elements [c0, c0 + len) of the row s = x (+ xb) (+ r), s
    stored into d when r != NULL; mean and M2 of the chunk around the row's shift K. */
 NC_INLINE void NC_FN(nco_moments_chunk)(const float *x, const float *xb, const float *r,
@@ -224,31 +253,8 @@ NC_INLINE void NC_FN(nco_moments_chunk)(const float *x, const float *xb, const f
     const float *src;
     ncv a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
     ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-    nc_int i, tail, head;
-    if (r != NULL) {
-        const float *xc = x + c0, *rc = r + c0;
-        float *dc = d + c0;
-        head = 0;   /* peeling costs more than split loads here (measured) */
-        if (xb != NULL) {
-            const float *bc = xb + c0;
-            for (i = 0; i < head; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-            NC_ADD_STORE_MOM((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
-            tail = i;
-            for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-        } else {
-            for (i = 0; i < head; i++) dc[i] = xc[i] + rc[i];
-            NC_ADD_STORE_MOM(ncv_ld(xc + o) + ncv_ld(rc + o));
-            tail = i;
-            for (; i < len; i++) dc[i] = xc[i] + rc[i];
-        }
-        src = dc;
-    } else {
-        src = x + c0;
-        head = 0;
-        i = head;
-        NC_MOM_LOOP(src);
-        tail = i;
-    }
+    nc_int i, tail;
+    NCO_CHUNK_SUMS(NC_ADD_STORE_MOM, NC_MOM_LOOP);
     NC_FN(nco_chunk_stats)(src, len, tail, K, a0, a1, a2, a3, q0, q1, q2, q3, mean_c, m2c);
 }
 
@@ -502,30 +508,9 @@ NC_INLINE double NC_FN(nco_sumsq_chunk)(const float *x, const float *xb, const f
                                         float *d, nc_int c0, nc_int len)
 {
     const float *src;
-    nc_int i;
+    nc_int i, tail;
     ncv q0 = {0}, q1 = {0}, q2 = {0}, q3 = {0};
-    nc_int tail;
-    if (r != NULL) {
-        const float *xc = x + c0, *rc = r + c0;
-        float *dc = d + c0;
-        i = 0;
-        if (xb != NULL) {
-            const float *bc = xb + c0;
-            NC_ADD_STORE_SQ((ncv_ld(xc + o) + ncv_ld(bc + o)) + ncv_ld(rc + o));
-            tail = i;
-            for (; i < len; i++) dc[i] = (xc[i] + bc[i]) + rc[i];
-        } else {
-            NC_ADD_STORE_SQ(ncv_ld(xc + o) + ncv_ld(rc + o));
-            tail = i;
-            for (; i < len; i++) dc[i] = xc[i] + rc[i];
-        }
-        src = dc;
-    } else {
-        src = x + c0;
-        i = 0;
-        NC_SQ_LOOP(src);
-        tail = i;
-    }
+    NCO_CHUNK_SUMS(NC_ADD_STORE_SQ, NC_SQ_LOOP);
     return NC_FN(nco_chunk_sumsq)(src, len, tail, q0, q1, q2, q3);
 }
 

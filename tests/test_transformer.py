@@ -14,6 +14,7 @@ import pytest
 
 import normcy
 from normcy.transformer import TransformerEncoder, TransformerEncoderLayer
+from _subclasses import Hijacker  # noqa: E402  (tests/ is on sys.path: conftest.py)
 
 F32 = np.float32
 FIX = os.path.join(os.path.dirname(__file__), "fixtures")
@@ -927,34 +928,6 @@ def test_unaligned_input_is_read_through_an_aligned_copy():
     np.testing.assert_array_equal(seq_first(xu), seq_first(x))
 
 
-class _Hijacker(np.ndarray):
-    """A subclass honest about its shape and dtype whose every NumPy method and function
-    returns zeros (README, Guarantees: a subclass is used as its buffer)."""
-    def __array_function__(self, func, types, args, kwargs):
-        return np.zeros(1, F32)
-
-    def __getitem__(self, i):
-        return np.zeros((1, 1, 1), F32)
-
-    def transpose(self, *a):
-        return np.zeros((1, 1, 1), F32)
-
-    def reshape(self, *a, **k):
-        return np.zeros((1, 1), F32)
-
-    def astype(self, *a, **k):
-        return np.zeros(1, F32)
-
-    def view(self, *a, **k):
-        return np.zeros(1, F32)
-
-    def copy(self, *a, **k):
-        return np.zeros(1, F32)
-
-    def all(self, *a, **k):
-        return False
-
-
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_array_subclasses_are_used_as_their_buffer_by_layers_and_stacks():
     """x and the masks as ndarray subclasses (a method-hijacking one, np.matrix) give the
@@ -969,7 +942,7 @@ def test_array_subclasses_are_used_as_their_buffer_by_layers_and_stacks():
     kpm = np.zeros((2, 5), bool)
     kpm[0, 3:] = True
     am = rng.standard_normal((5, 5)).astype(F32)
-    h = lambda a: a.view(_Hijacker)  # noqa: E731
+    h = lambda a: a.view(Hijacker)  # noqa: E731
     for obj in (layer, TransformerEncoder([layer, layer])):
         np.testing.assert_array_equal(obj(h(x)), obj(x))
         np.testing.assert_array_equal(obj(h(x[1])), obj(x[1]))

@@ -188,6 +188,21 @@ def assert_untouched(base, covered):
     assert np.all(outside == SENTINEL), "kernel wrote outside of `out`"
 
 
+def call_norm(name, x, r, w, b, xb, out, sum_out, nt):
+    """One call of the norm kernel `name` (layer_norm, annotated, rms_norm, add_layer_norm,
+    add_rms_norm) with the arguments that kind takes (r, xb, sum_out: the fused adds)."""
+    if name == "layer_norm":
+        return normcy.layer_norm(x, w, b, out=out, num_threads=nt)
+    if name == "annotated":
+        return normcy.layer_norm(x, w, b, 1e-6, out=out, convention="annotated", num_threads=nt)
+    if name == "rms_norm":
+        return normcy.rms_norm(x, w, out=out, num_threads=nt)
+    if name == "add_layer_norm":
+        return normcy.add_layer_norm(x, r, w, b, x_bias=xb, out=out, sum_out=sum_out,
+                                     num_threads=nt)
+    return normcy.add_rms_norm(x, r, w, x_bias=xb, out=out, sum_out=sum_out, num_threads=nt)
+
+
 # --------------------------------------------------------------------------- thread helpers
 @contextlib.contextmanager
 def forced_parallel(min_parallel_work=0, min_work_per_thread=1):

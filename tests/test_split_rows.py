@@ -12,23 +12,10 @@ import pytest
 
 import normcy
 
-from conftest import F32, assert_close, forced_streaming, ref_layer_norm, ref_rms_norm, rng_for
+from conftest import (F32, assert_close, call_norm, forced_streaming, ref_layer_norm,
+                      ref_rms_norm, rng_for)
 
 KINDS = ["layer_norm", "annotated", "rms_norm", "add_layer_norm", "add_rms_norm"]
-
-
-def _call(kind, x, r, w, b, xb, out, sum_out, nt):
-    if kind == "layer_norm":
-        return normcy.layer_norm(x, w, b, out=out, num_threads=nt)
-    if kind == "annotated":
-        return normcy.layer_norm(x, w, b, 1e-6, out=out, convention="annotated",
-                                 num_threads=nt)
-    if kind == "rms_norm":
-        return normcy.rms_norm(x, w, out=out, num_threads=nt)
-    if kind == "add_layer_norm":
-        return normcy.add_layer_norm(x, r, w, b, x_bias=xb, out=out, sum_out=sum_out,
-                                     num_threads=nt)
-    return normcy.add_rms_norm(x, r, w, x_bias=xb, out=out, sum_out=sum_out, num_threads=nt)
 
 
 def _run(kind, x, r, w, b, xb, nt, alias=None, with_sum=True):
@@ -40,7 +27,7 @@ def _run(kind, x, r, w, b, xb, nt, alias=None, with_sum=True):
     so = None
     if is_add and with_sum:
         so = rr if alias == "sum_out_is_residual" else np.full(x.shape, np.nan, F32)
-    y = _call(kind, xx, rr, w, b, xb if is_add else None, out, so, nt)
+    y = call_norm(kind, xx, rr, w, b, xb if is_add else None, out, so, nt)
     assert y is out
     return y.copy(), None if so is None else so.copy()
 
@@ -130,7 +117,7 @@ def test_split_rows_extreme_values(kind, case):
     def call(nt):
         xx = x.copy()
         if eps is None:
-            return _call(kind, xx, r.copy(), w, b, xb, None, None, nt)
+            return call_norm(kind, xx, r.copy(), w, b, xb, None, None, nt)
         if kind in ("rms_norm",):
             return normcy.rms_norm(xx, w, eps, num_threads=nt)
         if kind == "add_rms_norm":
@@ -170,7 +157,7 @@ def test_split_rows_write_only_their_output(offset, kind):
                 out = buf[base:base + rows * ld].reshape(rows, ld)[:, :n]
                 sbuf = np.full(rows * ld + 64, -7.0, F32)
                 so = sbuf[base:base + rows * ld].reshape(rows, ld)[:, :n] if is_add else None
-                _call(kind, x, r if is_add else None, w, b, xb if is_add else None, out, so,
+                call_norm(kind, x, r if is_add else None, w, b, xb if is_add else None, out, so,
                       nt)
                 mask = np.zeros(buf.shape, bool)
                 mask[base:base + rows * ld].reshape(rows, ld)[:, :n] = True

@@ -5,6 +5,8 @@ import pytest
 import normcy
 from normcy import _norms
 
+from conftest import call_norm
+
 F32 = np.float32
 
 
@@ -15,19 +17,6 @@ def streaming_always():
         yield
     finally:
         _norms._set_streaming_threshold(old)
-
-
-def _call(name, x, r, w, b, xb, out, sum_out, nt):
-    if name == "layer_norm":
-        return normcy.layer_norm(x, w, b, out=out, num_threads=nt)
-    if name == "annotated":
-        return normcy.layer_norm(x, w, b, 1e-6, out=out, convention="annotated", num_threads=nt)
-    if name == "rms_norm":
-        return normcy.rms_norm(x, w, out=out, num_threads=nt)
-    if name == "add_layer_norm":
-        return normcy.add_layer_norm(x, r, w, b, x_bias=xb, out=out, sum_out=sum_out,
-                                     num_threads=nt)
-    return normcy.add_rms_norm(x, r, w, x_bias=xb, out=out, sum_out=sum_out, num_threads=nt)
 
 
 @pytest.mark.parametrize("name", ["layer_norm", "annotated", "rms_norm", "add_layer_norm",
@@ -51,7 +40,7 @@ def test_streaming_matches_cached_path(name, shape, alias, streaming_always):
         so = None
         if is_add:
             so = rr if alias == "sum_out_is_residual" else np.full(shape, np.nan, F32)
-        y = _call(name, xx, rr if is_add else None, w, b, xb if is_add else None, out, so, 2)
+        y = call_norm(name, xx, rr if is_add else None, w, b, xb if is_add else None, out, so, 2)
         results.append((y.copy(), None if so is None else so.copy()))
     (y0, s0), (y1, s1) = results
     assert np.all(np.isfinite(y0))
@@ -88,9 +77,9 @@ def test_streamed_rows_at_any_alignment(name, n, offset, row_pad, nt, streaming_
     is_add = name.startswith("add")
     ybuf, y = _offset_view(rows, n, offset, row_pad, -7.0)
     sbuf, so = _offset_view(rows, n, (offset + 5) % 16, row_pad, -9.0) if is_add else (None, None)
-    _call(name, x, r if is_add else None, w, b, None, y, so, nt)
+    call_norm(name, x, r if is_add else None, w, b, None, y, so, nt)
     _norms._set_streaming_threshold(1 << 62)
-    y_ref = _call(name, x, r if is_add else None, w, b, None, None,
+    y_ref = call_norm(name, x, r if is_add else None, w, b, None, None,
                   np.empty_like(x) if is_add else None, 1)
     np.testing.assert_array_equal(y, y_ref)
     assert np.all(_outside(ybuf, y) == -7.0)

@@ -5,7 +5,9 @@ Argument checking happens here, in typed Cython, at the boundary (a 1x384 call c
 a microsecond all in); the row kernels live in ``src/nc_norm_kern.h`` (explicit SIMD with
 run-time ISA dispatch).  Rows are spread over OpenMP threads with a static schedule; each
 row is computed by one thread in a fixed order, so results do not depend on the thread
-count.
+count.  Long rows that whole rows would share out unevenly (fewer rows than threads) are
+cut into chunks instead (run_split): each chunk's statistics, by any thread, are the ones
+the whole-row kernel computes, merged in chunk order, so the bits are the same.
 """
 from libc.stdlib cimport malloc, free
 from libc.string cimport memcpy

@@ -575,9 +575,9 @@ cdef void norm_rows(int kind, const float *src, Py_ssize_t lds, float *dst, Py_s
 
 # Rows at least this long may be cut among threads by chunks (run_split): a row's two
 # passes then cost more than the second parallel region and the merge (AMD EPYC Zen 5, two
-# threads, bench/ab_builds.py --kernel norms against whole rows per thread: 1x65536
-# 0.84-1.10x, 1x262144 1.60-1.73x).
-DEF SPLIT_MIN_N = 131072
+# threads, bench/ab_builds.py --kernel norms against whole rows per thread, quiet machine:
+# 1x32768 0.94-1.27x, 1x65536 1.22-1.65x, 1x131072 1.71-1.85x).
+DEF SPLIT_MIN_N = 65536
 # Streamed rows longer than this go through run_split too, at any thread count: the
 # pipeline of stream_rows keeps two rows of s in a scratch of 2 n floats, and glibc maps
 # an allocation over 32 MB afresh on every call (add_layer_norm 1x4194304 streamed at

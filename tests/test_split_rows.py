@@ -1,7 +1,7 @@
 """Long rows cut among threads by chunks (fewer rows than threads, or uneven row counts),
 and BatchNorm's large planes cut into pieces.
 
-A call whose rows are few and long (at least 32768 floats) gives each thread a share of the
+A call whose rows are few and long (at least 65536 floats) gives each thread a share of the
 rows' chunks: the chunk statistics in parallel, each row's merge in chunk order, then the
 outputs in parallel.  These tests hold that path to the bits of the one-thread call (which
 runs whole rows), for every norm kind, add/sum_out/in-place variant, the streamed and the
@@ -44,8 +44,8 @@ def _inputs(kind, shape, scale=1.0, loc=0.0):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(1, 32768), (1, 100003), (2, 40001), (3, 33000),
-                                   (2, 1, 65537), (5, 32800)])
+@pytest.mark.parametrize("shape", [(1, 65536), (1, 100003), (2, 70001), (3, 66000),
+                                   (2, 1, 65537), (5, 65600)])
 @pytest.mark.parametrize("stream", [False, True])
 def test_split_rows_match_one_thread(kind, shape, stream):
     x, r, w, b, xb = _inputs(kind, shape)
@@ -75,7 +75,7 @@ def test_split_rows_match_one_thread(kind, shape, stream):
 def test_split_rows_in_place(kind, alias, stream):
     if alias != "out_is_x" and not kind.startswith("add"):
         pytest.skip("sum_out belongs to the fused add")
-    shape = (3, 50000)
+    shape = (3, 70000)
     x, r, w, b, xb = _inputs(kind, shape)
     with forced_streaming(0 if stream else 1 << 62):
         ref = _run(kind, x, r, w, b, xb, 1, alias=None, with_sum=alias != "no_sum_out")
@@ -144,7 +144,7 @@ def test_split_rows_extreme_values(kind, case):
 def test_split_rows_write_only_their_output(offset, kind):
     """Outputs a few floats past a cache line, rows padded: nothing outside `out` (or
     `sum_out`) is written, streamed or not, and the bits are the one-thread call's."""
-    rows, n, pad = 3, 40000, 5
+    rows, n, pad = 3, 66000, 5
     x, r, w, b, xb = _inputs(kind, (rows, n))
     is_add = kind.startswith("add")
     for stream in (False, True):

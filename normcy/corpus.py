@@ -129,8 +129,11 @@ def spooled_stdin(stdin, fmt: str) -> Iterator[str]:
     try:
         fd, path = tempfile.mkstemp(prefix="normcy-stdin-", suffix="." + fmt)
     except OSError as exc:
-        raise InputError("cannot copy standard input to a temporary file in %r: %s"
-                         % (tempfile.gettempdir(), exc.strerror or exc))
+        # tempfile.tempdir is set once gettempdir() found a usable directory; when none of
+        # its candidates is, gettempdir() itself raised (and would raise again here)
+        where = tempfile.tempdir
+        raise InputError("cannot copy standard input to a temporary file%s: %s"
+                         % (" in %r" % where if where else "", exc.strerror or exc))
     try:
         try:
             with os.fdopen(fd, "wb") as out:

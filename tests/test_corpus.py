@@ -993,6 +993,29 @@ def test_csv_on_standard_input_is_read_from_a_spooled_file(tmp_path, model, enc,
     assert [r.text for r in recs] == ["ab"] and list(spool_dir.iterdir()) == []
 
 
+def test_csv_on_standard_input_without_a_usable_temporary_directory(tmp_path, monkeypatch):
+    """No usable temporary directory at all (TMPDIR and every fallback unwritable): the
+    copy of standard input fails with a clear error, exit status 2, not gettempdir()'s
+    FileNotFoundError raised again from the error handler (exit 1); and an unusable
+    tempfile.tempdir names that directory."""
+    pytest.importorskip("pyarrow")
+    missing = str(tmp_path / "missing")
+    not_a_model = tmp_path / "empty"
+    not_a_model.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", None)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [missing])
+    rc, out, err = cli(["embed", "-m", str(not_a_model), "--input-format", "csv", "-i", "-"],
+                       stdin=b"text\nx\n")
+    assert rc == 2 and out == b"", err
+    assert "cannot copy standard input to a temporary file" in err, err
+    assert "FileNotFoundError" not in err and "Traceback" not in err, err
+    monkeypatch.setattr(tempfile, "tempdir", missing)
+    rc, out, err = cli(["embed", "-m", str(not_a_model), "--input-format", "tsv", "-i", "-"],
+                       stdin=b"text\nx\n")
+    assert rc == 2 and out == b"", err
+    assert "cannot copy standard input to a temporary file in %r" % missing in err, err
+
+
 def test_csv_shards_resume_to_identical_output(tmp_path, model, enc):
     pytest.importorskip("pyarrow")
     texts = _texts(45, seed=13)

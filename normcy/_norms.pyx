@@ -715,6 +715,8 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
         return 0
     if split_rows(j, nt):
         return run_split(j, nt)
+    if nt > j.nrows:
+        nt = <int>j.nrows   # whole rows: no more threads than rows (long rows allowed more)
     if not need_scratch:
         # contiguous rows, cached outputs: the common case; each thread takes a run of
         # whole row pairs (as a static schedule over pairs would) and pipelines it

@@ -433,42 +433,79 @@ cdef void stream_rows(const NormJob *j, Py_ssize_t r0, Py_ssize_t r1,
     nc_stream_flush(&cy)
 
 
-cdef void norm_row(const NormJob *j, Py_ssize_t i, float *scratch) noexcept nogil:
-    """Row i through scratch: some operand has a non-unit last-axis stride (gather/scatter
-    through contiguous copies)."""
-    cdef Py_ssize_t n = j.n, k, cs
-    cdef const float *xp = <const float *>row_ptr(&j.x, i)
-    cdef const float *rp = NULL
-    cdef float *sp = NULL
-    cdef float *yp = <float *>row_ptr(&j.y, i)
-    cdef float *gx
-    cdef float *gr
-    cdef float *gd
+# Rows gathered per block when some operand has a non-unit last-axis stride: a block of
+# each operand is ~128 KB (in L2), at most GATHER_MAX_ROWS rows.
+DEF GATHER_BLOCK_FLOATS = 32768
+DEF GATHER_MAX_ROWS = 64
+
+
+cdef inline Py_ssize_t gather_rows(Py_ssize_t n) noexcept nogil:
+    """Rows per gathered block for rows of n floats."""
+    cdef Py_ssize_t b = GATHER_BLOCK_FLOATS // n
+    return 1 if b < 1 else (GATHER_MAX_ROWS if b > GATHER_MAX_ROWS else b)
+
+
+cdef void copy_rows(const Operand *op, Py_ssize_t i0, Py_ssize_t nb, Py_ssize_t n,
+                    float *buf, bint into) noexcept nogil:
+    """Rows [i0, i0 + nb) of op (nb <= GATHER_MAX_ROWS) copied into buf (nb x n,
+    contiguous) when `into`, else buf copied out to them.  When neighbouring rows lie closer
+    together than neighbouring elements of a row (a column-major array, a transposed view),
+    the loop over the rows is the inner one: it then reads (or writes) neighbouring memory,
+    where a row at a time touched a new cache line per element (layer_norm of a
+    Fortran-ordered 4096x768 array: 3.9 ms row by row)."""
+    cdef char *p[GATHER_MAX_ROWS]
+    cdef Py_ssize_t b, k, cs = op.cstride, rs
+    cdef char *q
+    for b in range(nb):
+        p[b] = row_ptr(op, i0 + b)
+    rs = p[1] - p[0] if nb > 1 else 0
+    if nb > 1 and (rs if rs >= 0 else -rs) < (cs if cs >= 0 else -cs):
+        for k in range(n):
+            if into:
+                for b in range(nb):
+                    buf[b * n + k] = (<const float *>(p[b] + k * cs))[0]
+            else:
+                for b in range(nb):
+                    (<float *>(p[b] + k * cs))[0] = buf[b * n + k]
+        return
+    for b in range(nb):
+        if cs == 4:
+            if into:
+                memcpy(buf + b * n, p[b], <size_t>n * sizeof(float))
+            else:
+                memcpy(p[b], buf + b * n, <size_t>n * sizeof(float))
+            continue
+        q = p[b]
+        if into:
+            for k in range(n):
+                buf[b * n + k] = (<const float *>(q + k * cs))[0]
+        else:
+            for k in range(n):
+                (<float *>(q + k * cs))[0] = buf[b * n + k]
+
+
+cdef void norm_block(const NormJob *j, Py_ssize_t i0, Py_ssize_t nb,
+                     float *scratch) noexcept nogil:
+    """Rows [i0, i0 + nb) through scratch (3 nb n floats): some operand has a non-unit
+    last-axis stride.  The block's x (and r) are gathered into contiguous rows, each row
+    computed there as the contiguous path computes it (the same bits), and y (and the
+    sum) scattered back.  Every operand's block is read before any is written, and blocks
+    are disjoint rows, so an output identical to an input is safe."""
+    cdef Py_ssize_t n = j.n, b
+    cdef float *gx = scratch
+    cdef float *gr = scratch + nb * n
+    cdef float *gd = scratch + 2 * nb * n
     cdef RowState st
+    copy_rows(&j.x, i0, nb, n, gx, 1)
     if j.has_r:
-        rp = <const float *>row_ptr(&j.r, i)
+        copy_rows(&j.r, i0, nb, n, gr, 1)
+    for b in range(nb):
+        row_stats(j, gx + b * n, gr + b * n if j.has_r else NULL,
+                  gd + b * n if j.has_r else NULL, gx + b * n, &st)
+        row_apply(j, &st, 0, n, gx + b * n)
+    copy_rows(&j.y, i0, nb, n, gx, 0)
     if j.has_so:
-        sp = <float *>row_ptr(&j.so, i)
-    # Some operand has a non-unit last-axis stride: work on contiguous copies.
-    gx = scratch
-    gr = scratch + n
-    gd = scratch + 2 * n
-    cs = j.x.cstride
-    for k in range(n):
-        gx[k] = (<const float *>(<const char *>xp + k * cs))[0]
-    if j.has_r:
-        cs = j.r.cstride
-        for k in range(n):
-            gr[k] = (<const float *>(<const char *>rp + k * cs))[0]
-    row_stats(j, gx, gr if j.has_r else NULL, gd if j.has_r else NULL, gx, &st)
-    row_apply(j, &st, 0, n, gx)
-    cs = j.y.cstride
-    for k in range(n):
-        (<float *>(<char *>yp + k * cs))[0] = gx[k]
-    if j.has_so:
-        cs = j.so.cstride
-        for k in range(n):
-            (<float *>(<char *>sp + k * cs))[0] = gd[k]
+        copy_rows(&j.so, i0, nb, n, gd, 0)
 
 
 cdef inline bint plain_scale(const RowState *st) noexcept nogil:
@@ -705,7 +742,9 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef Py_ssize_t i
     cdef float *scratch = NULL
     cdef int failed = 0
-    cdef size_t scratch_bytes = <size_t>(3 * j.n) * sizeof(float)
+    cdef Py_ssize_t gb = gather_rows(j.n)                # rows per gathered block
+    cdef Py_ssize_t nblk = (j.nrows + gb - 1) // gb
+    cdef size_t scratch_bytes = <size_t>(3 * gb * j.n) * sizeof(float)    # norm_block
     cdef bint need_scratch = j.gather or j.stream
     if j.stream:
         scratch_bytes = <size_t>(2 * j.n + NC_CHUNK) * sizeof(float)    # stream_rows
@@ -763,15 +802,15 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
             if scratch == NULL:
                 failed = 1
             else:
-                for i in range(j.nrows):
-                    norm_row(j, i, scratch)
+                for i in range(nblk):
+                    norm_block(j, i * gb, min(gb, j.nrows - i * gb), scratch)
                 free(scratch)
     else:
         with nogil, parallel(num_threads=nt):
             scratch = <float *>malloc(scratch_bytes)
-            for i in prange(j.nrows, schedule='static'):
+            for i in prange(nblk, schedule='static'):
                 if scratch != NULL:
-                    norm_row(j, i, scratch)
+                    norm_block(j, i * gb, min(gb, j.nrows - i * gb), scratch)
                 else:
                     failed += 1     # a reduction (a plain assignment here is private)
             free(scratch)

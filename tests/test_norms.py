@@ -352,6 +352,42 @@ def test_non_contiguous_arguments(h, name, layout, which):
     np.testing.assert_array_equal(r, r0)
 
 
+@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("layout", ["fortran", "cols2", "negcols2", "swap", "neg"])
+@pytest.mark.parametrize("shape", [(150, 40), (3, 50, 40), (70, 8192), (5, 700)])
+def test_gathered_rows_have_the_contiguous_bits(h, name, layout, shape):
+    """Operands with a non-unit last-axis stride go through blocks of gathered rows (both
+    loop orders: rows innermost for column-major views, elements innermost otherwise;
+    several blocks, a partial last one): every output has the contiguous call's bits, at
+    every thread count, in place too, and nothing outside the outputs is written."""
+    rng = h.rng_for("gather-bits", name, layout, shape)
+    x, _, _ = h.make_view(shape, layout, lambda n: rng.standard_normal(n))
+    r, _, _ = h.make_view(shape, layout, lambda n: 2.0 * rng.standard_normal(n))
+    w, b = h.params(rng, shape[-1])
+    xb = h.randn(rng, shape[-1]) if name in ADD else None
+    xc, rc = np.ascontiguousarray(x), np.ascontiguousarray(r)
+    kw = {"sum_out": np.empty(shape, F32)} if name in ADD else {}
+    want = _call(name, xc, rc, w, b, xb, **kw)
+    want_sum = kw.get("sum_out")
+    with h.forced_parallel():       # small calls too: a block per thread
+        for nt in (1, 2, 3):
+            out, obase, ocov = h.make_view(shape, layout, h.SENTINEL)
+            kw = {}
+            if name in ADD:
+                so, sbase, scov = h.make_view(shape, layout, h.SENTINEL)
+                kw["sum_out"] = so
+            _call(name, x, r, w, b, xb, out=out, num_threads=nt, **kw)
+            np.testing.assert_array_equal(out, want)
+            h.assert_untouched(obase, ocov)
+            if name in ADD:
+                np.testing.assert_array_equal(so, want_sum)
+                h.assert_untouched(sbase, scov)
+            xx = h.make_view(shape, layout, 0.0)[0]    # in place, same layout
+            xx[...] = x
+            _call(name, xx, r, w, b, xb, out=xx, num_threads=nt)
+            np.testing.assert_array_equal(xx, want)
+
+
 def _strided_1d(v, rng):
     """The same values as a non-contiguous (negative, step -2) view."""
     base = np.empty(2 * v.size, F32)

@@ -31,6 +31,14 @@ SUITES = {
         "numpy": "(x - x.mean(-1, keepdims=True)) / np.sqrt(x.var(-1, keepdims=True) + eps) * w + b",
         "bytes": lambda N, H: 8 * N * H + 8 * H,
     },
+    "layer_norm_t": {
+        "title": "layer_norm of a transposed view: x = X.T, X a C-ordered (H, N) array",
+        "formula": "bytes = 8·N·H + 8·H (read x, write y (C-ordered), read w and b)",
+        "ort_op": "none (its sessions take contiguous inputs)",
+        "torch": "F.layer_norm(x, (H,), w, b) on the non-contiguous tensor",
+        "numpy": "the layer_norm expression on the view",
+        "bytes": lambda N, H: 8 * N * H + 8 * H,
+    },
     "add_layer_norm": {
         "title": "add_layer_norm: y = LN(x + r) · w + b",
         "formula": "bytes = 12·N·H + 8·H (read x and r, write y, read w and b)",
@@ -236,9 +244,10 @@ class NormBench:
                 "sum": np.empty((N, H), np.float32),
                 "refs": {},
             }
+            d["xT"] = np.ascontiguousarray(d["x"].T).T   # x's values, column-major
             if self.torch is not None:
                 t = self.torch
-                for k in ("x", "r", "w", "b", "out", "sum"):
+                for k in ("x", "r", "w", "b", "out", "sum", "xT"):
                     d["t_" + k] = t.from_numpy(d[k])
             self._data_key, self._data = key, d
         return self._data
@@ -331,6 +340,25 @@ class NormBench:
                 mb = self.ortf.model("LayerNormalization", [("X", x)], [("Y", y)],
                                      [("W", w), ("B", b)], {"axis": -1, "epsilon": LN_EPS}, opset=17)
                 impls += self.ortf.impls(mb, {"X": x}, {"Y": y}, T, nbytes)
+        elif suite == "layer_norm_t":
+            # what a user passing a transposed array gets (the values are x's: same refs)
+            xT = d["xT"]
+            if refs is None:
+                refs = (ref_ln(xs, w, b, LN_EPS),)
+
+            def mk(nt):
+                f = nc.layer_norm
+                if nt is None:
+                    return lambda: f(xT, w, b, LN_EPS, out=out)
+                return lambda: f(xT, w, b, LN_EPS, out=out, num_threads=nt)
+            impls += self._normcy_variants(T, mk, nbytes)
+            impls.append(Impl("numpy", lambda: np_layer_norm(xT, w, b, LN_EPS), nbytes=nbytes,
+                              family="numpy", threads=1))
+            if torch is not None:
+                F = torch.nn.functional
+                xt, wt, bt = d["t_xT"], d["t_w"], d["t_b"]
+                impls.append(Impl("torch", lambda: F.layer_norm(xt, (H,), wt, bt, LN_EPS),
+                                  pre=self._torch_pre(T), nbytes=nbytes, family="torch", threads=T))
         elif suite in ("add_layer_norm", "add_layer_norm_sum"):
             with_sum = suite.endswith("_sum")
             if refs is None:

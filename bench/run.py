@@ -8,8 +8,8 @@ Run from the repository root (after ``pip install .``, or with an in-place build
     python bench/run.py --json bench/results/full.json --plot bench/results/full.png
     python bench/run.py --only 'add_layer_norm*,batch_norm' --threads 1,2
 
-Suites: ceiling, layer_norm, add_layer_norm, add_layer_norm_sum, rms_norm, add_rms_norm,
-batch_norm, ops, gemm, encoder, minilm (``--only`` takes comma-separated shell patterns).
+Suites: ceiling, layer_norm, layer_norm_t, add_layer_norm, add_layer_norm_sum, rms_norm,
+add_rms_norm, batch_norm, ops, gemm, encoder, minilm (``--only`` takes comma-separated shell patterns).
 See bench/README.md for what is measured and the formulas.
 """
 import argparse
@@ -32,9 +32,9 @@ from _common import (Config, Progress, Targets, environment, fmt_gbs, fmt_us, fm
                      md_table, targets_table)
 from _norm_suites import copy_gbs_of  # noqa: E402
 
-ALL_SUITES = ["ceiling", "layer_norm", "add_layer_norm", "add_layer_norm_sum", "rms_norm",
-              "add_rms_norm", "batch_norm", "ops", "gemm", "encoder", "minilm"]
-NORM_SUITES = ALL_SUITES[1:7]
+ALL_SUITES = ["ceiling", "layer_norm", "layer_norm_t", "add_layer_norm", "add_layer_norm_sum",
+              "rms_norm", "add_rms_norm", "batch_norm", "ops", "gemm", "encoder", "minilm"]
+NORM_SUITES = ALL_SUITES[1:8]
 QUICK_DEFAULT = ["ceiling", "layer_norm", "add_layer_norm", "rms_norm", "add_rms_norm",
                  "batch_norm", "ops", "gemm", "encoder"]
 LARGE_COPY_BYTES = 256 << 20

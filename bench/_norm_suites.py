@@ -318,47 +318,31 @@ class NormBench:
         refs = d["refs"].get(suite)
         idx = _subset(x.shape)
         xs, rs = x[idx], r[idx]
-        if suite == "layer_norm":
+        if suite in ("layer_norm", "layer_norm_t"):
+            # layer_norm_t: what a user passing a transposed array gets (x's values, so the
+            # same references; ONNX Runtime's sessions take contiguous inputs only)
+            xin, key = (x, "x") if suite == "layer_norm" else (d["xT"], "xT")
             if refs is None:
                 refs = (ref_ln(xs, w, b, LN_EPS),)
 
             def mk(nt):
                 f = nc.layer_norm
                 if nt is None:
-                    return lambda: f(x, w, b, LN_EPS, out=out)
-                return lambda: f(x, w, b, LN_EPS, out=out, num_threads=nt)
+                    return lambda: f(xin, w, b, LN_EPS, out=out)
+                return lambda: f(xin, w, b, LN_EPS, out=out, num_threads=nt)
             impls += self._normcy_variants(T, mk, nbytes)
-            impls.append(Impl("numpy", lambda: np_layer_norm(x, w, b, LN_EPS), nbytes=nbytes,
+            impls.append(Impl("numpy", lambda: np_layer_norm(xin, w, b, LN_EPS), nbytes=nbytes,
                               family="numpy", threads=1))
             if torch is not None:
                 F = torch.nn.functional
-                xt, wt, bt = d["t_x"], d["t_w"], d["t_b"]
+                xt, wt, bt = d["t_" + key], d["t_w"], d["t_b"]
                 impls.append(Impl("torch", lambda: F.layer_norm(xt, (H,), wt, bt, LN_EPS),
                                   pre=self._torch_pre(T), nbytes=nbytes, family="torch", threads=T))
-            if self.ortf is not None:
+            if self.ortf is not None and suite == "layer_norm":
                 y = np.empty_like(x)
                 mb = self.ortf.model("LayerNormalization", [("X", x)], [("Y", y)],
                                      [("W", w), ("B", b)], {"axis": -1, "epsilon": LN_EPS}, opset=17)
                 impls += self.ortf.impls(mb, {"X": x}, {"Y": y}, T, nbytes)
-        elif suite == "layer_norm_t":
-            # what a user passing a transposed array gets (the values are x's: same refs)
-            xT = d["xT"]
-            if refs is None:
-                refs = (ref_ln(xs, w, b, LN_EPS),)
-
-            def mk(nt):
-                f = nc.layer_norm
-                if nt is None:
-                    return lambda: f(xT, w, b, LN_EPS, out=out)
-                return lambda: f(xT, w, b, LN_EPS, out=out, num_threads=nt)
-            impls += self._normcy_variants(T, mk, nbytes)
-            impls.append(Impl("numpy", lambda: np_layer_norm(xT, w, b, LN_EPS), nbytes=nbytes,
-                              family="numpy", threads=1))
-            if torch is not None:
-                F = torch.nn.functional
-                xt, wt, bt = d["t_xT"], d["t_w"], d["t_b"]
-                impls.append(Impl("torch", lambda: F.layer_norm(xt, (H,), wt, bt, LN_EPS),
-                                  pre=self._torch_pre(T), nbytes=nbytes, family="torch", threads=T))
         elif suite in ("add_layer_norm", "add_layer_norm_sum"):
             with_sum = suite.endswith("_sum")
             if refs is None:

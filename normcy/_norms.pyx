@@ -756,6 +756,12 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
         return run_split(j, nt)
     if nt > j.nrows:
         nt = <int>j.nrows   # whole rows: no more threads than rows (long rows allowed more)
+    if j.gather and gb * nt > j.nrows:
+        # gathered blocks: at least one per thread (64 rows of 500 floats are one block of
+        # gather_rows' size, which would leave the other threads idle)
+        gb = (j.nrows + nt - 1) // nt
+        nblk = (j.nrows + gb - 1) // gb
+        scratch_bytes = <size_t>(3 * gb * j.n) * sizeof(float)
     if not need_scratch:
         # contiguous rows, cached outputs: the common case; each thread takes a run of
         # whole row pairs (as a static schedule over pairs would) and pipelines it

@@ -1328,7 +1328,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     ----------
     x : ndarray of float32
         (N, C), (N, C, L), NCHW, NCDHW with ``axis=1``; channels-last (NHWC, ...) with
-        ``axis=-1``.  Any strides (non-contiguous layouts take a slower path).
+        ``axis=-1``.  Any strides: a Fortran-ordered or transposed array with ``out`` laid
+        out alike (``out=None`` gives one) runs as fast as a contiguous one; other
+        layouts go through a contiguous copy.
     running_mean, running_var : array_like of shape (C,)
     weight, bias : array_like of shape (C,), optional
     eps : float, default 1e-5
@@ -1387,10 +1389,26 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     else:
         xv = np.moveaxis(xa, ax, -1)
         ov = np.moveaxis(oa, ax, -1)
+        perm = sorted(range(nd), key=lambda k: (-abs(xa.strides[k]), k))
         if cnp.PyArray_IS_C_CONTIGUOUS(xv) and cnp.PyArray_IS_C_CONTIGUOUS(ov):
             j.rows = 1
             outer = outer * inner
             inner = 1
+        elif (xa.transpose(perm).flags.c_contiguous
+              and oa.transpose(perm).flags.c_contiguous):
+            # x and out laid out alike in another axis order (Fortran-ordered, transposed;
+            # np.empty_like keeps x's): the kernels run on the C-contiguous permutation,
+            # whose channel axis is ax's new place (BatchNorm is element-wise: the same bits)
+            xv = xa.transpose(perm)
+            ov = oa.transpose(perm)
+            ax = perm.index(ax)
+            outer = 1
+            for k in range(ax):
+                outer *= cnp.PyArray_DIMS(xv)[k]
+            inner = 1
+            for k in range(ax + 1, nd):
+                inner *= cnp.PyArray_DIMS(xv)[k]
+            j.rows = inner == 1
         else:
             # General strides: compute on a contiguous copy, then write back.
             tmp = batch_norm(np.ascontiguousarray(xa), running_mean, running_var, weight, bias,

@@ -108,6 +108,43 @@ def test_batch_norm_non_contiguous(h, layout, which):
     np.testing.assert_array_equal(x, x0)
 
 
+@pytest.mark.parametrize("layout", ["fortran", "hw_transposed", "cnhw", "nc_fortran"])
+@pytest.mark.parametrize("centred", [False, True])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_batch_norm_permuted_layouts_run_in_place_of_copies(h, layout, centred, in_place):
+    """x and out laid out alike in another axis order (Fortran, transposed; np.empty_like
+    keeps x's) run on the C-contiguous permutation of the axes: the contiguous call's bits
+    at every thread count, nothing written outside out, and out=None keeps x's layout."""
+    rng = h.rng_for("bn-perm", layout, centred, in_place)
+    c = 6
+    shape = (9, c) if layout == "nc_fortran" else (4, c, 70, 90)
+    xc = (rng.standard_normal(shape) * 3).astype(F32)
+    m = (rng.standard_normal(c) * (1e3 if centred else 0.1)).astype(F32)
+    v = (rng.random(c) + 0.5).astype(F32)
+    w, b = rng.standard_normal(c).astype(F32), rng.standard_normal(c).astype(F32)
+    want = normcy.batch_norm(xc, m, v, w, b, num_threads=1)
+    h.assert_close(want, h.ref_batch_norm(xc, m, v, w, b, 1e-5, 1))
+
+    def laid(a):
+        if layout in ("fortran", "nc_fortran"):
+            return np.asfortranarray(a)
+        perm = (0, 1, 3, 2) if layout == "hw_transposed" else (1, 0, 2, 3)
+        return np.ascontiguousarray(a.transpose(perm)).transpose(np.argsort(perm))
+
+    x = laid(xc)
+    assert not x.flags.c_contiguous and np.array_equal(x, xc)
+    with h.forced_parallel():
+        for nt in (1, 2, 3):
+            base = laid(np.full(shape, h.SENTINEL, F32))
+            out = x.copy(order="K") if in_place else base
+            y = normcy.batch_norm(out if in_place else x, m, v, w, b, out=out, num_threads=nt)
+            assert y is out
+            np.testing.assert_array_equal(out, want)
+            y = normcy.batch_norm(x, m, v, w, b, num_threads=nt)
+            np.testing.assert_array_equal(y, want)
+            assert y.strides == x.strides
+
+
 @pytest.mark.parametrize("case", [((4, 6, 3, 5), 1), ((4, 3, 5, 6), -1), ((9, 6), 1)],
                          ids=["nchw", "nhwc", "nc"])
 def test_batch_norm_in_place_and_out(h, case):

@@ -1374,12 +1374,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
         oa = np.empty_like(xa)
     if out is not None:
         check_overlap(oa, "out", xa, "x", True)
-    outer = 1
-    for k in range(ax):
-        outer *= cnp.PyArray_DIMS(xa)[k]
-    inner = 1
-    for k in range(ax + 1, nd):
-        inner *= cnp.PyArray_DIMS(xa)[k]
+    outer = extent_before(xa, ax)
+    inner = extent_after(xa, ax)
     if outer * inner == 0:
         resolve_threads(num_threads, 0, 0)    # validates num_threads
         return oa if out_arg is None else out_arg
@@ -1402,12 +1398,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
             xv = xa.transpose(perm)
             ov = oa.transpose(perm)
             ax = perm.index(ax)
-            outer = 1
-            for k in range(ax):
-                outer *= cnp.PyArray_DIMS(xv)[k]
-            inner = 1
-            for k in range(ax + 1, nd):
-                inner *= cnp.PyArray_DIMS(xv)[k]
+            outer = extent_before(xv, ax)
+            inner = extent_after(xv, ax)
             j.rows = inner == 1
         else:
             # General strides: compute on a contiguous copy, then write back.
@@ -1442,6 +1434,24 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, eps=1e-5, *
     nt = resolve_threads(num_threads, work, items)
     _run_bn(&j, items, nt)
     return oa if out_arg is None else out_arg
+
+
+cdef inline Py_ssize_t extent_before(cnp.ndarray a, int ax) noexcept:
+    """The product of a's dimensions before axis ax."""
+    cdef Py_ssize_t e = 1
+    cdef int k
+    for k in range(ax):
+        e *= cnp.PyArray_DIMS(a)[k]
+    return e
+
+
+cdef inline Py_ssize_t extent_after(cnp.ndarray a, int ax) noexcept:
+    """The product of a's dimensions after axis ax."""
+    cdef Py_ssize_t e = 1
+    cdef int k
+    for k in range(ax + 1, cnp.PyArray_NDIM(a)):
+        e *= cnp.PyArray_DIMS(a)[k]
+    return e
 
 
 cdef void _run_bn(const BNJob *j, Py_ssize_t items, int nt) noexcept:

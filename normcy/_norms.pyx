@@ -439,10 +439,15 @@ DEF GATHER_BLOCK_FLOATS = 32768
 DEF GATHER_MAX_ROWS = 64
 
 
-cdef inline Py_ssize_t gather_rows(Py_ssize_t n) noexcept nogil:
-    """Rows per gathered block for rows of n floats."""
+cdef inline Py_ssize_t gather_rows(Py_ssize_t n, Py_ssize_t nrows, int nt) noexcept nogil:
+    """Rows per gathered block for nrows rows of n floats on nt threads: about
+    GATHER_BLOCK_FLOATS per operand, at most GATHER_MAX_ROWS, and at least one block per
+    thread (64 rows of 500 floats in one block would leave the other threads idle)."""
     cdef Py_ssize_t b = GATHER_BLOCK_FLOATS // n
-    return 1 if b < 1 else (GATHER_MAX_ROWS if b > GATHER_MAX_ROWS else b)
+    b = 1 if b < 1 else (GATHER_MAX_ROWS if b > GATHER_MAX_ROWS else b)
+    if b * nt > nrows:
+        b = (nrows + nt - 1) // nt
+    return b
 
 
 cdef void copy_rows(const Operand *op, Py_ssize_t i0, Py_ssize_t nb, Py_ssize_t n,
@@ -742,12 +747,9 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
     cdef Py_ssize_t i
     cdef float *scratch = NULL
     cdef int failed = 0
-    cdef Py_ssize_t gb = gather_rows(j.n)                # rows per gathered block
-    cdef Py_ssize_t nblk = (j.nrows + gb - 1) // gb
-    cdef size_t scratch_bytes = <size_t>(3 * gb * j.n) * sizeof(float)    # norm_block
+    cdef Py_ssize_t gb = 0, nblk = 0                     # gathered blocks: rows, count
+    cdef size_t scratch_bytes = 0
     cdef bint need_scratch = j.gather or j.stream
-    if j.stream:
-        scratch_bytes = <size_t>(2 * j.n + NC_CHUNK) * sizeof(float)    # stream_rows
     cdef Py_ssize_t npairs = (j.nrows + 1) // 2
     cdef Py_ssize_t t
     if j.nrows == 0:
@@ -756,12 +758,12 @@ cdef int run_norm_job(NormJob *j, int nt) except -1:
         return run_split(j, nt)
     if nt > j.nrows:
         nt = <int>j.nrows   # whole rows: no more threads than rows (long rows allowed more)
-    if j.gather and gb * nt > j.nrows:
-        # gathered blocks: at least one per thread (64 rows of 500 floats are one block of
-        # gather_rows' size, which would leave the other threads idle)
-        gb = (j.nrows + nt - 1) // nt
+    if j.stream:
+        scratch_bytes = <size_t>(2 * j.n + NC_CHUNK) * sizeof(float)    # stream_rows
+    elif j.gather:
+        gb = gather_rows(j.n, j.nrows, nt)
         nblk = (j.nrows + gb - 1) // gb
-        scratch_bytes = <size_t>(3 * gb * j.n) * sizeof(float)
+        scratch_bytes = <size_t>(3 * gb * j.n) * sizeof(float)          # norm_block
     if not need_scratch:
         # contiguous rows, cached outputs: the common case; each thread takes a run of
         # whole row pairs (as a static schedule over pairs would) and pipelines it

@@ -119,6 +119,16 @@ def _read_json_opt(filename: str, default: Any) -> Any:
     return hf.read_json(filename)
 
 
+def _read_st_config(tdir: str, plain: bool) -> Dict[str, Any]:
+    """The Transformer module's sentence_bert_config.json (empty when absent, or for a plain
+    Hugging Face directory, whose sentence-transformers configs are not read)."""
+    st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
+                                             {})
+    if not isinstance(st_cfg, dict):
+        raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
+    return st_cfg
+
+
 def _configured_max_seq_length(tdir: str, st_cfg: Mapping[str, Any], max_pos: int) -> int:
     """The Transformer module's own max_seq_length: sentence_bert_config.json's, else the
     tokenizer's model_max_length (at most ``max_pos``), else ``max_pos``."""
@@ -178,10 +188,7 @@ def model_max_seq_length(path: Optional[Union[str, "os.PathLike[str]"]] = None) 
     plain = modules is None                      # (as from_pretrained: no ST configs read)
     # the Transformer module comes first (from_pretrained checks the rest)
     tdir = os.path.join(root, modules[0].get("path") or "") if modules else root
-    st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
-                                             {})
-    if not isinstance(st_cfg, dict):
-        raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
+    st_cfg = _read_st_config(tdir, plain)
     max_pos = int(hf.load_config(tdir).get("max_position_embeddings", 512))
     return min(_configured_max_seq_length(tdir, st_cfg, max_pos), max_pos)
 
@@ -524,10 +531,7 @@ class SentenceEncoder:
 
         tdir = mod_dir(modules[0])
         hf.check_dir(tdir, "Transformer module directory")
-        st_cfg = {} if plain else _read_json_opt(os.path.join(tdir, "sentence_bert_config.json"),
-                                                 {})
-        if not isinstance(st_cfg, dict):
-            raise hf.ModelFormatError("sentence_bert_config.json must hold a JSON object")
+        st_cfg = _read_st_config(tdir, plain)
         config = hf.load_config(tdir)
         hf.check_bert_config(config, os.path.join(tdir, "config.json"))
         tokenizer = hf.load_tokenizer(tdir)
